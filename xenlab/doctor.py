@@ -1,0 +1,82 @@
+"""`xenlab doctor`: what the host has and lacks, each problem with its fix."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from .orchestrate import accel, images
+from .paths import cache_dir
+
+SETUP = "run ci/setup-host.sh (or apt-get install {pkg})"
+TOOLS = {
+    "qemu-system-x86_64": "qemu-system-x86",
+    "qemu-img": "qemu-utils",
+    "mmdebstrap": "mmdebstrap",
+    "mkfs.ext4": "e2fsprogs",
+    "cpio": "cpio",
+    "depmod": "kmod",
+    "ssh": "openssh-client",
+}
+MIN_FREE_MIB = 6 * 1024
+MIN_MEM_MIB = 3 * 1024
+
+
+@dataclass
+class Check:
+    name: str
+    ok: bool
+    detail: str
+    fix: str = ""
+
+
+def _meminfo_mib(key: str) -> int:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) // 1024
+    return 0
+
+
+def checks(probe_kvm: bool = True) -> list[Check]:
+    out = []
+    for tool, pkg in TOOLS.items():
+        path = shutil.which(tool) or shutil.which(tool, path="/usr/sbin:/sbin")
+        out.append(Check(f"tool {tool}", bool(path), path or "not found", SETUP.format(pkg=pkg)))
+    out.append(Check("busybox-static", Path("/bin/busybox").exists(), "/bin/busybox", SETUP.format(pkg="busybox-static")))
+    try:
+        import libvirt
+
+        conn_ok, detail = True, f"libvirt-python {libvirt.getVersion() // 1000000}.{libvirt.getVersion() // 1000 % 1000}"
+    except Exception as e:  # noqa: BLE001 - any import failure is the finding
+        conn_ok, detail = False, str(e)
+    out.append(Check("libvirt library", conn_ok, detail, "install libvirt-daemon-driver-qemu and the venv (ci/setup-host.sh)"))
+    qemu_driver = any(Path(p).exists() for p in ("/usr/lib/x86_64-linux-gnu/libvirt/connection-driver/libvirt_driver_qemu.so",))
+    out.append(Check("libvirt QEMU driver", qemu_driver, "embedded driver module", SETUP.format(pkg="libvirt-daemon-driver-qemu")))
+    try:
+        sources = str(images.apt_sources())
+        out.append(Check("apt sources", True, sources))
+    except Exception as e:  # noqa: BLE001
+        out.append(Check("apt sources", False, str(e), "configure apt; mmdebstrap uses the host's sources file"))
+    cache = cache_dir()
+    cache.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(cache).free // (1024 * 1024)
+    out.append(Check("disk space", free >= MIN_FREE_MIB, f"{free} MiB free under {cache}", f"free space or set XENLAB_CACHE (need {MIN_FREE_MIB} MiB)"))
+    mem = _meminfo_mib("MemAvailable")
+    out.append(Check("memory", mem >= MIN_MEM_MIB, f"{mem} MiB available", f"a lab needs about {MIN_MEM_MIB} MiB"))
+    out.append(Check("root", os.geteuid() == 0, f"uid {os.geteuid()}", "image builds need root: run with sudo"))
+    out.append(_accel_check(probe_kvm))
+    return out
+
+
+def _accel_check(probe: bool) -> Check:
+    kernel = None
+    for image_dir in sorted(images.images_dir().glob("dom0-*")):
+        if (image_dir / "vmlinuz").exists():
+            kernel = image_dir / "vmlinuz"
+    if kernel is None or not probe:
+        exists = os.path.exists("/dev/kvm")
+        return Check("accelerator", True, f"/dev/kvm {'present' if exists else 'absent'}; probe runs after the first build", "")
+    choice = accel.choose("auto", kernel)
+    return Check("accelerator", True, f"{choice.accel.upper()} will be used: {choice.reason}")

@@ -1,0 +1,1 @@
+"""The domU guest: its kernel and userland."""

@@ -1,0 +1,1 @@
+"""Host-side orchestration: images, the libvirt domain, SSH, the Lab object."""

@@ -19,12 +19,20 @@ missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
 done
+sudo_cmd=()
+[ "$(id -u)" -eq 0 ] || sudo_cmd=(sudo)
 if ((${#missing[@]})); then
   echo "setup: installing Debian packages: ${missing[*]}"
-  sudo_cmd=()
-  [ "$(id -u)" -eq 0 ] || sudo_cmd=(sudo)
   "${sudo_cmd[@]}" apt-get update -q
   DEBIAN_FRONTEND=noninteractive "${sudo_cmd[@]}" apt-get install -y -q --no-install-recommends "${missing[@]}"
+fi
+
+# libvirt's QEMU driver resolves its compiled-in default user even when embedded
+# (and our qemu.conf then runs QEMU as the caller); libvirt-daemon-system would
+# create it but also installs and starts system daemons we do not need.
+if ! getent group libvirt-qemu >/dev/null; then "${sudo_cmd[@]}" groupadd --system libvirt-qemu; fi
+if ! getent passwd libvirt-qemu >/dev/null; then
+  "${sudo_cmd[@]}" useradd --system --no-create-home --shell /usr/sbin/nologin -g libvirt-qemu libvirt-qemu
 fi
 
 if [ ! -x "$venv/bin/python" ]; then

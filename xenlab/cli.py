@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import click
+from rich.markup import escape
 from rich.table import Table
 
 from . import config as config_mod
@@ -28,9 +29,9 @@ class XenlabGroup(click.Group):
         except XenlabError as e:
             if ctx.obj and ctx.obj.get("debug"):
                 raise
-            console.print(f"[bold red]error:[/] {e.message}", markup=True, highlight=False)
+            console.print(f"[bold red]error:[/] {escape(e.message)}")
             if e.hint:
-                console.print(f"[yellow]hint:[/] {e.hint}")
+                console.print(f"[yellow]hint:[/] {escape(e.hint)}")
             ctx.exit(e.exit_code)
         except KeyboardInterrupt:
             console.print("[red]interrupted[/]")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import os
 import shlex
 import socket
 import time
@@ -35,9 +36,8 @@ def generate_key(path: Path) -> str:
     public = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH).decode()
     path.parent.mkdir(parents=True, exist_ok=True)
     path.unlink(missing_ok=True)
-    fd = path.open("wb", opener=lambda p, flags: __import__("os").open(p, flags, 0o600))
-    with fd:
-        fd.write(private)
+    with os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as f:
+        f.write(private)
     path.with_suffix(".pub").write_text(public + " xenlab\n")
     return public
 

@@ -205,7 +205,8 @@ def console_cmd(ctx, name, lines, follow):
     path = lab.serial_log
     if not path.exists():
         raise XenlabError(f"no serial log for lab {lab.name} ({path})", f"start the lab with `xenlab up --name {lab.name}`")
-    console.print(f"serial log: {path}")
+    click.echo(f"serial log: {path}", err=False)
+    sys.stdout.flush()
     argv = ["tail", "-n", str(lines)] + (["-F"] if follow else []) + [str(path)]
     subprocess.run(argv)
 

@@ -108,9 +108,9 @@ class Lab:
                 self._prepare(image, port)
             xml = self.domain_xml(image, choice.accel, port)
             (self.dir / "domain.xml").write_text(xml)
-            boot_start = time.monotonic()
             with self._connect() as conn:
                 with steps.step(f"start libvirt domain {self.domain_name} ({uri})"):
+                    boot_start = time.monotonic()
                     dom = self._create(conn, xml, port)
                 try:
                     with steps.step("boot Xen and dom0"):
@@ -181,7 +181,7 @@ class Lab:
         xen_cmdline = (
             f"console=com1 com1=115200,8n1 dom0_mem={d0.memory}M,max:{d0.memory}M dom0_max_vcpus={d0.vcpus} "
             # Scrubbing all free RAM at boot costs seconds under TCG; a lab needs no scrub.
-            "bootscrub=false loglvl=all guest_loglvl=all"
+            "bootscrub=false loglvl=all guest_loglvl=all console_timestamps=boot"
         )
         dom0_cmdline = f"root=/dev/vda rw console=hvc0 xenlab.authkey={pub}"
         # QEMU's -initrd list: "file args,file"; a comma inside args is written ",,".

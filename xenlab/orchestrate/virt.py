@@ -13,9 +13,16 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-import libvirt
-
 from ..errors import LabError
+from ..paths import state_root
+
+# libvirt logs warnings (taint notes, security driver) straight to stderr;
+# keep them in a file, and errors still arrive as exceptions. Must be set
+# before libvirt initializes.
+state_root().mkdir(parents=True, exist_ok=True)
+os.environ.setdefault("LIBVIRT_LOG_OUTPUTS", f"3:file:{state_root() / 'libvirt.log'}")
+
+import libvirt  # noqa: E402
 
 _loop_started = False
 _loop_lock = threading.Lock()

@@ -1,0 +1,62 @@
+"""e2e fixtures: a real lab (Xen under QEMU/TCG) shared by the session.
+
+In CI a missing prerequisite fails the run; elsewhere it skips with the reason."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+XENLAB = [sys.executable, "-m", "xenlab"]
+LAB = "e2e"
+
+
+def xenlab(*args: str, check: bool = True, timeout: float = 900) -> subprocess.CompletedProcess:
+    proc = subprocess.run(XENLAB + list(args), capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"xenlab {' '.join(args)} exited {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
+    return proc
+
+
+def _missing_prerequisites() -> list[str]:
+    missing = [t for t in ("qemu-system-x86_64", "qemu-img", "mmdebstrap", "mkfs.ext4") if not shutil.which(t, path=os.environ.get("PATH", "") + ":/usr/sbin:/sbin")]
+    if os.geteuid() != 0:
+        missing.append("root (image builds need it)")
+    return missing
+
+
+@pytest.fixture(scope="session")
+def lab_info():
+    missing = _missing_prerequisites()
+    if missing:
+        message = "e2e prerequisites missing: " + ", ".join(missing) + " (run ci/setup-host.sh)"
+        if IN_CI:
+            pytest.fail(message)
+        pytest.skip(message)
+    xenlab("down", "--name", LAB, check=False)
+    info = json.loads(xenlab("up", "--name", LAB, "--json").stdout)
+    try:
+        yield info
+    finally:
+        xenlab("down", "--name", LAB, check=False)
+
+
+@pytest.fixture
+def dom0(lab_info):
+    """Run a command in dom0 through `xenlab ssh`, returning the CompletedProcess."""
+
+    def run(command: str, check: bool = True) -> subprocess.CompletedProcess:
+        return xenlab("ssh", "--name", LAB, "--", command, check=check)
+
+    return run
+
+
+def pid_alive(pid: int) -> bool:
+    return Path(f"/proc/{pid}").exists()

@@ -1,0 +1,114 @@
+"""The foundation on the real lab: up, Xen 4.17, XenStore, /dev/xen, status, ssh, down."""
+
+from __future__ import annotations
+
+import json
+import secrets
+import socket
+
+from xenlab.orchestrate.lab import parse_xl_info
+
+from .conftest import LAB, pid_alive, xenlab
+
+
+def test_up_reports_ready_lab(lab_info):
+    assert lab_info["name"] == LAB
+    assert lab_info["accel"] in ("kvm", "tcg")
+    assert 1024 <= lab_info["ssh_port"] <= 65535
+    assert pid_alive(lab_info["qemu_pid"])
+    for step in ("boot Xen and dom0", "SSH and dom0 services"):
+        assert any(step in name for name in lab_info["timings"]), lab_info["timings"]
+
+
+def test_xl_info_shows_xen_417(dom0):
+    info = parse_xl_info(dom0("xl info").stdout)
+    assert (info["xen_major"], info["xen_minor"]) == ("4", "17")
+    assert "xen-3.0-x86_64" in info["xen_caps"]
+
+
+def test_xenstore_answers(dom0):
+    value = secrets.token_hex(8)
+    dom0(f"xenstore-write /local/domain/0/data/e2e {value}")
+    assert dom0("xenstore-read /local/domain/0/data/e2e").stdout.strip() == value
+    assert dom0("xenstore-read /local/domain/0/name").stdout.strip() == "Domain-0"
+
+
+def test_dev_xen_devices_exist(dom0):
+    listing = set(dom0("ls /dev/xen").stdout.split())
+    assert {"evtchn", "gntdev", "gntalloc", "privcmd", "xenbus"} <= listing
+    procs = dom0("pgrep -x xenstored; pgrep -x xenconsoled").stdout.split()
+    assert len(procs) == 2
+
+
+def test_ssh_passes_output_and_exit_code(dom0):
+    result = dom0("echo out; echo err >&2; exit 7", check=False)
+    assert (result.returncode, result.stdout, result.stderr) == (7, "out\n", "err\n")
+
+
+def test_ssh_is_only_on_loopback(lab_info):
+    with socket.create_connection(("127.0.0.1", lab_info["ssh_port"]), timeout=5) as s:
+        assert s.recv(64).startswith(b"SSH-2.0-")
+    cmdline = open(f"/proc/{lab_info['qemu_pid']}/cmdline").read().replace("\0", " ")
+    assert f"hostfwd=tcp:127.0.0.1:{lab_info['ssh_port']}-:22" in cmdline and "restrict=on" in cmdline
+
+
+def test_status_reports_the_truth(lab_info, dom0):
+    status = json.loads(xenlab("status", "--name", LAB, "--json").stdout)
+    assert status["state"] == "up"
+    assert status["xen_version"].startswith("4.17")
+    assert status["ssh_port"] == lab_info["ssh_port"] and status["accel"] == lab_info["accel"]
+    assert status["image_id"] == lab_info["image_id"]
+    # dom0's size as Xen sees it matches what the config asked for.
+    assert status["dom0"] == {"memory_mib": lab_info["config"]["dom0"]["memory"], "vcpus": lab_info["config"]["dom0"]["vcpus"]}
+    xl_names = dom0("xl list").stdout
+    assert [d["name"] for d in status["domains"]] == [line.split()[0] for line in xl_names.splitlines()[1:]]
+    assert 0 < status["uptime_seconds"] < 3600
+
+
+def test_second_up_with_same_name_is_refused(lab_info):
+    result = xenlab("up", "--name", LAB, check=False)
+    assert result.returncode != 0 and "already up" in result.stderr
+    assert pid_alive(lab_info["qemu_pid"])  # the running lab is untouched
+
+
+def test_port_in_use_is_refused_and_leaves_nothing(lab_info):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = xenlab("up", "--name", "e2e-port", "--ssh-port", str(port), check=False)
+    assert result.returncode != 0 and f"127.0.0.1:{port} is already in use" in result.stderr
+    assert json.loads(xenlab("status", "--name", "e2e-port", "--json").stdout)["state"] == "down"
+
+
+def test_bad_uri_is_refused(lab_info):
+    result = xenlab("up", "--name", "e2e-uri", "--connect", "nosuchdriver:///system", check=False)
+    assert result.returncode != 0 and "cannot connect to libvirt at nosuchdriver:///system" in result.stderr
+
+
+def test_console_names_and_tails_the_serial_log(lab_info):
+    out = xenlab("console", "--name", LAB, "-n", "200").stdout
+    assert lab_info["serial_log"] in out and "XENLAB-READY" in out
+
+
+def test_two_labs_side_by_side(lab_info):
+    try:
+        other = json.loads(xenlab("up", "--name", "e2e-b", "--json").stdout)
+        assert other["ssh_port"] != lab_info["ssh_port"] and other["state_dir"] != lab_info["state_dir"]
+        assert xenlab("ssh", "--name", "e2e-b", "--", "hostname").stdout.strip() == "xenlab-dom0"
+        assert json.loads(xenlab("status", "--name", LAB, "--json").stdout)["state"] == "up"
+    finally:
+        xenlab("down", "--name", "e2e-b", check=False)
+    assert not pid_alive(other["qemu_pid"])
+
+
+def test_down_leaves_nothing_and_is_idempotent(lab_info):
+    """Runs last in this module: stops the shared lab."""
+    first = json.loads(xenlab("down", "--name", LAB, "--json").stdout)
+    assert first["was_running"] is True
+    assert not pid_alive(lab_info["qemu_pid"])
+    with socket.socket() as s:
+        assert s.connect_ex(("127.0.0.1", lab_info["ssh_port"])) != 0
+    assert json.loads(xenlab("status", "--name", LAB, "--json").stdout)["state"] == "down"
+    second = json.loads(xenlab("down", "--name", LAB, "--json").stdout)
+    assert second["was_running"] is False

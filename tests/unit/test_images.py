@@ -35,3 +35,26 @@ def test_recipe_id_changes_with_recipe():
     assert len({images.recipe_id(base), images.recipe_id(more), images.recipe_id(bigger)}) == 3
     # The lab's own settings do not change the image.
     assert images.recipe_id(config.load(overrides={"memory": "4G", "name": "x"})) == images.recipe_id(base)
+
+
+def _bzimage(payload: bytes) -> bytes:
+    import struct
+
+    header = bytearray(3 * 512)
+    header[0x1F1] = 2  # setup sectors: protected-mode code starts at 3*512
+    struct.pack_into("<II", header, 0x248, 16, len(payload))
+    return bytes(header) + b"\0" * 16 + payload + b"trailer"
+
+
+def test_decompress_bzimage_xz_and_gzip():
+    import gzip
+    import lzma
+
+    elf = b"\x7fELF" + bytes(range(256)) * 64
+    assert images.decompress_bzimage(_bzimage(lzma.compress(elf, format=lzma.FORMAT_XZ) + b"\x10\x00\x00\x00")) == elf
+    assert images.decompress_bzimage(_bzimage(gzip.compress(elf))) == elf
+
+
+def test_decompress_bzimage_rejects_unknown_payload():
+    with pytest.raises(HostError, match="unsupported dom0 kernel compression"):
+        images.decompress_bzimage(_bzimage(b"\x28\xb5\x2f\xfd" + b"\0" * 32))

@@ -8,9 +8,9 @@ def test_serial_watch_progress_then_ready(tmp_path):
     watch = serial.SerialWatch(log)
     assert watch.poll() == (["Xen started"], None, False)
     with log.open("a") as f:
-        f.write("[ 3.8] Run /init as init process\nxenlab-init: [5.1] filesystems mounted\nxenlab-init: [8.0] XENLAB-READY\n")
+        f.write("[ 3.8] Run /init as init process\nxenlab-init: [5.1] filesystems mounted\nxenlab-init: [6.1] network up\nxenlab-init: [8.0] XENLAB-READY\n")
     new, crash, ready = watch.poll()
-    assert new == ["dom0 initramfs", "dom0 init", "dom0 ready"] and crash is None and ready
+    assert new == ["dom0 initramfs", "dom0 init", "dom0 network", "dom0 ready"] and crash is None and ready
 
 
 def test_serial_watch_spots_xen_panic(tmp_path):

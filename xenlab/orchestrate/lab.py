@@ -12,13 +12,14 @@ import os
 import shutil
 import socket
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 
 from .. import templates
 from ..config import LabConfig, validate_name
 from ..errors import BootError, LabError
-from ..paths import lab_dir, state_root
+from ..paths import cache_dir, lab_dir, state_root
 from ..progress import Steps
 from ..run import run
 from . import accel as accel_mod
@@ -90,7 +91,7 @@ class Lab:
 
     def _connect(self):
         if self.uri().startswith("qemu:///embed"):
-            virt.prepare_embed_root(self.embed_root)
+            virt.prepare_embed_root(self.embed_root, cache_dir() / "libvirt-qemu-cache")
         return virt.connect(self.uri())
 
     # -- up ----------------------------------------------------------------
@@ -114,9 +115,9 @@ class Lab:
                     dom = self._create(conn, xml, port)
                 try:
                     with steps.step("boot Xen and dom0"):
-                        self._wait_ready(dom, steps, boot_start)
+                        ssh_ready = self._wait_ready(dom, steps, boot_start, lambda: self._start_ssh_check(image, port))
                     with steps.step("SSH and dom0 services"):
-                        self._check_services(image, port)
+                        ssh_ready.result(timeout=self.cfg.boot_timeout)
                 except BaseException:
                     virt.destroy(dom)
                     self._remove_runtime_files()
@@ -183,9 +184,11 @@ class Lab:
             # Scrubbing all free RAM at boot costs seconds under TCG; a lab needs no scrub.
             "bootscrub=false loglvl=all guest_loglvl=all console_timestamps=boot"
         )
-        dom0_cmdline = f"root=/dev/vda rw console=hvc0 xenlab.authkey={pub}"
+        # loglevel=4: every console byte is an emulated UART write under TCG;
+        # the full kernel log stays available through dmesg in dom0.
+        dom0_cmdline = f"root=/dev/vda rw console=hvc0 loglevel=4 xenlab.authkey={pub}"
         # QEMU's -initrd list: "file args,file"; a comma inside args is written ",,".
-        modules_arg = f"{image.kernel} {dom0_cmdline.replace(',', ',,')},{image.initramfs}"
+        modules_arg = f"{image.dom0_kernel} {dom0_cmdline.replace(',', ',,')},{image.initramfs}"
         return templates.render(
             "domain.xml.j2",
             domain_name=self.domain_name, lab_name=self.name, memory=self.cfg.memory, vcpus=self.cfg.vcpus,
@@ -207,20 +210,25 @@ class Lab:
                 hint = f"port {port} was taken meanwhile; run `xenlab up` again"
             raise LabError(f"libvirt could not start the lab domain: {msg}", hint) from None
 
-    def _wait_ready(self, dom, steps: Steps, boot_start: float) -> None:
+    def _wait_ready(self, dom, steps: Steps, boot_start: float, start_ssh) -> Future:
+        """Follow the serial log until dom0 is ready; SSH starts once dom0's
+        network is up, so its handshake overlaps the rest of the boot."""
         watch = serial.SerialWatch(self.serial_log)
         deadline = boot_start + self.cfg.boot_timeout
+        ssh_ready = None
         while True:
             new, crash, ready = watch.poll()
             for milestone in new:
                 steps.note(f"{time.monotonic() - boot_start:5.1f} s  {milestone}")
+            if ssh_ready is None and ("dom0 network" in watch.seen or ready):
+                ssh_ready = start_ssh()
             if crash:
                 raise BootError(
                     f"lab {self.name} crashed during boot: {crash}\n--- last lines of {self.serial_log} ---\n{watch.tail()}",
                     f"full serial log: {self.serial_log}",
                 )
             if ready:
-                return
+                return ssh_ready
             if not virt.is_running(dom):
                 raise BootError(
                     f"the lab VM stopped during boot\n--- last lines of {self.serial_log} ---\n{watch.tail()}",
@@ -233,8 +241,14 @@ class Lab:
                 )
             time.sleep(0.1)
 
+    def _start_ssh_check(self, image: images.Dom0Image, port: int) -> Future:
+        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ssh-ready")
+        future = pool.submit(self._check_services, image, port)
+        pool.shutdown(wait=False)
+        return future
+
     def _check_services(self, image: images.Dom0Image, port: int) -> None:
-        with SSHSession(port, self.key_file, image.host_key).connect(timeout=30) as ssh:
+        with SSHSession(port, self.key_file, image.host_key).connect(timeout=self.cfg.boot_timeout) as ssh:
             found = set(ssh.check(READY_CHECK).split())
         missing = REQUIRED_READY - found
         if missing:

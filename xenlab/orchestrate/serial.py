@@ -24,6 +24,7 @@ MILESTONES = (
     ("dom0 kernel started", re.compile(r"\(XEN\) .*(?:Std\. Loglevel|Scrubbing|\*\*\* LOADING DOMAIN 0)")),
     ("dom0 initramfs", re.compile(r"Run /init as init process")),
     ("dom0 init", re.compile(r"xenlab-init: .*filesystems mounted")),
+    ("dom0 network", re.compile(r"xenlab-init: .*network up")),
     ("xenstored", re.compile(r"xenlab-init: .*xenstored up")),
     ("dom0 ready", re.compile(READY_MARK)),
 )

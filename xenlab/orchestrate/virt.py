@@ -8,6 +8,7 @@ opening retries for a while on the pid-file lock."""
 from __future__ import annotations
 
 import os
+import shutil
 import threading
 import time
 from contextlib import contextmanager
@@ -51,7 +52,15 @@ def embed_uri(root: Path) -> str:
     return f"qemu:///embed?root={root}"
 
 
-def prepare_embed_root(root: Path) -> None:
+def prepare_embed_root(root: Path, shared_cache: Path) -> None:
+    # QEMU capability probing takes seconds per fresh root; libvirt validates
+    # the cache against the QEMU binary and its own version, so labs share it.
+    caps = root / "cache" / "qemu"
+    if not caps.is_symlink():
+        caps.parent.mkdir(parents=True, exist_ok=True)
+        shared_cache.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(caps, ignore_errors=True)
+        caps.symlink_to(shared_cache)
     conf = root / "etc" / "qemu.conf"
     conf.parent.mkdir(parents=True, exist_ok=True)
     lines = [

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# The whole test suite: unit tests, then the e2e tests on the real lab (Xen
-# under QEMU, TCG here). Builds the dom0 image first if it is not cached.
+# The whole test suite: host set-up (idempotent), the dom0 image (cached),
+# unit tests, then the e2e tests on the real lab (Xen under QEMU; TCG here).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+bash ci/setup-host.sh
 venv=${XENLAB_VENV:-.venv}
 "$venv/bin/xenlab" build
 "$venv/bin/python" -m pytest tests -v -p no:cacheprovider "$@"

@@ -50,6 +50,7 @@ class Dom0Config:
     vcpus: int = 2
     disk_size: int = 2048  # MiB
     extra_packages: tuple[str, ...] = ()
+    kernel_args: str = ""  # appended to dom0's kernel command line
 
 
 @dataclass(frozen=True)
@@ -62,6 +63,7 @@ class LabConfig:
     cpu: str = "qemu64"
     ssh_port: int = 0
     boot_timeout: float = 240.0
+    xen_args: str = ""  # appended to Xen's command line
     dom0: Dom0Config = field(default_factory=Dom0Config)
 
     def to_dict(self) -> dict:

@@ -32,14 +32,19 @@ def _missing_prerequisites() -> list[str]:
     return missing
 
 
-@pytest.fixture(scope="session")
-def lab_info():
+def lab_prerequisites() -> None:
+    """Fail in CI, skip elsewhere, when the host cannot run a lab."""
     missing = _missing_prerequisites()
     if missing:
         message = "e2e prerequisites missing: " + ", ".join(missing) + " (run ci/setup-host.sh)"
         if IN_CI:
             pytest.fail(message)
         pytest.skip(message)
+
+
+@pytest.fixture(scope="session")
+def lab_info():
+    lab_prerequisites()
     xenlab("down", "--name", LAB, check=False)
     info = json.loads(xenlab("up", "--name", LAB, "--json").stdout)
     try:

@@ -98,3 +98,10 @@ def test_inittab():
 def test_strict_undefined():
     with pytest.raises(jinja2.UndefinedError):
         templates.render("inittab.j2")
+
+
+def test_extra_xen_and_dom0_args(lab):
+    lab.cfg = config.load(overrides={"name": "unit", "xen_args": "sched=credit", "dom0.kernel_args": "ignore_loglevel"})
+    args = qemu_args(render_domain(lab))
+    assert args[args.index("-append") + 1].endswith(" sched=credit")
+    assert args[args.index("-initrd") + 1].split(",/")[0].endswith(" ignore_loglevel")

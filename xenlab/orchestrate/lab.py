@@ -184,9 +184,10 @@ class Lab:
             # Scrubbing all free RAM at boot costs seconds under TCG; a lab needs no scrub.
             "bootscrub=false loglvl=all guest_loglvl=all console_timestamps=boot"
         )
+        xen_cmdline = f"{xen_cmdline} {self.cfg.xen_args}".strip()
         # loglevel=4: every console byte is an emulated UART write under TCG;
         # the full kernel log stays available through dmesg in dom0.
-        dom0_cmdline = f"root=/dev/vda rw console=hvc0 loglevel=4 xenlab.authkey={pub}"
+        dom0_cmdline = f"root=/dev/vda rw console=hvc0 loglevel=4 xenlab.authkey={pub} {d0.kernel_args}".strip()
         # QEMU's -initrd list: "file args,file"; a comma inside args is written ",,".
         modules_arg = f"{image.dom0_kernel} {dom0_cmdline.replace(',', ',,')},{image.initramfs}"
         return templates.render(

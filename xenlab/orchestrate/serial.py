@@ -46,7 +46,7 @@ class SerialWatch:
         except FileNotFoundError:
             return [], None, False
         self.offset += len(chunk)
-        self.text += chunk.decode(errors="replace")
+        self.text += chunk.decode(errors="replace").replace("\r", "")
         new = [name for name, pat in MILESTONES if name not in self.seen and pat.search(self.text)]
         self.seen += new
         crash = next((m.group(0).strip() for p in CRASH_PATTERNS if (m := p.search(self.text))), None)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import secrets
 import socket
+from pathlib import Path
 
 from xenlab.orchestrate.lab import parse_xl_info
 
@@ -79,11 +80,13 @@ def test_port_in_use_is_refused_and_leaves_nothing(lab_info):
         result = xenlab("up", "--name", "e2e-port", "--ssh-port", str(port), check=False)
     assert result.returncode != 0 and f"127.0.0.1:{port} is already in use" in result.stderr
     assert json.loads(xenlab("status", "--name", "e2e-port", "--json").stdout)["state"] == "down"
+    assert not (Path(lab_info["state_dir"]).parent / "e2e-port").exists()
 
 
 def test_bad_uri_is_refused(lab_info):
     result = xenlab("up", "--name", "e2e-uri", "--connect", "nosuchdriver:///system", check=False)
     assert result.returncode != 0 and "cannot connect to libvirt at nosuchdriver:///system" in result.stderr
+    assert not (Path(lab_info["state_dir"]).parent / "e2e-uri").exists()
 
 
 def test_console_names_and_tails_the_serial_log(lab_info):

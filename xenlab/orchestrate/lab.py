@@ -96,6 +96,17 @@ class Lab:
 
     # -- up ----------------------------------------------------------------
     def up(self, steps: Steps) -> dict:
+        fresh = not self.dir.exists()
+        try:
+            return self._up(steps)
+        except BaseException:
+            # A refused first `up` leaves no state directory; once a boot was
+            # tried, its serial log stays as the evidence the error names.
+            if fresh and not self.serial_log.exists():
+                shutil.rmtree(self.dir, ignore_errors=True)
+            raise
+
+    def _up(self, steps: Steps) -> dict:
         started = time.monotonic()
         with self.locked():
             self._refuse_if_running()

@@ -205,8 +205,7 @@ def console_cmd(ctx, name, lines, follow):
     path = lab.serial_log
     if not path.exists():
         raise XenlabError(f"no serial log for lab {lab.name} ({path})", f"start the lab with `xenlab up --name {lab.name}`")
-    click.echo(f"serial log: {path}", err=False)
-    sys.stdout.flush()
+    click.echo(f"serial log: {path}")
     argv = ["tail", "-n", str(lines)] + (["-F"] if follow else []) + [str(path)]
     subprocess.run(argv)
 

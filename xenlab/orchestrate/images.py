@@ -6,14 +6,14 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import lzma
-import struct
-import zlib
 import json
+import lzma
 import os
 import shutil
+import struct
 import tempfile
 import time
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 

@@ -11,8 +11,9 @@ import json
 import os
 import shutil
 import socket
+import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -124,12 +125,14 @@ class Lab:
                 with steps.step(f"start libvirt domain {self.domain_name} ({uri})"):
                     boot_start = time.monotonic()
                     dom = self._create(conn, xml, port)
+                cancel_ssh = threading.Event()
                 try:
                     with steps.step("boot Xen and dom0"):
-                        ssh_ready = self._wait_ready(dom, steps, boot_start, lambda: self._start_ssh_check(image, port))
+                        ssh_ready = self._wait_ready(dom, steps, boot_start, lambda: self._start_ssh_check(image, port, cancel_ssh))
                     with steps.step("SSH and dom0 services"):
                         ssh_ready.result(timeout=self.cfg.boot_timeout)
                 except BaseException:
+                    cancel_ssh.set()
                     virt.destroy(dom)
                     self._remove_runtime_files()
                     raise
@@ -253,14 +256,22 @@ class Lab:
                 )
             time.sleep(0.1)
 
-    def _start_ssh_check(self, image: images.Dom0Image, port: int) -> Future:
-        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ssh-ready")
-        future = pool.submit(self._check_services, image, port)
-        pool.shutdown(wait=False)
+    def _start_ssh_check(self, image: images.Dom0Image, port: int, cancel: threading.Event) -> Future:
+        """Run the service check in a daemon thread: a failed boot sets `cancel`,
+        and a process that exits does not wait for SSH retries."""
+        future: Future = Future()
+
+        def check() -> None:
+            try:
+                future.set_result(self._check_services(image, port, cancel))
+            except BaseException as e:  # noqa: BLE001 - handed to the waiting caller
+                future.set_exception(e)
+
+        threading.Thread(target=check, name="ssh-ready", daemon=True).start()
         return future
 
-    def _check_services(self, image: images.Dom0Image, port: int) -> None:
-        with SSHSession(port, self.key_file, image.host_key).connect(timeout=self.cfg.boot_timeout) as ssh:
+    def _check_services(self, image: images.Dom0Image, port: int, cancel: threading.Event) -> None:
+        with SSHSession(port, self.key_file, image.host_key).connect(timeout=self.cfg.boot_timeout, cancel=cancel) as ssh:
             found = set(ssh.check(READY_CHECK).split())
         missing = REQUIRED_READY - found
         if missing:

@@ -7,6 +7,7 @@ import logging
 import os
 import shlex
 import socket
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,11 +62,11 @@ class SSHSession:
         self._pinned = paramiko.PKey.from_type_string(kind, base64.b64decode(blob))
         self._client: paramiko.SSHClient | None = None
 
-    def connect(self, timeout: float = 30.0) -> "SSHSession":
-        """Connect, retrying until `timeout` while sshd is still starting."""
+    def connect(self, timeout: float = 30.0, cancel: threading.Event | None = None) -> "SSHSession":
+        """Connect, retrying until `timeout` (or `cancel` is set) while sshd is still starting."""
         deadline = time.monotonic() + timeout
         last: Exception | None = None
-        while time.monotonic() < deadline:
+        while time.monotonic() < deadline and not (cancel and cancel.is_set()):
             client = paramiko.SSHClient()
             hostname = f"[{self.host}]:{self.port}" if self.port != 22 else self.host
             client.get_host_keys().add(hostname, self._pinned.get_name(), self._pinned)

@@ -1,0 +1,57 @@
+"""Copy the agent package (xenlab/guest/agent) into dom0, once per version.
+
+Inside dom0 it is the package `xenlab_agent` under AGENT_ROOT; run a module
+with `agent_command("domctl", ...)`."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import shlex
+import tarfile
+from functools import cache
+from pathlib import Path
+
+AGENT_SRC = Path(__file__).resolve().parent / "agent"
+AGENT_ROOT = "/usr/local/lib/xenlab"
+AGENT_PACKAGE = "xenlab_agent"
+
+
+def agent_files() -> list[Path]:
+    return sorted(p for p in AGENT_SRC.rglob("*.py") if "__pycache__" not in p.parts)
+
+
+@cache
+def agent_version() -> str:
+    digest = hashlib.sha256()
+    for path in agent_files():
+        digest.update(str(path.relative_to(AGENT_SRC)).encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()[:16]
+
+
+def agent_tarball() -> bytes:
+    """The agent package as `xenlab_agent/...` plus its VERSION file."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for path in agent_files():
+            tar.add(path, arcname=f"{AGENT_PACKAGE}/{path.relative_to(AGENT_SRC)}")
+        version = agent_version().encode()
+        info = tarfile.TarInfo(f"{AGENT_PACKAGE}/VERSION")
+        info.size = len(version)
+        tar.addfile(info, io.BytesIO(version))
+    return buf.getvalue()
+
+
+def agent_command(module: str, *args: str) -> str:
+    """Shell command that runs `python3 -m xenlab_agent.MODULE ARGS` in dom0."""
+    return f"PYTHONPATH={AGENT_ROOT} python3 -m {AGENT_PACKAGE}.{module} " + shlex.join(args)
+
+
+def ensure_agent(ssh) -> None:
+    """Install the agent in dom0 unless the same version is there (one round trip when it is)."""
+    version = agent_version()
+    target = f"{AGENT_ROOT}/{AGENT_PACKAGE}"
+    check = f"[ \"$(cat {target}/VERSION 2>/dev/null)\" = {version} ] && echo current"
+    if ssh.run(check).stdout.strip() == "current":
+        return
+    ssh.check(f"rm -rf {target} && mkdir -p {AGENT_ROOT} && tar -x -C {AGENT_ROOT}", input=agent_tarball())

@@ -20,11 +20,12 @@ from pathlib import Path
 from .. import templates
 from ..config import LabConfig
 from ..errors import HostError
+from ..guest import kit
 from ..paths import cache_dir
 from ..progress import Steps
 from ..run import run
 
-BUILD_VERSION = 4
+BUILD_VERSION = 5
 XEN_VERSION = "4.17"
 XEN_BIN = f"/usr/lib/xen-{XEN_VERSION}/bin"
 DOM0_PACKAGES = (
@@ -80,6 +81,7 @@ class Dom0Image:
     # What Xen loads as dom0: the same kernel, already decompressed.
     dom0_kernel = property(lambda self: self.path / "vmlinux")
     initramfs = property(lambda self: self.path / "initramfs.cpio")
+    domu_kit = property(lambda self: self.path / "domu-kit")
 
     @property
     def host_key(self) -> str:
@@ -153,6 +155,8 @@ def build(cfg: LabConfig, steps: Steps, force: bool = False) -> Dom0Image:
                 _initramfs(rootfs, kver, out / "initramfs.cpio", work)
             with steps.step("extract Xen and dom0 kernel"):
                 host_key = _extract_boot(rootfs, kver, out)
+            with steps.step("domU kit (python3, Debian guest modules)"):
+                kit.export(rootfs, kver, out / "domu-kit", log_file)
             with steps.step(f"mkfs.ext4 -d ({cfg.dom0.disk_size}M)"):
                 run(["mkfs.ext4", "-q", "-F", "-L", "xenlab-dom0", "-d", rootfs, out / "rootfs.img", f"{cfg.dom0.disk_size}M"], log_file=log_file)
             manifest = {

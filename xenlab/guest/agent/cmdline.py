@@ -1,0 +1,71 @@
+"""Tiny command dispatcher for the agent modules (stdlib only, no argparse
+boilerplate per module): `python3 -m xenlab_agent.MOD COMMAND --key value ...`.
+
+Options come from the command function's signature and defaults; the result
+is printed as one JSON document on stdout. An AgentError becomes one line
+`XENLAB-AGENT-ERROR {json}` on stderr and exit code 3, which the host side
+turns back into a XenlabError with the same message and hint."""
+
+from __future__ import annotations
+
+import inspect
+import json
+import sys
+
+from .errors import AgentError
+
+ERROR_PREFIX = "XENLAB-AGENT-ERROR "
+ERROR_EXIT = 3
+
+
+def _convert(param: inspect.Parameter, raw: str):
+    kind = type(param.default) if param.default is not inspect.Parameter.empty else param.annotation
+    if kind in (int, "int"):
+        return int(raw, 0)
+    if kind in (float, "float"):
+        return float(raw)
+    return raw
+
+
+def parse(func, args: list[str]) -> dict:
+    sig = inspect.signature(func)
+    params = {name.replace("_", "-"): p for name, p in sig.parameters.items()}
+    kwargs: dict = {}
+    it = iter(args)
+    for arg in it:
+        if not arg.startswith("--") or arg[2:].split("=")[0] not in params:
+            raise AgentError(f"unknown option {arg!r}", "options: " + " ".join(f"--{n}" for n in params))
+        key, eq, value = arg[2:].partition("=")
+        param = params[key]
+        if isinstance(param.default, bool):
+            kwargs[param.name] = True
+            continue
+        if not eq:
+            value = next(it, None)
+            if value is None:
+                raise AgentError(f"option --{key} needs a value")
+        try:
+            kwargs[param.name] = _convert(param, value)
+        except ValueError:
+            raise AgentError(f"bad value for --{key}: {value!r}") from None
+    missing = [n for n, p in params.items() if p.default is inspect.Parameter.empty and p.name not in kwargs]
+    if missing:
+        raise AgentError("missing option(s): " + ", ".join(f"--{n}" for n in missing))
+    return kwargs
+
+
+def run_main(commands: dict, argv: list[str] | None, doc: str | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        if not argv or argv[0] not in commands:
+            raise AgentError(f"unknown command {argv[0] if argv else ''!r}", "commands: " + ", ".join(commands))
+        func = commands[argv[0]]
+        result = func(**parse(func, argv[1:]))
+    except AgentError as e:
+        sys.stderr.write(ERROR_PREFIX + json.dumps(e.to_dict()) + "\n")
+        return ERROR_EXIT
+    except KeyboardInterrupt:
+        return 130
+    if result is not None:
+        print(json.dumps(result), flush=True)
+    return 0

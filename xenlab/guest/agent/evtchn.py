@@ -1,0 +1,258 @@
+"""Event channels from userspace through /dev/xen/evtchn (Linux uapi xen/evtchn.h).
+
+Each ioctl argument is a mutable buffer so fcntl.ioctl copies it in and out;
+for the bind calls the kernel returns the new local port as the result.
+read() yields fired ports as u32 and the kernel masks a port when it fires;
+write() of the port unmasks it again (the evtchn driver re-enables the IRQ).
+
+Run as a module: `python3 -m xenlab_agent.evtchn pingpong|pong|...` (see main)."""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import select
+import struct
+import time
+
+from .errors import AgentError
+
+DEVICE = "/dev/xen/evtchn"
+
+
+def _ioc(nr: int, size: int) -> int:
+    # _IOC(_IOC_NONE, 'E', nr, size) on x86_64: dir 0, size << 16, type << 8, nr
+    return (size << 16) | (ord("E") << 8) | nr
+
+
+IOCTL_BIND_VIRQ = _ioc(0, 4)          # struct { unsigned int virq; }
+IOCTL_BIND_INTERDOMAIN = _ioc(1, 8)   # struct { unsigned int remote_domain, remote_port; }
+IOCTL_BIND_UNBOUND_PORT = _ioc(2, 4)  # struct { unsigned int remote_domain; }
+IOCTL_UNBIND = _ioc(3, 4)             # struct { unsigned int port; }
+IOCTL_NOTIFY = _ioc(4, 4)             # struct { unsigned int port; }
+IOCTL_RESET = _ioc(5, 0)              # no argument: empties this handle's ring of fired ports
+IOCTL_RESTRICT_DOMID = _ioc(6, 2)     # struct { domid_t domid; }
+
+# Virtual IRQ numbers (xen/include/public/xen.h).
+VIRQS = {
+    "timer": 0, "debug": 1, "console": 2, "dom_exc": 3, "tbuf": 4, "debugger": 6, "xenoprof": 7,
+    "con_ring": 8, "pcpu_state": 9, "mem_event": 10, "argo": 11, "enomem": 12, "xenpmu": 13,
+}
+VIRQ_NAMES = {v: k for k, v in VIRQS.items()}
+
+
+class EvtchnError(AgentError):
+    pass
+
+
+def _explain(op: str, err: OSError, **what) -> EvtchnError:
+    detail = ", ".join(f"{k}={v}" for k, v in what.items())
+    hints = {
+        errno.ESRCH: "no such domain: check the domid with `xl list`",
+        errno.EINVAL: "the port does not exist, is not bound on this handle, or is not offered to this domain",
+        errno.EEXIST: "that VIRQ is already bound on this vCPU (by the kernel or another process)",
+        errno.EACCES: "this handle is restricted to another domain (IOCTL_EVTCHN_RESTRICT_DOMID)",
+        errno.ENOTCONN: "the port is not bound on this handle",
+        errno.ENOENT: "no such port or vCPU",
+        errno.EPERM: "not permitted for this domain",
+    }
+    return EvtchnError(
+        f"evtchn {op}({detail}) failed: {errno.errorcode.get(err.errno, err.errno)} ({err.strerror})",
+        hints.get(err.errno, ""), errno_=err.errno,
+    )
+
+
+class EventChannel:
+    """One handle on /dev/xen/evtchn. Every port bound through it is unbound
+    when it is closed (also on process exit: the kernel does it on release)."""
+
+    def __init__(self, device: str = DEVICE):
+        try:
+            self.fd = os.open(device, os.O_RDWR | os.O_CLOEXEC)
+        except OSError as e:
+            raise EvtchnError(f"cannot open {device}: {e.strerror}", "is the xen-evtchn module loaded and are you root?", errno_=e.errno) from None
+        self.ports: set[int] = set()
+        self._poll = select.poll()
+        self._poll.register(self.fd, select.POLLIN)
+
+    def _ioctl(self, op: str, request: int, fmt: str, *values, **what) -> int:
+        arg = bytearray(struct.pack(fmt, *values)) if fmt else 0
+        try:
+            return fcntl.ioctl(self.fd, request, arg) if fmt else fcntl.ioctl(self.fd, request)
+        except OSError as e:
+            raise _explain(op, e, **what) from None
+
+    # -- binding -----------------------------------------------------------
+    def bind_unbound(self, remote_domid: int) -> int:
+        """EVTCHNOP_alloc_unbound: a new local port that `remote_domid` may bind."""
+        port = self._ioctl("bind_unbound_port", IOCTL_BIND_UNBOUND_PORT, "=I", remote_domid, remote_domid=remote_domid)
+        self.ports.add(port)
+        return port
+
+    def bind_interdomain(self, remote_domid: int, remote_port: int) -> int:
+        """EVTCHNOP_bind_interdomain: connect to a port the remote domain offered us."""
+        port = self._ioctl(
+            "bind_interdomain", IOCTL_BIND_INTERDOMAIN, "=II", remote_domid, remote_port,
+            remote_domid=remote_domid, remote_port=remote_port,
+        )
+        self.ports.add(port)
+        return port
+
+    def bind_virq(self, virq: int) -> int:
+        """EVTCHNOP_bind_virq on vCPU 0 (the only vCPU the evtchn device binds VIRQs to)."""
+        port = self._ioctl("bind_virq", IOCTL_BIND_VIRQ, "=I", virq, virq=virq)
+        self.ports.add(port)
+        return port
+
+    def unbind(self, port: int) -> None:
+        """EVTCHNOP_close through the driver."""
+        self._ioctl("unbind", IOCTL_UNBIND, "=I", port, port=port)
+        self.ports.discard(port)
+
+    def notify(self, port: int) -> None:
+        """EVTCHNOP_send."""
+        self._ioctl("notify", IOCTL_NOTIFY, "=I", port, port=port)
+
+    def reset(self) -> None:
+        """Empty this handle's queue of fired ports (not EVTCHNOP_reset, which is per domain)."""
+        self._ioctl("reset", IOCTL_RESET, "")
+
+    def restrict(self, domid: int) -> None:
+        """From now on this handle may only bind interdomain channels to `domid`."""
+        self._ioctl("restrict_domid", IOCTL_RESTRICT_DOMID, "=H", domid, domid=domid)
+
+    # -- events ------------------------------------------------------------
+    def pending(self, timeout: float | None = None) -> list[int]:
+        """Ports that fired (each now masked until unmask()), or [] on timeout."""
+        ms = None if timeout is None else max(0, int(timeout * 1000))
+        if not self._poll.poll(ms):
+            return []
+        try:
+            data = os.read(self.fd, 4 * 64)
+        except BlockingIOError:
+            return []
+        return list(struct.unpack(f"={len(data) // 4}I", data))
+
+    def wait(self, port: int | None = None, timeout: float | None = None) -> int | None:
+        """Wait for `port` (or any port) to fire, unmask it and return it; None on timeout."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                return None
+            for fired in self.pending(left):
+                self.unmask(fired)
+                if port is None or fired == port:
+                    return fired
+
+    def unmask(self, port: int) -> None:
+        try:
+            os.write(self.fd, struct.pack("=I", port))
+        except OSError as e:
+            raise _explain("unmask", e, port=port) from None
+
+    def fileno(self) -> int:
+        return self.fd
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            for port in sorted(self.ports):
+                try:
+                    fcntl.ioctl(self.fd, IOCTL_UNBIND, bytearray(struct.pack("=I", port)))
+                except OSError:
+                    pass  # already gone (e.g. the domain was reset); close() releases the rest
+            self.ports.clear()
+            os.close(self.fd)
+            self.fd = -1
+
+    def __enter__(self) -> "EventChannel":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+# -- round trips ---------------------------------------------------------------
+def pingpong(ev: EventChannel, port: int, count: int, timeout: float = 5.0) -> list[float]:
+    """Send on `port` and wait for the answer, `count` times; round trips in seconds."""
+    samples = []
+    for _ in range(count):
+        t0 = time.perf_counter()
+        ev.notify(port)
+        if ev.wait(port, timeout) is None:
+            raise EvtchnError(f"no answer on port {port} within {timeout} s after {len(samples)} round trips", "is the peer still running?")
+        samples.append(time.perf_counter() - t0)
+    return samples
+
+
+def echo(ev: EventChannel, port: int, count: int, timeout: float = 30.0) -> int:
+    """Answer every event on `port` with one event, `count` times."""
+    for n in range(count):
+        if ev.wait(port, timeout) is None:
+            return n
+        ev.notify(port)
+    return count
+
+
+def stats(samples: list[float]) -> dict:
+    if not samples:
+        return {"count": 0}
+    s = sorted(samples)
+    pick = lambda q: s[min(len(s) - 1, int(q * len(s)))] * 1e6  # noqa: E731
+    return {
+        "count": len(s), "mean_us": round(sum(s) / len(s) * 1e6, 1), "min_us": round(s[0] * 1e6, 1),
+        "p50_us": round(pick(0.5), 1), "p90_us": round(pick(0.9), 1), "p99_us": round(pick(0.99), 1), "max_us": round(s[-1] * 1e6, 1),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .cmdline import run_main
+
+    return run_main(_commands(), argv, __doc__)
+
+
+def _commands():
+    import json
+
+    def local_ping(count: int = 2000):
+        """Two handles in this domain: alloc unbound + bind interdomain, then ping-pong in one process."""
+        with EventChannel() as a, EventChannel() as b:
+            pa = a.bind_unbound(0)
+            pb = b.bind_interdomain(0, pa)
+            b.wait(pb, 1.0)  # bind_interdomain leaves the new local port pending: consume it
+            samples = []
+            for _ in range(count):
+                t0 = time.perf_counter()
+                a.notify(pa)
+                b.wait(pb, 5.0)
+                b.notify(pb)
+                a.wait(pa, 5.0)
+                samples.append(time.perf_counter() - t0)
+        return {"mode": "same-domain, one process", **stats(samples)}
+
+    def ping(remote: int, count: int = 1000, timeout: float = 60.0, warmup: int = 20):
+        """Offer a port to `remote`, print it, wait for the peer's hello, then time `count` round trips."""
+        with EventChannel() as ev:
+            port = ev.bind_unbound(remote)
+            print(json.dumps({"port": port}), flush=True)
+            if ev.wait(port, timeout) is None:
+                raise EvtchnError(f"domain {remote} never bound port {port} within {timeout:.0f} s", "did the pong side start?")
+            pingpong(ev, port, warmup)
+            samples = pingpong(ev, port, count)
+        return {"mode": "interdomain", "remote": remote, "port": port, **stats(samples)}
+
+    def pong(remote: int, port: int, count: int = 1020, timeout: float = 60.0):
+        """Bind to `remote`:`port`, say hello, then answer `count` events."""
+        with EventChannel() as ev:
+            local = ev.bind_interdomain(remote, port)
+            ev.wait(local, 0.5)  # the pending bit bind_interdomain sets on our new port
+            ev.notify(local)
+            answered = echo(ev, local, count, timeout)
+        return {"local_port": local, "answered": answered}
+
+    return {"local-ping": local_ping, "ping": ping, "pong": pong}
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

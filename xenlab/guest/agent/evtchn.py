@@ -242,13 +242,14 @@ def _commands():
             samples = pingpong(ev, port, count)
         return {"mode": "interdomain", "remote": remote, "port": port, **stats(samples)}
 
-    def pong(remote: int, port: int, count: int = 1020, timeout: float = 60.0):
-        """Bind to `remote`:`port`, say hello, then answer `count` events."""
+    def pong(remote: int, port: int, count: int = 1020, timeout: float = 60.0, linger: float = 0.0):
+        """Bind to `remote`:`port`, say hello, answer `count` events, stay bound `linger` s more."""
         with EventChannel() as ev:
             local = ev.bind_interdomain(remote, port)
             ev.wait(local, 0.5)  # the pending bit bind_interdomain sets on our new port
             ev.notify(local)
             answered = echo(ev, local, count, timeout)
+            time.sleep(linger)
         return {"local_port": local, "answered": answered}
 
     return {"local-ping": local_ping, "ping": ping, "pong": pong}

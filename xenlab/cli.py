@@ -212,3 +212,11 @@ def console_cmd(ctx, name, lines, follow):
 
 main.add_command(console_cmd, "console")
 main.add_command(console_cmd, "logs")
+
+from .cli_guest import guest  # noqa: E402
+
+main.add_command(guest)
+
+from .cli_xs import register as _register_xs  # noqa: E402
+
+_register_xs(main)

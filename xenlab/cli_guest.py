@@ -1,0 +1,178 @@
+"""`xenlab guest ...`: PV domUs in the lab."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+from rich.markup import escape
+from rich.table import Table
+
+from .errors import XenlabError
+from .guest import rootfs
+from .guest.manager import DiskSpec, Guests, GuestSpec
+from .orchestrate.lab import Lab
+from .progress import Steps, console
+
+
+def _guests(ctx, name) -> Guests:
+    from .cli import load_config
+
+    return Guests(Lab(load_config(ctx, name=name)))
+
+
+def lab_option(f):
+    return click.option("--lab", "lab_name", default=None, envvar="XENLAB_NAME", help="lab name (default: 'default')")(f)
+
+
+@click.group()
+def guest():
+    """PV domUs: create, list, exec, check, console, destroy."""
+
+
+@guest.command()
+@lab_option
+@click.argument("name")
+@click.option("--memory", default="128M", show_default=True, help="guest memory (32M+; 96M+ for --root python)")
+@click.option("--vcpus", type=int, default=1, show_default=True)
+@click.option("--disk", "disks", multiple=True, metavar="SIZE[:ro]", help="a blkfront disk (xvda, xvdb, ...), repeatable, e.g. 64M or 16M:ro")
+@click.option("--net/--no-net", default=False, help="a netfront NIC on dom0's xenbr0 (guest gets 10.99.0.x)")
+@click.option("--kernel", type=click.Choice(rootfs.KERNELS), default="minimal", show_default=True, help="minimal: built from guest-kernel/; debian: dom0's kernel + modules")
+@click.option("--root", type=click.Choice(rootfs.ROOTS), default="busybox", show_default=True, help="python adds python3 and the xenlab agents")
+@click.option("--type", "guest_type", default="pv", show_default=True, help="guest type (pv)")
+@click.option("--timeout", type=float, default=120, show_default=True, help="seconds to wait until the guest is up and Connected")
+@click.option("--extra", default="", help="appended to the guest kernel command line")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def create(ctx, lab_name, name, memory, vcpus, disks, net, kernel, root, guest_type, timeout, extra, as_json):
+    """Start a PV domU; returns when it is up and every vbd/vif is Connected."""
+    from .cli import print_json
+    from .config import parse_mib
+
+    spec = GuestSpec(
+        name=name, memory=parse_mib(memory, "--memory"), vcpus=vcpus, disks=tuple(DiskSpec.parse(d) for d in disks),
+        net=net, kernel=kernel, root=root, type=guest_type, timeout=timeout, extra=extra,
+    ).validate()
+    steps = Steps(quiet=as_json)
+    with _guests(ctx, lab_name) as guests:
+        with steps.step(f"guest {name}: build/ship kernel and root"):
+            guests.prepare(spec)
+        with steps.step(f"guest {name}: xl create, wait for Connected"):
+            info = guests.create(spec)
+    if as_json:
+        print_json(info)
+        return
+    t = info["timings"]
+    devs = ", ".join(f"{d['kind']}/{d['devid']}" for d in info["devices"]) or "no devices"
+    console.print(
+        f"[green]guest {name} is up[/] (domid {info['domid']}, {info['ip'] if info['net'] else 'no net'}): "
+        f"xl create {t['xl_create']:.1f} s, all Connected {t['connected']:.1f} s, ready {t['ready']:.1f} s; {devs}"
+    )
+
+
+@guest.command("list")
+@lab_option
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def list_cmd(ctx, lab_name, as_json):
+    """The lab's guests with domid, state, memory, disks, address."""
+    from .cli import print_json
+
+    with _guests(ctx, lab_name) as guests:
+        rows = guests.list()
+    if as_json:
+        print_json(rows)
+        return
+    table = Table("name", "domid", "state", "memory", "vcpus", "root/kernel", "disks", "ip")
+    for g in rows:
+        disks = " ".join(f"{d['vdev']}:{d['size_mib']}M{':ro' if d['readonly'] else ''}" for d in g.get("disks", []))
+        table.add_row(g["name"], str(g.get("domid", "")), g["state"], f"{g.get('memory', '')}M", str(g.get("vcpus", "")),
+                      f"{g.get('root')}/{g.get('kernel')}", disks, g.get("ip", "") if g.get("net") else "")
+    console.print(table)
+
+
+@guest.command()
+@lab_option
+@click.argument("name")
+@click.option("--timeout", type=float, default=30, show_default=True, help="seconds to wait for backends to go away")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def destroy(ctx, lab_name, name, timeout, as_json):
+    """Destroy a guest and remove its disks; reports anything left in dom0."""
+    from .cli import print_json
+
+    with _guests(ctx, lab_name) as guests:
+        result = guests.destroy(name, timeout=timeout)
+    left = {k: v for k, v in result["leftovers"].items() if v}
+    if as_json:
+        print_json(result)
+    else:
+        console.print(f"guest {name} (domid {result['domid']}) destroyed in {result['seconds']:.1f} s")
+    if left:
+        raise XenlabError(f"guest {name} left things behind in dom0: {left}", "see `xenlab ssh -- xenstore-ls -f /local/domain/0/backend`")
+
+
+@guest.command("console")
+@lab_option
+@click.argument("name")
+@click.option("-n", "--lines", default=40, show_default=True)
+@click.option("--attach", is_flag=True, help="interactive `xl console` (Ctrl-] leaves); stops exec while attached")
+@click.pass_context
+def console_cmd(ctx, lab_name, name, lines, attach):
+    """The guest console log (its path in dom0 and tail), or attach to it."""
+    from .cli import load_config
+
+    if attach:
+        import os
+
+        lab = Lab(load_config(ctx, name=lab_name))
+        info = lab.require_up()
+        argv = ["ssh", "-t", "-i", str(lab.key_file), "-p", str(info["ssh_port"]), "-o", f"UserKnownHostsFile={lab.known_hosts}",
+                "-o", "StrictHostKeyChecking=yes", "-o", "IdentitiesOnly=yes", "root@127.0.0.1", "xl", "console", name]
+        os.execvp(argv[0], argv)
+    with _guests(ctx, lab_name) as guests:
+        result = guests.console(name, lines)
+    click.echo(f"console log (dom0): {result['log']}")
+    click.echo(result["tail"])
+
+
+@guest.command("exec", context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
+@lab_option
+@click.option("--timeout", type=float, default=120, show_default=True)
+@click.option("--stdin", "use_stdin", is_flag=True, help="send this command's stdin to CMD")
+@click.argument("name")
+@click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
+@click.pass_context
+def exec_cmd(ctx, lab_name, timeout, use_stdin, name, command):
+    """Run CMD in the guest: its stdout, stderr and exit code (over the Xen console)."""
+    if command and command[0] == "--":
+        command = command[1:]
+    data = sys.stdin.buffer.read() if use_stdin else b""
+    with _guests(ctx, lab_name) as guests:
+        result = guests.exec(name, " ".join(command), input=data, timeout=timeout)
+    sys.stdout.write(result.stdout)
+    sys.stderr.write(result.stderr)
+    ctx.exit(result.exit_status)
+
+
+@guest.command()
+@lab_option
+@click.argument("name")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def check(ctx, lab_name, name, as_json):
+    """Ring I/O on the real paths: blkfront<->blkback byte-exact both ways, read-only refusal, netfront<->netback ping and bulk."""
+    from .cli import print_json
+
+    with _guests(ctx, lab_name) as guests:
+        results = guests.check(name)
+    if as_json:
+        print_json(results)
+    else:
+        table = Table("check", "result", "time", "evidence")
+        for r in results:
+            table.add_row(r["check"], "[green]SUCCESS[/]" if r["ok"] else "[red]FAILURE[/]", f"{r['seconds']:.1f} s", escape(r["detail"]))
+        console.print(table)
+    failed = [r["check"] for r in results if not r["ok"]]
+    if failed:
+        raise XenlabError(f"guest {name}: {len(failed)} check(s) failed: {', '.join(failed)}")

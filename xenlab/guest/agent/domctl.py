@@ -1,0 +1,368 @@
+"""dom0 side of `xenlab guest ...`: create, destroy, list, exec and console
+for PV domUs, run in dom0 as `python3 -m xenlab_agent.domctl VERB`.
+
+One SSH round trip per verb: the waiting (XenBus states, the guest's
+readiness line, teardown) happens here, next to xenstored. Replies are JSON
+on stdout; a refusal is {"error", "hint"} with exit code 2."""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import fcntl
+import glob
+import json
+import os
+import re
+import secrets
+import select
+import shutil
+import subprocess
+import sys
+import termios
+import time
+import tty
+
+GUESTS_DIR = "/var/lib/xenlab/guests"
+CONSOLE_LOG = "/var/log/xen/console/guest-{name}.log"
+READY_MARK = "XENLAB-GUEST-READY"
+CRASH_PATTERNS = (re.compile(r"Kernel panic - not syncing.*"), re.compile(r"XENLAB-GUEST-PANIC: .*"))
+CONNECTED = "4"
+STATE_NAMES = {"0": "Unknown", "1": "Initialising", "2": "InitWait", "3": "Initialised", "4": "Connected", "5": "Closing", "6": "Closed", "7": "Reconfiguring", "8": "Reconfigured"}
+XEN_PYTHON = "/usr/lib/xen-4.17/lib/python"
+
+
+class Refused(Exception):
+    def __init__(self, message: str, hint: str = ""):
+        super().__init__(message)
+        self.message, self.hint = message, hint
+
+
+class Store:
+    """xenstore reads through libxenstore's Python binding (no process per read)."""
+
+    def __init__(self):
+        sys.path.append(XEN_PYTHON)
+        from xen.lowlevel import xs  # type: ignore[import-not-found]
+
+        self._xs = xs.xs()
+
+    def read(self, path: str) -> str | None:
+        value = self._xs.read("", path)
+        return None if value is None else value.decode(errors="replace")
+
+    def ls(self, path: str) -> list[str]:
+        return list(self._xs.ls("", path) or [])
+
+
+def xl(*args: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess:
+    proc = subprocess.run(["xl", *args], capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise Refused(f"`xl {' '.join(args)}` failed (exit {proc.returncode}): {proc.stderr.strip()[-1500:]}")
+    return proc
+
+
+def domid_of(name: str) -> int | None:
+    proc = xl("domid", name, check=False)
+    return int(proc.stdout) if proc.returncode == 0 and proc.stdout.strip().isdigit() else None
+
+
+def guest_dir(name: str) -> str:
+    return os.path.join(GUESTS_DIR, name)
+
+
+def read_meta(name: str) -> dict | None:
+    try:
+        with open(os.path.join(guest_dir(name), "meta.json")) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def devices(store: Store, domid: int) -> list[dict]:
+    """Every frontend of the domain with its backend and both states."""
+    out = []
+    base = f"/local/domain/{domid}/device"
+    for kind in store.ls(base):
+        if kind not in ("vbd", "vif"):
+            continue  # the console is not a XenBus split device here
+        for devid in store.ls(f"{base}/{kind}"):
+            front = f"{base}/{kind}/{devid}"
+            back = store.read(f"{front}/backend") or ""
+            out.append({
+                "kind": kind, "devid": devid, "frontend": front, "backend": back,
+                "frontend_state": store.read(f"{front}/state"),
+                "backend_state": store.read(f"{back}/state") if back else None,
+            })
+    return out
+
+
+def console_text(name: str) -> str:
+    try:
+        with open(CONSOLE_LOG.format(name=name), "rb") as f:
+            return f.read().decode(errors="replace").replace("\r", "")
+    except FileNotFoundError:
+        return ""
+
+
+def console_tail(name: str, lines: int = 25) -> str:
+    text = [l for l in console_text(name).splitlines() if not l.startswith("XLR1 ")]
+    return "\n".join(text[-lines:])
+
+
+# -- create ----------------------------------------------------------------
+
+def _dev_links() -> None:
+    # Xen's hotplug scripts lock with `stat /dev/stdin`; dom0 runs no udev to make these.
+    for link, target in (("/dev/stdin", "/proc/self/fd/0"), ("/dev/stdout", "/proc/self/fd/1"), ("/dev/stderr", "/proc/self/fd/2"), ("/dev/fd", "/proc/self/fd")):
+        if not os.path.lexists(link):
+            os.symlink(target, link)
+
+
+def create(spec: dict) -> dict:
+    name = spec["name"]
+    _dev_links()
+    if domid_of(name) is not None:
+        raise Refused(f"guest {name!r} is already running", f"destroy it first (`xenlab guest destroy {name}`) or pick another name")
+    gdir = guest_dir(name)
+    shutil.rmtree(gdir, ignore_errors=True)  # a leftover of a guest that is gone
+    os.makedirs(GUESTS_DIR, exist_ok=True)
+    need = sum(d["size_mib"] for d in spec["disks"]) + 64
+    free = shutil.disk_usage(GUESTS_DIR).free // (1 << 20)
+    if need > free:
+        raise Refused(
+            f"the disks of guest {name!r} need {need - 64} MiB but dom0 has only {free} MiB free under {GUESTS_DIR}",
+            "use smaller --disk sizes or destroy other guests",
+        )
+    free_xen = int(_xl_info().get("free_memory", 0))
+    if spec["memory"] > free_xen:
+        raise Refused(f"guest {name!r} asks for {spec['memory']} MiB but Xen has {free_xen} MiB free", "give it less --memory or destroy other guests")
+    started = time.monotonic()
+    os.makedirs(gdir)
+    try:
+        for disk in spec["disks"]:
+            with open(disk["path"], "wb") as f:
+                f.truncate(disk["size_mib"] << 20)
+        cfg = os.path.join(gdir, "xl.cfg")
+        with open(cfg, "w") as f:
+            f.write(spec["config"])
+        log = CONSOLE_LOG.format(name=name)
+        if os.path.exists(log):
+            os.unlink(log)
+        t0 = time.monotonic()
+        xl("create", "-q", cfg, timeout=spec["timeout"])
+        xl_seconds = time.monotonic() - t0
+        domid = domid_of(name)
+        if domid is None:
+            raise Refused(f"guest {name!r} died right after `xl create`\n--- console ---\n{console_tail(name)}")
+        meta = {k: spec[k] for k in ("name", "memory", "vcpus", "root", "kernel", "ip", "mac", "disks", "net")}
+        meta.update(domid=domid, created_at=time.time())
+        with open(os.path.join(gdir, "meta.json"), "w") as f:
+            json.dump(meta, f)
+        timings = _wait_up(name, domid, spec, t0)
+        timings["xl_create"] = round(xl_seconds, 2)
+        timings["total"] = round(time.monotonic() - started, 2)
+        return {**meta, "timings": timings, "devices": devices(Store(), domid)}
+    except BaseException:
+        _teardown(name)
+        raise
+
+
+def _xl_info() -> dict:
+    out = {}
+    for line in xl("info").stdout.splitlines():
+        key, sep, value = line.partition(":")
+        if sep:
+            out[key.strip()] = value.strip()
+    return out
+
+
+def _wait_up(name: str, domid: int, spec: dict, t0: float) -> dict:
+    """Until every vbd/vif is Connected on both sides and the guest printed
+    its readiness line; a panic or a vanished domain fails at once."""
+    store = Store()
+    want = len(spec["disks"]) + (1 if spec["net"] else 0)
+    deadline = t0 + spec["timeout"]
+    connected_at = ready_at = None
+    while time.monotonic() < deadline:
+        devs = devices(store, domid)
+        if connected_at is None and len(devs) == want and all(
+            d["frontend_state"] == CONNECTED and d["backend_state"] == CONNECTED for d in devs
+        ):
+            connected_at = time.monotonic()
+        text = console_text(name)
+        if ready_at is None and READY_MARK in text:
+            ready_at = time.monotonic()
+        if connected_at and ready_at:
+            return {"connected": round(connected_at - t0, 2), "ready": round(ready_at - t0, 2)}
+        crash = next((m.group(0) for p in CRASH_PATTERNS if (m := p.search(text))), None)
+        if crash or store.read(f"/local/domain/{domid}/name") is None:
+            raise Refused(f"guest {name!r} {'crashed: ' + crash if crash else 'vanished'} while starting\n--- console ---\n{console_tail(name)}")
+        time.sleep(0.02)
+    states = ", ".join(f"{d['kind']}/{d['devid']} front {STATE_NAMES.get(d['frontend_state'], d['frontend_state'])} back {STATE_NAMES.get(d['backend_state'], d['backend_state'])}" for d in devices(store, domid))
+    raise Refused(
+        f"guest {name!r} was not up after {spec['timeout']:.0f} s (devices: {states or 'none'}; ready line {'seen' if ready_at else 'not seen'})\n--- console ---\n{console_tail(name)}",
+        "raise --timeout on a slow host, or look at `xenlab guest console`",
+    )
+
+
+# -- destroy ---------------------------------------------------------------
+
+def leftovers(domid: int, name: str) -> dict:
+    """What a domain can leave in dom0: backend nodes, loop devices, vifs."""
+    store = Store()
+    backends = [f"/local/domain/0/backend/{kind}/{domid}" for kind in store.ls("/local/domain/0/backend") if str(domid) in store.ls(f"/local/domain/0/backend/{kind}")]
+    gdir = guest_dir(name)
+    loops = []
+    for backing in glob.glob("/sys/block/loop*/loop/backing_file"):
+        try:
+            with open(backing) as f:
+                path = f.read().strip()
+        except OSError:
+            continue
+        if path.startswith(gdir + "/"):
+            loops.append(f"/dev/{backing.split('/')[3]} -> {path}")
+    vifs = sorted(os.path.basename(p) for p in glob.glob(f"/sys/class/net/vif{domid}.*"))
+    return {"backend_nodes": backends, "loop_devices": loops, "vifs": vifs}
+
+
+def destroy(name: str, timeout: float) -> dict:
+    domid = domid_of(name)
+    meta = read_meta(name)
+    if domid is None and meta is None:
+        raise Refused(f"no guest named {name!r}", "see `xenlab guest list`")
+    if domid is None:
+        domid = meta["domid"]
+    t0 = time.monotonic()
+    _teardown(name)
+    deadline = t0 + timeout
+    left = leftovers(domid, name)
+    while any(left.values()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+        left = leftovers(domid, name)
+    shutil.rmtree(guest_dir(name), ignore_errors=True)
+    return {"name": name, "domid": domid, "seconds": round(time.monotonic() - t0, 2), "leftovers": left}
+
+
+def _teardown(name: str) -> None:
+    if domid_of(name) is not None:
+        xl("destroy", name, check=False)
+
+
+# -- list ------------------------------------------------------------------
+
+def list_guests() -> list[dict]:
+    running = {}
+    for line in xl("list").stdout.splitlines()[1:]:
+        parts = line.split()
+        if len(parts) >= 6:
+            running[" ".join(parts[:-5])] = {"domid": int(parts[-5]), "memory": int(parts[-4]), "vcpus": int(parts[-3]), "xl_state": parts[-2]}
+    names = sorted(set(os.listdir(GUESTS_DIR)) if os.path.isdir(GUESTS_DIR) else set())
+    out = []
+    for name in names:
+        meta = read_meta(name) or {"name": name}
+        live = running.get(name)
+        state = "gone"
+        if live:
+            state = "crashed" if "c" in live["xl_state"] else "running"
+            meta.update(live)
+        out.append({**meta, "state": state})
+    return out
+
+
+# -- exec over the console ---------------------------------------------------
+
+def exec_in(name: str, script: str, stdin: bytes, timeout: float) -> dict:
+    """Send one request to the guest's exec agent on hvc0 and wait for its reply."""
+    domid = domid_of(name)
+    if domid is None:
+        raise Refused(f"no running guest named {name!r}", "see `xenlab guest list`")
+    tty_path = Store().read(f"/local/domain/{domid}/console/tty")
+    if not tty_path:
+        raise Refused(f"guest {name!r} has no console pty (xenconsoled not attached)")
+    os.makedirs("/run/xenlab", exist_ok=True)
+    with open(f"/run/xenlab/console-{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # one request at a time on a console
+        fd = os.open(tty_path, os.O_RDWR | os.O_NOCTTY | os.O_NONBLOCK)
+        try:
+            tty.setraw(fd)
+            termios.tcflush(fd, termios.TCIFLUSH)
+            req_id = secrets.token_hex(6)
+            stdin_field = base64.b64encode(stdin).decode() if stdin else "-"
+            frame = f"\nXLX1 {req_id} {base64.b64encode(script.encode()).decode()} {stdin_field}\n".encode()
+            _write_all(fd, frame, timeout)
+            reply = re.compile(rf"XLR1 {req_id} (\d+) ([A-Za-z0-9+/=]*) ([A-Za-z0-9+/=]*) XLE1".encode())
+            buf = bytearray()
+            deadline = time.monotonic() + timeout
+            while (m := reply.search(buf)) is None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise Refused(f"guest {name!r} did not answer within {timeout:.0f} s", "the command may still run; see `xenlab guest console`")
+                if select.select([fd], [], [], min(left, 0.5))[0]:
+                    try:
+                        buf += os.read(fd, 1 << 16)
+                    except BlockingIOError:
+                        pass
+            return {"rc": int(m.group(1)), "stdout": m.group(2).decode(), "stderr": m.group(3).decode()}
+        finally:
+            os.close(fd)
+
+
+def _write_all(fd: int, data: bytes, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    view = memoryview(data)
+    while view:
+        if time.monotonic() > deadline:
+            raise Refused("timed out writing the request to the guest console")
+        select.select([], [fd], [], 0.5)
+        try:
+            n = os.write(fd, view)
+        except BlockingIOError:
+            continue
+        view = view[n:]
+
+
+# -- entry point -------------------------------------------------------------
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="xenlab_agent.domctl")
+    sub = parser.add_subparsers(dest="verb", required=True)
+    sub.add_parser("create")  # spec as JSON on stdin
+    p = sub.add_parser("destroy")
+    p.add_argument("name")
+    p.add_argument("--timeout", type=float, default=30)
+    sub.add_parser("list")
+    p = sub.add_parser("exec")  # {"script", "stdin_b64", "timeout"} on stdin
+    p.add_argument("name")
+    p = sub.add_parser("console")
+    p.add_argument("name")
+    p.add_argument("-n", "--lines", type=int, default=40)
+    p = sub.add_parser("leftovers")
+    p.add_argument("domid", type=int)
+    p.add_argument("name")
+    args = parser.parse_args(argv)
+    try:
+        if args.verb == "create":
+            result = create(json.load(sys.stdin))
+        elif args.verb == "destroy":
+            result = destroy(args.name, args.timeout)
+        elif args.verb == "list":
+            result = list_guests()
+        elif args.verb == "exec":
+            req = json.load(sys.stdin)
+            result = exec_in(args.name, req["script"], base64.b64decode(req.get("stdin_b64", "")), req.get("timeout", 120))
+        elif args.verb == "console":
+            if domid_of(args.name) is None and read_meta(args.name) is None and not console_text(args.name):
+                raise Refused(f"no guest named {args.name!r}", "see `xenlab guest list`")
+            result = {"name": args.name, "log": CONSOLE_LOG.format(name=args.name), "tail": console_tail(args.name, args.lines)}
+        else:
+            result = leftovers(args.domid, args.name)
+    except Refused as e:
+        json.dump({"error": e.message, "hint": e.hint}, sys.stdout)
+        return 2
+    json.dump(result, sys.stdout)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,226 @@
+"""Host side of domU management: validate a guest spec, make its kernel and
+root (cached), ship them to dom0 once, and drive the dom0 agent (domctl)
+over the lab's SSH connection, one round trip per operation."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import re
+import shlex
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from .. import templates
+from ..config import parse_mib, validate_name
+from ..errors import ConfigError, GuestError
+from ..orchestrate import images
+from ..orchestrate.ssh import CommandResult, SSHSession
+from ..paths import cache_dir
+from . import deploy, kernel as kernel_mod, rootfs
+
+TYPES = ("pv",)
+REMOTE_IMAGES = "/var/lib/xenlab/images"
+REMOTE_GUESTS = "/var/lib/xenlab/guests"
+BRIDGE = images.NETWORK["bridge"]
+SUBNET = images.NETWORK["bridge_ip"].rsplit(".", 1)[0]  # guests get SUBNET.10 and up
+MAX_DISKS = 8
+MAX_MEMORY = 16384  # MiB; Xen's free memory is checked in dom0 too
+MIN_MEMORY = {"busybox": 32, "python": 96}
+
+
+@dataclass(frozen=True)
+class DiskSpec:
+    size_mib: int
+    readonly: bool = False
+
+    @classmethod
+    def parse(cls, text: str) -> "DiskSpec":
+        """'64M', '1G', '16M:ro'."""
+        size, _, mode = text.partition(":")
+        if mode not in ("", "ro", "rw"):
+            raise ConfigError(f"--disk {text!r}: mode must be ro or rw", "write it like 64M or 64M:ro")
+        mib = parse_mib(size, f"--disk {text!r}")
+        if mib > 1 << 20:
+            raise ConfigError(f"--disk {text!r} is larger than 1 TiB", "lab disks live in dom0's filesystem; use a few MB to GB")
+        return cls(mib, mode == "ro")
+
+
+@dataclass(frozen=True)
+class GuestSpec:
+    name: str
+    memory: int = 128
+    vcpus: int = 1
+    disks: tuple[DiskSpec, ...] = ()
+    net: bool = False
+    kernel: str = "minimal"
+    root: str = "busybox"
+    type: str = "pv"
+    timeout: float = 120.0
+    extra: str = ""  # appended to the guest kernel's command line
+
+    def validate(self) -> "GuestSpec":
+        validate_name(self.name, "guest name")
+        if self.kernel not in rootfs.KERNELS:
+            raise ConfigError(f"unknown --kernel {self.kernel!r}", f"choose one of {', '.join(rootfs.KERNELS)}")
+        if self.root not in rootfs.ROOTS:
+            raise ConfigError(f"unknown --root {self.root!r}", f"choose one of {', '.join(rootfs.ROOTS)}")
+        if self.type not in TYPES:
+            raise ConfigError(
+                f"guest type {self.type!r} is not supported", "only PV guests run under TCG here (PVH dies on RDTSCP emulation; see LAB-NOTES)"
+            )
+        low = MIN_MEMORY[self.root]
+        if not low <= self.memory <= MAX_MEMORY:
+            raise ConfigError(f"guest memory {self.memory} MiB is out of range", f"a {self.root} guest needs {low} to {MAX_MEMORY} MiB, e.g. --memory 128M")
+        if not 1 <= self.vcpus <= 8:
+            raise ConfigError(f"guest vcpus {self.vcpus} is out of range", "use 1 to 8")
+        if len(self.disks) > MAX_DISKS:
+            raise ConfigError(f"{len(self.disks)} disks asked, at most {MAX_DISKS}", "drop some --disk options")
+        if self.timeout <= 0:
+            raise ConfigError(f"timeout must be positive, got {self.timeout}")
+        if re.search(r"[\"\\\n]", self.extra):
+            raise ConfigError("--extra must not contain quotes, backslashes or newlines")
+        return self
+
+
+def vdev(index: int) -> str:
+    return "xvd" + "abcdefgh"[index]
+
+
+def render_xl_config(spec: GuestSpec, kernel: str, ramdisk: str, ip: str, mac: str) -> str:
+    gdir = f"{REMOTE_GUESTS}/{spec.name}"
+    quiet = "loglevel=1" if spec.kernel == "minimal" else "quiet loglevel=1"
+    cmdline = f"console=hvc0 {quiet} xenlab.name={spec.name} xenlab.ip={ip}/24 {spec.extra}".strip()
+    disks = [{"vdev": vdev(i), "readonly": d.readonly, "path": f"{gdir}/{vdev(i)}.img"} for i, d in enumerate(spec.disks)]
+    return templates.render(
+        "xl-guest.cfg.j2", name=spec.name, type=spec.type, kernel=kernel, ramdisk=ramdisk, cmdline=cmdline,
+        memory=spec.memory, vcpus=spec.vcpus, disks=disks, net=spec.net, mac=mac, bridge=BRIDGE, hotplug=None,
+    )
+
+
+def pick_address(used: set[str]) -> tuple[str, str]:
+    """The lowest free SUBNET.10-250 address and a Xen-OUI MAC derived from it."""
+    for host in range(10, 251):
+        ip = f"{SUBNET}.{host}"
+        if ip not in used:
+            return ip, f"00:16:3e:58:4c:{host:02x}"
+    raise GuestError("no free guest address left in the lab", "destroy some guests")
+
+
+@dataclass
+class Guests:
+    """The domUs of one lab, driven over one SSH session to dom0."""
+
+    lab: object  # orchestrate.lab.Lab
+    _ssh: SSHSession | None = field(default=None, repr=False)
+    _agent_ready: bool = field(default=False, repr=False)
+
+    def ssh(self) -> SSHSession:
+        if self._ssh is None:
+            self._ssh = self.lab.ssh()
+        return self._ssh
+
+    def close(self) -> None:
+        if self._ssh is not None:
+            self._ssh.close()
+            self._ssh = None
+
+    def __enter__(self) -> "Guests":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def domctl(self, verb: str, *args: str, request: dict | None = None, timeout: float = 300) -> dict | list:
+        if not self._agent_ready:
+            deploy.ensure_agent(self.ssh())
+            self._agent_ready = True
+        stdin = json.dumps(request).encode() if request is not None else None
+        result = self.ssh().run(deploy.agent_command("domctl", verb, *args), timeout=timeout, input=stdin)
+        try:
+            reply = json.loads(result.stdout)
+        except ValueError:
+            raise GuestError(f"the dom0 agent failed ({verb}, exit {result.exit_status}):\n{result.stderr.strip()[-2000:]}") from None
+        if isinstance(reply, dict) and "error" in reply:
+            raise GuestError(reply["error"], reply.get("hint", ""))
+        return reply
+
+    # -- images ----------------------------------------------------------
+    def _image(self) -> images.Dom0Image:
+        return images.Dom0Image(images.images_dir() / self.lab.require_up()["image_id"])
+
+    def _upload(self, local: Path, remote_name: str) -> str:
+        remote = f"{REMOTE_IMAGES}/{remote_name}"
+        if self.ssh().run(f"test -s {shlex.quote(remote)}").ok:
+            return remote
+        self.ssh().check(f"mkdir -p {REMOTE_IMAGES}")
+        self.ssh().put(local.read_bytes(), remote + ".part")
+        self.ssh().check(f"mv {shlex.quote(remote + '.part')} {shlex.quote(remote)}")
+        return remote
+
+    def prepare(self, spec: GuestSpec) -> tuple[str, str]:
+        """Build (cached) and upload (once) the kernel and root; their dom0 paths."""
+        image = self._image()
+        if spec.kernel == "minimal":
+            local_kernel = kernel_mod.build_minimal_kernel(cache_dir() / "guest")
+            kernel_name = f"{local_kernel.parent.name}.bzImage"
+        else:
+            local_kernel = image.kernel
+            kernel_name = f"debian-{image.id}.vmlinuz"
+        ramdisk = rootfs.build(image, spec.root, spec.kernel, cache_dir() / "guest")
+        return self._upload(local_kernel, kernel_name), self._upload(ramdisk, ramdisk.name)
+
+    # -- lifecycle -------------------------------------------------------
+    def create(self, spec: GuestSpec) -> dict:
+        spec.validate()
+        kernel, ramdisk = self.prepare(spec)
+        used = {g.get("ip") for g in self.list() if g.get("state") != "gone"}
+        ip, mac = pick_address(used)
+        request = {
+            "name": spec.name, "memory": spec.memory, "vcpus": spec.vcpus, "root": spec.root, "kernel": spec.kernel,
+            "ip": ip, "mac": mac, "net": spec.net, "timeout": spec.timeout,
+            "disks": [
+                {"path": f"{REMOTE_GUESTS}/{spec.name}/{vdev(i)}.img", "vdev": vdev(i), "size_mib": d.size_mib, "readonly": d.readonly}
+                for i, d in enumerate(spec.disks)
+            ],
+            "config": render_xl_config(spec, kernel, ramdisk, ip, mac),
+        }
+        return self.domctl("create", request=request, timeout=spec.timeout + 60)
+
+    def destroy(self, name: str, timeout: float = 30) -> dict:
+        validate_name(name, "guest name")
+        return self.domctl("destroy", name, "--timeout", str(timeout), timeout=timeout + 60)
+
+    def list(self) -> list[dict]:
+        return self.domctl("list")
+
+    def console(self, name: str, lines: int = 40) -> dict:
+        validate_name(name, "guest name")
+        return self.domctl("console", name, "--lines", str(lines))
+
+    def exec(self, name: str, command: str, input: bytes = b"", timeout: float = 120) -> CommandResult:
+        """Run a shell command in the guest (over its Xen console): output and exit code."""
+        validate_name(name, "guest name")
+        request = {"script": command, "stdin_b64": base64.b64encode(input).decode(), "timeout": timeout}
+        reply = self.domctl("exec", name, request=request, timeout=timeout + 30)
+        return CommandResult(command, reply["rc"], base64.b64decode(reply["stdout"]).decode(errors="replace"), base64.b64decode(reply["stderr"]).decode(errors="replace"))
+
+    def check(self, name: str, timeout: float = 600) -> list[dict]:
+        """Block and network ring I/O checks on the real frontends/backends (run in dom0)."""
+        validate_name(name, "guest name")
+        if not self._agent_ready:
+            deploy.ensure_agent(self.ssh())
+            self._agent_ready = True
+        result = self.ssh().run(deploy.agent_command("iocheck", name), timeout=timeout)
+        try:
+            reply = json.loads(result.stdout)
+        except ValueError:
+            raise GuestError(f"the dom0 I/O check failed (exit {result.exit_status}):\n{result.stderr.strip()[-2000:]}") from None
+        if isinstance(reply, dict):
+            raise GuestError(reply["error"], reply.get("hint", ""))
+        return reply
+
+
+def spec_digest(spec: GuestSpec) -> str:
+    return hashlib.sha256(json.dumps(asdict(spec), sort_keys=True).encode()).hexdigest()[:12]

@@ -1,0 +1,105 @@
+"""The domU root: a small initramfs built on the host, cached by recipe.
+
+Two roots: `busybox` (busybox-static, the init and the console exec agent:
+about 1 MB) and `python` (busybox plus python3.11 with a compiled standard
+library zip from the dom0 image's kit and the xenlab agent package, for the
+agents that run inside guests). A `--kernel debian` guest also gets the
+Debian frontend modules, loaded by the init."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+from .. import templates
+from ..errors import HostError
+from ..orchestrate.images import Dom0Image
+from ..run import run
+from . import deploy
+
+ROOTS = ("busybox", "python")
+KERNELS = ("minimal", "debian")
+BUSYBOX = Path("/bin/busybox")
+BUILD_VERSION = "1"
+TEMPLATES = ("domu-init.sh.j2", "domu-exec-agent.sh.j2")
+
+
+def recipe_id(image: Dom0Image, root: str, kernel: str) -> str:
+    digest = hashlib.sha256()
+    parts = [BUILD_VERSION, root, kernel, image.id, _file_digest(BUSYBOX)]
+    parts += [templates.source(t) for t in TEMPLATES]
+    if root == "python":
+        parts.append(deploy.agent_version())
+    for part in parts:
+        digest.update(part.encode() + b"\0")
+    return f"domu-{root}-{kernel}-{digest.hexdigest()[:12]}"
+
+
+def _file_digest(path: Path) -> str:
+    if not path.exists():
+        raise HostError(f"{path} is missing", "install busybox-static (ci/setup-host.sh does)")
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def build(image: Dom0Image, root: str, kernel: str, cache: Path) -> Path:
+    """The cached initramfs (cpio.gz) for this root and kernel; built if missing."""
+    target = cache / f"{recipe_id(image, root, kernel)}.cpio.gz"
+    if target.exists():
+        return target
+    cache.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".domu-root-", dir=cache) as work:
+        tree = Path(work) / "root"
+        modules = _populate(tree, image, root, kernel)
+        init = tree / "init"
+        init.write_text(templates.render("domu-init.sh.j2", python=root == "python", modules=modules))
+        agent = tree / "bin/xenlab-exec-agent"
+        agent.write_text(templates.render("domu-exec-agent.sh.j2"))
+        for script in (init, agent):
+            script.chmod(0o755)
+        staged = Path(work) / "initramfs.cpio.gz"
+        staged.write_bytes(gzip.compress(_cpio(tree), compresslevel=6))
+        (Path(work) / "manifest.json").write_text(json.dumps({"root": root, "kernel": kernel, "image": image.id}))
+        staged.rename(target)
+    return target
+
+
+def _populate(tree: Path, image: Dom0Image, root: str, kernel: str) -> list[str]:
+    for sub in ("bin", "sbin", "usr/bin", "usr/sbin", "dev", "proc", "sys", "tmp", "run", "root", "etc", "lib/modules"):
+        (tree / sub).mkdir(parents=True, exist_ok=True)
+    shutil.copy2(BUSYBOX, tree / "bin/busybox")
+    # Applet links made here, not by `busybox --install` at every boot.
+    applets = subprocess.run([BUSYBOX, "--list-full"], capture_output=True, text=True, check=True).stdout.split()
+    for applet in applets:
+        link = tree / applet
+        if not link.exists():
+            link.parent.mkdir(parents=True, exist_ok=True)
+            link.symlink_to("/bin/busybox")
+    (tree / "etc/passwd").write_text("root:x:0:0:root:/root:/bin/sh\n")
+    (tree / "etc/group").write_text("root:x:0:\n")
+    kit = image.domu_kit
+    if not kit.exists():
+        raise HostError(f"the dom0 image {image.id} has no domU kit", "rebuild it: `xenlab build --force`")
+    if root == "python":
+        shutil.copytree(kit / "python", tree, symlinks=True, dirs_exist_ok=True)
+        agent_dir = tree / "usr/lib/xenlab"
+        agent_dir.mkdir(parents=True)
+        with tempfile.NamedTemporaryFile() as tar:
+            tar.write(deploy.agent_tarball())
+            tar.flush()
+            run(["tar", "-x", "-f", tar.name, "-C", agent_dir])
+    if kernel == "debian":
+        names = (kit / "modules/modules.order").read_text().split()
+        for name in names:
+            shutil.copy2(kit / "modules" / f"{name}.ko", tree / "lib/modules" / f"{name}.ko")
+        return names
+    return []
+
+
+def _cpio(tree: Path) -> bytes:
+    listing = "\n".join(str(p.relative_to(tree)) for p in sorted(tree.rglob("*"))).encode()
+    return run(["cpio", "-o", "-H", "newc", "--quiet", "-R", "0:0"], input=listing, cwd=tree).stdout

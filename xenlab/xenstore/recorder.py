@@ -1,0 +1,195 @@
+"""Live XenBus tracing: one watch on /local/domain (and @releaseDomain)
+records every change of every device's frontend and backend `state` node.
+
+One watch over the whole domain tree, not one per device: a device's nodes
+are created while the trace runs (xl writes them all in one transaction),
+and a per-device watch would be registered too late for the first states.
+Reads are sent the moment their events arrive and answered in order
+(pipelined), so the value read is as close to the event as SSH allows."""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+from collections.abc import Callable
+
+from ..errors import XenStoreError
+from .client import XenStore
+from .tracer import Change
+
+BACKEND_STATE = re.compile(r"^/local/domain/(\d+)/backend/([\w-]+)/(\d+)/([\w-]+)/state$")
+FRONTEND_STATE = re.compile(r"^/local/domain/(\d+)/device/([\w-]+)/([\w-]+)/state$")
+# Backend classes whose frontend is another class name (qdisk serves vbd frontends).
+FRONTEND_KIND = {"qdisk": "vbd", "vbd3": "vbd", "qnic": "vif"}
+
+
+def parse_state_path(path: str) -> tuple[str, str, str, int] | None:
+    """(side, frontend kind, devid, frontend domid) for a state node's path."""
+    if m := BACKEND_STATE.match(path):
+        return "backend", FRONTEND_KIND.get(m.group(2), m.group(2)), m.group(4), int(m.group(3))
+    if m := FRONTEND_STATE.match(path):
+        return "frontend", m.group(2), m.group(3), int(m.group(1))
+    return None
+
+
+class XenBusRecorder:
+    """Record state changes of one guest's devices (or every domain's, guest=None)."""
+
+    def __init__(self, xs: XenStore, guest: str | None = None, on_change: Callable[[Change], None] | None = None):
+        self.xs, self.guest, self.on_change = xs, guest, on_change
+        self.timeline: list[Change] = []
+        self.error: BaseException | None = None
+        self._names: dict[int, str | None] = {}
+        self._last: dict[str, int] = {}  # state path -> index of its last change in timeline
+        self._released: set[int] = set()
+        self._stop = threading.Event()
+        self._changed = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self.started = 0.0
+
+    # -- lifecycle -------------------------------------------------------
+    def start(self) -> "XenBusRecorder":
+        self.started = time.time()
+        self._watch = self.xs.watch("/local/domain")
+        self._release = self.xs.watch("@releaseDomain")
+        self._baseline()
+        self._thread = threading.Thread(target=self._run, name="xenbus-recorder", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> list[Change]:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+        for w in (getattr(self, "_watch", None), getattr(self, "_release", None)):
+            if w is not None:
+                w.close()
+        if self.error is not None:
+            raise self.error
+        return list(self.timeline)
+
+    def __enter__(self) -> "XenBusRecorder":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        try:
+            self.stop()
+        except XenStoreError:
+            if exc[0] is None:
+                raise
+
+    def wait(self, predicate: Callable[[list[Change]], bool], timeout: float) -> bool:
+        """Block until predicate(timeline) holds; False after timeout."""
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            while not predicate(self.timeline):
+                if self.error is not None:
+                    raise self.error
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                self._changed.wait(min(remaining, 0.5))
+        return True
+
+    # -- recording -------------------------------------------------------
+    def _wanted(self, domid: int) -> bool:
+        if self.guest is None:
+            return True
+        if domid not in self._names or self._names[domid] is None:
+            self._names[domid] = self.xs.read(f"/local/domain/{domid}/name", None)
+        return self._names[domid] == self.guest
+
+    def _baseline(self) -> None:
+        """The states already there when the trace starts (a running guest)."""
+        for domid in self.xs.ls("/local/domain"):
+            if not domid.isdigit():
+                continue
+            for area, is_backend in (("backend", True), ("device", False)):
+                base = f"/local/domain/{domid}/{area}"
+                for kind in self.xs.ls(base) if self.xs.exists(base) else []:
+                    for path in self._state_paths(f"{base}/{kind}", 2 if is_backend else 1):
+                        parsed = parse_state_path(path)
+                        if parsed and self._wanted(parsed[3]):
+                            value = self.xs.read(path, None)
+                            if value is not None:
+                                self._record(path, parsed, value, time.time(), initial=True)
+
+    def _state_paths(self, top: str, depth: int) -> list[str]:
+        level = [top]
+        for _ in range(depth):
+            level = [f"{p}/{c}" for p in level for c in self.xs.ls(p)] if level else []
+        return [f"{p}/state" for p in level]
+
+    def _run(self) -> None:
+        try:
+            while not self._stop.is_set():
+                event = self._watch.get(0.2)
+                events = ([event] if event else []) + self._watch.drain()
+                # Send every read now, then collect the answers in order.
+                reads = []
+                for ev in events:
+                    for path, parsed in self._paths_for(ev.path):
+                        reads.append((path, parsed, ev.time, self.xs.read_async(path)))
+                for path, parsed, when, result in reads:
+                    self._record(path, parsed, result(), when)
+                for ev in self._release.drain():
+                    self._check_released(ev.time)
+        except BaseException as e:  # noqa: BLE001 - raised again by stop()/wait()
+            self.error = e
+        finally:
+            with self._changed:
+                self._changed.notify_all()
+
+    def _paths_for(self, path: str) -> list[tuple[str, tuple]]:
+        parsed = parse_state_path(path)
+        if parsed:
+            return [(path, parsed)] if self._wanted(parsed[3]) else []
+        # A removed directory fires one event for itself, not for its children:
+        # every state node under it is read again (and found gone).
+        prefix = path.rstrip("/") + "/"
+        return [(p, parse_state_path(p)) for p in self._last if p.startswith(prefix)]
+
+    def _check_released(self, when: float) -> None:
+        for domid in {c.domid for c in self.timeline} - self._released:
+            if not self.xs.is_introduced(domid):
+                self._released.add(domid)
+                self._append(Change(round(when - self.started, 4), "domain", "", "", domid, None))
+
+    def _record(self, path: str, parsed: tuple, value: str | None, when: float, initial: bool = False) -> None:
+        side, kind, devid, domid = parsed
+        state = _to_state(value)
+        last = self._last.get(path)
+        if last is not None and self.timeline[last].state == state:
+            # Two events, one value: the earlier read may have jumped over a
+            # state written in between (watches carry no values).
+            if state is not None:
+                self.timeline[last] = _replace(self.timeline[last], maybe_skipped=True)
+            return
+        if last is None and state is None:
+            return  # never seen and already gone
+        self._last[path] = len(self.timeline)
+        self._append(Change(round(when - self.started, 4), side, kind, devid, domid, state, path, initial=initial))
+
+    def _append(self, change: Change) -> None:
+        with self._changed:
+            self.timeline.append(change)
+            self._changed.notify_all()
+        if self.on_change is not None:
+            self.on_change(change)
+
+
+def _to_state(value: str | None) -> int | None:
+    if value is None:
+        return None
+    try:
+        return int(value.strip() or 0)
+    except ValueError:
+        return -1  # not a number: reported as an unknown state
+
+
+def _replace(change: Change, **kw) -> Change:
+    from dataclasses import replace
+
+    return replace(change, **kw)

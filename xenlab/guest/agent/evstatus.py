@@ -77,6 +77,12 @@ class Xc:
     def list(self, domid: int, include_closed: bool = False) -> list[dict]:
         """Every port from 1 until the domain's first invalid port (EINVAL), as lsevtchn does."""
         ports = []
+        try:
+            self.status(domid, 0)  # port 0 is always valid (reserved): this only asks whether the domain exists
+        except StatusError as e:
+            if e.errno == errno.ESRCH:
+                raise StatusError(f"domain {domid} does not exist (EVTCHNOP_status: ESRCH)", "check the domid with `xl list`", errno_=e.errno) from None
+            raise
         for port in range(1, MAX_PORTS):
             try:
                 entry = self.status(domid, port)
@@ -86,8 +92,6 @@ class Xc:
                 raise
             if include_closed or entry["state"] != "closed":
                 ports.append(entry)
-        if not ports and not include_closed:
-            self.status(domid, 0)  # raises ESRCH for a domain that does not exist
         return ports
 
     def reset(self, domid: int) -> None:

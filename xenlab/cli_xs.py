@@ -201,11 +201,13 @@ def traced(store: XenStore, guest: str | None, echo=None):
     destroy, detach, ...). Yields the recorder; its timeline is complete
     after the block. For other commands that want a --trace option."""
     from .xenstore.recorder import XenBusRecorder
-    from .xenstore.tracer import format_timeline
+    from .xenstore.tracer import TimelineFormatter
+
+    fmt = TimelineFormatter()
 
     def show(change):
         if echo is not None:
-            echo(format_timeline([change])[0])
+            echo(fmt.line(change))
 
     recorder = XenBusRecorder(store, guest, on_change=show)
     with recorder:
@@ -250,7 +252,7 @@ def trace(ctx, guest, lab_name, do_create, disks, net, root, do_destroy, duratio
     backend `state` node, timestamped, checked against the split-driver
     protocol (seed 003). Exits non-zero on a protocol violation."""
     from .cli import Lab, load_config, print_json
-    from .xenstore.tracer import check, format_reports, format_timeline
+    from .xenstore.tracer import check, format_reports
 
     if do_create and do_destroy:
         raise XenlabError("--create and --destroy trace different things", "run `xenlab trace GUEST --create`, then `--destroy`")

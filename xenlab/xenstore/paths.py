@@ -38,7 +38,7 @@ def check_path(path: str, *, watch: bool = False) -> str:
     problem = ""
     if not path:
         problem = "it is empty"
-    elif not _NAME.match(path):
+    elif not _NAME.fullmatch(path):
         bad = sorted({c for c in path if not re.match(r"[A-Za-z0-9_@/-]", c)})
         problem = f"it contains {''.join(bad)!r} (allowed: letters, digits, '-', '_', '@', '/')"
     elif "//" in path:
@@ -82,7 +82,7 @@ class Perm:
 
     @classmethod
     def parse(cls, text: str) -> "Perm":
-        m = _PERM.match(text.strip())
+        m = _PERM.fullmatch(text.strip())
         if not m:
             raise XenStoreError(
                 f"invalid XenStore permission {text!r}",

@@ -22,11 +22,14 @@ BACKEND_STATE = re.compile(r"^/local/domain/(\d+)/backend/([\w-]+)/(\d+)/([\w-]+
 FRONTEND_STATE = re.compile(r"^/local/domain/(\d+)/device/([\w-]+)/([\w-]+)/state$")
 # Backend classes whose frontend is another class name (qdisk serves vbd frontends).
 FRONTEND_KIND = {"qdisk": "vbd", "vbd3": "vbd", "qnic": "vif"}
+# The PV console's backend is xenconsoled and its frontend lives at
+# /local/domain/<id>/console, outside XenBus's device/ tree: not a split device.
+IGNORED_BACKENDS = {"console"}
 
 
 def parse_state_path(path: str) -> tuple[str, str, str, int] | None:
     """(side, frontend kind, devid, frontend domid) for a state node's path."""
-    if m := BACKEND_STATE.match(path):
+    if (m := BACKEND_STATE.match(path)) and m.group(2) not in IGNORED_BACKENDS:
         return "backend", FRONTEND_KIND.get(m.group(2), m.group(2)), m.group(4), int(m.group(3))
     if m := FRONTEND_STATE.match(path):
         return "frontend", m.group(2), m.group(3), int(m.group(1))
@@ -131,9 +134,9 @@ class XenBusRecorder:
                 reads = []
                 for ev in events:
                     for path, parsed in self._paths_for(ev.path):
-                        reads.append((path, parsed, ev.time, self.xs.read_async(path)))
-                for path, parsed, when, result in reads:
-                    self._record(path, parsed, result(), when)
+                        reads.append((path, parsed, ev.time, path == ev.path, self.xs.read_async(path)))
+                for path, parsed, when, direct, result in reads:
+                    self._record(path, parsed, result(), when, direct=direct)
                 for ev in self._release.drain():
                     self._check_released(ev.time)
         except BaseException as e:  # noqa: BLE001 - raised again by stop()/wait()
@@ -157,14 +160,15 @@ class XenBusRecorder:
                 self._released.add(domid)
                 self._append(Change(round(when - self.started, 4), "domain", "", "", domid, None))
 
-    def _record(self, path: str, parsed: tuple, value: str | None, when: float, initial: bool = False) -> None:
+    def _record(self, path: str, parsed: tuple, value: str | None, when: float, initial: bool = False, direct: bool = False) -> None:
         side, kind, devid, domid = parsed
         state = _to_state(value)
         last = self._last.get(path)
         if last is not None and self.timeline[last].state == state:
-            # Two events, one value: the earlier read may have jumped over a
-            # state written in between (watches carry no values).
-            if state is not None:
+            # Two writes to the node, one value: the earlier read may have
+            # jumped over a state written in between (watches carry no
+            # values). Rereads for a parent's event prove nothing.
+            if state is not None and direct and not self.timeline[last].initial:
                 self.timeline[last] = _replace(self.timeline[last], maybe_skipped=True)
             return
         if last is None and state is None:

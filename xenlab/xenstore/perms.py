@@ -1,0 +1,75 @@
+"""XenStore permissions seen from inside a domU: what xenstored lets a guest
+do with its own area, dom0's private nodes and another domain's nodes."""
+
+from __future__ import annotations
+
+import json
+import shlex
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import XenStoreError
+
+PROBE = Path(__file__).with_name("domu_probe.py")
+
+
+def run_in_guest(guests, name: str, ops: list[list[str]], timeout: float = 60) -> list[dict]:
+    """Send XenStore requests from guest `name` through its /dev/xen/xenbus;
+    the answers are xenstored's own (an error is its errno name)."""
+    result = guests.exec(name, f"python3 - {shlex.quote(json.dumps(ops))}", input=PROBE.read_bytes(), timeout=timeout)
+    try:
+        return json.loads(result.stdout.strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        raise XenStoreError(
+            f"the XenStore probe in guest {name!r} failed (exit {result.exit_status}): {result.stderr.strip()[-500:]}",
+            "the probe needs python3 in the guest (--root python)",
+        ) from None
+
+
+@dataclass(frozen=True)
+class PermCheck:
+    what: str
+    request: list[str]
+    expected: str  # "ok" or an errno name
+    got: str
+    detail: str = ""
+
+    @property
+    def passed(self) -> bool:
+        return self.expected == self.got
+
+
+def check_guest(guests, xs, name: str, domid: int, other_domid: int) -> list[PermCheck]:
+    """The guest reads and writes its own area; dom0's private nodes and
+    another domain's are refused with xenstored's EACCES (read and write)."""
+    own = f"/local/domain/{domid}/data/xenlab-perm-probe"
+    private = "/xenlab-private-probe"
+    xs.write(private, "dom0 only")
+    xs.set_perms(private, ["n0"])  # owner dom0, nobody else
+    try:
+        plan = [
+            ("own area: write", ["write", own, "from-the-guest"], "ok"),
+            ("own area: read back", ["read", own], "ok"),
+            ("own area: list its domain directory", ["ls", f"/local/domain/{domid}"], "ok"),
+            ("dom0's private node: read", ["read", private], "EACCES"),
+            ("dom0's private node: write", ["write", private, "x"], "EACCES"),
+            ("dom0's own directory: read its name", ["read", "/local/domain/0/name"], "EACCES"),
+            ("dom0's own directory: write", ["write", "/local/domain/0/xenlab-perm-probe", "x"], "EACCES"),
+            ("dom0's backend directory: list", ["ls", "/local/domain/0/backend"], "EACCES"),
+            ("another domain: read its name", ["read", f"/local/domain/{other_domid}/name"], "EACCES"),
+            ("another domain: write into its data", ["write", f"/local/domain/{other_domid}/data/xenlab-perm-probe", "x"], "EACCES"),
+        ]
+        answers = run_in_guest(guests, name, [req for _, req, _ in plan])
+        checks = []
+        for (what, req, expected), answer in zip(plan, answers):
+            got = "ok" if answer["ok"] else answer["error"]
+            detail = repr(answer.get("value")) if answer["ok"] else ""
+            checks.append(PermCheck(what, req, expected, got, detail))
+        # What the guest wrote is really there, seen from dom0.
+        seen = xs.read(own, None)
+        checks.append(PermCheck("own area: the write is visible from dom0", ["read", own], "ok",
+                                "ok" if seen == "from-the-guest" else "MISSING", repr(seen)))
+        return checks
+    finally:
+        xs.rm(private)
+        xs.rm(own)

@@ -8,7 +8,7 @@ import pytest
 from xenlab.errors import XenStoreError
 from xenlab.xenstore.client import XenStoreConnectionError, XenStoreRequestError, XenStoreTimeout
 
-from .xenstore_fake import FakeXenstored
+from .test_xenstore_fake import FakeXenstored
 
 
 @pytest.fixture

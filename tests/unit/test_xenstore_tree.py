@@ -9,7 +9,7 @@ from xenlab.errors import XenStoreError
 from xenlab.xenstore.paths import Perm, check_path, check_value, parse_perms
 from xenlab.xenstore.tree import ls_lines, sanitise
 
-from .xenstore_fake import FakeXenstored
+from .test_xenstore_fake import FakeXenstored
 
 
 def test_sanitise_matches_xenstore_ls_quoting():

@@ -9,6 +9,7 @@ reports. Functions here are also what the e2e tests and bench/ call."""
 from __future__ import annotations
 
 import json
+import re
 import shlex
 import time
 
@@ -185,6 +186,7 @@ def devchan_peer_death(lab, guest: str, devid: int = 0, run_seconds: float = 3.0
     with lab.ssh() as ssh, _guests(lab) as guests:
         domid = domid_of(ssh, guest)
         before = _interdomain_ports(ssh, domid)
+        mapped_before = grants_mapped(ssh, domid)
         backend = Dom0Process(ssh, "devchan", "backend", "--domid", str(domid), "--devid", str(devid))
         backend_pid = backend.readline(60)["pid"]
         log = f"/tmp/xlchan-fe-{devid}.log"
@@ -196,6 +198,7 @@ def devchan_peer_death(lab, guest: str, devid: int = 0, run_seconds: float = 3.0
                 raise ChannelError(f"the frontend in {guest} never connected", f"its log: {guests.exec(guest, f'cat {log}').stdout[-500:]}")
             time.sleep(1)
         time.sleep(run_seconds)
+        mapped_during = grants_mapped(ssh, domid)  # proves the dump sees the live mapping
         guests.exec(guest, f"kill -9 {pid}", timeout=30)
         killed_at = time.monotonic()
         back = backend.wait(60)
@@ -204,7 +207,7 @@ def devchan_peer_death(lab, guest: str, devid: int = 0, run_seconds: float = 3.0
         return {
             "guest": guest, "domid": domid, "backend": back, "frontend_pid": pid,
             "dom0_ports_to_guest_before": before, "dom0_ports_to_guest_after": after,
-            "guest_grants_mapped_after": grants_mapped(ssh, domid), "xenstore_left": _xlchan_nodes(ssh, domid, devid),
+            "guest_grants_mapped_before": mapped_before, "guest_grants_mapped_during": mapped_during, "guest_grants_mapped_after": grants_mapped(ssh, domid), "xenstore_left": _xlchan_nodes(ssh, domid, devid),
         }
 
 
@@ -229,22 +232,24 @@ def _xlchan_nodes(ssh: SSHSession, domid: int, devid: int) -> list[str]:
     return left
 
 
-def grants_mapped(ssh: SSHSession, domid: int) -> int:
-    """Active (mapped) entries in `domid`'s grant table, from Xen's 'g' debug key dump."""
+def grants_mapped(ssh: SSHSession, domid: int) -> list[int]:
+    """Grant refs of `domid` that someone has mapped (active, pinned), from Xen's 'g' debug-key dump.
+
+    The dump lists, per domain, each active entry as `[0xREF] localdom mfn pin ...`;
+    a domain's refs 0 and 1 (console, xenstore) are always mapped by dom0."""
     ssh.check("xl debug-keys g")
-    text = ssh.check("xl dmesg | tail -n 400")
-    section = text.rsplit(f"grant-table for remote d{domid} ", 1)
-    if len(section) < 2:
-        return 0  # Xen prints a domain's table only when it has active entries
-    lines = section[1].splitlines()[1:]
-    count = 0
-    for line in lines:
-        stripped = line.split(")", 1)[-1].strip()
-        if stripped.startswith("[") and "]" in stripped[:8]:
-            count += 1
-        elif "grant-table for remote" in line or "gnttab_usage_print_all" in line:
-            break
-    return count
+    text = ssh.check("xl dmesg | tail -n 2000")
+    dump = text.rsplit("gnttab_usage_print_all [", 1)[-1]
+    refs: list[int] = []
+    inside = False
+    for line in dump.splitlines():
+        if "grant-table for remote d" in line:
+            inside = line.split("grant-table for remote d", 1)[1].split()[0] == str(domid)
+            continue
+        m = re.search(r"\] \[0x([0-9a-f]+)\]", line)
+        if inside and m:
+            refs.append(int(m.group(1), 16))
+    return refs
 
 
 def catalogue(lab, guest: str | None = None) -> dict:

@@ -103,7 +103,9 @@ class Backend:
                 self.xs.write(f"{self.be}/{key}", value, tx)
             for key, value in (("backend", self.be), ("backend-id", 0), ("state", INITIALISING)):
                 self.xs.write(f"{self.fe}/{key}", value, tx)
-            self.xs.set_perms(self.be, ["n0", f"r{self.domid}"], tx)
+            # Nodes written before set_perms keep their own (dom0-only) permissions: set each.
+            for key in ("", "/frontend", "/frontend-id", "/online", "/state"):
+                self.xs.set_perms(f"{self.be}{key}", ["n0", f"r{self.domid}"], tx)
             self.xs.set_perms(self.fe, [f"n{self.domid}", "r0"], tx)
             for key in ("backend", "backend-id", "state"):
                 self.xs.set_perms(f"{self.fe}/{key}", [f"n{self.domid}", "r0"], tx)
@@ -250,11 +252,12 @@ def run_backend(domid: int, devid: int = 0, timeout: float = 120.0, keep_nodes: 
         ring_size = b.ring.size if getattr(b, "ring", None) else 0
         b.disconnect()
         b.set_state(CLOSED)
-        if ended == "frontend-closed":
+        if ended in ("frontend-closed", "rejected-garbage"):
+            # The frontend frees its pages after seeing us Closed; keep the nodes until it is done.
             try:
                 b.xs.wait_for(f"{b.fe}/state", lambda v: int(v) == CLOSED, 30, "the frontend to reach Closed")
             except XsError:
-                ended = "frontend-closed-late"
+                ended += "/frontend-never-closed"
         if not keep_nodes:
             b.remove_nodes()
     result = {

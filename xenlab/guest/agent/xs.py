@@ -116,7 +116,8 @@ class XenStore:
         try:
             return self.read(path, tx)
         except XsError as e:
-            if e.errno == _errno.ENOENT:
+            # EACCES: a node removed under a parent we may not read looks like this.
+            if e.errno in (_errno.ENOENT, _errno.EACCES):
                 return default
             raise
 

@@ -349,29 +349,33 @@ class XenStore:
     # -- many requests in flight ---------------------------------------------
     WINDOW = 16  # requests in flight at once; xenstored serves them in order
 
-    def batch(self, requests: list[tuple[str, str]]) -> list[Any]:
-        """Run (op, path) requests pipelined; op is read, ls or get-perms.
-        Returns per request its result or the XenStoreError it raised."""
-        ops = {"read": Op.READ, "ls": Op.DIRECTORY, "get-perms": Op.GET_PERMS}
+    def batch(self, requests: list[tuple]) -> list[Any]:
+        """Run requests pipelined: (op, path) with op read, ls or get-perms, or
+        ("write", path, value). Returns per request its result (None for a
+        write) or the XenStoreRequestError it raised."""
+        ops = {"read": Op.READ, "ls": Op.DIRECTORY, "get-perms": Op.GET_PERMS, "write": Op.WRITE}
         results: list[Any] = [None] * len(requests)
         pending: list[tuple[int, Any]] = []
 
         def settle(index: int, rvar) -> None:
-            op, path = requests[index]
+            op, path = requests[index][:2]
             try:
                 payload = self._do(op, path, lambda: self._client.wait_reply(ops[op], rvar))
                 if op == "read":
                     results[index] = decode(payload)
                 elif op == "ls":
                     results[index] = [decode(p) for p in payload.split(NUL)] if payload else []
-                else:
+                elif op == "get-perms":
                     results[index] = [Perm.parse(decode(p)) for p in payload.split(NUL) if p]
             except XenStoreRequestError as e:
                 results[index] = e
 
-        for index, (op, path) in enumerate(requests):
+        for index, (op, path, *value) in enumerate(requests):
+            if op not in ops:
+                raise XenStoreError(f"batch: unknown XenStore operation {op!r}", f"use one of {', '.join(ops)}")
             check_path(path)
-            rvar = self._do(op, path, lambda: self._client.send_command(ops[op], encode(path) + NUL))
+            args = [encode(path) + NUL] + ([check_value(path, value[0])] if op == "write" else [])
+            rvar = self._do(op, path, lambda: self._client.send_command(ops[op], *args))
             pending.append((index, rvar))
             if len(pending) >= self.WINDOW:
                 settle(*pending.pop(0))

@@ -149,13 +149,15 @@ def evtchn_ls(ssh: SSHSession, domid: int) -> dict:
     return agent(ssh, "evstatus", "ls", "--domid", str(domid))
 
 
-def ping(lab, guest: str, count: int = 1000) -> dict:
-    """Event channel round trips between dom0 (timing) and the domU (echoing)."""
+def ping(lab, guest: str, count: int = 1000, spin: bool = False) -> dict:
+    """Event channel round trips between dom0 (timing) and the domU (echoing).
+    spin: both sides poll without blocking (no scheduler wake-ups on either side)."""
     with lab.ssh() as ssh, _guests(lab) as guests:
         domid = domid_of(ssh, guest)
-        proc = Dom0Process(ssh, "evtchn", "ping", "--remote", str(domid), "--count", str(count))
+        flag = ["--spin"] if spin else []
+        proc = Dom0Process(ssh, "evtchn", "ping", "--remote", str(domid), "--count", str(count), *flag)
         port = proc.readline(60)["port"]
-        pong = guest_run(guests, guest, f"evtchn pong --remote 0 --port {port} --count {count + 20}", timeout=120 + count * 0.05)
+        pong = guest_run(guests, guest, f"evtchn pong --remote 0 --port {port} --count {count + 20} {' '.join(flag)}", timeout=120 + count * 0.05)
         result = proc.wait(60)
         result.update(guest=guest, domid=domid, guest_answered=pong["answered"])
         return result
@@ -322,15 +324,16 @@ def register(main: click.Group) -> None:
     @name_option
     @click.argument("guest")
     @click.option("--count", default=1000, show_default=True)
+    @click.option("--spin", is_flag=True, help="poll instead of blocking on both sides (lowest latency, burns a vCPU each)")
     @click.option("--json", "as_json", is_flag=True)
     @click.pass_context
-    def ping_cmd(ctx, name, guest, count, as_json):
+    def ping_cmd(ctx, name, guest, count, spin, as_json):
         """Event channel round trips between dom0 and GUEST (userspace to userspace)."""
         if count < 1:
             raise ChannelError("--count must be at least 1")
-        data = ping(_lab(ctx, name), guest, count)
+        data = ping(_lab(ctx, name), guest, count, spin)
         _print(data, as_json, lambda d: click.echo(
-            f"dom0 <-> {guest} (dom {d['domid']}), {d['count']} round trips: mean {d['mean_us']} us, "
+            f"dom0 <-> {guest} (dom {d['domid']}, {d['mode']}), {d['count']} round trips: mean {d['mean_us']} us, "
             f"p50 {d['p50_us']} us, p99 {d['p99_us']} us, min {d['min_us']} us, max {d['max_us']} us"))
 
     @evtchn.command("catalogue")

@@ -1,0 +1,123 @@
+"""The Python device channel on the real lab: frontend in a domU, backend in
+dom0 (seed 004) -- XenBus handshake, thousands of checksummed requests both
+ways, ring full and wrap, peer death, and a peer writing garbage indices."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from xenlab import config
+from xenlab.cli_evtchn import devchan, devchan_peer_death, grants_mapped
+from xenlab.guest.manager import Guests, GuestSpec
+from xenlab.orchestrate.lab import Lab
+
+from .conftest import LAB, xenlab
+
+GUEST = "devchan-fe"
+
+
+@pytest.fixture(scope="module")
+def lab(lab_info):
+    return Lab(config.load(overrides={"name": LAB}))
+
+
+@pytest.fixture(scope="module")
+def front(lab):
+    with Guests(lab) as guests:
+        if any(g.get("name") == GUEST for g in guests.list()):
+            guests.destroy(GUEST)
+        info = guests.create(GuestSpec(name=GUEST, root="python"))
+    try:
+        yield info
+    finally:
+        with Guests(lab) as guests:
+            guests.destroy(GUEST)
+
+
+def assert_clean(lab, domid, result):
+    back = result["backend"]
+    assert back["mapped_after"] is False and back["bound_after"] is False
+    with lab.ssh() as ssh:
+        assert sorted(grants_mapped(ssh, domid)) == [0, 1]  # only the console and xenstore pages
+        assert not ssh.run(f"xenstore-exists /local/domain/0/backend/xlchan/{domid}").ok
+
+
+def test_thousands_of_echo_requests_with_ring_full_and_u32_wrap(lab, front):
+    # start near 2**32 so the free-running indices wrap during the run
+    result = devchan(lab, GUEST, "--count 5000 --size 1024 --op echo --start-index 0xfffff000", devid=1)
+    f, b = result["frontend"], result["backend"]
+    assert f["requests"] == 5000 and b["requests"] == 5000 and b["bad_requests"] == 0
+    assert f["bytes_out"] == f["bytes_in"] == 5000 * 1024 == b["bytes_in"] == b["bytes_out"]
+    assert f["ring_full_seen"] > 0 and b["max_unconsumed"] == b["ring_size"] == 128
+    assert f["indices"]["req_prod"] == (0xFFFFF000 + 5000) & 0xFFFFFFFF  # wrapped past 2**32
+    assert b["states"] == ["InitWait", "Connected", "Closing", "Closed"] and b["ended"] == "frontend-closed"
+    assert f["backend_final_state"] == "Closed"
+    # notifications only when asked: far fewer than one per request
+    assert f["notifies_sent"] < 5000 / 4 and b["notifies_sent"] < 5000 / 4
+    assert_clean(lab, front["domid"], result)
+
+
+@pytest.mark.parametrize("op", ["write", "read", "nop"])
+def test_each_direction_and_burst_fill(lab, front, op):
+    result = devchan(lab, GUEST, f"--count 2000 --size 3000 --op {op} --burst", devid=2)
+    f, b = result["frontend"], result["backend"]
+    assert f["requests"] == 2000 and b["ended"] == "frontend-closed"
+    if op == "write":
+        assert b["bytes_in"] == 2000 * 3000 and f["bytes_in"] == 0
+    if op == "read":
+        assert f["bytes_in"] == 2000 * 3000 and b["bytes_out"] == 2000 * 3000
+    assert b["max_unconsumed"] == 128
+    assert_clean(lab, front["domid"], result)
+
+
+def test_backend_notices_frontend_death_and_unmaps(lab, front):
+    result = devchan_peer_death(lab, GUEST, devid=3, run_seconds=3)
+    b = result["backend"]
+    assert b["ended"] == "peer-died" and b["requests"] > 0
+    assert b["states"] == ["InitWait", "Connected", "Closed"]
+    assert b["noticed_after_s"] < 10
+    assert len(result["guest_grants_mapped_during"]) >= 129  # ring + 128 data pages were mapped
+    assert sorted(result["guest_grants_mapped_after"]) == sorted(result["guest_grants_mapped_before"])
+    assert result["dom0_ports_to_guest_after"] == result["dom0_ports_to_guest_before"]
+    assert result["xenstore_left"] == []
+
+
+def test_garbage_producer_index_rejected_not_crashed(lab, front):
+    result = devchan(lab, GUEST, "--evil garbage-prod", devid=4)
+    b = result["backend"]
+    assert b["ended"] == "rejected-garbage" and "garbage index" in b["error"]
+    assert b["requests"] == 0 and result["frontend"]["backend_state"] == "Closed"
+    assert_clean(lab, front["domid"], result)
+
+
+def test_request_for_a_page_out_of_range_gets_einval(lab, front):
+    result = devchan(lab, GUEST, "--evil bad-page --count 300", devid=5)
+    assert result["backend"]["bad_requests"] == 1 and result["frontend"]["requests"] == 300
+    assert_clean(lab, front["domid"], result)
+
+
+def test_ring_bench_cli(lab_info, front):
+    proc = xenlab("ring", "bench", "--name", LAB, GUEST, "--count", "1000", "--size", "2048", "--json")
+    data = json.loads(proc.stdout)
+    assert data["frontend"]["requests"] == 1000 and data["frontend"]["mb_per_s"] > 0
+
+
+def test_ring_bench_refusals(lab_info):
+    proc = xenlab("ring", "bench", "--name", LAB, "no-such-guest", check=False)
+    assert proc.returncode != 0 and "no domain named" in proc.stdout + proc.stderr
+    proc = xenlab("ring", "bench", "--name", LAB, "x", "--size", "5000", check=False)
+    assert proc.returncode != 0 and "out of range" in proc.stdout + proc.stderr
+
+
+def test_frontend_without_backend_is_a_clear_error(lab, front):
+    with Guests(lab) as guests:
+        result = guests.exec(GUEST, "PYTHONPATH=/usr/lib/xenlab python3 -m xenlab_agent.devchan frontend --devid 9")
+    assert result.exit_status == 3 and "no device xlchan/9" in result.stderr
+
+
+def test_dom0_only_device_channel(lab):
+    # frontend and backend both in dom0 (domid 0): the same code path without a guest
+    result = devchan(lab, None, "--count 2000 --size 512", devid=6)
+    assert result["frontend"]["requests"] == 2000 and result["backend"]["ended"] == "frontend-closed"

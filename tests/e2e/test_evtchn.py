@@ -1,0 +1,114 @@
+"""Event channels on the real lab: the seed-002 catalogue read back through
+EVTCHNOP_status, `xenlab evtchn ls/ping/catalogue`, and refusals that leave
+nothing bound. The domU parts use a python guest of their own."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from xenlab import config
+from xenlab.cli_evtchn import ChannelError, catalogue, evtchn_ls, ping
+from xenlab.guest.manager import Guests, GuestSpec
+from xenlab.orchestrate.lab import Lab
+
+from .conftest import LAB, xenlab
+
+GUEST = "evt-peer"
+
+
+@pytest.fixture(scope="module")
+def lab(lab_info):
+    return Lab(config.load(overrides={"name": LAB}))
+
+
+@pytest.fixture(scope="module")
+def peer(lab):
+    with Guests(lab) as guests:
+        guests.destroy(GUEST) if any(g.get("name") == GUEST for g in guests.list()) else None
+        info = guests.create(GuestSpec(name=GUEST, root="python"))
+    try:
+        yield info
+    finally:
+        with Guests(lab) as guests:
+            guests.destroy(GUEST)
+
+
+def _by_op(checks):
+    ops = {}
+    for c in checks:
+        ops.setdefault(c["seed_op"].split(" ")[0], []).append(c)
+    return ops
+
+
+def test_catalogue_in_dom0_covers_every_seed_operation(lab):
+    result = catalogue(lab)
+    failed = [c for c in result["checks"] if not c["ok"]]
+    assert not failed, json.dumps(failed, indent=1)
+    ops = _by_op(result["checks"])
+    for op in ("EVTCHNOP_alloc_unbound", "EVTCHNOP_bind_interdomain", "EVTCHNOP_bind_virq", "EVTCHNOP_bind_ipi",
+               "EVTCHNOP_send", "EVTCHNOP_close", "EVTCHNOP_bind_vcpu", "EVTCHNOP_unmask", "EVTCHNOP_reset",
+               "EVTCHNOP_status", "IOCTL_EVTCHN_RESTRICT_DOMID"):
+        assert op in ops, f"no check covers {op}"
+    refusals = [c for c in result["checks"] if "refusal" in c["seed_op"]]
+    got = {c["got"] for c in refusals}
+    assert {"EINVAL", "EEXIST", "ENOTCONN", "ESRCH"} <= got  # invalid port, not offered, bound virq, no domain
+
+
+def test_catalogue_against_a_domu(lab, peer):
+    result = catalogue(lab, GUEST)
+    failed = [c for c in result["checks"] if not c["ok"]]
+    assert not failed, json.dumps(failed, indent=1)
+    inter = [c for c in result["checks"] if c["seed_op"] == "EVTCHNOP_bind_interdomain" and "domU" in c["check"]]
+    assert inter and inter[0]["status"]["remote_domid"] == peer["domid"]
+    assert inter[0]["peer_status"]["remote_domid"] == 0
+
+
+def test_evtchn_ls_cli_decodes_dom0_and_the_domu(lab, peer):
+    data = json.loads(xenlab("evtchn", "ls", "--name", LAB, "0", "--json").stdout)
+    states = {p["state"] for p in data["ports"]}
+    assert {"virq", "ipi", "interdomain"} <= states
+    domu = json.loads(xenlab("evtchn", "ls", "--name", LAB, str(peer["domid"]), "--json").stdout)
+    # the domU's xenstore and console channels go to dom0
+    assert any(p["state"] == "interdomain" and p["remote_domid"] == 0 for p in domu["ports"])
+    text = xenlab("evtchn", "ls", "--name", LAB, "0").stdout
+    assert "VIRQ 0 (timer)" in text
+
+
+def test_evtchn_ls_nonexistent_domain_is_a_clear_error(lab_info):
+    proc = xenlab("evtchn", "ls", "--name", LAB, "31000", check=False)
+    assert proc.returncode != 0
+    assert "domain 31000 does not exist" in proc.stdout + proc.stderr and "hint" in proc.stdout + proc.stderr
+
+
+def test_ping_round_trips_between_dom0_and_domu(lab, peer):
+    before = evtchn_ls_ports(lab)
+    result = ping(lab, GUEST, count=300)
+    assert result["count"] == 300 and result["guest_answered"] == 320
+    assert result["mean_us"] > 0 and result["min_us"] > 0
+    assert evtchn_ls_ports(lab) == before  # nothing left bound in dom0
+    proc = xenlab("evtchn", "ping", "--name", LAB, GUEST, "--count", "50")
+    assert "50 round trips" in proc.stdout
+
+
+def test_ping_unknown_guest_refused(lab_info):
+    proc = xenlab("evtchn", "ping", "--name", LAB, "no-such-guest", check=False)
+    assert proc.returncode != 0 and "no domain named 'no-such-guest'" in proc.stdout + proc.stderr
+
+
+def test_bad_grant_refs_refused_cleanly(lab, dom0):
+    from xenlab.cli_evtchn import agent
+
+    with lab.ssh() as ssh:
+        with pytest.raises(ChannelError, match="cannot map grant ref"):
+            agent(ssh, "grant", "map", "--domid", "0", "--ref", "999999")
+        with pytest.raises(ChannelError, match="cannot map grant ref"):
+            agent(ssh, "grant", "map", "--domid", "31000", "--ref", "8")
+        loop = agent(ssh, "grant", "loopback", "--pages", "3")
+    assert loop["mapped_sees"] == "hello" and loop["sharer_sees"] == "world"
+
+
+def evtchn_ls_ports(lab):
+    with lab.ssh() as ssh:
+        return [(p["port"], p["state"]) for p in evtchn_ls(ssh, 0)["ports"]]

@@ -1,0 +1,137 @@
+"""The XenBus state machine traced live on the real lab (seed 003): a real
+`xl create` and `xl destroy` through `xenlab trace`, an orderly backend-first
+closedown (xl block-detach), a frontend-initiated closedown (the guest
+writes its own frontend state), and XenStore watches firing for a domU's
+create and destroy."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+from xenlab.config import load
+from xenlab.guest.manager import Guests
+from xenlab.orchestrate.lab import Lab
+from xenlab.xenstore.client import XenStore
+from xenlab.xenstore.perms import run_in_guest
+from xenlab.xenstore.recorder import XenBusRecorder
+from xenlab.xenstore.tracer import CLOSED, CONNECTED, check, format_reports
+
+from .conftest import xenlab
+
+GUEST = "xb-trace"
+
+
+def ensure_up(name: str) -> None:
+    # The session's lab may have been stopped by test_lab's `down` test;
+    # the session fixture takes it down again at the end.
+    if Lab(load(None, {"name": name})).info() is None:
+        xenlab("up", "--name", name)
+
+
+@pytest.fixture(scope="module")
+def lab(lab_info):
+    ensure_up(lab_info["name"])
+    return Lab(load(None, {"name": lab_info["name"]}))
+
+
+@pytest.fixture(scope="module")
+def xs(lab):
+    with XenStore.for_lab(lab, timeout=30) as store:
+        yield store
+
+
+@pytest.fixture(scope="module")
+def created(lab, xs):
+    """`xenlab trace GUEST --create` (JSON) while this process watches
+    @introduceDomain, @releaseDomain and /local/domain."""
+    xenlab("guest", "destroy", GUEST, "--lab", lab.name, check=False)
+    watch = xs.watch("@introduceDomain", "@releaseDomain", "/local/domain")
+    watch.drain()
+    proc = xenlab("trace", GUEST, "--lab", lab.name, "--create", "--root", "python", "--disk", "16M", "--disk", "8M",
+                  "--net", "--json", check=False, timeout=900)
+    result = json.loads(proc.stdout) if proc.stdout.strip().startswith("{") else None
+    assert result is not None, f"trace --create printed no JSON (exit {proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
+    yield {"trace": result, "exit": proc.returncode, "stderr": proc.stderr, "watch": watch, "events": watch.drain()}
+    watch.close()
+    xenlab("guest", "destroy", GUEST, "--lab", lab.name, check=False)
+
+
+def devices(result) -> dict:
+    return {d["device"]: d for d in result["devices"]}
+
+
+def test_traced_create_follows_the_protocol(created):
+    trace = created["trace"]
+    assert created["exit"] == 0 and trace["ok"], json.dumps(trace["devices"], indent=1)
+    devs = devices(trace)
+    assert set(devs) == {"vbd/51712", "vbd/51728", "vif/0"}
+    for name in ("vbd/51712", "vbd/51728"):
+        assert devs[name]["backend"] == ["Initialising", "InitWait", "Connected"], devs[name]
+        assert devs[name]["frontend"] == ["Initialising", "Initialised", "Connected"], devs[name]
+    assert devs["vif/0"]["backend"] == ["Initialising", "InitWait", "Connected"]
+    assert devs["vif/0"]["frontend"] in (["Initialising", "Connected"], ["Initialising", "Initialised", "Connected"])
+    assert all(d["phases"] == ["bring-up"] for d in devs.values())
+    # Timestamps are monotonic and every change names its state.
+    times = [c["t"] for c in trace["timeline"]]
+    assert times == sorted(times) and all(c["state_name"] for c in trace["timeline"])
+
+
+def test_watches_fire_for_domu_create(created):
+    domid = created["trace"]["action_result"]["domid"]
+    paths = {e.path for e in created["events"]}
+    assert "@introduceDomain" in paths
+    assert f"/local/domain/{domid}" in paths and f"/local/domain/{domid}/device/vbd/51712/state" in paths
+
+
+def test_orderly_backend_first_closedown(lab, xs, created):
+    domid = created["trace"]["action_result"]["domid"]
+    with XenBusRecorder(xs, GUEST) as rec, lab.ssh() as ssh:
+        ssh.check(f"xl block-detach {GUEST} 51728")
+        assert rec.wait(lambda tl: any(c.device == "vbd/51728" and c.side == "backend" and c.state is None for c in tl), 60)
+    reports = {r.device: r for r in check(rec.timeline)}
+    r = reports["vbd/51728"]
+    assert r.ok and r.phases == ["orderly closedown (backend first)"], format_reports([r])
+    assert r.backend == [CONNECTED, 5, CLOSED, None]  # Closing, Closed, directory removed
+    assert r.frontend[-2:] == [CLOSED, None]
+    assert not xs.exists(f"/local/domain/{domid}/device/vbd/51728")
+
+
+def test_frontend_initiated_closedown(lab, xs, created):
+    domid = created["trace"]["action_result"]["domid"]
+    with XenBusRecorder(xs, GUEST) as rec, Guests(lab) as guests:
+        answer = run_in_guest(guests, GUEST, [["write", f"/local/domain/{domid}/device/vbd/51712/state", "5"]])
+        assert answer[0]["ok"], answer
+        assert rec.wait(lambda tl: any(c.device == "vbd/51712" and c.side == "backend" and c.state == CLOSED for c in tl), 60)
+    (r,) = [r for r in check(rec.timeline) if r.device == "vbd/51712"]
+    assert r.ok and r.phases == ["frontend-initiated closedown"], format_reports([r])
+    assert r.frontend == [CONNECTED, 5, CLOSED] and r.backend == [CONNECTED, 5, CLOSED]
+
+
+def test_traced_destroy_and_watch_for_it(lab, created):
+    domid = created["trace"]["action_result"]["domid"]
+    watch = created["watch"]
+    watch.drain()
+    proc = xenlab("trace", GUEST, "--lab", lab.name, "--destroy", "--json", check=False, timeout=600)
+    trace = json.loads(proc.stdout)
+    assert proc.returncode == 0 and trace["ok"], json.dumps(trace["devices"], indent=1)
+    devs = devices(trace)
+    assert devs["vif/0"]["phases"] == ["forced teardown (domain destroyed)"]
+    for d in devs.values():
+        assert d["backend"][-1] == "(removed)" and d["frontend"][-1] == "(removed)", d
+    assert any(c["side"] == "domain" and c["domid"] == domid for c in trace["timeline"])
+    deadline = time.monotonic() + 30
+    paths = set()
+    while time.monotonic() < deadline and not {"@releaseDomain", f"/local/domain/{domid}"} <= paths:
+        event = watch.get(1)
+        if event:
+            paths.add(event.path)
+    assert {"@releaseDomain", f"/local/domain/{domid}"} <= paths
+
+
+def test_trace_cli_prints_named_states(lab):
+    # A guest that does not exist: no devices, a clear line, exit 0.
+    proc = xenlab("trace", "xb-nobody", "--lab", lab.name, "--for", "1")
+    assert "no XenBus device state of guest 'xb-nobody' seen" in proc.stdout

@@ -1,0 +1,260 @@
+"""XenStore through pyxs over SSH against dom0's real xenstored: round trips,
+`xs ls -f` equal to xenstore-ls -f, transactions that conflict and retry,
+watches, permissions (set/get, and from inside a domU: the real EACCES),
+the seed-003 layout of a guest's vbd and vif, bad input and dead connections."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import pytest
+
+from xenlab.config import load
+from xenlab.guest.manager import Guests
+from xenlab.orchestrate.lab import Lab
+from xenlab.xenstore.client import XenStore, XenStoreConnectionError, XenStoreRequestError
+from xenlab.xenstore.layout import check_domain
+from xenlab.xenstore.perms import check_guest
+
+from .conftest import xenlab
+from .test_xenbus_trace import ensure_up
+
+ROOT = "/xenlab-e2e"
+
+
+@pytest.fixture(scope="module")
+def lab(lab_info):
+    ensure_up(lab_info["name"])
+    return Lab(load(None, {"name": lab_info["name"]}))
+
+
+@pytest.fixture(scope="module")
+def xs(lab):
+    with XenStore.for_lab(lab, timeout=30) as store:
+        store.rm(ROOT)
+        yield store
+        store.rm(ROOT)
+
+
+def cli(lab, *args, check=True, timeout=120):
+    return xenlab("xs", args[0], "--name", lab.name, *args[1:], check=check, timeout=timeout)
+
+
+def dom0(lab, command: str) -> str:
+    with lab.ssh() as ssh:
+        return ssh.check(command)
+
+
+def test_read_write_round_trips(lab, xs):
+    values = {"plain": "hello", "empty": "", "tab": "a\tb", "utf8": "héllo wörld", "long": "x" * 4000}
+    for key, value in values.items():
+        xs.write(f"{ROOT}/rt/{key}", value)
+    for key, value in values.items():
+        assert xs.read(f"{ROOT}/rt/{key}") == value
+    assert xs.ls(f"{ROOT}/rt") == list(values)
+    # The same nodes through dom0's own tools, and the other way round.
+    assert dom0(lab, f"xenstore-read {ROOT}/rt/plain").strip() == "hello"
+    dom0(lab, f"xenstore-write {ROOT}/rt/from-dom0 written-by-the-tool")
+    assert xs.read(f"{ROOT}/rt/from-dom0") == "written-by-the-tool"
+    # And the CLI.
+    cli(lab, "write", f"{ROOT}/cli/a", "1", f"{ROOT}/cli/b", "two words")
+    assert cli(lab, "read", f"{ROOT}/cli/a", f"{ROOT}/cli/b").stdout == "1\ntwo words\n"
+    cli(lab, "mkdir", f"{ROOT}/cli/dir")
+    assert xs.read(f"{ROOT}/cli/dir") == "" and xs.ls(f"{ROOT}/cli/dir") == []
+    cli(lab, "rm", f"{ROOT}/cli")
+    assert not xs.exists(f"{ROOT}/cli")
+
+
+def test_ls_f_identical_to_xenstore_ls(lab, xs):
+    xs.write(f"{ROOT}/ls/binary", b"\x00\x01\x08\x1f\x7f\x80\xff\\\"")
+    xs.write(f"{ROOT}/ls/long", "y" * 300)
+    xs.write(f"{ROOT}/ls/deep/a/b/c/d/e/f/g/h/with-a-rather-long-name-to-cross-eighty-columns", "v" * 90)
+    xs.set_perms(f"{ROOT}/ls/long", ["n0", "r1", "b2"])
+    for args in (["-f", "/"], ["-f", ROOT], ["-f", "/local/domain/0"], ["/"], ["-f", "-p", "/"], ["-p", ROOT]):
+        for _attempt in range(3):  # a guest of another test may change the tree between the two listings
+            ours = cli(lab, "ls", *args).stdout
+            theirs = dom0(lab, "xenstore-ls " + " ".join(args))
+            if ours == theirs:
+                break
+        assert ours == theirs, f"xs ls {' '.join(args)} differs from xenstore-ls"
+        assert len(theirs.splitlines()) > 5
+
+
+def test_transaction_conflict_is_retried(lab, xs):
+    node = f"{ROOT}/tx/counter"
+    xs.write(node, "0")
+    with XenStore.for_lab(lab, timeout=30) as other:
+        def body(tx):
+            value = int(tx.read(node))
+            if xs.tx_attempts == 1:
+                other.write(node, "100")  # a commit by another connection meanwhile: EAGAIN
+            tx.write(node, str(value + 1))
+            return value
+
+        assert xs.transaction(body) == 100
+        assert xs.tx_attempts == 2 and xs.read(node) == "101"
+
+
+def test_concurrent_increments_lose_nothing(lab, xs):
+    node = f"{ROOT}/tx/shared"
+    xs.write(node, "0")
+    attempts = []
+
+    def worker():
+        with XenStore.for_lab(lab, timeout=30) as mine:
+            for _ in range(10):
+                mine.transaction(lambda tx: tx.write(node, str(int(tx.read(node)) + 1)))
+                attempts.append(mine.tx_attempts)
+
+    threads = [threading.Thread(target=worker) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    assert xs.read(node) == "30"
+    assert len(attempts) == 30 and max(attempts) >= 2, attempts  # conflicts happened and were retried
+
+
+def test_watch_streams_events(lab, xs):
+    with xs.watch(f"{ROOT}/w") as watch:
+        assert watch.get(10).path == f"{ROOT}/w"  # fired on registration
+        xs.write(f"{ROOT}/w/a", "1")
+        xs.write(f"{ROOT}/w/a", "2")
+        xs.rm(f"{ROOT}/w")
+        got = [watch.get(10).path for _ in range(3)]
+        assert got == [f"{ROOT}/w/a", f"{ROOT}/w/a", f"{ROOT}/w"]
+        assert watch.get(0.5) is None
+    # The CLI streams until its count.
+    proc = subprocess_watch(lab, f"{ROOT}/w2", lambda: xs.write(f"{ROOT}/w2/x", "1"))
+    lines = [json.loads(line) for line in proc.splitlines()]
+    assert [e["path"] for e in lines] == [f"{ROOT}/w2", f"{ROOT}/w2/x"]
+
+
+def subprocess_watch(lab, path, action) -> str:
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-m", "xenlab", "xs", "watch", path, "--name", lab.name, "-n", "2", "--json"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(8)  # connected and watching (the registration event is the first line)
+    action()
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    return out
+
+
+def test_perms_set_and_get(lab, xs):
+    node = f"{ROOT}/perm/node"
+    xs.write(node, "x")
+    assert cli(lab, "perms", node, "n0", "r3", "b5").stdout.strip() == "n0 r3 b5"
+    assert [str(p) for p in xs.get_perms(node)] == ["n0", "r3", "b5"]
+    assert dom0(lab, f"xenstore-ls -p {ROOT}/perm").strip().endswith("(n0,r3,b5)")
+    assert json.loads(cli(lab, "perms", node, "--json").stdout)[1] == {"access": "r", "domid": 3}
+
+
+def test_dump_json(lab, xs):
+    xs.write(f"{ROOT}/dump/a", "1")
+    tree = json.loads(cli(lab, "dump", f"{ROOT}/dump", "--json").stdout)
+    assert tree["path"] == f"{ROOT}/dump" and tree["children"]["a"]["value"] == "1"
+    assert tree["children"]["a"]["perms"] == ["n0"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["read", f"{ROOT}/does/not/exist"], f"XenStore read {ROOT}/does/not/exist: ENOENT"),
+    (["rm", f"{ROOT}/does-not-exist"], f"XenStore rm {ROOT}/does-not-exist: ENOENT"),
+    (["ls", f"{ROOT}/does/not/exist"], f"XenStore ls {ROOT}/does/not/exist: ENOENT"),
+    (["read", "/bad path"], "invalid XenStore path '/bad path'"),
+    (["write", f"{ROOT}/big", "z" * 5000], f"value for {ROOT}/big is 5000 bytes"),
+    (["perms", f"{ROOT}/does/not/exist"], f"get-perms {ROOT}/does/not/exist: ENOENT"),
+])
+def test_bad_input_is_a_clear_error(lab, xs, args, message):
+    start = time.monotonic()
+    proc = cli(lab, *args, check=False, timeout=60)
+    assert proc.returncode != 0 and message in proc.stdout + proc.stderr, proc.stdout + proc.stderr
+    assert time.monotonic() - start < 60
+
+
+def test_dead_ssh_connection_is_a_clear_error_not_a_hang(lab):
+    store = XenStore.for_lab(lab, timeout=30)
+    store.read("/local/domain/0/name")
+    store._owned.transport().close()  # the SSH connection dies under the client
+    start = time.monotonic()
+    with pytest.raises(XenStoreConnectionError) as e:
+        store.read("/local/domain/0/domid")
+    assert time.monotonic() - start < 10
+    assert "/local/domain/0/domid" in str(e.value) and "lab" in str(e.value)
+    store.close()
+
+
+def test_lab_down_is_a_clear_error(tmp_path):
+    proc = xenlab("xs", "read", "/local/domain/0/name", "--name", "xs-never-up", check=False, timeout=60)
+    assert proc.returncode != 0 and "lab 'xs-never-up' is not up" in proc.stdout + proc.stderr
+
+
+# -- guests: layout and permissions ---------------------------------------------
+
+@pytest.fixture(scope="module")
+def guests(lab):
+    """A python guest with a disk and a NIC, and a second (busybox) domain."""
+    with Guests(lab) as g:
+        for name in ("xs-a", "xs-b"):
+            xenlab("guest", "destroy", name, "--lab", lab.name, check=False)
+        a = json.loads(xenlab("guest", "create", "xs-a", "--lab", lab.name, "--root", "python", "--disk", "16M", "--net", "--json").stdout)
+        b = json.loads(xenlab("guest", "create", "xs-b", "--lab", lab.name, "--json").stdout)
+        try:
+            yield g, a, b
+        finally:
+            for name in ("xs-a", "xs-b"):
+                xenlab("guest", "destroy", name, "--lab", lab.name, check=False)
+
+
+def test_layout_of_every_vbd_and_vif(xs, guests):
+    _, a, _ = guests
+    layouts = check_domain(xs, a["domid"])
+    assert {(d.kind, d.devid) for d in layouts} == {("vbd", "51712"), ("vif", "0")}
+    for d in layouts:
+        assert d.ok, d.problems
+        assert d.backend == f"/local/domain/0/backend/{d.kind}/{a['domid']}/{d.devid}" and d.backend_domid == 0
+        assert d.frontend_state == d.backend_state == "Connected"
+        assert d.event_channels and all(int(v) > 0 for v in d.event_channels.values())
+    vbd = next(d for d in layouts if d.kind == "vbd")
+    vif = next(d for d in layouts if d.kind == "vif")
+    assert any(k.startswith("ring-ref") or "/ring-ref" in k for k in vbd.rings)
+    assert any(k.endswith("tx-ring-ref") for k in vif.rings) and any(k.endswith("rx-ring-ref") for k in vif.rings)
+
+
+def test_layout_check_reports_a_broken_pointer(xs, guests):
+    _, a, _ = guests
+    fe = f"/local/domain/{a['domid']}/device/vbd/51712"
+    original = xs.read(f"{fe}/backend-id")
+    xs.write(f"{fe}/backend-id", "7")
+    try:
+        vbd = next(d for d in check_domain(xs, a["domid"]) if d.kind == "vbd")
+        assert not vbd.ok and any("backend-id = 7" in p for p in vbd.problems)
+    finally:
+        xs.write(f"{fe}/backend-id", original)
+
+
+def test_domu_permissions_and_real_eacces(xs, guests):
+    g, a, b = guests
+    checks = check_guest(g, xs, "xs-a", a["domid"], b["domid"])
+    failed = [f"{c.what}: expected {c.expected}, got {c.got} {c.detail}" for c in checks if not c.passed]
+    assert not failed, failed
+    denied = [c for c in checks if c.expected == "EACCES"]
+    assert len(denied) >= 6 and all(c.got == "EACCES" for c in denied)  # xenstored's own error string
+
+
+def test_domu_sees_enoent_for_its_own_missing_node(guests):
+    g, a, _ = guests
+    from xenlab.xenstore.perms import run_in_guest
+
+    (answer,) = run_in_guest(g, "xs-a", [["read", f"/local/domain/{a['domid']}/data/none-such"]])
+    assert answer == {"ok": False, "error": "ENOENT", "request": ["read", f"/local/domain/{a['domid']}/data/none-such"]}
+
+
+def test_request_error_keeps_errno(xs):
+    with pytest.raises(XenStoreRequestError) as e:
+        xs.read(f"{ROOT}/none-such")
+    assert e.value.errno == 2 and e.value.path == f"{ROOT}/none-such"

@@ -112,3 +112,10 @@ def test_bad_grant_refs_refused_cleanly(lab, dom0):
 def evtchn_ls_ports(lab):
     with lab.ssh() as ssh:
         return [(p["port"], p["state"]) for p in evtchn_ls(ssh, 0)["ports"]]
+
+
+def test_catalogue_cli_names_the_seed_operation_of_each_check(lab_info):
+    proc = xenlab("evtchn", "catalogue", "--name", LAB)
+    lines = [l for l in proc.stdout.splitlines() if l.strip()]
+    assert lines and all(l.startswith("ok") for l in lines), proc.stdout
+    assert any("EVTCHNOP_bind_vcpu" in l for l in lines) and any("EVTCHNOP_reset" in l for l in lines)

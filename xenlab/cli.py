@@ -220,3 +220,4 @@ main.add_command(guest)
 from .cli_xs import register as _register_xs  # noqa: E402
 
 _register_xs(main)
+from .cli_evtchn import register as _register_evtchn; _register_evtchn(main)  # noqa: E402, E702

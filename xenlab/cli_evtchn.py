@@ -276,6 +276,20 @@ def catalogue(lab, guest: str | None = None) -> dict:
         return {"checks": checks, "ok": all(c["ok"] for c in checks)}
 
 
+def reset_domain(lab, guest: str) -> dict:
+    """EVTCHNOP_reset of a domU (destructive: the guest loses its console and
+    XenStore channels; use one you destroy afterwards)."""
+    with lab.ssh() as ssh:
+        domid = domid_of(ssh, guest)
+        before_dom0 = _interdomain_ports(ssh, domid)
+        result = agent(ssh, "catalogue", "reset", "--domid", str(domid))
+        after = evtchn_ls(ssh, domid)["ports"]
+        # dom0's ends of the guest's channels fall back to unbound, offered to the guest again
+        dom0_ends = [p for p in evtchn_ls(ssh, 0)["ports"] if p["port"] in before_dom0]
+        result.update(guest=guest, domid=domid, ports_after=after, dom0_ends_after=dom0_ends)
+        return result
+
+
 # -- CLI -------------------------------------------------------------------------
 def _lab(ctx, name):
     from .cli import load_config

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from contextlib import contextmanager
 
 import click
 from rich.markup import escape
@@ -13,6 +14,28 @@ from .guest import rootfs
 from .guest.manager import DiskSpec, Guests, GuestSpec
 from .orchestrate.lab import Lab
 from .progress import Steps, console
+
+
+@contextmanager
+def _maybe_traced(ctx, lab_name: str | None, guest_name: str, enabled: bool, destroying: bool, echo):
+    """With --trace: record the guest's XenBus states around the action, then
+    print the timeline's verdict; a protocol violation fails the command."""
+    if not enabled:
+        yield
+        return
+    from .cli_xs import _settled, _store, traced
+    from .xenstore.tracer import check as check_timeline, format_reports
+
+    with _store(ctx, lab_name, 10) as store, traced(store, guest_name, echo=echo) as recorder:
+        yield
+        recorder.wait(_settled(destroying), 15)
+    reports = check_timeline(recorder.timeline)
+    if echo:
+        for line in format_reports(reports):
+            echo(line)
+    bad = [f for r in reports for f in r.findings if f.level == "violation"]
+    if bad:
+        raise XenlabError(f"XenBus protocol violation: {bad[0]}", "the timeline above shows the offending transition")
 
 
 def _guests(ctx, name) -> Guests:
@@ -30,6 +53,39 @@ def guest():
     """PV domUs: create, list, exec, check, console, destroy."""
 
 
+@guest.command("build")
+@click.option("--force", is_flag=True, help="rebuild the minimal kernel even if cached")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def build_cmd(ctx, force, as_json):
+    """Build (cached) the minimal guest kernel and the guest roots; no lab needed."""
+    import json as json_mod
+
+    from .cli import load_config, print_json
+    from .guest import kernel as kernel_mod
+    from .guest.manager import minimal_vmlinux
+    from .orchestrate import images
+    from .paths import cache_dir
+
+    steps = Steps(quiet=as_json)
+    image = images.build(load_config(ctx), steps)
+    with steps.step("minimal guest kernel (guest-kernel/minimal.config; about 4 min on 2 cores when not cached)"):
+        bzimage = kernel_mod.build_minimal_kernel(cache_dir() / "guest", force=force)
+        minimal_vmlinux(bzimage)
+    result = {"kernel": str(bzimage), "kernel_manifest": json_mod.loads((bzimage.parent / "manifest.json").read_text()), "roots": {}}
+    for root in rootfs.ROOTS:
+        for kernel in rootfs.KERNELS:
+            with steps.step(f"guest root {root} for the {kernel} kernel"):
+                path = rootfs.build(image, root, kernel, cache_dir() / "guest")
+            result["roots"][f"{root}/{kernel}"] = {"path": str(path), "bytes": path.stat().st_size}
+    if as_json:
+        print_json(result)
+    else:
+        console.print(f"kernel {bzimage} (built in {result['kernel_manifest']['build_seconds']} s)")
+        for key, r in result["roots"].items():
+            console.print(f"root {key}: {r['path']} ({r['bytes'] >> 10} KiB)")
+
+
 @guest.command()
 @lab_option
 @click.argument("name")
@@ -42,23 +98,27 @@ def guest():
 @click.option("--type", "guest_type", default="pv", show_default=True, help="guest type (pv)")
 @click.option("--timeout", type=float, default=120, show_default=True, help="seconds to wait until the guest is up and Connected")
 @click.option("--extra", default="", help="appended to the guest kernel command line")
+@click.option("--hotplug", type=click.Choice(("xenlab", "stock")), default="xenlab", show_default=True,
+              help="xenlab: small sh hotplug scripts; stock: Xen's /etc/xen/scripts/{block,vif-bridge}")
+@click.option("--trace", is_flag=True, help="trace the XenBus states of its devices coming up (as `xenlab trace`)")
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_context
-def create(ctx, lab_name, name, memory, vcpus, disks, net, kernel, root, guest_type, timeout, extra, as_json):
+def create(ctx, lab_name, name, memory, vcpus, disks, net, kernel, root, guest_type, timeout, extra, hotplug, trace, as_json):
     """Start a PV domU; returns when it is up and every vbd/vif is Connected."""
     from .cli import print_json
     from .config import parse_mib
 
     spec = GuestSpec(
         name=name, memory=parse_mib(memory, "--memory"), vcpus=vcpus, disks=tuple(DiskSpec.parse(d) for d in disks),
-        net=net, kernel=kernel, root=root, type=guest_type, timeout=timeout, extra=extra,
+        net=net, kernel=kernel, root=root, type=guest_type, timeout=timeout, extra=extra, hotplug=hotplug,
     ).validate()
     steps = Steps(quiet=as_json)
     with _guests(ctx, lab_name) as guests:
         with steps.step(f"guest {name}: build/ship kernel and root"):
             guests.prepare(spec)
-        with steps.step(f"guest {name}: xl create, wait for Connected"):
-            info = guests.create(spec)
+        with _maybe_traced(ctx, lab_name, name, trace, False, None if as_json else click.echo):
+            with steps.step(f"guest {name}: xl create, wait for Connected"):
+                info = guests.create(spec)
     if as_json:
         print_json(info)
         return
@@ -95,13 +155,14 @@ def list_cmd(ctx, lab_name, as_json):
 @lab_option
 @click.argument("name")
 @click.option("--timeout", type=float, default=30, show_default=True, help="seconds to wait for backends to go away")
+@click.option("--trace", is_flag=True, help="trace the XenBus states of its devices going away")
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_context
-def destroy(ctx, lab_name, name, timeout, as_json):
+def destroy(ctx, lab_name, name, timeout, trace, as_json):
     """Destroy a guest and remove its disks; reports anything left in dom0."""
     from .cli import print_json
 
-    with _guests(ctx, lab_name) as guests:
+    with _guests(ctx, lab_name) as guests, _maybe_traced(ctx, lab_name, name, trace, True, None if as_json else click.echo):
         result = guests.destroy(name, timeout=timeout)
     left = {k: v for k, v in result["leftovers"].items() if v}
     if as_json:

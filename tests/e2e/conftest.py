@@ -15,7 +15,7 @@ import pytest
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 XENLAB = [sys.executable, "-m", "xenlab"]
-LAB = "e2e"
+LAB = os.environ.get("XENLAB_E2E_LAB", "e2e")
 
 
 def xenlab(*args: str, check: bool = True, timeout: float = 900) -> subprocess.CompletedProcess:
@@ -65,3 +65,8 @@ def dom0(lab_info):
 
 def pid_alive(pid: int) -> bool:
     return Path(f"/proc/{pid}").exists()
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked lab_teardown stop the shared lab: run them after all others."""
+    items.sort(key=lambda item: item.get_closest_marker("lab_teardown") is not None)

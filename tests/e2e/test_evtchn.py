@@ -119,3 +119,21 @@ def test_catalogue_cli_names_the_seed_operation_of_each_check(lab_info):
     lines = [l for l in proc.stdout.splitlines() if l.strip()]
     assert lines and all(l.startswith("ok") for l in lines), proc.stdout
     assert any("EVTCHNOP_bind_vcpu" in l for l in lines) and any("EVTCHNOP_reset" in l for l in lines)
+
+
+def test_evtchn_reset_of_a_victim_domu_closes_all_its_ports(lab):
+    from xenlab.cli_evtchn import reset_domain
+
+    victim = "evt-victim"
+    with Guests(lab) as guests:
+        guests.create(GuestSpec(name=victim))
+    try:
+        result = reset_domain(lab, victim)
+        assert result["ok"] and result["ports_before"] > 0 and result["ports_after"] == 0 and result["ports_after"] == len(result["ports_after"])
+        # dom0's ends (xenstored, xenconsoled) are now unbound, waiting for the guest again
+        assert result["dom0_ends_after"] and all(p["state"] == "unbound" and p["remote_domid"] == result["domid"] for p in result["dom0_ends_after"])
+    finally:
+        with Guests(lab) as guests:
+            guests.destroy(victim)
+    with lab.ssh() as ssh:
+        assert not ssh.run(["xl", "domid", victim]).ok

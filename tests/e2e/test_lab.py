@@ -7,6 +7,8 @@ import secrets
 import socket
 from pathlib import Path
 
+import pytest
+
 from xenlab.orchestrate.lab import parse_xl_info
 
 from .conftest import LAB, pid_alive, xenlab
@@ -105,8 +107,9 @@ def test_two_labs_side_by_side(lab_info):
     assert not pid_alive(other["qemu_pid"])
 
 
+@pytest.mark.lab_teardown
 def test_down_leaves_nothing_and_is_idempotent(lab_info):
-    """Runs last in this module: stops the shared lab."""
+    """Stops the shared lab, so conftest runs it after every other e2e test."""
     first = json.loads(xenlab("down", "--name", LAB, "--json").stdout)
     assert first["was_running"] is True
     assert not pid_alive(lab_info["qemu_pid"])

@@ -24,16 +24,8 @@ from .conftest import xenlab
 GUEST = "xb-trace"
 
 
-def ensure_up(name: str) -> None:
-    # The session's lab may have been stopped by test_lab's `down` test;
-    # the session fixture takes it down again at the end.
-    if Lab(load(None, {"name": name})).info() is None:
-        xenlab("up", "--name", name)
-
-
 @pytest.fixture(scope="module")
 def lab(lab_info):
-    ensure_up(lab_info["name"])
     return Lab(load(None, {"name": lab_info["name"]}))
 
 

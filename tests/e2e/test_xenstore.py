@@ -19,14 +19,12 @@ from xenlab.xenstore.layout import check_domain
 from xenlab.xenstore.perms import check_guest
 
 from .conftest import xenlab
-from .test_xenbus_trace import ensure_up
 
 ROOT = "/xenlab-e2e"
 
 
 @pytest.fixture(scope="module")
 def lab(lab_info):
-    ensure_up(lab_info["name"])
     return Lab(load(None, {"name": lab_info["name"]}))
 
 

@@ -1,7 +1,8 @@
 """Copy the agent package (xenlab/guest/agent) into dom0, once per version.
 
 Inside dom0 it is the package `xenlab_agent` under AGENT_ROOT; run a module
-with `agent_command("domctl", ...)`."""
+with `agent_command("domctl", ...)`. xenlab's hotplug scripts ride along in
+AGENT_ROOT/hotplug."""
 
 from __future__ import annotations
 
@@ -15,6 +16,16 @@ from pathlib import Path
 AGENT_SRC = Path(__file__).resolve().parent / "agent"
 AGENT_ROOT = "/usr/local/lib/xenlab"
 AGENT_PACKAGE = "xenlab_agent"
+HOTPLUG_DIR = f"{AGENT_ROOT}/hotplug"
+HOTPLUG_SCRIPTS = {"block": "hotplug-block.sh.j2", "vif": "hotplug-vif.sh.j2"}
+DOM0_PATH = "/usr/sbin:/usr/bin:/sbin:/bin:/usr/lib/xen-4.17/bin"
+
+
+def hotplug_scripts() -> dict[str, str]:
+    from .. import templates
+    from ..orchestrate.images import NETWORK
+
+    return {name: templates.render(t, path=DOM0_PATH, bridge=NETWORK["bridge"]) for name, t in HOTPLUG_SCRIPTS.items()}
 
 
 def agent_files() -> list[Path]:
@@ -26,6 +37,8 @@ def agent_version() -> str:
     digest = hashlib.sha256()
     for path in agent_files():
         digest.update(str(path.relative_to(AGENT_SRC)).encode() + b"\0" + path.read_bytes() + b"\0")
+    for name, text in sorted(hotplug_scripts().items()):
+        digest.update(f"hotplug/{name}\0{text}\0".encode())
     return digest.hexdigest()[:16]
 
 
@@ -35,11 +48,16 @@ def agent_tarball() -> bytes:
     with tarfile.open(fileobj=buf, mode="w") as tar:
         for path in agent_files():
             tar.add(path, arcname=f"{AGENT_PACKAGE}/{path.relative_to(AGENT_SRC)}")
-        version = agent_version().encode()
-        info = tarfile.TarInfo(f"{AGENT_PACKAGE}/VERSION")
-        info.size = len(version)
-        tar.addfile(info, io.BytesIO(version))
+        for name, text in hotplug_scripts().items():
+            _add_bytes(tar, f"hotplug/{name}", text.encode(), 0o755)
+        _add_bytes(tar, f"{AGENT_PACKAGE}/VERSION", agent_version().encode(), 0o644)
     return buf.getvalue()
+
+
+def _add_bytes(tar: tarfile.TarFile, name: str, data: bytes, mode: int) -> None:
+    info = tarfile.TarInfo(name)
+    info.size, info.mode = len(data), mode
+    tar.addfile(info, io.BytesIO(data))
 
 
 def agent_command(module: str, *args: str) -> str:

@@ -5,6 +5,7 @@ over the lab's SSH connection, one round trip per operation."""
 from __future__ import annotations
 
 import base64
+import gzip
 import hashlib
 import json
 import re
@@ -21,6 +22,7 @@ from ..paths import cache_dir
 from . import deploy, kernel as kernel_mod, rootfs
 
 TYPES = ("pv",)
+HOTPLUG = ("xenlab", "stock")
 REMOTE_IMAGES = "/var/lib/xenlab/images"
 REMOTE_GUESTS = "/var/lib/xenlab/guests"
 BRIDGE = images.NETWORK["bridge"]
@@ -59,6 +61,7 @@ class GuestSpec:
     type: str = "pv"
     timeout: float = 120.0
     extra: str = ""  # appended to the guest kernel's command line
+    hotplug: str = "xenlab"  # xenlab: small sh scripts; stock: Xen's /etc/xen/scripts
 
     def validate(self) -> "GuestSpec":
         validate_name(self.name, "guest name")
@@ -77,6 +80,8 @@ class GuestSpec:
             raise ConfigError(f"guest vcpus {self.vcpus} is out of range", "use 1 to 8")
         if len(self.disks) > MAX_DISKS:
             raise ConfigError(f"{len(self.disks)} disks asked, at most {MAX_DISKS}", "drop some --disk options")
+        if self.hotplug not in HOTPLUG:
+            raise ConfigError(f"unknown --hotplug {self.hotplug!r}", f"choose one of {', '.join(HOTPLUG)}")
         if self.timeout <= 0:
             raise ConfigError(f"timeout must be positive, got {self.timeout}")
         if re.search(r"[\"\\\n]", self.extra):
@@ -95,8 +100,18 @@ def render_xl_config(spec: GuestSpec, kernel: str, ramdisk: str, ip: str, mac: s
     disks = [{"vdev": vdev(i), "readonly": d.readonly, "path": f"{gdir}/{vdev(i)}.img"} for i, d in enumerate(spec.disks)]
     return templates.render(
         "xl-guest.cfg.j2", name=spec.name, type=spec.type, kernel=kernel, ramdisk=ramdisk, cmdline=cmdline,
-        memory=spec.memory, vcpus=spec.vcpus, disks=disks, net=spec.net, mac=mac, bridge=BRIDGE, hotplug=None,
+        memory=spec.memory, vcpus=spec.vcpus, disks=disks, net=spec.net, mac=mac, bridge=BRIDGE,
+        hotplug={"block": f"{deploy.HOTPLUG_DIR}/block", "vif": f"{deploy.HOTPLUG_DIR}/vif"} if spec.hotplug == "xenlab" else None,
     )
+
+
+def minimal_vmlinux(bzimage: Path) -> Path:
+    elf = bzimage.with_name("vmlinux")
+    if not elf.exists():
+        part = elf.with_suffix(".part")
+        part.write_bytes(images.decompress_bzimage(bzimage.read_bytes()))
+        part.rename(elf)
+    return elf
 
 
 def pick_address(used: set[str]) -> tuple[str, str]:
@@ -151,23 +166,32 @@ class Guests:
         return images.Dom0Image(images.images_dir() / self.lab.require_up()["image_id"])
 
     def _upload(self, local: Path, remote_name: str) -> str:
+        """Copy a file into dom0 once (content-named); kernels travel gzipped
+        (a PV vmlinux is mostly alignment padding)."""
         remote = f"{REMOTE_IMAGES}/{remote_name}"
         if self.ssh().run(f"test -s {shlex.quote(remote)}").ok:
             return remote
-        self.ssh().check(f"mkdir -p {REMOTE_IMAGES}")
-        self.ssh().put(local.read_bytes(), remote + ".part")
-        self.ssh().check(f"mv {shlex.quote(remote + '.part')} {shlex.quote(remote)}")
+        data = local.read_bytes()
+        packed = local.suffix == ".gz"
+        part = shlex.quote(remote + ".part")
+        unpack = f"cat > {part}" if packed else f"gzip -dc > {part}"
+        self.ssh().check(
+            f"mkdir -p {REMOTE_IMAGES} && {unpack} && mv {part} {shlex.quote(remote)}",
+            input=data if packed else gzip.compress(data, compresslevel=1), timeout=600,
+        )
         return remote
 
     def prepare(self, spec: GuestSpec) -> tuple[str, str]:
         """Build (cached) and upload (once) the kernel and root; their dom0 paths."""
         image = self._image()
+        # Both kernels go over as plain ELF: dom0's domain builder would
+        # otherwise decompress the bzImage at every create (seconds under TCG).
         if spec.kernel == "minimal":
-            local_kernel = kernel_mod.build_minimal_kernel(cache_dir() / "guest")
-            kernel_name = f"{local_kernel.parent.name}.bzImage"
+            local_kernel = minimal_vmlinux(kernel_mod.build_minimal_kernel(cache_dir() / "guest"))
+            kernel_name = f"{local_kernel.parent.name}.vmlinux"
         else:
-            local_kernel = image.kernel
-            kernel_name = f"debian-{image.id}.vmlinuz"
+            local_kernel = image.dom0_kernel
+            kernel_name = f"debian-{image.id}.vmlinux"
         ramdisk = rootfs.build(image, spec.root, spec.kernel, cache_dir() / "guest")
         return self._upload(local_kernel, kernel_name), self._upload(ramdisk, ramdisk.name)
 
@@ -179,7 +203,7 @@ class Guests:
         ip, mac = pick_address(used)
         request = {
             "name": spec.name, "memory": spec.memory, "vcpus": spec.vcpus, "root": spec.root, "kernel": spec.kernel,
-            "ip": ip, "mac": mac, "net": spec.net, "timeout": spec.timeout,
+            "ip": ip, "mac": mac, "net": spec.net, "timeout": spec.timeout, "hotplug": spec.hotplug,
             "disks": [
                 {"path": f"{REMOTE_GUESTS}/{spec.name}/{vdev(i)}.img", "vdev": vdev(i), "size_mib": d.size_mib, "readonly": d.readonly}
                 for i, d in enumerate(spec.disks)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import json
 import shutil
 import subprocess
 import tempfile
@@ -63,8 +62,11 @@ def build(image: Dom0Image, root: str, kernel: str, cache: Path) -> Path:
             script.chmod(0o755)
         staged = Path(work) / "initramfs.cpio.gz"
         staged.write_bytes(gzip.compress(_cpio(tree), compresslevel=6))
-        (Path(work) / "manifest.json").write_text(json.dumps({"root": root, "kernel": kernel, "image": image.id}))
         staged.rename(target)
+    # Older builds of this root (another agent or template version) are dead weight.
+    for old in cache.glob(f"domu-{root}-{kernel}-*.cpio.gz"):
+        if old != target:
+            old.unlink(missing_ok=True)
     return target
 
 

@@ -155,7 +155,7 @@ def create(spec: dict) -> dict:
         domid = domid_of(name)
         if domid is None:
             raise Refused(f"guest {name!r} died right after `xl create`\n--- console ---\n{console_tail(name)}")
-        meta = {k: spec[k] for k in ("name", "memory", "vcpus", "root", "kernel", "ip", "mac", "disks", "net")}
+        meta = {k: spec[k] for k in ("name", "memory", "vcpus", "root", "kernel", "ip", "mac", "disks", "net", "hotplug")}
         meta.update(domid=domid, created_at=time.time())
         with open(os.path.join(gdir, "meta.json"), "w") as f:
             json.dump(meta, f)

@@ -1,0 +1,127 @@
+"""Guest spec validation, rendered guest files, the I/O check pattern and
+the agent tarball (no VM)."""
+
+import io
+import subprocess
+import tarfile
+
+import pytest
+
+from xenlab import templates
+from xenlab.errors import ConfigError
+from xenlab.guest import deploy
+from xenlab.guest.agent import iocheck
+from xenlab.guest.manager import DiskSpec, GuestSpec, pick_address, render_xl_config
+
+
+def test_disk_spec_parse():
+    assert DiskSpec.parse("64M") == DiskSpec(64, False)
+    assert DiskSpec.parse("1G:ro") == DiskSpec(1024, True)
+    assert DiskSpec.parse("16M:rw") == DiskSpec(16, False)
+    for bad in ("0M", "-1M", "12Q", "16M:rx", "2000000G"):
+        with pytest.raises(ConfigError):
+            DiskSpec.parse(bad)
+
+
+@pytest.mark.parametrize("name", ["with space", "semi;colon", "$(reboot)", "UPPER", "", "a" * 40, "../x"])
+def test_guest_name_refused(name):
+    with pytest.raises(ConfigError, match="invalid guest name"):
+        GuestSpec(name=name).validate()
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"memory": 0}, "memory 0 MiB is out of range"),
+        ({"memory": 10**6}, "out of range"),
+        ({"memory": 64, "root": "python"}, "python guest needs 96"),
+        ({"vcpus": 0}, "vcpus 0"),
+        ({"type": "pvh"}, "not supported"),
+        ({"kernel": "custom"}, "unknown --kernel"),
+        ({"disks": (DiskSpec(1),) * 9}, "at most 8"),
+        ({"extra": 'a"b'}, "quotes"),
+        ({"hotplug": "udev"}, "unknown --hotplug"),
+    ],
+)
+def test_guest_spec_refusals(kwargs, message):
+    with pytest.raises(ConfigError, match=message):
+        GuestSpec(name="g1", **kwargs).validate()
+
+
+def test_xl_config_rendering():
+    spec = GuestSpec(name="g1", memory=96, vcpus=2, disks=(DiskSpec(16), DiskSpec(8, True)), net=True).validate()
+    text = render_xl_config(spec, "/k/vmlinux", "/k/root.cpio.gz", "10.99.0.12", "00:16:3e:58:4c:0c")
+    assert 'name = "g1"' in text and 'type = "pv"' in text and "memory = 96" in text and "vcpus = 2" in text
+    assert 'kernel = "/k/vmlinux"' in text and 'ramdisk = "/k/root.cpio.gz"' in text
+    assert "xenlab.ip=10.99.0.12/24" in text and "console=hvc0" in text
+    assert f"vdev=xvda,access=rw,script={deploy.HOTPLUG_DIR}/block,target=/var/lib/xenlab/guests/g1/xvda.img" in text
+    assert "vdev=xvdb,access=ro," in text
+    assert f'"mac=00:16:3e:58:4c:0c,bridge=xenbr0,script={deploy.HOTPLUG_DIR}/vif"' in text
+    stock = render_xl_config(GuestSpec(name="g2", disks=(DiskSpec(16),), hotplug="stock"), "/k", "/r", "10.99.0.10", "m")
+    assert "script=" not in stock and 'vif = [\n]' in stock
+
+
+def test_pick_address_lowest_free():
+    assert pick_address(set()) == ("10.99.0.10", "00:16:3e:58:4c:0a")
+    assert pick_address({"10.99.0.10", "10.99.0.11"})[0] == "10.99.0.12"
+
+
+def test_pattern_records_name_their_offset():
+    data = iocheck.pattern("domU", 4096, 96)
+    assert len(data) == 96
+    assert data[:32] == b"domU    0000000000004096" + b"0000000\n"
+    assert data[64:96] == b"domU    0000000000004160" + b"0000002\n"
+    assert set(data) - set(b"\x00")  # never all zeros
+
+
+def test_pattern_matches_busybox_awk():
+    """The guest generates the same bytes with busybox awk (offsets past 2**31 included)."""
+    busybox = "/bin/busybox"
+    for off in (0, 8400896, 3 << 31):
+        cmd = iocheck.awk_pattern_cmd("dom0", off, 4096).replace("awk ", f"{busybox} awk ", 1)
+        out = subprocess.run(["sh", "-c", cmd], capture_output=True, check=True).stdout
+        assert out == iocheck.pattern("dom0", off, 4096)
+
+
+def test_chunks_spread_and_fit():
+    size = 16 << 20
+    places = iocheck.chunks(size)
+    assert places[0][0] == 0 and places[-1][0] + places[-1][1] == size
+    assert all(off % iocheck.BLOCK == 0 and n % iocheck.BLOCK == 0 for off, n in places)
+    assert sum(n for _, n in places) == 4 << 20
+    small = iocheck.chunks(1 << 20)
+    assert all(off + n <= 1 << 20 for off, n in small)
+
+
+def test_first_difference():
+    assert iocheck.first_difference(b"abc", b"abc") is None
+    assert iocheck.first_difference(b"abc", b"abd") == 2
+    assert iocheck.first_difference(b"ab", b"abc") == 2
+
+
+def test_domu_init_rendering():
+    text = templates.render("domu-init.sh.j2", python=True, modules=["xen-blkfront", "xen-netfront"])
+    assert "insmod /lib/modules/xen-blkfront.ko" in text and "PYTHONHOME=/usr" in text
+    assert "XENLAB-GUEST-READY" in text and "stty -F /dev/hvc0 raw -echo" in text
+    plain = templates.render("domu-init.sh.j2", python=False, modules=[])
+    assert "insmod" not in plain and "PYTHONHOME" not in plain
+    for script in (text, templates.render("domu-exec-agent.sh.j2")):
+        subprocess.run(["sh", "-n"], input=script.encode(), check=True)
+
+
+def test_hotplug_scripts_parse():
+    scripts = deploy.hotplug_scripts()
+    assert set(scripts) == {"block", "vif"}
+    assert "losetup -f --show" in scripts["block"] and "physical-device" in scripts["block"]
+    assert "master" in scripts["vif"] and "hotplug-status" in scripts["vif"]
+    for text in scripts.values():
+        subprocess.run(["sh", "-n"], input=text.encode(), check=True)
+
+
+def test_agent_tarball_layout():
+    with tarfile.open(fileobj=io.BytesIO(deploy.agent_tarball())) as tar:
+        names = tar.getnames()
+        assert "xenlab_agent/__init__.py" in names and "xenlab_agent/domctl.py" in names
+        assert tar.extractfile("xenlab_agent/VERSION").read().decode() == deploy.agent_version()
+        assert tar.getmember("hotplug/block").mode == 0o755
+    assert deploy.agent_command("domctl", "list") == "PYTHONPATH=/usr/local/lib/xenlab python3 -m xenlab_agent.domctl list"

@@ -286,7 +286,7 @@ def reset_domain(lab, guest: str) -> dict:
         after = evtchn_ls(ssh, domid)["ports"]
         # dom0's ends of the guest's channels fall back to unbound, offered to the guest again
         dom0_ends = [p for p in evtchn_ls(ssh, 0)["ports"] if p["port"] in before_dom0]
-        result.update(guest=guest, domid=domid, ports_after=after, dom0_ends_after=dom0_ends)
+        result.update(guest=guest, domid=domid, ports_listed_after=after, dom0_ends_after=dom0_ends)
         return result
 
 

@@ -60,7 +60,6 @@ class Xc:
         self.lib.xc_interface_open.restype = ctypes.c_void_p
         self.lib.xc_interface_open.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_uint]
         self.lib.xc_evtchn_status.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
-        self.lib.xc_evtchn_reset.argtypes = [ctypes.c_void_p, ctypes.c_uint32]
         self.lib.xc_interface_close.argtypes = [ctypes.c_void_p]
         self.xch = self.lib.xc_interface_open(None, None, 0)
         if not self.xch:
@@ -95,10 +94,20 @@ class Xc:
         return ports
 
     def reset(self, domid: int) -> None:
-        """EVTCHNOP_reset: close every event channel of `domid`."""
-        if self.lib.xc_evtchn_reset(self.xch, domid) < 0:
+        """EVTCHNOP_reset: close every event channel of `domid`. Xen refuses
+        (EINVAL) unless the toolstack has paused the domain, so pause around it."""
+        self._call("xc_domain_pause", domid)
+        try:
+            self._call("xc_evtchn_reset", domid)
+        finally:
+            self._call("xc_domain_unpause", domid)
+
+    def _call(self, func: str, domid: int) -> None:
+        fn = getattr(self.lib, func)
+        fn.argtypes = [ctypes.c_void_p, ctypes.c_uint32]
+        if fn(self.xch, domid) < 0:
             err = ctypes.get_errno()
-            raise StatusError(f"EVTCHNOP_reset(dom {domid}) failed: {errno.errorcode.get(err, err)}", errno_=err)
+            raise StatusError(f"{func}(dom {domid}) failed: {errno.errorcode.get(err, err)}", errno_=err)
 
     def close(self) -> None:
         if self.xch:

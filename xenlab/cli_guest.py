@@ -115,10 +115,10 @@ def create(ctx, lab_name, name, memory, vcpus, disks, net, kernel, root, guest_t
     steps = Steps(quiet=as_json)
     with _guests(ctx, lab_name) as guests:
         with steps.step(f"guest {name}: build/ship kernel and root"):
-            guests.prepare(spec)
+            prepared = guests.prepare(spec)
         with _maybe_traced(ctx, lab_name, name, trace, False, None if as_json else click.echo):
             with steps.step(f"guest {name}: xl create, wait for Connected"):
-                info = guests.create(spec)
+                info = guests.create(spec, prepared)
     if as_json:
         print_json(info)
         return

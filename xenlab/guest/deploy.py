@@ -65,11 +65,17 @@ def agent_command(module: str, *args: str) -> str:
     return f"PYTHONPATH={AGENT_ROOT} python3 -m {AGENT_PACKAGE}.{module} " + shlex.join(args)
 
 
+def agent_check_command() -> str:
+    """Prints 'agent-current' when dom0 has this agent version (for one-round-trip preflights)."""
+    return f"[ \"$(cat {AGENT_ROOT}/{AGENT_PACKAGE}/VERSION 2>/dev/null)\" = {agent_version()} ] && echo agent-current"
+
+
+def install_agent(ssh) -> None:
+    target = f"{AGENT_ROOT}/{AGENT_PACKAGE}"
+    ssh.check(f"rm -rf {target} && mkdir -p {AGENT_ROOT} && tar -x -C {AGENT_ROOT}", input=agent_tarball())
+
+
 def ensure_agent(ssh) -> None:
     """Install the agent in dom0 unless the same version is there (one round trip when it is)."""
-    version = agent_version()
-    target = f"{AGENT_ROOT}/{AGENT_PACKAGE}"
-    check = f"[ \"$(cat {target}/VERSION 2>/dev/null)\" = {version} ] && echo current"
-    if ssh.run(check).stdout.strip() == "current":
-        return
-    ssh.check(f"rm -rf {target} && mkdir -p {AGENT_ROOT} && tar -x -C {AGENT_ROOT}", input=agent_tarball())
+    if "agent-current" not in ssh.run(agent_check_command()).stdout:
+        install_agent(ssh)

@@ -147,10 +147,13 @@ class Guests:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def domctl(self, verb: str, *args: str, request: dict | None = None, timeout: float = 300) -> dict | list:
+    def _agent(self) -> None:
         if not self._agent_ready:
             deploy.ensure_agent(self.ssh())
             self._agent_ready = True
+
+    def domctl(self, verb: str, *args: str, request: dict | None = None, timeout: float = 300) -> dict | list:
+        self._agent()
         stdin = json.dumps(request).encode() if request is not None else None
         result = self.ssh().run(deploy.agent_command("domctl", verb, *args), timeout=timeout, input=stdin)
         try:
@@ -165,12 +168,9 @@ class Guests:
     def _image(self) -> images.Dom0Image:
         return images.Dom0Image(images.images_dir() / self.lab.require_up()["image_id"])
 
-    def _upload(self, local: Path, remote_name: str) -> str:
-        """Copy a file into dom0 once (content-named); kernels travel gzipped
-        (a PV vmlinux is mostly alignment padding)."""
-        remote = f"{REMOTE_IMAGES}/{remote_name}"
-        if self.ssh().run(f"test -s {shlex.quote(remote)}").ok:
-            return remote
+    def _upload(self, local: Path, remote: str) -> None:
+        """Copy a file into dom0 (content-named, so once); kernels travel
+        gzipped (a PV vmlinux is mostly alignment padding)."""
         data = local.read_bytes()
         packed = local.suffix == ".gz"
         part = shlex.quote(remote + ".part")
@@ -179,10 +179,11 @@ class Guests:
             f"mkdir -p {REMOTE_IMAGES} && {unpack} && mv {part} {shlex.quote(remote)}",
             input=data if packed else gzip.compress(data, compresslevel=1), timeout=600,
         )
-        return remote
 
-    def prepare(self, spec: GuestSpec) -> tuple[str, str]:
-        """Build (cached) and upload (once) the kernel and root; their dom0 paths."""
+    def prepare(self, spec: GuestSpec) -> tuple[str, str, set[str]]:
+        """Build (cached) the kernel and root, and in one round trip learn
+        whether dom0 has them and the agent, and which addresses are taken;
+        ship what is missing. Returns their dom0 paths and the used addresses."""
         image = self._image()
         # Both kernels go over as plain ELF: dom0's domain builder would
         # otherwise decompress the bzImage at every create (seconds under TCG).
@@ -193,13 +194,27 @@ class Guests:
             local_kernel = image.dom0_kernel
             kernel_name = f"debian-{image.id}.vmlinux"
         ramdisk = rootfs.build(image, spec.root, spec.kernel, cache_dir() / "guest")
-        return self._upload(local_kernel, kernel_name), self._upload(ramdisk, ramdisk.name)
+        files = {f"{REMOTE_IMAGES}/{kernel_name}": local_kernel, f"{REMOTE_IMAGES}/{ramdisk.name}": ramdisk}
+        probe = "; ".join(
+            [deploy.agent_check_command()]
+            + [f"test -s {shlex.quote(remote)} && echo have:{shlex.quote(remote)}" for remote in files]
+            + [f"cat {REMOTE_GUESTS}/*/meta.json 2>/dev/null | grep -o '\"ip\": \"[0-9.]*\"' | sed 's/.*: //; s/\"//g; s/^/ip:/'"]
+        )
+        lines = self.ssh().run(probe).stdout.split()
+        if "agent-current" not in lines:
+            deploy.install_agent(self.ssh())
+        self._agent_ready = True
+        for remote, local in files.items():
+            if f"have:{remote}" not in lines:
+                self._upload(local, remote)
+        used = {line[3:] for line in lines if line.startswith("ip:")}
+        return f"{REMOTE_IMAGES}/{kernel_name}", f"{REMOTE_IMAGES}/{ramdisk.name}", used
 
     # -- lifecycle -------------------------------------------------------
-    def create(self, spec: GuestSpec) -> dict:
+    def create(self, spec: GuestSpec, prepared: tuple[str, str, set[str]] | None = None) -> dict:
+        """Start the guest; `prepared` is prepare()'s result when the caller already ran it."""
         spec.validate()
-        kernel, ramdisk = self.prepare(spec)
-        used = {g.get("ip") for g in self.list() if g.get("state") != "gone"}
+        kernel, ramdisk, used = prepared or self.prepare(spec)
         ip, mac = pick_address(used)
         request = {
             "name": spec.name, "memory": spec.memory, "vcpus": spec.vcpus, "root": spec.root, "kernel": spec.kernel,
@@ -233,9 +248,7 @@ class Guests:
     def check(self, name: str, timeout: float = 600) -> list[dict]:
         """Block and network ring I/O checks on the real frontends/backends (run in dom0)."""
         validate_name(name, "guest name")
-        if not self._agent_ready:
-            deploy.ensure_agent(self.ssh())
-            self._agent_ready = True
+        self._agent()
         result = self.ssh().run(deploy.agent_command("iocheck", name), timeout=timeout)
         try:
             reply = json.loads(result.stdout)

@@ -112,16 +112,8 @@ def console_tail(name: str, lines: int = 25) -> str:
 
 # -- create ----------------------------------------------------------------
 
-def _dev_links() -> None:
-    # Xen's hotplug scripts lock with `stat /dev/stdin`; dom0 runs no udev to make these.
-    for link, target in (("/dev/stdin", "/proc/self/fd/0"), ("/dev/stdout", "/proc/self/fd/1"), ("/dev/stderr", "/proc/self/fd/2"), ("/dev/fd", "/proc/self/fd")):
-        if not os.path.lexists(link):
-            os.symlink(target, link)
-
-
 def create(spec: dict) -> dict:
     name = spec["name"]
-    _dev_links()
     if domid_of(name) is not None:
         raise Refused(f"guest {name!r} is already running", f"destroy it first (`xenlab guest destroy {name}`) or pick another name")
     gdir = guest_dir(name)

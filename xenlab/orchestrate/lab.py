@@ -50,6 +50,16 @@ def port_in_use(port: int) -> bool:
     return False
 
 
+@contextmanager
+def ports_lock():
+    """One host-wide lock for picking a lab's SSH port."""
+    root = state_root()
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / ".ports.lock", "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        yield
+
+
 def list_labs() -> list[str]:
     root = state_root()
     return sorted(p.name for p in root.iterdir() if (p / "lab.json").exists()) if root.exists() else []
@@ -115,16 +125,19 @@ class Lab:
             with steps.step("choose accelerator"):
                 choice = accel_mod.choose(self.cfg.accel, image.kernel)
                 steps.note(f"{choice.accel}: {choice.reason}")
-            port = self._pick_port()
             uri = self.uri()
-            with steps.step("prepare lab state"):
-                self._prepare(image, port)
-            xml = self.domain_xml(image, choice.accel, port)
-            (self.dir / "domain.xml").write_text(xml)
             with self._connect() as conn:
-                with steps.step(f"start libvirt domain {self.domain_name} ({uri})"):
-                    boot_start = time.monotonic()
-                    dom = self._create(conn, xml, port)
+                # Held from choosing the SSH port until QEMU has bound it, so
+                # labs started side by side never pick the same free port.
+                with ports_lock():
+                    port = self._pick_port()
+                    with steps.step("prepare lab state"):
+                        self._prepare(image, port)
+                    xml = self.domain_xml(image, choice.accel, port)
+                    (self.dir / "domain.xml").write_text(xml)
+                    with steps.step(f"start libvirt domain {self.domain_name} ({uri})"):
+                        boot_start = time.monotonic()
+                        dom = self._create(conn, xml, port)
                 cancel_ssh = threading.Event()
                 try:
                     with steps.step("boot Xen and dom0"):

@@ -221,3 +221,4 @@ from .cli_xs import register as _register_xs  # noqa: E402
 
 _register_xs(main)
 from .cli_evtchn import register as _register_evtchn; _register_evtchn(main)  # noqa: E402, E702
+from .cli_verify import register as _register_verify; _register_verify(main)  # noqa: E402, E702

@@ -8,23 +8,33 @@ from pathlib import Path
 
 import click
 from rich.markup import escape
-from rich.table import Table
 
 from .progress import console
 from .verify import CHECKS, VerifyError, check_output_path, exit_code, failure_message, one_line, report_dict, verify, write_reports
 
-STYLE = {"SUCCESS": "green", "SKIP": "yellow", "FAILURE": "red", "ERROR": "red", "CRASH": "bold red"}
+def table_lines(results, seconds: float, width: int = 200) -> list[str]:
+    """One line per check (check, result, time, evidence), plain text so that
+    CI logs keep it aligned at any terminal width."""
+    w = min(max(len(r.name) for r in results), 56)
+    lines = [f"{'check':<{w}}  {'result':<9}  {'time':>7}  evidence"]
+    for r in results:
+        state = "SKIP*" if r.state == "SKIP" and r.allowed else r.state
+        head = f"{one_line(r.name, w):<{w}}  {state:<9}  {r.seconds:>6.1f}s  "
+        lines.append(head + one_line(r.evidence, max(40, width - len(head))))
+    lines.append(f"{len(results)} checks in {seconds:.0f} s" + ("; SKIP* = skipped on request (allowed)" if any(r.allowed for r in results) else ""))
+    return lines
 
 
 def print_table(results, seconds: float) -> None:
-    table = Table("check", "result", "time", "evidence", title=f"xenlab verify ({seconds:.0f} s)")
-    for r in results:
-        state = r.state + (" (allowed)" if r.state == "SKIP" and r.allowed else "")
-        table.add_row(escape(r.name), f"[{STYLE[r.state]}]{state}[/]", f"{r.seconds:.1f} s", escape(one_line(r.evidence, 200)))
-    console.print(table)
+    colors = {"SUCCESS": "green", "SKIP": "yellow", "FAILURE": "red", "ERROR": "red", "CRASH": "red"}
+    lines = table_lines(results, seconds)
+    click.echo(lines[0])
+    for r, line in zip(results, lines[1:]):
+        click.echo(click.style(line, fg=colors[r.state]))  # click drops the colour when not a terminal
+    click.echo(lines[-1])
     for r in results:
         if r.state == "CRASH" and r.details:
-            console.print(f"[bold red]CRASH {escape(r.name)}[/]: {escape(r.evidence)}\n{escape(r.details[-3000:])}")
+            click.echo(f"\nCRASH {r.name}: {r.evidence}\n{r.details[-3000:]}")
 
 
 def register(main: click.Group) -> None:

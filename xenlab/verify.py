@@ -277,7 +277,7 @@ def run_one(ctx: Context, results: list[Result], name: str, fn: Callable[[Contex
                 crash = detect_crash(ctx)
                 if crash:
                     bad.state, bad.evidence, bad.details = "CRASH", crash[0], crash[1] + "\n\n" + bad.details
-            ctx.log(f"  {name}: {summary(out)}")
+            ctx.log(f"  {name}: " + ", ".join(f"{n} {s}" for s, n in summary(out).items() if n and s in STATES))
             return
         evidence, details = out if isinstance(out, tuple) else (out, "")
         state = "SUCCESS"

@@ -7,7 +7,7 @@ re-implements a check: they call the library's own."""
 from __future__ import annotations
 
 from .errors import XenlabError
-from .verify import CheckFailed, Context, Result, one_line
+from .verify import DEVCHAN_ARGS, CheckFailed, Context, Result, one_line
 
 
 def boot(ctx: Context):
@@ -89,7 +89,12 @@ def trace_create(ctx: Context):
     from .xenstore.tracer import state_name
 
     reports, text = _trace_verdict(ctx.timeline, "bring-up")
-    per = "; ".join(f"{r.device} be {'>'.join(state_name(s)[:5] for s in r.backend)} fe {'>'.join(state_name(s)[:5] for s in r.frontend)}" for r in reports)
+    short = {"Initialising": "Init", "InitWait": "Wait", "Initialised": "Initd", "Connected": "Conn"}
+
+    def states(seq) -> str:
+        return ">".join(short.get(state_name(s), state_name(s)) for s in seq)
+
+    per = "; ".join(f"{r.device} be {states(r.backend)} fe {states(r.frontend)}" for r in reports)
     return f"{len(ctx.timeline)} state changes, no violation: {per}", text
 
 

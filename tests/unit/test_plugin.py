@@ -1,0 +1,65 @@
+"""The pytest plugin without a lab: it is loaded through its entry point, its
+options and marker exist, it stays inert for tests that do not use it, and
+its naming helpers give valid names."""
+
+from __future__ import annotations
+
+import re
+from importlib.metadata import entry_points
+
+from xenlab.paths import lab_dir
+from xenlab.pytest_plugin import artifacts_dir, guest_name
+
+pytest_plugins = ["pytester"]
+
+
+def test_entry_point_names_the_plugin():
+    (ep,) = [e for e in entry_points(group="pytest11") if e.name == "xenlab"]
+    assert ep.value == "xenlab.pytest_plugin"
+
+
+def test_options_and_marker_are_registered(pytester):
+    result = pytester.runpytest_subprocess("--help")
+    out = result.stdout.str()
+    for option in ("--xenlab-name", "--xenlab-keep", "--xenlab-connect", "--xenlab-artifacts"):
+        assert option in out
+    result = pytester.runpytest_subprocess("--markers")
+    assert "@pytest.mark.xenlab:" in result.stdout.str()
+
+
+def test_inert_without_fixtures_or_marker(pytester):
+    """A session that uses neither boots nothing, creates no lab state and saves no artifacts."""
+    pytester.makepyfile(test_plain="""
+        import sys
+
+        def test_ok():
+            assert True
+
+        def test_fails():
+            assert 1 == 2
+
+        def test_nothing_from_the_lab_imported():
+            assert "xenlab.orchestrate.lab" not in sys.modules and "libvirt" not in sys.modules
+    """)
+    result = pytester.runpytest_subprocess("--xenlab-name", "never-up-plugin", "-p", "no:cacheprovider")
+    result.assert_outcomes(passed=2, failed=1)
+    assert "xenlab artifacts" not in result.stdout.str()
+    assert not (pytester.path / "xenlab-artifacts").exists()
+    assert not lab_dir("never-up-plugin").exists()
+
+
+def test_guest_names_are_valid_and_distinct():
+    names = {guest_name("tests/test_x.py::test_" + "very_long_name" * 5 + "[param-1]", n) for n in range(1, 4)}
+    assert len(names) == 3
+    for name in names:
+        assert re.fullmatch(r"[a-z0-9][a-z0-9_-]{0,31}", name), name
+    assert guest_name("t.py::test_ring", 2) == "pt-ring-2"
+    assert guest_name("t.py::Test::test", 1) == "pt-t-1"
+
+
+def test_artifacts_dir_is_per_test(pytester):
+    config = pytester.parseconfig()
+    a = artifacts_dir(config, "tests/test_drv.py::test_ring[4K]")
+    b = artifacts_dir(config, "tests/test_drv.py::test_ring[8K]")
+    assert a != b and a.parent == config.rootpath / "xenlab-artifacts"
+    assert "/" not in a.name and "[" not in a.name

@@ -1,0 +1,98 @@
+"""The pytest plugin against the real lab, through pytester: an inner pytest
+session (its own process, the plugin loaded from its entry point) reuses the
+shared e2e lab by name and leaves it running. A passing test, a failing test
+whose artifacts appear and are named in the report, and destructive tests
+that each get their own domU, gone afterwards."""
+
+from __future__ import annotations
+
+import json
+import xml.etree.ElementTree as ET
+
+import pytest
+
+from .conftest import LAB
+
+pytest_plugins = ["pytester"]
+
+INNER = '''
+import json
+from pathlib import Path
+
+import pytest
+
+SEEN = Path(__file__).with_name("seen.json")
+
+
+def remember(key, value):
+    seen = json.loads(SEEN.read_text()) if SEEN.exists() else {}
+    seen[key] = value
+    SEEN.write_text(json.dumps(seen))
+
+
+@pytest.mark.xenlab
+def test_dom0_commands_files_and_xenstore(xenlab_lab, xenlab_dom0):
+    assert "xen_version" in xenlab_dom0.check("xl info")
+    assert xenlab_dom0.run("exit 7").exit_status == 7
+    xenlab_dom0.put(b"plugin bytes", "/tmp/plugin-put")
+    assert xenlab_dom0.get("/tmp/plugin-put") == b"plugin bytes"
+    assert xenlab_dom0.xs.read("/local/domain/0/name") == "Domain-0"
+    remember("lab", {"name": xenlab_lab.name, "booted": xenlab_lab.booted})
+
+
+def test_failing_leaves_artifacts(xenlab_dom0, xenlab_guest_factory):
+    guest = xenlab_guest_factory("pt-failing")
+    remember("failing_guest", {"name": guest.name, "domid": guest.domid})
+    xenlab_dom0.xs.write("/local/domain/0/data/plugin-marker", "set-by-the-failing-test")
+    guest.exec("echo console-marker-from-the-failing-test > /dev/hvc0")
+    assert xenlab_dom0.run("false").ok, "this test fails on purpose"
+
+
+@pytest.mark.parametrize("n", [1, 2])
+def test_destructive_gets_its_own_domu(xenlab_guest_factory, xenlab_dom0, n):
+    guest = xenlab_guest_factory(disks=["8M"], memory="64M")
+    remember(f"destructive_{n}", {"name": guest.name, "domid": guest.domid})
+    assert f" {guest.domid} " in xenlab_dom0.check("xl list")
+    # Destructive: wipe the guest's disk from inside; nobody else uses this domU.
+    result = guest.exec("dd if=/dev/zero of=/dev/xvda bs=64k count=16 2>&1 && echo wiped")
+    assert result.ok and "wiped" in result.stdout, result
+'''
+
+
+def test_plugin_on_the_real_lab(lab_info, pytester, dom0):
+    pytester.makepyfile(test_driver=INNER)
+    junit = pytester.path / "inner.xml"
+    result = pytester.runpytest_subprocess(
+        "--xenlab-name", lab_info["name"], "--xenlab-keep", "-p", "no:cacheprovider", f"--junitxml={junit}", "-rA", timeout=1200,
+    )
+    out = result.stdout.str()
+    result.assert_outcomes(passed=3, failed=1)
+    seen = json.loads((pytester.path / "seen.json").read_text())
+
+    # The inner session reused the running e2e lab and left it up.
+    assert seen["lab"] == {"name": LAB, "booted": False}
+    assert "Domain-0" in dom0("xl list").stdout
+
+    # The failing test: artifacts in a per-test folder, named in the report and in JUnit.
+    folder = pytester.path / "xenlab-artifacts" / "test_driver.py_test_failing_leaves_artifacts"
+    assert f"saved in {folder}" in out, out
+    names = {p.name for p in folder.iterdir()}
+    assert {"serial.log", "xl-dmesg.txt", "xl-list.txt", "dom0-dmesg.txt", "xenstore.txt", "console-pt-failing.log"} <= names, names
+    assert "(XEN) Xen version 4.17" in (folder / "serial.log").read_text(errors="replace")
+    assert "Xen version 4.17" in (folder / "xl-dmesg.txt").read_text()
+    assert "/local/domain/0/data/plugin-marker = \"set-by-the-failing-test\"" in (folder / "xenstore.txt").read_text()
+    assert "console-marker-from-the-failing-test" in (folder / "console-pt-failing.log").read_text(errors="replace")
+    assert "pt-failing" in (folder / "xl-list.txt").read_text()
+    props = {p.get("name"): p.get("value") for p in ET.parse(junit).getroot().iter("property")}
+    assert props.get("xenlab_artifacts") == str(folder)
+    # Only the failing test got a folder.
+    assert [p.name for p in (pytester.path / "xenlab-artifacts").iterdir()] == [folder.name]
+
+    # Destructive tests: each its own domU, all destroyed afterwards (the failing test's too).
+    guests = [seen["destructive_1"], seen["destructive_2"], seen["failing_guest"]]
+    assert len({g["name"] for g in guests}) == 3 and len({g["domid"] for g in guests}) == 3
+    xl_list = dom0("xl list").stdout
+    left = dom0("ls /var/lib/xenlab/guests/ 2>/dev/null || true").stdout.split()
+    for g in guests:
+        assert g["name"] not in xl_list and g["name"] not in left, (g, xl_list, left)
+    dom0("xenstore-rm /local/domain/0/data/plugin-marker", check=False)

@@ -1,0 +1,80 @@
+"""`xenlab verify` on the shared e2e lab: every check SUCCESS, JUnit and JSON
+written and consistent, the guest gone afterwards; and a guest that panics
+while booting is reported as CRASH with its console tail (exit 3), cleaned up."""
+
+from __future__ import annotations
+
+import json
+import time
+import xml.etree.ElementTree as ET
+
+import pytest
+
+from .conftest import LAB, xenlab
+
+EXPECTED = {
+    "lab.boot", "lab.dom0", "guest.create", "xenbus.trace-create", "xenstore.layout", "xenstore.perms",
+    "evtchn.catalogue", "devchan.echo", "guest.destroy", "xenbus.trace-destroy", "lab.crash-scan",
+}
+
+
+@pytest.fixture(scope="module")
+def verified(lab_info, tmp_path_factory):
+    out = tmp_path_factory.mktemp("verify")
+    junit, report = out / "verify.xml", out / "verify.json"
+    t0 = time.monotonic()
+    proc = xenlab("verify", "--name", LAB, "--guest", "e2e-verify", "--junit", str(junit), "--json", str(report), check=False, timeout=1800)
+    return {"proc": proc, "junit": junit, "json": report, "seconds": time.monotonic() - t0}
+
+
+def test_verify_passes_and_its_junit_says_so(verified):
+    proc = verified["proc"]
+    assert proc.returncode == 0, f"verify exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
+    suite = ET.parse(verified["junit"]).getroot().find("testsuite")
+    cases = list(suite.iter("testcase"))
+    names = {f"{c.get('classname').removeprefix('xenlab.verify.')}.{c.get('name')}" for c in cases}
+    assert EXPECTED <= names, EXPECTED - names
+    ring = sorted(n for n in names if n.startswith("ring."))
+    assert any("block xvda" in n for n in ring) and any("read-only" in n for n in ring) and any(n.startswith("ring.net") for n in ring), ring
+    assert suite.get("tests") == str(len(cases)) and suite.get("failures") == "0" and suite.get("errors") == "0" and suite.get("skipped") == "0"
+    for c in cases:
+        assert not list(c.iter("failure")) and not list(c.iter("error")) and not list(c.iter("skipped")), ET.tostring(c).decode()
+        assert c.find("system-out").text.startswith("SUCCESS: ") and float(c.get("time")) >= 0
+
+
+def test_verify_json_and_table_match_the_junit(verified):
+    report = json.loads(verified["json"].read_text())
+    assert report["ok"] and report["exit_code"] == 0 and report["lab"] == LAB
+    assert report["summary"]["SUCCESS"] == len(report["checks"]) >= len(EXPECTED) + 3
+    by_name = {c["name"]: c for c in report["checks"]}
+    assert "Xen 4.17" in by_name["lab.boot"]["evidence"]
+    assert "no violation" in by_name["xenbus.trace-create"]["evidence"]
+    assert "EACCES" in by_name["xenstore.perms"]["evidence"]
+    assert "echo requests" in by_name["devchan.echo"]["evidence"]
+    table = verified["proc"].stdout.splitlines()
+    assert table[0].split() == ["check", "result", "time", "evidence"]
+    for check in report["checks"]:
+        assert any(line.startswith(check["name"][:40]) and " SUCCESS " in line for line in table), check["name"]
+    assert report["seconds"] <= verified["seconds"]
+
+
+def test_verify_leaves_no_guest(verified, dom0):
+    assert "e2e-verify" not in dom0("xl list").stdout
+    assert "e2e-verify" not in dom0("ls /var/lib/xenlab/guests/").stdout
+
+
+def test_a_guest_that_panics_is_a_crash(lab_info, dom0, tmp_path):
+    """rdinit pointing nowhere: the guest kernel panics at boot. verify says CRASH
+    with the console tail, skips what needs the guest, exits 3 and leaves no guest."""
+    junit = tmp_path / "crash.xml"
+    proc = xenlab("verify", "--name", LAB, "--guest", "e2e-crash", "--guest-extra", "rdinit=/none-such", "--junit", str(junit),
+                  "--skip", "lab.crash-scan", check=False, timeout=900)
+    assert proc.returncode == 3, f"{proc.stdout}\n{proc.stderr}"
+    assert "verify:" in proc.stdout + proc.stderr and "guest.create (CRASH" in proc.stdout + proc.stderr
+    cases = {f"{c.get('classname').removeprefix('xenlab.verify.')}.{c.get('name')}": c for c in ET.parse(junit).getroot().iter("testcase")}
+    crash = cases["guest.create"].find("error")
+    assert crash is not None and crash.get("type") == "CRASH"
+    assert "Kernel panic" in crash.text and "console" in crash.text
+    assert cases["xenstore.layout"].find("skipped").get("message") == "needs guest.create (CRASH)"
+    assert cases["lab.crash-scan"].find("skipped").get("message").startswith("allowed:")
+    assert "e2e-crash" not in dom0("xl list").stdout

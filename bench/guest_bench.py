@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from lab_bench import XENLAB, host, summary, timed  # noqa: E402
+from lab_bench import host, summary, timed  # noqa: E402
 
 GUEST = "bench-g"
 DD_MIB = 32

@@ -9,6 +9,7 @@ import os
 import shutil
 import subprocess
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -61,6 +62,32 @@ def dom0(lab_info):
         return xenlab("ssh", "--name", LAB, "--", command, check=check)
 
     return run
+
+
+@pytest.fixture(scope="module")
+def lab(lab_info):
+    """The shared lab as a Lab object, for tests that use the Python API."""
+    from xenlab import config
+    from xenlab.orchestrate.lab import Lab
+
+    return Lab(config.load(overrides={"name": LAB}))
+
+
+@contextmanager
+def fresh_guest(lab, spec):
+    """A guest of the test's own (a leftover of an earlier run is destroyed
+    first); destroyed afterwards whatever happens."""
+    from xenlab.guest.manager import Guests
+
+    with Guests(lab) as guests:
+        if any(g.get("name") == spec.name for g in guests.list()):
+            guests.destroy(spec.name)
+        info = guests.create(spec)
+    try:
+        yield info
+    finally:
+        with Guests(lab) as guests:
+            guests.destroy(spec.name)
 
 
 def pid_alive(pid: int) -> bool:

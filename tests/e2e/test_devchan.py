@@ -8,32 +8,18 @@ import json
 
 import pytest
 
-from xenlab import config
 from xenlab.cli_evtchn import devchan, devchan_peer_death, grants_mapped
 from xenlab.guest.manager import Guests, GuestSpec
-from xenlab.orchestrate.lab import Lab
 
-from .conftest import LAB, xenlab
+from .conftest import LAB, fresh_guest, xenlab
 
 GUEST = "devchan-fe"
 
 
 @pytest.fixture(scope="module")
-def lab(lab_info):
-    return Lab(config.load(overrides={"name": LAB}))
-
-
-@pytest.fixture(scope="module")
 def front(lab):
-    with Guests(lab) as guests:
-        if any(g.get("name") == GUEST for g in guests.list()):
-            guests.destroy(GUEST)
-        info = guests.create(GuestSpec(name=GUEST, root="python"))
-    try:
+    with fresh_guest(lab, GuestSpec(name=GUEST, root="python")) as info:
         yield info
-    finally:
-        with Guests(lab) as guests:
-            guests.destroy(GUEST)
 
 
 def assert_clean(lab, domid, result):

@@ -8,31 +8,18 @@ import json
 
 import pytest
 
-from xenlab import config
 from xenlab.cli_evtchn import ChannelError, catalogue, evtchn_ls, ping
 from xenlab.guest.manager import Guests, GuestSpec
-from xenlab.orchestrate.lab import Lab
 
-from .conftest import LAB, xenlab
+from .conftest import LAB, fresh_guest, xenlab
 
 GUEST = "evt-peer"
 
 
 @pytest.fixture(scope="module")
-def lab(lab_info):
-    return Lab(config.load(overrides={"name": LAB}))
-
-
-@pytest.fixture(scope="module")
 def peer(lab):
-    with Guests(lab) as guests:
-        guests.destroy(GUEST) if any(g.get("name") == GUEST for g in guests.list()) else None
-        info = guests.create(GuestSpec(name=GUEST, root="python"))
-    try:
+    with fresh_guest(lab, GuestSpec(name=GUEST, root="python")) as info:
         yield info
-    finally:
-        with Guests(lab) as guests:
-            guests.destroy(GUEST)
 
 
 def _by_op(checks):

@@ -11,9 +11,7 @@ import time
 
 import pytest
 
-from xenlab.config import load
 from xenlab.guest.manager import Guests
-from xenlab.orchestrate.lab import Lab
 from xenlab.xenstore.client import XenStore
 from xenlab.xenstore.perms import run_in_guest
 from xenlab.xenstore.recorder import XenBusRecorder
@@ -22,11 +20,6 @@ from xenlab.xenstore.tracer import CLOSED, CONNECTED, check, format_reports
 from .conftest import xenlab
 
 GUEST = "xb-trace"
-
-
-@pytest.fixture(scope="module")
-def lab(lab_info):
-    return Lab(load(None, {"name": lab_info["name"]}))
 
 
 @pytest.fixture(scope="module")

@@ -11,9 +11,7 @@ import time
 
 import pytest
 
-from xenlab.config import load
 from xenlab.guest.manager import Guests
-from xenlab.orchestrate.lab import Lab
 from xenlab.xenstore.client import XenStore, XenStoreConnectionError, XenStoreRequestError
 from xenlab.xenstore.layout import check_domain
 from xenlab.xenstore.perms import check_guest
@@ -21,11 +19,6 @@ from xenlab.xenstore.perms import check_guest
 from .conftest import xenlab
 
 ROOT = "/xenlab-e2e"
-
-
-@pytest.fixture(scope="module")
-def lab(lab_info):
-    return Lab(load(None, {"name": lab_info["name"]}))
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,6 @@ import os
 import queue
 import random
 import select
-import threading
 import time
 from collections.abc import Callable, Iterator
 from copy import copy

@@ -20,6 +20,7 @@ nothing from the lab side is even imported."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import shutil
@@ -200,7 +201,8 @@ def guest_name(nodeid: str, n: int) -> str:
     """A valid guest name (1-32 of a-z 0-9 - _) from the test's name and a counter."""
     test = nodeid.rsplit("::", 1)[-1]
     slug = re.sub(r"[^a-z0-9]+", "-", test.lower().removeprefix("test_").removeprefix("test")).strip("-") or "t"
-    suffix = f"-{n}"
+    # The slug may be cut short (parametrized ids differ at the end): a digest keeps tests apart.
+    suffix = f"-{hashlib.sha1(nodeid.encode()).hexdigest()[:4]}-{n}"
     return ("pt-" + slug)[: 32 - len(suffix)].rstrip("-") + suffix
 
 

@@ -232,6 +232,8 @@ def detect_crash(ctx: Context, message: str = "") -> tuple[str, str] | None:
     m = next((m for p in GUEST_PANIC if (m := p.search(message))), None)
     if m:
         return f"guest {ctx.guest} crashed: {m.group(0)[:200]}", message[-4000:]
+    if ctx.guests is None:
+        return None  # no guest made yet: a console log there is an older run's
     try:
         from .orchestrate.lab import parse_xl_list
 

@@ -53,8 +53,10 @@ def test_guest_names_are_valid_and_distinct():
     assert len(names) == 3
     for name in names:
         assert re.fullmatch(r"[a-z0-9][a-z0-9_-]{0,31}", name), name
-    assert guest_name("t.py::test_ring", 2) == "pt-ring-2"
-    assert guest_name("t.py::Test::test", 1) == "pt-t-1"
+    assert re.fullmatch(r"pt-ring-[0-9a-f]{4}-2", guest_name("t.py::test_ring", 2))
+    assert re.fullmatch(r"pt-t-[0-9a-f]{4}-1", guest_name("t.py::Test::test", 1))
+    long = "t.py::test_destructive_gets_its_own_domu[{}]"
+    assert guest_name(long.format(1), 1) != guest_name(long.format(2), 1)  # ids that differ only past the cut
 
 
 def test_artifacts_dir_is_per_test(pytester):

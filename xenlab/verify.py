@@ -294,7 +294,8 @@ def run_one(ctx: Context, results: list[Result], name: str, fn: Callable[[Contex
     if state != "SUCCESS":
         crash = detect_crash(ctx, details)
         if crash:
-            state, evidence, details = "CRASH", crash[0], crash[1] + "\n\n" + details
+            # The tail first; the check's own error after it unless it is that same text.
+            state, evidence, details = "CRASH", crash[0], crash[1] if details.strip() in crash[1] else crash[1] + "\n\n" + details
     r = Result(name, state, round(time.monotonic() - start, 2), one_line(evidence, 400), details)
     ctx.log(f"  {r.state} {name} ({r.seconds:.1f} s): {one_line(r.evidence, 120)}")
     results.append(r)

@@ -163,3 +163,16 @@ def test_table_is_one_line_per_check():
     assert lines[1].split()[:3] == ["lab.boot", "SUCCESS", "1.2s"] and len(lines[1]) <= 200 and lines[1].endswith("...")
     assert "SKIP*" in lines[2] and "allowed" in lines[-1]
     assert lines[3].split()[1] == "CRASH" and "crashed: Kernel panic" in lines[3]
+
+
+def test_runner_guest_panic_in_the_error_is_a_crash_once(tmp_path):
+    from xenlab.errors import GuestError
+
+    msg = "guest 'g' crashed: Kernel panic - not syncing: VFS: Unable to mount root fs while starting\n--- console ---\nKernel panic - not syncing: VFS"
+    ctx = Context(lab=FakeLab(tmp_path, "(XEN) Xen version\n"), guest="g")
+    out: list[Result] = []
+    run_one(ctx, out, "guest.create", lambda c: (_ for _ in ()).throw(GuestError(msg)), (), ())
+    (r,) = out
+    assert r.state == "CRASH" and r.evidence.startswith("guest g crashed: ") and "Kernel panic" in r.evidence
+    assert r.details.count("--- console ---") == 1
+    assert ctx.lab_crashed is None  # a guest crash does not stop the lab's other checks

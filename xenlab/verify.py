@@ -192,6 +192,7 @@ class Context:
     created: dict | None = None
     timeline: list = field(default_factory=list)
     lab_crashed: str | None = None  # set once Xen/dom0/the VM is gone: later checks are not tried
+    guest_crashed: str | None = None  # set once the guest crashed: only its destroy is still tried
     booted_here: bool = False
     log: Callable[[str], None] = lambda line: None
 
@@ -231,6 +232,7 @@ def detect_crash(ctx: Context, message: str = "") -> tuple[str, str] | None:
         return "the lab VM stopped", f"--- {lab.serial_log} ---\n{tail(text, 40)}"
     m = next((m for p in GUEST_PANIC if (m := p.search(message))), None)
     if m:
+        ctx.guest_crashed = m.group(0)[:200]
         return f"guest {ctx.guest} crashed: {m.group(0)[:200]}", message[-4000:]
     if ctx.guests is None:
         return None  # no guest made yet: a console log there is an older run's
@@ -244,6 +246,7 @@ def detect_crash(ctx: Context, message: str = "") -> tuple[str, str] | None:
         return None
     what = guest_crash(console, state)
     if what:
+        ctx.guest_crashed = what
         return f"guest {ctx.guest} crashed: {what}", f"--- console of {ctx.guest} (dom0: /var/log/xen/console/guest-{ctx.guest}.log) ---\n{console}"
     return None
 
@@ -256,6 +259,9 @@ def run_one(ctx: Context, results: list[Result], name: str, fn: Callable[[Contex
         return
     if ctx.lab_crashed:
         results.append(Result(name, "SKIP", evidence=f"not tried: the lab crashed ({one_line(ctx.lab_crashed, 100)})"))
+        return
+    if ctx.guest_crashed and "guest.create" in needs and name != "guest.destroy":
+        results.append(Result(name, "SKIP", evidence=f"not tried: the guest crashed ({one_line(ctx.guest_crashed, 100)})"))
         return
     for dep in needs:
         got = [r for r in results if r.name == dep or r.name.startswith(dep + ".")] or ([by_name[dep]] if dep in by_name else [])

@@ -176,3 +176,7 @@ def test_runner_guest_panic_in_the_error_is_a_crash_once(tmp_path):
     assert r.state == "CRASH" and r.evidence.startswith("guest g crashed: ") and "Kernel panic" in r.evidence
     assert r.details.count("--- console ---") == 1
     assert ctx.lab_crashed is None  # a guest crash does not stop the lab's other checks
+    run_one(ctx, out, "xenstore.layout", lambda c: "never runs", ("guest.create",), ())
+    run_one(ctx, out, "lab.crash-scan", lambda c: "runs", ("lab.boot",), ())
+    assert out[1].state == "SKIP" and "guest crashed" in out[1].evidence and not out[1].allowed
+    assert out[2].state == "SKIP" and out[2].evidence == "needs lab.boot (not run)"

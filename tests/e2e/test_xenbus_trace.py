@@ -53,10 +53,15 @@ def test_traced_create_follows_the_protocol(created):
     assert created["exit"] == 0 and trace["ok"], json.dumps(trace["devices"], indent=1)
     devs = devices(trace)
     assert set(devs) == {"vbd/51712", "vbd/51728", "vif/0"}
+    # A watch event carries no value: dom0's blkback/netback may already have
+    # moved a new backend to InitWait when the node is first read (the tracer
+    # notes it; with fast hotplug under load this happens). The frontend's
+    # Initialising is written long before the guest kernel runs.
+    backend_seen = (["Initialising", "InitWait", "Connected"], ["InitWait", "Connected"])
     for name in ("vbd/51712", "vbd/51728"):
-        assert devs[name]["backend"] == ["Initialising", "InitWait", "Connected"], devs[name]
+        assert devs[name]["backend"] in backend_seen, devs[name]
         assert devs[name]["frontend"] == ["Initialising", "Initialised", "Connected"], devs[name]
-    assert devs["vif/0"]["backend"] == ["Initialising", "InitWait", "Connected"]
+    assert devs["vif/0"]["backend"] in backend_seen
     assert devs["vif/0"]["frontend"] in (["Initialising", "Connected"], ["Initialising", "Initialised", "Connected"])
     assert all(d["phases"] == ["bring-up"] for d in devs.values())
     # Timestamps are monotonic and every change names its state.

@@ -45,7 +45,7 @@ def test_domain_xml_tcg_qemu64(lab):
     assert "restrict=on" in netdev and "hostfwd=tcp:127.0.0.1:2222-:22" in netdev
     assert "addr=0x9" in args[args.index("-device") + 1]
     append = args[args.index("-append") + 1]
-    assert "dom0_mem=1024M,max:1024M" in append and "bootscrub=false" in append
+    assert "dom0_mem=1024M,max:1024M" in append and "bootscrub=false" in append and "conring_size=4M" in append
 
 
 def test_domain_xml_modules_escape_commas(lab):

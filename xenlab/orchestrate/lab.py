@@ -209,7 +209,9 @@ class Lab:
         xen_cmdline = (
             f"console=com1 com1=115200,8n1 dom0_mem={d0.memory}M,max:{d0.memory}M dom0_max_vcpus={d0.vcpus} "
             # Scrubbing all free RAM at boot costs seconds under TCG; a lab needs no scrub.
-            "bootscrub=false loglvl=all guest_loglvl=all console_timestamps=boot"
+            "bootscrub=false loglvl=all guest_loglvl=all console_timestamps=boot "
+            # `xl dmesg` keeps the boot log even after debug-key dumps (the default ring is 16 KiB).
+            "conring_size=4M"
         )
         xen_cmdline = f"{xen_cmdline} {self.cfg.xen_args}".strip()
         # loglevel=4: every console byte is an emulated UART write under TCG;

@@ -296,7 +296,11 @@ class Lab:
         return self.embed_root / "log" / "qemu" / f"{self.domain_name}.log"
 
     def _qemu_pid(self) -> int | None:
-        for candidate in self.embed_root.glob(f"run/**/{self.domain_name}.pid"):
+        # Embedded driver: under the lab's root; a local system daemon: /run/libvirt/qemu.
+        candidates = list(self.embed_root.glob(f"run/**/{self.domain_name}.pid"))
+        if self.uri() == "qemu:///system":
+            candidates.append(Path("/run/libvirt/qemu") / f"{self.domain_name}.pid")
+        for candidate in candidates:
             try:
                 return int(candidate.read_text().strip())
             except (OSError, ValueError):

@@ -23,13 +23,13 @@ import termios
 import time
 import tty
 
+from .xs import STATE_NAMES, XenStore
+
 GUESTS_DIR = "/var/lib/xenlab/guests"
 CONSOLE_LOG = "/var/log/xen/console/guest-{name}.log"
 READY_MARK = "XENLAB-GUEST-READY"
 CRASH_PATTERNS = (re.compile(r"Kernel panic - not syncing.*"), re.compile(r"XENLAB-GUEST-PANIC: .*"))
 CONNECTED = "4"
-STATE_NAMES = {"0": "Unknown", "1": "Initialising", "2": "InitWait", "3": "Initialised", "4": "Connected", "5": "Closing", "6": "Closed", "7": "Reconfiguring", "8": "Reconfigured"}
-XEN_PYTHON = "/usr/lib/xen-4.17/lib/python"
 
 
 class Refused(Exception):
@@ -38,21 +38,8 @@ class Refused(Exception):
         self.message, self.hint = message, hint
 
 
-class Store:
-    """xenstore reads through libxenstore's Python binding (no process per read)."""
-
-    def __init__(self):
-        sys.path.append(XEN_PYTHON)
-        from xen.lowlevel import xs  # type: ignore[import-not-found]
-
-        self._xs = xs.xs()
-
-    def read(self, path: str) -> str | None:
-        value = self._xs.read("", path)
-        return None if value is None else value.decode(errors="replace")
-
-    def ls(self, path: str) -> list[str]:
-        return list(self._xs.ls("", path) or [])
+def state_name(state: str | None) -> str:
+    return STATE_NAMES[int(state)] if state and state.isdigit() and int(state) < len(STATE_NAMES) else str(state)
 
 
 def xl(*args: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess:
@@ -79,20 +66,20 @@ def read_meta(name: str) -> dict | None:
         return None
 
 
-def devices(store: Store, domid: int) -> list[dict]:
+def devices(store: XenStore, domid: int) -> list[dict]:
     """Every frontend of the domain with its backend and both states."""
     out = []
     base = f"/local/domain/{domid}/device"
-    for kind in store.ls(base):
+    for kind in store.try_directory(base):
         if kind not in ("vbd", "vif"):
             continue  # the console is not a XenBus split device here
-        for devid in store.ls(f"{base}/{kind}"):
+        for devid in store.try_directory(f"{base}/{kind}"):
             front = f"{base}/{kind}/{devid}"
-            back = store.read(f"{front}/backend") or ""
+            back = store.try_read(f"{front}/backend") or ""
             out.append({
                 "kind": kind, "devid": devid, "frontend": front, "backend": back,
-                "frontend_state": store.read(f"{front}/state"),
-                "backend_state": store.read(f"{back}/state") if back else None,
+                "frontend_state": store.try_read(f"{front}/state"),
+                "backend_state": store.try_read(f"{back}/state") if back else None,
             })
     return out
 
@@ -151,10 +138,11 @@ def create(spec: dict) -> dict:
         meta.update(domid=domid, created_at=time.time())
         with open(os.path.join(gdir, "meta.json"), "w") as f:
             json.dump(meta, f)
-        timings = _wait_up(name, domid, spec, t0)
-        timings["xl_create"] = round(xl_seconds, 2)
-        timings["total"] = round(time.monotonic() - started, 2)
-        return {**meta, "timings": timings, "devices": devices(Store(), domid)}
+        with XenStore() as store:
+            timings = _wait_up(store, name, domid, spec, t0)
+            timings["xl_create"] = round(xl_seconds, 2)
+            timings["total"] = round(time.monotonic() - started, 2)
+            return {**meta, "timings": timings, "devices": devices(store, domid)}
     except BaseException:
         _teardown(name)
         raise
@@ -169,10 +157,9 @@ def _xl_info() -> dict:
     return out
 
 
-def _wait_up(name: str, domid: int, spec: dict, t0: float) -> dict:
+def _wait_up(store: XenStore, name: str, domid: int, spec: dict, t0: float) -> dict:
     """Until every vbd/vif is Connected on both sides and the guest printed
     its readiness line; a panic or a vanished domain fails at once."""
-    store = Store()
     want = len(spec["disks"]) + (1 if spec["net"] else 0)
     deadline = t0 + spec["timeout"]
     connected_at = ready_at = None
@@ -188,10 +175,10 @@ def _wait_up(name: str, domid: int, spec: dict, t0: float) -> dict:
         if connected_at and ready_at:
             return {"connected": round(connected_at - t0, 2), "ready": round(ready_at - t0, 2)}
         crash = next((m.group(0) for p in CRASH_PATTERNS if (m := p.search(text))), None)
-        if crash or store.read(f"/local/domain/{domid}/name") is None:
+        if crash or store.try_read(f"/local/domain/{domid}/name") is None:
             raise Refused(f"guest {name!r} {'crashed: ' + crash if crash else 'vanished'} while starting\n--- console ---\n{console_tail(name)}")
         time.sleep(0.02)
-    states = ", ".join(f"{d['kind']}/{d['devid']} front {STATE_NAMES.get(d['frontend_state'], d['frontend_state'])} back {STATE_NAMES.get(d['backend_state'], d['backend_state'])}" for d in devices(store, domid))
+    states = ", ".join(f"{d['kind']}/{d['devid']} front {state_name(d['frontend_state'])} back {state_name(d['backend_state'])}" for d in devices(store, domid))
     raise Refused(
         f"guest {name!r} was not up after {spec['timeout']:.0f} s (devices: {states or 'none'}; ready line {'seen' if ready_at else 'not seen'})\n--- console ---\n{console_tail(name)}",
         "raise --timeout on a slow host, or look at `xenlab guest console`",
@@ -200,10 +187,12 @@ def _wait_up(name: str, domid: int, spec: dict, t0: float) -> dict:
 
 # -- destroy ---------------------------------------------------------------
 
-def leftovers(domid: int, name: str) -> dict:
+def leftovers(store: XenStore, domid: int, name: str) -> dict:
     """What a domain can leave in dom0: backend nodes, loop devices, vifs."""
-    store = Store()
-    backends = [f"/local/domain/0/backend/{kind}/{domid}" for kind in store.ls("/local/domain/0/backend") if str(domid) in store.ls(f"/local/domain/0/backend/{kind}")]
+    backends = [
+        f"/local/domain/0/backend/{kind}/{domid}" for kind in store.try_directory("/local/domain/0/backend")
+        if str(domid) in store.try_directory(f"/local/domain/0/backend/{kind}")
+    ]
     gdir = guest_dir(name)
     loops = []
     for backing in glob.glob("/sys/block/loop*/loop/backing_file"):
@@ -228,10 +217,11 @@ def destroy(name: str, timeout: float) -> dict:
     t0 = time.monotonic()
     _teardown(name)
     deadline = t0 + timeout
-    left = leftovers(domid, name)
-    while any(left.values()) and time.monotonic() < deadline:
-        time.sleep(0.05)
-        left = leftovers(domid, name)
+    with XenStore() as store:
+        left = leftovers(store, domid, name)
+        while any(left.values()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+            left = leftovers(store, domid, name)
     shutil.rmtree(guest_dir(name), ignore_errors=True)
     return {"name": name, "domid": domid, "seconds": round(time.monotonic() - t0, 2), "leftovers": left}
 
@@ -269,7 +259,8 @@ def exec_in(name: str, script: str, stdin: bytes, timeout: float) -> dict:
     domid = domid_of(name)
     if domid is None:
         raise Refused(f"no running guest named {name!r}", "see `xenlab guest list`")
-    tty_path = Store().read(f"/local/domain/{domid}/console/tty")
+    with XenStore() as store:
+        tty_path = store.try_read(f"/local/domain/{domid}/console/tty")
     if not tty_path:
         raise Refused(f"guest {name!r} has no console pty (xenconsoled not attached)")
     os.makedirs("/run/xenlab", exist_ok=True)
@@ -348,7 +339,8 @@ def main(argv: list[str] | None = None) -> int:
                 raise Refused(f"no guest named {args.name!r}", "see `xenlab guest list`")
             result = {"name": args.name, "log": CONSOLE_LOG.format(name=args.name), "tail": console_tail(args.name, args.lines)}
         else:
-            result = leftovers(args.domid, args.name)
+            with XenStore() as store:
+                result = leftovers(store, args.domid, args.name)
     except Refused as e:
         json.dump({"error": e.message, "hint": e.hint}, sys.stdout)
         return 2

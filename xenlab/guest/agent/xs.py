@@ -138,6 +138,15 @@ class XenStore:
         body = self.request(XS_DIRECTORY, path.encode() + b"\0", tx)
         return [p.decode() for p in body.split(b"\0") if p]
 
+    def try_directory(self, path: str, tx: int = 0) -> list[str]:
+        """directory(), or [] where there is no such node (as try_read)."""
+        try:
+            return self.directory(path, tx)
+        except XsError as e:
+            if e.errno in (_errno.ENOENT, _errno.EACCES):
+                return []
+            raise
+
     def set_perms(self, path: str, perms: list[str], tx: int = 0) -> None:
         """perms like ['n0', 'r5']: the first names the owner and everyone's default."""
         self.request(XS_SET_PERMS, path.encode() + b"\0" + b"".join(p.encode() + b"\0" for p in perms), tx)

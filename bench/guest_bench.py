@@ -51,7 +51,8 @@ def main() -> None:
         if args.cold_kernel:
             timed("guest", "build", "--force")
         kernel = json.loads(timed("guest", "build", "--json")[1])["kernel_manifest"]
-        timed("guest", "destroy", GUEST, *lab) if GUEST in timed("guest", "list", *lab)[1] else None
+        if GUEST in timed("guest", "list", *lab)[1]:
+            timed("guest", "destroy", GUEST, *lab)
         # First create ships kernel and root to dom0; not counted.
         timed("guest", "create", GUEST, *lab, "--disk", f"{DD_MIB + 8}M", "--net")
         timed("guest", "destroy", GUEST, *lab)

@@ -180,12 +180,8 @@ def status(ctx, name, as_json, all_labs):
 def ssh(ctx, name, command):
     """A shell in dom0, or run COMMAND there with its output and exit code."""
     lab = Lab(load_config(ctx, name=name))
-    info = lab.require_up()
     if not command:
-        argv = [
-            "ssh", "-i", str(lab.key_file), "-p", str(info["ssh_port"]), "-o", f"UserKnownHostsFile={lab.known_hosts}",
-            "-o", "StrictHostKeyChecking=yes", "-o", "IdentitiesOnly=yes", "root@127.0.0.1",
-        ]
+        argv = lab.openssh_argv()
         os.execvp(argv[0], argv)
     with lab.ssh() as session:
         result = session.run(" ".join(command), timeout=3600)

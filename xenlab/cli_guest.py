@@ -186,10 +186,7 @@ def console_cmd(ctx, lab_name, name, lines, attach):
     if attach:
         import os
 
-        lab = Lab(load_config(ctx, name=lab_name))
-        info = lab.require_up()
-        argv = ["ssh", "-t", "-i", str(lab.key_file), "-p", str(info["ssh_port"]), "-o", f"UserKnownHostsFile={lab.known_hosts}",
-                "-o", "StrictHostKeyChecking=yes", "-o", "IdentitiesOnly=yes", "root@127.0.0.1", "xl", "console", name]
+        argv = Lab(load_config(ctx, name=lab_name)).openssh_argv("xl", "console", name, tty=True)
         os.execvp(argv[0], argv)
     with _guests(ctx, lab_name) as guests:
         result = guests.console(name, lines)

@@ -49,7 +49,7 @@ with zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as z:
 
 
 def export(rootfs: Path, kver: str, dest: Path, log_file: Path) -> None:
-    from ..orchestrate.images import module_order  # images imports this module
+    from ..orchestrate.images import copy_modules  # images imports this module
 
     python = dest / "python"
     _copy_into(rootfs, f"/usr/bin/{PYTHON}", python)
@@ -64,14 +64,9 @@ def export(rootfs: Path, kver: str, dest: Path, log_file: Path) -> None:
     run(["chroot", rootfs, f"/usr/bin/{PYTHON}", "-c", ZIP_STDLIB, f"/usr/lib/{PYTHON}", inside, ",".join(STDLIB_EXCLUDE)], log_file=log_file)
     shutil.move(rootfs / inside.lstrip("/"), python / "usr/lib/python311.zip")
 
-    moddir = rootfs / "lib/modules" / kver
     modules = dest / "modules"
     modules.mkdir(parents=True)
-    names = []
-    for rel in module_order((moddir / "modules.dep").read_text(), GUEST_MODULES):
-        name = Path(rel).name.split(".ko")[0]
-        shutil.copy2(moddir / rel, modules / f"{name}.ko")
-        names.append(name)
+    names = copy_modules(rootfs / "lib/modules" / kver, GUEST_MODULES, modules)
     (modules / "modules.order").write_text("\n".join(names) + "\n")
 
 

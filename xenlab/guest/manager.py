@@ -6,11 +6,10 @@ from __future__ import annotations
 
 import base64
 import gzip
-import hashlib
 import json
 import re
 import shlex
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .. import templates
@@ -152,17 +151,21 @@ class Guests:
             deploy.ensure_agent(self.ssh())
             self._agent_ready = True
 
-    def domctl(self, verb: str, *args: str, request: dict | None = None, timeout: float = 300) -> dict | list:
+    def agent(self, module: str, *args: str, request: dict | None = None, timeout: float = 300) -> dict | list:
+        """Run an agent module in dom0: its JSON reply, or its refusal as GuestError."""
         self._agent()
         stdin = json.dumps(request).encode() if request is not None else None
-        result = self.ssh().run(deploy.agent_command("domctl", verb, *args), timeout=timeout, input=stdin)
+        result = self.ssh().run(deploy.agent_command(module, *args), timeout=timeout, input=stdin)
         try:
             reply = json.loads(result.stdout)
         except ValueError:
-            raise GuestError(f"the dom0 agent failed ({verb}, exit {result.exit_status}):\n{result.stderr.strip()[-2000:]}") from None
+            raise GuestError(f"the dom0 agent failed ({module} {' '.join(args)}, exit {result.exit_status}):\n{result.stderr.strip()[-2000:]}") from None
         if isinstance(reply, dict) and "error" in reply:
             raise GuestError(reply["error"], reply.get("hint", ""))
         return reply
+
+    def domctl(self, verb: str, *args: str, request: dict | None = None, timeout: float = 300) -> dict | list:
+        return self.agent("domctl", verb, *args, request=request, timeout=timeout)
 
     # -- images ----------------------------------------------------------
     def _image(self) -> images.Dom0Image:
@@ -248,16 +251,4 @@ class Guests:
     def check(self, name: str, timeout: float = 600) -> list[dict]:
         """Block and network ring I/O checks on the real frontends/backends (run in dom0)."""
         validate_name(name, "guest name")
-        self._agent()
-        result = self.ssh().run(deploy.agent_command("iocheck", name), timeout=timeout)
-        try:
-            reply = json.loads(result.stdout)
-        except ValueError:
-            raise GuestError(f"the dom0 I/O check failed (exit {result.exit_status}):\n{result.stderr.strip()[-2000:]}") from None
-        if isinstance(reply, dict):
-            raise GuestError(reply["error"], reply.get("hint", ""))
-        return reply
-
-
-def spec_digest(spec: GuestSpec) -> str:
-    return hashlib.sha256(json.dumps(asdict(spec), sort_keys=True).encode()).hexdigest()[:12]
+        return self.agent("iocheck", name, timeout=timeout)

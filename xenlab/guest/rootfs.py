@@ -17,7 +17,7 @@ from pathlib import Path
 
 from .. import templates
 from ..errors import HostError
-from ..orchestrate.images import Dom0Image
+from ..orchestrate.images import Dom0Image, cpio_archive
 from ..run import run
 from . import deploy
 
@@ -61,7 +61,7 @@ def build(image: Dom0Image, root: str, kernel: str, cache: Path) -> Path:
         for script in (init, agent):
             script.chmod(0o755)
         staged = Path(work) / "initramfs.cpio.gz"
-        staged.write_bytes(gzip.compress(_cpio(tree), compresslevel=6))
+        staged.write_bytes(gzip.compress(cpio_archive(tree, "-R", "0:0"), compresslevel=6))
         staged.rename(target)
     # Older builds of this root (another agent or template version) are dead weight.
     for old in cache.glob(f"domu-{root}-{kernel}-*.cpio.gz"):
@@ -100,8 +100,3 @@ def _populate(tree: Path, image: Dom0Image, root: str, kernel: str) -> list[str]
             shutil.copy2(kit / "modules" / f"{name}.ko", tree / "lib/modules" / f"{name}.ko")
         return names
     return []
-
-
-def _cpio(tree: Path) -> bytes:
-    listing = "\n".join(str(p.relative_to(tree)) for p in sorted(tree.rglob("*"))).encode()
-    return run(["cpio", "-o", "-H", "newc", "--quiet", "-R", "0:0"], input=listing, cwd=tree).stdout

@@ -251,27 +251,38 @@ def module_order(modules_dep: str, wanted: tuple[str, ...]) -> list[str]:
     return ordered
 
 
+def copy_modules(moddir: Path, wanted: tuple[str, ...], dest: Path) -> list[str]:
+    """Copy `wanted` and their dependencies from moddir into dest as NAME.ko;
+    their names in load order."""
+    names = []
+    for rel in module_order((moddir / "modules.dep").read_text(), wanted):
+        name = Path(rel).name.split(".ko")[0]
+        shutil.copy2(moddir / rel, dest / f"{name}.ko")
+        names.append(name)
+    return names
+
+
 def _initramfs(rootfs: Path, kver: str, target: Path, work: Path) -> None:
     busybox = Path("/bin/busybox")  # busybox-static: the initramfs has no libc
     if not busybox.exists():
         raise HostError("/bin/busybox is missing", "install busybox-static (ci/setup-host.sh does)")
     moddir = rootfs / "lib/modules" / kver
-    order = module_order((moddir / "modules.dep").read_text(), ROOT_MODULES)
     tree = work / "initramfs"
     for sub in ("bin", "dev", "proc", "sys", "newroot", "modules"):
         (tree / sub).mkdir(parents=True)
     shutil.copy2(busybox, tree / "bin/busybox")
-    names = []
-    for rel in order:
-        name = Path(rel).name.split(".ko")[0]
-        shutil.copy2(moddir / rel, tree / "modules" / f"{name}.ko")
-        names.append(name)
+    names = copy_modules(moddir, ROOT_MODULES, tree / "modules")
     init = tree / "init"
     init.write_text(templates.render("initramfs-init.sh.j2", modules=names, root_device="/dev/vda"))
     init.chmod(0o755)
     # Uncompressed: decompressing costs more than reading under TCG.
+    target.write_bytes(cpio_archive(tree))
+
+
+def cpio_archive(tree: Path, *options: str) -> bytes:
+    """A newc cpio archive of everything under tree (an initramfs)."""
     listing = "\n".join(str(p.relative_to(tree)) for p in sorted(tree.rglob("*"))).encode()
-    target.write_bytes(run(["cpio", "-o", "-H", "newc", "--quiet"], input=listing, cwd=tree).stdout)
+    return run(["cpio", "-o", "-H", "newc", "--quiet", *options], input=listing, cwd=tree).stdout
 
 
 def _extract_boot(rootfs: Path, kver: str, out: Path) -> str:

@@ -339,6 +339,15 @@ class Lab:
         image = images.Dom0Image(images.images_dir() / info["image_id"])
         return SSHSession(info["ssh_port"], self.key_file, image.host_key).connect(timeout=timeout)
 
+    def openssh_argv(self, *command: str, tty: bool = False) -> list[str]:
+        """OpenSSH to dom0 with the lab's key and pinned known_hosts (for interactive use)."""
+        info = self.require_up()
+        return [
+            "ssh", *(["-t"] if tty else []), "-i", str(self.key_file), "-p", str(info["ssh_port"]),
+            "-o", f"UserKnownHostsFile={self.known_hosts}", "-o", "StrictHostKeyChecking=yes", "-o", "IdentitiesOnly=yes",
+            "root@127.0.0.1", *command,
+        ]
+
     def running(self) -> bool:
         with self.locked(), self._connect() as conn:
             dom = virt.lookup(conn, self.domain_name)

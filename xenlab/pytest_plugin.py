@@ -282,7 +282,8 @@ def save_artifacts(handle: XenLab | None, lab, folder: Path) -> list[str]:
     try:
         ssh = lab.ssh(timeout=10)
     except Exception as e:  # noqa: BLE001 - the lab may be what broke
-        save("dom0.error", lambda: f"no SSH to dom0: {e}")
+        reason = f"no SSH to dom0: {e}"  # `e` is unbound once the except block ends
+        save("dom0.error", lambda: reason)
         return written
     with ssh:
         def cmd(command: str):

@@ -6,7 +6,6 @@ removes both afterwards."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import subprocess

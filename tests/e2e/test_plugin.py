@@ -11,7 +11,6 @@ import os
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
-import pytest
 
 from .conftest import LAB
 

@@ -149,13 +149,16 @@ def evtchn_ls(ssh: SSHSession, domid: int) -> dict:
     return agent(ssh, "evstatus", "ls", "--domid", str(domid))
 
 
-def ping(lab, guest: str, count: int = 1000, spin: bool = False) -> dict:
+def ping(lab, guest: str, count: int = 1000, spin: bool = False, place: bool = True, dom0_vcpu: int = 0) -> dict:
     """Event channel round trips between dom0 (timing) and the domU (echoing).
-    spin: both sides poll without blocking (no scheduler wake-ups on either side)."""
+    spin: both sides poll without blocking (no scheduler wake-ups on either side).
+    place: the timing process, its vCPU and its port's interrupt together on a
+    physical CPU the domU does not use, for the run only (agent placement.py)."""
     with lab.ssh() as ssh, _guests(lab) as guests:
         domid = domid_of(ssh, guest)
         flag = ["--spin"] if spin else []
-        proc = Dom0Process(ssh, "evtchn", "ping", "--remote", str(domid), "--count", str(count), *flag)
+        proc = Dom0Process(ssh, "evtchn", "ping", "--remote", str(domid), "--count", str(count), *flag,
+                           *(["--place", "--vcpu", str(dom0_vcpu)] if place else []))
         port = proc.readline(60)["port"]
         pong = guest_run(guests, guest, f"evtchn pong --remote 0 --port {port} --count {count + 20} {' '.join(flag)}", timeout=120 + count * 0.05)
         result = proc.wait(60)
@@ -298,6 +301,15 @@ def _lab(ctx, name):
     return Lab(load_config(ctx, name=name))
 
 
+def _placement_text(placed: dict | None) -> str:
+    if not placed:
+        return "as placed by Xen"
+    if "skipped" in placed:
+        return f"placement skipped: {placed['skipped']}"
+    text = f"dom0 vCPU {placed['dom0_vcpu']} alone on pCPU {placed['dom0_vcpu_pcpus']}, domU on pCPU {placed['guest_pcpus']}"
+    return text + (f"; NOT restored: {', '.join(placed['not_restored'])}" if placed.get("not_restored") else "")
+
+
 def _print(data, as_json: bool, text) -> None:
     if as_json:
         click.echo(json.dumps(data, indent=2))
@@ -338,17 +350,21 @@ def register(main: click.Group) -> None:
     @name_option
     @click.argument("guest")
     @click.option("--count", default=1000, show_default=True)
-    @click.option("--spin", is_flag=True, help="poll instead of blocking on both sides (lowest latency, burns a vCPU each)")
+    @click.option("--spin", is_flag=True, help="poll instead of blocking on both sides (burns a vCPU each; slower under TCG, where every poll is a syscall)")
+    @click.option("--placement/--no-placement", default=True, show_default=True,
+                  help="for the run, give the timing dom0 vCPU a physical CPU of its own, deliver its port's interrupt there "
+                       "and pin the domU to the other CPUs (put back afterwards); --no-placement measures the lab as it is")
+    @click.option("--dom0-vcpu", default=0, show_default=True, help="the dom0 vCPU that times the run (with --placement)")
     @click.option("--json", "as_json", is_flag=True)
     @click.pass_context
-    def ping_cmd(ctx, name, guest, count, spin, as_json):
+    def ping_cmd(ctx, name, guest, count, spin, placement, dom0_vcpu, as_json):
         """Event channel round trips between dom0 and GUEST (userspace to userspace)."""
         if count < 1:
             raise ChannelError("--count must be at least 1")
-        data = ping(_lab(ctx, name), guest, count, spin)
+        data = ping(_lab(ctx, name), guest, count, spin, placement, dom0_vcpu)
         _print(data, as_json, lambda d: click.echo(
-            f"dom0 <-> {guest} (dom {d['domid']}, {d['mode']}), {d['count']} round trips: mean {d['mean_us']} us, "
-            f"p50 {d['p50_us']} us, p99 {d['p99_us']} us, min {d['min_us']} us, max {d['max_us']} us"))
+            f"dom0 <-> {guest} (dom {d['domid']}, {d['mode']}, {_placement_text(d['placement'])}), {d['count']} round trips: "
+            f"mean {d['mean_us']} us, p50 {d['p50_us']} us, p99 {d['p99_us']} us, min {d['min_us']} us, max {d['max_us']} us"))
 
     @evtchn.command("catalogue")
     @name_option

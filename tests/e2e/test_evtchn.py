@@ -79,6 +79,30 @@ def test_ping_round_trips_between_dom0_and_domu(lab, peer):
     assert "50 round trips" in proc.stdout
 
 
+def test_ping_placement_pins_for_the_run_and_puts_everything_back(lab, peer):
+    before = vcpu_affinities(lab)
+    result = ping(lab, GUEST, count=200, dom0_vcpu=1)
+    placed = result["placement"]
+    assert result["vcpu"] == 1 and result["count"] == 200
+    # read back from Xen during the run: vCPU 1 alone on pCPU 0, the rest on pCPU 1
+    assert placed["pinned"] == {"0.0": "1", "0.1": "0", f"{peer['domid']}.0": "1"}
+    assert placed["port_vcpu"] == 1  # EVTCHNOP_status: the port was rebound to the timing vCPU
+    assert "not_restored" not in placed
+    assert vcpu_affinities(lab) == before
+    as_is = ping(lab, GUEST, count=100, place=False)
+    assert as_is["placement"] is None and vcpu_affinities(lab) == before
+    proc = xenlab("evtchn", "ping", "--name", LAB, GUEST, "--count", "20", "--dom0-vcpu", "7", check=False)
+    assert proc.returncode != 0 and "dom0 has no online vCPU 7" in proc.stdout + proc.stderr
+    assert vcpu_affinities(lab) == before
+
+
+def vcpu_affinities(lab) -> dict:
+    """{(domid, vcpu): "HARD / SOFT"} of every domain, from `xl vcpu-list`."""
+    with lab.ssh() as ssh:
+        rows = [line.split() for line in ssh.check("xl vcpu-list").splitlines()[1:]]
+    return {(r[-8], r[-7]): " ".join(r[-3:]) for r in rows}
+
+
 def test_ping_unknown_guest_refused(lab_info):
     proc = xenlab("evtchn", "ping", "--name", LAB, "no-such-guest", check=False)
     assert proc.returncode != 0 and "no domain named 'no-such-guest'" in proc.stdout + proc.stderr

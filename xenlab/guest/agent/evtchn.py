@@ -193,14 +193,18 @@ def fast_pingpong(ev: EventChannel, port: int, count: int, timeout: float) -> li
     samples = []
     old = signal.signal(signal.SIGALRM, _raise_deadline)
     signal.setitimer(signal.ITIMER_REAL, timeout)
-    fd, clock, notify = ev.fd, time.perf_counter, ev.notify
+    # The loop calls the ioctl directly with its argument packed once: each
+    # Python call and allocation in it costs microseconds under TCG.
+    fd, clock, ioctl, arg = ev.fd, time.perf_counter, fcntl.ioctl, bytearray(struct.pack("=I", port))
     try:
         for _ in range(count):
             t0 = clock()
-            notify(port)
+            ioctl(fd, IOCTL_NOTIFY, arg)
             fired = os.read(fd, 4)
             samples.append(clock() - t0)
             os.write(fd, fired)
+    except OSError as e:
+        raise _explain("round trip (notify, read, unmask)", e, port=port) from None
     except _Deadline:
         raise EvtchnError(f"round trips on port {port} did not finish within {timeout:.0f} s ({len(samples)}/{count})", "is the peer still running?") from None
     finally:
@@ -213,13 +217,15 @@ def fast_echo(ev: EventChannel, port: int, count: int, timeout: float) -> int:
     """Answer first, unmask after: the reply leaves before our bookkeeping."""
     old = signal.signal(signal.SIGALRM, _raise_deadline)
     signal.setitimer(signal.ITIMER_REAL, timeout)
-    fd, notify = ev.fd, ev.notify
+    fd, ioctl, arg = ev.fd, fcntl.ioctl, bytearray(struct.pack("=I", port))
     n = 0
     try:
         for n in range(1, count + 1):
             fired = os.read(fd, 4)
-            notify(port)
+            ioctl(fd, IOCTL_NOTIFY, arg)
             os.write(fd, fired)
+    except OSError as e:
+        raise _explain("round trip (notify, read, unmask)", e, port=port) from None
     except _Deadline:
         return n - 1
     finally:
@@ -290,25 +296,54 @@ def _commands():
                 samples.append(time.perf_counter() - t0)
         return {"mode": "same-domain, one process", **stats(samples)}
 
-    def ping(remote: int, count: int = 1000, timeout: float = 60.0, warmup: int = 20, spin: bool = False):
-        """Offer a port to `remote`, print it, wait for the peer's hello, then time `count` round trips."""
+    def ping(remote: int, count: int = 1000, timeout: float = 60.0, warmup: int = 20, spin: bool = False,
+             place: bool = False, vcpu: int = 0):
+        """Offer a port to `remote`, print it, wait for the peer's hello, then time `count` round trips.
+        place: this process, its port's interrupt and dom0 vCPU `vcpu`
+        together, alone on a physical CPU (see placement.py); put back afterwards."""
+        from .placement import Placement, name_this_process, route_interrupt
+
+        handle = f"xlping{os.getpid()}"[:15]
+        if place:
+            name_this_process(handle)
         # Stay on one vCPU: under TCG the vCPUs' clocks are not in step, and a
         # migration between two perf_counter() reads distorts (or zeroes) a sample.
-        os.sched_setaffinity(0, {os.sched_getaffinity(0).pop() if len(os.sched_getaffinity(0)) == 1 else _current_cpu()})
-        with EventChannel() as ev:
-            port = ev.bind_unbound(remote)
-            print(json.dumps({"port": port}), flush=True)
-            if ev.wait(port, timeout) is None:
-                raise EvtchnError(f"domain {remote} never bound port {port} within {timeout:.0f} s", "did the pong side start?")
-            run = (lambda k: pingpong(ev, port, k, spin=True)) if spin else (lambda k: fast_pingpong(ev, port, k, timeout))
-            run(warmup)
-            t0 = time.perf_counter()
-            samples = run(count)
-            overall = (time.perf_counter() - t0) / count
+        allowed = os.sched_getaffinity(0)
+        if not place:
+            vcpu = min(allowed) if len(allowed) == 1 else _current_cpu()
+        try:
+            os.sched_setaffinity(0, {vcpu})
+        except OSError:
+            raise EvtchnError(f"dom0 has no online vCPU {vcpu}", f"dom0's vCPUs here: {sorted(allowed)}") from None
+        placement = Placement(remote, vcpu) if place else None
+        if placement:
+            placement.__enter__()
+        try:
+            with EventChannel() as ev:
+                port = ev.bind_unbound(remote)
+                placed = None
+                if placement:
+                    from .evstatus import Xc
+
+                    placed = {**placement.report, "irq": route_interrupt(handle, vcpu)}
+                    with Xc() as xc:  # EVTCHNOP_status: the vCPU Xen now delivers the port to
+                        placed["port_vcpu"] = xc.status(0, port)["vcpu"]
+                print(json.dumps({"port": port}), flush=True)
+                if ev.wait(port, timeout) is None:
+                    raise EvtchnError(f"domain {remote} never bound port {port} within {timeout:.0f} s", "did the pong side start?")
+                run = (lambda k: pingpong(ev, port, k, spin=True)) if spin else (lambda k: fast_pingpong(ev, port, k, timeout))
+                run(warmup)
+                t0 = time.perf_counter()
+                samples = run(count)
+                overall = (time.perf_counter() - t0) / count
+        finally:
+            not_restored = placement.restore() if placement else []
+        if not_restored:
+            placed["not_restored"] = not_restored
         # overall_mean_us: the whole run over `count`; robust to the PV clock's
         # clamping, which under TCG can make a single short sample read as 0.
         return {"mode": "interdomain" + (", spinning" if spin else ", blocking"), "remote": remote, "port": port,
-                **stats(samples), "overall_mean_us": round(overall * 1e6, 1)}
+                "vcpu": vcpu, "placement": placed, **stats(samples), "overall_mean_us": round(overall * 1e6, 1)}
 
     def pong(remote: int, port: int, count: int = 1020, timeout: float = 60.0, linger: float = 0.0, spin: bool = False):
         """Bind to `remote`:`port`, say hello, answer `count` events, stay bound `linger` s more."""

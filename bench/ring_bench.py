@@ -2,7 +2,10 @@
 per second and MB/s (payload bytes moved, both directions counted) for
 several payload sizes and operations. One JSON document.
 
-Usage: .venv/bin/python bench/ring_bench.py [--name LAB] [--guest NAME] [--count N] [--runs R]"""
+Placed like `xenlab ring bench` (the backend's vCPU alone on a physical CPU)
+unless --no-placement.
+
+Usage: .venv/bin/python bench/ring_bench.py [--name LAB] [--guest NAME] [--count N] [--runs R] [--no-placement]"""
 
 from __future__ import annotations
 
@@ -65,14 +68,16 @@ def main() -> None:
     ap.add_argument("--guest", default=None)
     ap.add_argument("--count", type=int, default=5000)
     ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--no-placement", dest="place", action="store_false", help="measure the lab as it is (no pinning)")
     args = ap.parse_args()
-    doc = {"bench": "ring", "date": time.strftime("%Y-%m-%d"), "host": host(), "requests_per_run": args.count, "cases": []}
+    doc = {"bench": "ring", "date": time.strftime("%Y-%m-%d"), "host": host(), "requests_per_run": args.count,
+           "placement": args.place, "cases": []}
     with lab_and_guest(args.name, args.guest) as (lab, guest, where):
         doc.update(where)
         for op, size in CASES:
             runs = []
             for _ in range(args.runs):
-                f = devchan(lab, guest, f"--count {args.count} --size {size} --op {op}", devid=20)["frontend"]
+                f = devchan(lab, guest, f"--count {args.count} --size {size} --op {op}", devid=20, place=args.place)["frontend"]
                 runs.append({k: f[k] for k in ("requests_per_s", "mb_per_s", "seconds", "notifies_sent", "ring_full_seen")})
             doc["cases"].append({
                 "op": op, "size": size, "runs": runs,

@@ -166,11 +166,12 @@ def ping(lab, guest: str, count: int = 1000, spin: bool = False, place: bool = T
         return result
 
 
-def devchan(lab, guest: str | None, frontend_args: str = "", devid: int = 0, timeout: float = 600) -> dict:
-    """One device channel session: backend in dom0, frontend in `guest` (or in dom0 when None)."""
+def devchan(lab, guest: str | None, frontend_args: str = "", devid: int = 0, timeout: float = 600, place: bool = False) -> dict:
+    """One device channel session: backend in dom0, frontend in `guest` (or in dom0 when None).
+    place: the backend on dom0 vCPU 0 alone on a physical CPU, the domU on the others (agent placement.py)."""
     with lab.ssh() as ssh:
         domid = domid_of(ssh, guest) if guest else 0
-        backend = Dom0Process(ssh, "devchan", "backend", "--domid", str(domid), "--devid", str(devid))
+        backend = Dom0Process(ssh, "devchan", "backend", "--domid", str(domid), "--devid", str(devid), *(["--place"] if place else []))
         backend_pid = backend.readline(60)["pid"]
         try:
             args = f"devchan frontend --devid {devid} {frontend_args}".strip()
@@ -393,13 +394,16 @@ def register(main: click.Group) -> None:
     @click.option("--count", default=5000, show_default=True, help="requests")
     @click.option("--size", default=2048, show_default=True, help="payload bytes per request (0-4096)")
     @click.option("--op", type=click.Choice(["echo", "write", "read", "nop"]), default="echo", show_default=True)
+    @click.option("--placement/--no-placement", default=True, show_default=True,
+                  help="for the run, serve from dom0 vCPU 0 alone on a physical CPU with the channel's interrupt there, "
+                       "the domU on the other CPUs (put back afterwards)")
     @click.option("--json", "as_json", is_flag=True)
     @click.pass_context
-    def bench_cmd(ctx, name, guest, count, size, op, as_json):
+    def bench_cmd(ctx, name, guest, count, size, op, placement, as_json):
         """Throughput over the device channel: frontend in GUEST, backend in dom0."""
         if not 0 <= size <= 4096:
             raise ChannelError(f"--size {size} out of range", "a request carries 0 to 4096 bytes (one data page)")
-        data = devchan(_lab(ctx, name), guest, f"--count {count} --size {size} --op {op}")
+        data = devchan(_lab(ctx, name), guest, f"--count {count} --size {size} --op {op}", place=placement)
         if data["backend"]["ended"] != "frontend-closed":
             raise ChannelError(f"the backend ended with {data['backend']['ended']}: {data['backend'].get('error', '')}")
         f = data["frontend"]

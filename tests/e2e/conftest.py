@@ -97,3 +97,10 @@ def pid_alive(pid: int) -> bool:
 def pytest_collection_modifyitems(config, items):
     """Tests marked lab_teardown stop the shared lab: run them after all others."""
     items.sort(key=lambda item: item.get_closest_marker("lab_teardown") is not None)
+
+
+def vcpu_affinities(lab) -> dict:
+    """{(domid, vcpu): "HARD / SOFT"} of every domain, from `xl vcpu-list`."""
+    with lab.ssh() as ssh:
+        rows = [line.split() for line in ssh.check("xl vcpu-list").splitlines()[1:]]
+    return {(r[-8], r[-7]): " ".join(r[-3:]) for r in rows}

@@ -11,7 +11,7 @@ import pytest
 from xenlab.cli_evtchn import devchan, devchan_peer_death, grants_mapped
 from xenlab.guest.manager import Guests, GuestSpec
 
-from .conftest import LAB, fresh_guest, xenlab
+from .conftest import LAB, fresh_guest, vcpu_affinities, xenlab
 
 GUEST = "devchan-fe"
 
@@ -84,10 +84,17 @@ def test_request_for_a_page_out_of_range_gets_einval(lab, front):
     assert_clean(lab, front["domid"], result)
 
 
-def test_ring_bench_cli(lab_info, front):
+def test_ring_bench_cli(lab, front):
+    before = vcpu_affinities(lab)
     proc = xenlab("ring", "bench", "--name", LAB, GUEST, "--count", "1000", "--size", "2048", "--json")
     data = json.loads(proc.stdout)
     assert data["frontend"]["requests"] == 1000 and data["frontend"]["mb_per_s"] > 0
+    placed = data["backend"]["placement"]  # placed by default: read back from Xen during the run
+    assert placed["pinned"] == {"0.0": "0", "0.1": "1", f"{front['domid']}.0": "1"} and placed["not_restored"] == []
+    assert vcpu_affinities(lab) == before
+    proc = xenlab("ring", "bench", "--name", LAB, GUEST, "--count", "300", "--op", "nop", "--no-placement", "--json")
+    data = json.loads(proc.stdout)
+    assert data["frontend"]["requests"] == 300 and "placement" not in data["backend"]
 
 
 def test_ring_bench_refusals(lab_info):

@@ -11,7 +11,7 @@ import pytest
 from xenlab.cli_evtchn import ChannelError, catalogue, evtchn_ls, ping
 from xenlab.guest.manager import Guests, GuestSpec
 
-from .conftest import LAB, fresh_guest, xenlab
+from .conftest import LAB, fresh_guest, vcpu_affinities, xenlab
 
 GUEST = "evt-peer"
 
@@ -95,12 +95,6 @@ def test_ping_placement_pins_for_the_run_and_puts_everything_back(lab, peer):
     assert proc.returncode != 0 and "dom0 has no online vCPU 7" in proc.stdout + proc.stderr
     assert vcpu_affinities(lab) == before
 
-
-def vcpu_affinities(lab) -> dict:
-    """{(domid, vcpu): "HARD / SOFT"} of every domain, from `xl vcpu-list`."""
-    with lab.ssh() as ssh:
-        rows = [line.split() for line in ssh.check("xl vcpu-list").splitlines()[1:]]
-    return {(r[-8], r[-7]): " ".join(r[-3:]) for r in rows}
 
 
 def test_ping_unknown_guest_refused(lab_info):

@@ -19,7 +19,6 @@ from .errors import XenlabError
 from .guest import deploy
 from .orchestrate.ssh import SSHSession
 
-AGENT_ERROR_PREFIX = "XENLAB-AGENT-ERROR "
 DOMU_AGENT = "PYTHONPATH=/usr/lib/xenlab python3 -m xenlab_agent."
 
 
@@ -27,29 +26,11 @@ class ChannelError(XenlabError):
     """An event channel, grant or ring operation failed or was refused."""
 
 
-def _agent_error(stderr: str, what: str, rc: int) -> ChannelError:
-    for line in reversed(stderr.splitlines()):
-        if line.startswith(AGENT_ERROR_PREFIX):
-            err = json.loads(line[len(AGENT_ERROR_PREFIX):])
-            return ChannelError(err["error"], err.get("hint", ""))
-    return ChannelError(f"{what} failed (exit {rc}): {stderr.strip()[-1500:]}")
-
-
-def _last_json(stdout: str) -> dict:
-    for line in reversed(stdout.strip().splitlines()):
-        line = line.strip()
-        if line.startswith("{"):
-            return json.loads(line)
-    raise ValueError("no JSON in output")
-
-
 def agent(ssh: SSHSession, module: str, *args: str, timeout: float = 300) -> dict:
     """Run an agent command in dom0; its JSON result, or its error as ChannelError."""
     deploy.ensure_agent(ssh)
     result = ssh.run(deploy.agent_command(module, *args), timeout=timeout)
-    if result.exit_status != 0:
-        raise _agent_error(result.stderr, f"{module} {' '.join(args)}", result.exit_status)
-    return _last_json(result.stdout)
+    return deploy.agent_reply(result.stdout, result.stderr, result.exit_status, f"{module} {' '.join(args)}", ChannelError)
 
 
 class Dom0Process:
@@ -88,7 +69,7 @@ class Dom0Process:
             if self.chan.exit_status_ready() and not self.chan.recv_ready():
                 self._pump(0.1)
                 if b"\n" not in self.out:
-                    raise _agent_error(self.err.decode(errors="replace"), self.command, self.chan.recv_exit_status())
+                    raise deploy.agent_error(self.err.decode(errors="replace"), self.command, self.chan.recv_exit_status(), ChannelError)
             if time.monotonic() > deadline:
                 raise ChannelError(f"dom0 side gave no sign of life within {timeout:.0f} s: {self.command}", self.err.decode(errors="replace")[-500:])
             self._pump(0.5)
@@ -105,9 +86,7 @@ class Dom0Process:
             pass
         rc = self.chan.recv_exit_status()
         self.chan.close()
-        if rc != 0:
-            raise _agent_error(self.err.decode(errors="replace"), self.command, rc)
-        return _last_json(self.out.decode())
+        return deploy.agent_reply(self.out.decode(), self.err.decode(errors="replace"), rc, self.command, ChannelError)
 
 
 # -- guests ----------------------------------------------------------------------
@@ -125,8 +104,7 @@ def guest_run(guests, guest: str, module_args: str, timeout: float = 300) -> dic
         if "No module named" in result.stderr or "not found" in result.stderr:
             raise ChannelError(f"guest {guest!r} cannot run the agent: {result.stderr.strip()[-300:]}",
                                "create it with `--root python` (python3 and the agent are baked into that root)")
-        raise _agent_error(result.stderr, f"{module_args} in guest {guest}", result.exit_status)
-    return _last_json(result.stdout)
+    return deploy.agent_reply(result.stdout, result.stderr, result.exit_status, f"{module_args} in guest {guest}", ChannelError)
 
 
 def guest_background(guests, guest: str, module_args: str, log: str) -> int:

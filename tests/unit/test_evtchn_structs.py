@@ -5,7 +5,7 @@ import struct
 
 import pytest
 
-from xenlab.guest.agent import cmdline, devchan, evstatus, evtchn, grant, xs
+from xenlab.guest.agent import cmdline, devchan, errors, evstatus, evtchn, grant, xs
 from xenlab.guest.agent.errors import AgentError
 
 
@@ -91,10 +91,39 @@ def test_agent_errors_round_trip_through_the_cli(capsys):
     def boom():
         raise evtchn.EvtchnError("no such port", "bind it first", errno_=22)
 
-    assert cmdline.run_main({"boom": boom}, ["boom"]) == cmdline.ERROR_EXIT
+    assert cmdline.run_main({"boom": boom}, ["boom"]) == errors.ERROR_EXIT
     line = capsys.readouterr().err.strip()
-    assert line.startswith(cmdline.ERROR_PREFIX)
-    from xenlab.cli_evtchn import ChannelError, _agent_error
+    assert line.startswith(errors.ERROR_PREFIX)
+    from xenlab.cli_evtchn import ChannelError
+    from xenlab.guest.deploy import agent_reply
 
-    err = _agent_error(line, "boom", 3)
-    assert isinstance(err, ChannelError) and err.message == "no such port" and err.hint == "bind it first"
+    with pytest.raises(ChannelError) as caught:
+        agent_reply("", "some warning\n" + line, 3, "boom", ChannelError)
+    assert caught.value.message == "no such port" and caught.value.hint == "bind it first"
+
+
+def test_domctl_refusals_use_the_same_convention(capsys, monkeypatch):
+    from xenlab.errors import GuestError
+    from xenlab.guest.agent import domctl
+    from xenlab.guest.deploy import agent_reply
+
+    monkeypatch.setattr(domctl, "domid_of", lambda name: None)
+    monkeypatch.setattr(domctl, "read_meta", lambda name: None)
+    monkeypatch.setattr(domctl, "console_text", lambda name: "")
+    assert domctl.main(["console", "ghost"]) == errors.ERROR_EXIT
+    out = capsys.readouterr()
+    assert out.out == ""
+    with pytest.raises(GuestError, match="no guest named 'ghost'"):
+        agent_reply(out.out, out.err, errors.ERROR_EXIT, "domctl console", GuestError)
+
+
+def test_agent_reply_reads_the_result_and_names_a_silent_death():
+    from xenlab.cli_evtchn import ChannelError
+    from xenlab.guest.deploy import agent_reply
+
+    assert agent_reply('[{"name": "a"}]', "", 0, "list", ChannelError) == [{"name": "a"}]
+    assert agent_reply('{"port": 5}\nnoise\n{"answered": 3}\n', "", 0, "pong", ChannelError) == {"answered": 3}
+    with pytest.raises(ChannelError, match=r"pong failed \(exit 137\): Killed"):
+        agent_reply("", "Killed", 137, "pong", ChannelError)
+    with pytest.raises(ChannelError, match="printed no JSON"):
+        agent_reply("hello", "", 0, "pong", ChannelError)

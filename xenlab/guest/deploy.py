@@ -8,10 +8,14 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import shlex
 import tarfile
 from functools import cache
 from pathlib import Path
+
+from ..errors import XenlabError
+from .agent.errors import ERROR_PREFIX
 
 AGENT_SRC = Path(__file__).resolve().parent / "agent"
 AGENT_ROOT = "/usr/local/lib/xenlab"
@@ -79,3 +83,32 @@ def ensure_agent(ssh) -> None:
     """Install the agent in dom0 unless the same version is there (one round trip when it is)."""
     if "agent-current" not in ssh.run(agent_check_command()).stdout:
         install_agent(ssh)
+
+
+def agent_error(stderr: str, what: str, exit_status: int, error_cls: type[XenlabError]) -> XenlabError:
+    """The agent's reported error (errors.report) as `error_cls`, or, when it
+    died without reporting one, what it printed."""
+    for line in reversed(stderr.splitlines()):
+        if line.startswith(ERROR_PREFIX):
+            err = json.loads(line[len(ERROR_PREFIX):])
+            return error_cls(err["error"], err.get("hint", ""))
+    return error_cls(f"{what} failed (exit {exit_status}): {stderr.strip()[-1500:]}")
+
+
+def agent_reply(stdout: str, stderr: str, exit_status: int, what: str, error_cls: type[XenlabError]):
+    """An agent command's result: the JSON document on its stdout (the last
+    one, when something printed lines before it), or its error raised as `error_cls`."""
+    if exit_status != 0:
+        raise agent_error(stderr, what, exit_status, error_cls)
+    text = stdout.strip()
+    try:
+        return json.loads(text)
+    except ValueError:
+        pass
+    for line in reversed(text.splitlines()):
+        if line.lstrip().startswith(("{", "[")):
+            try:
+                return json.loads(line)
+            except ValueError:
+                break
+    raise error_cls(f"{what} printed no JSON result", f"its output ends: {text[-300:]!r}; stderr: {stderr.strip()[-300:]!r}")

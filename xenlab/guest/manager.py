@@ -156,13 +156,7 @@ class Guests:
         self._agent()
         stdin = json.dumps(request).encode() if request is not None else None
         result = self.ssh().run(deploy.agent_command(module, *args), timeout=timeout, input=stdin)
-        try:
-            reply = json.loads(result.stdout)
-        except ValueError:
-            raise GuestError(f"the dom0 agent failed ({module} {' '.join(args)}, exit {result.exit_status}):\n{result.stderr.strip()[-2000:]}") from None
-        if isinstance(reply, dict) and "error" in reply:
-            raise GuestError(reply["error"], reply.get("hint", ""))
-        return reply
+        return deploy.agent_reply(result.stdout, result.stderr, result.exit_status, f"the dom0 agent ({module} {' '.join(args)})", GuestError)
 
     def domctl(self, verb: str, *args: str, request: dict | None = None, timeout: float = 300) -> dict | list:
         return self.agent("domctl", verb, *args, request=request, timeout=timeout)

@@ -2,9 +2,8 @@
 boilerplate per module): `python3 -m xenlab_agent.MOD COMMAND --key value ...`.
 
 Options come from the command function's signature and defaults; the result
-is printed as one JSON document on stdout. An AgentError becomes one line
-`XENLAB-AGENT-ERROR {json}` on stderr and exit code 3, which the host side
-turns back into a XenlabError with the same message and hint."""
+is printed as one JSON document on stdout. An AgentError is reported as
+errors.report does (one prefixed JSON line on stderr, exit code 3)."""
 
 from __future__ import annotations
 
@@ -12,10 +11,7 @@ import inspect
 import json
 import sys
 
-from .errors import AgentError
-
-ERROR_PREFIX = "XENLAB-AGENT-ERROR "
-ERROR_EXIT = 3
+from .errors import AgentError, report
 
 
 def _convert(param: inspect.Parameter, raw: str):
@@ -62,8 +58,7 @@ def run_main(commands: dict, argv: list[str] | None, doc: str | None = None) -> 
         func = commands[argv[0]]
         result = func(**parse(func, argv[1:]))
     except AgentError as e:
-        sys.stderr.write(ERROR_PREFIX + json.dumps(e.to_dict()) + "\n")
-        return ERROR_EXIT
+        return report(e)
     except KeyboardInterrupt:
         return 130
     if result is not None:

@@ -3,7 +3,7 @@ for PV domUs, run in dom0 as `python3 -m xenlab_agent.domctl VERB`.
 
 One SSH round trip per verb: the waiting (XenBus states, the guest's
 readiness line, teardown) happens here, next to xenstored. Replies are JSON
-on stdout; a refusal is {"error", "hint"} with exit code 2."""
+on stdout; a refusal is reported as every agent error is (errors.report)."""
 
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ import termios
 import time
 import tty
 
+from .errors import AgentError, report
 from .xs import STATE_NAMES, XenStore
 
 GUESTS_DIR = "/var/lib/xenlab/guests"
@@ -32,10 +33,8 @@ CRASH_PATTERNS = (re.compile(r"Kernel panic - not syncing.*"), re.compile(r"XENL
 CONNECTED = "4"
 
 
-class Refused(Exception):
-    def __init__(self, message: str, hint: str = ""):
-        super().__init__(message)
-        self.message, self.hint = message, hint
+class Refused(AgentError):
+    pass
 
 
 def state_name(state: str | None) -> str:
@@ -341,9 +340,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             with XenStore() as store:
                 result = leftovers(store, args.domid, args.name)
-    except Refused as e:
-        json.dump({"error": e.message, "hint": e.hint}, sys.stdout)
-        return 2
+    except AgentError as e:
+        return report(e)
     json.dump(result, sys.stdout)
     return 0
 

@@ -1,9 +1,16 @@
-"""The agent's one error type. The host side turns it back into a XenlabError:
-the agent prints it as one JSON line on stderr (see cmdline.run_main)."""
+"""The agent's one error type and how every agent command reports it: one
+line `XENLAB-AGENT-ERROR {json}` on stderr and exit code 3 (results are JSON
+on stdout). The host side (xenlab.guest.deploy.agent_reply) turns it back
+into a XenlabError with the same message and hint."""
 
 from __future__ import annotations
 
 import errno as _errno
+import json
+import sys
+
+ERROR_PREFIX = "XENLAB-AGENT-ERROR "
+ERROR_EXIT = 3
 
 
 class AgentError(Exception):
@@ -19,3 +26,9 @@ class AgentError(Exception):
 
     def __str__(self) -> str:
         return self.message if not self.hint else f"{self.message} (hint: {self.hint})"
+
+
+def report(error: AgentError) -> int:
+    """Write `error` the way the host reads it; the exit code to return."""
+    sys.stderr.write(ERROR_PREFIX + json.dumps(error.to_dict()) + "\n")
+    return ERROR_EXIT

@@ -21,6 +21,7 @@ import threading
 import time
 
 from . import domctl
+from .errors import AgentError, report
 
 RECORD = 32
 BLOCK = 4096
@@ -239,9 +240,8 @@ def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     try:
         json.dump(run(args[0]), sys.stdout)
-    except domctl.Refused as e:
-        json.dump({"error": e.message, "hint": e.hint}, sys.stdout)
-        return 2
+    except AgentError as e:
+        return report(e)
     return 0
 
 

@@ -97,6 +97,22 @@ def test_ping_placement_pins_for_the_run_and_puts_everything_back(lab, peer):
 
 
 
+def test_ping_placement_is_put_back_when_the_dom0_side_is_terminated(lab, peer):
+    from xenlab.cli_evtchn import Dom0Process
+
+    before = vcpu_affinities(lab)
+    with lab.ssh() as ssh:
+        # No pong side: the dom0 process sits placed, waiting for the peer's hello.
+        proc = Dom0Process(ssh, "evtchn", "ping", "--remote", str(peer["domid"]), "--place", "--timeout", "120")
+        pid = proc.readline(60)["pid"]
+        during = vcpu_affinities(lab)
+        assert during[("0", "0")].startswith("0 /") and during[(str(peer["domid"]), "0")].startswith("1 /")
+        ssh.check(f"kill -TERM {pid}")
+        with pytest.raises(ChannelError, match="stopped by signal SIGTERM"):
+            proc.wait(60)
+    assert vcpu_affinities(lab) == before
+
+
 def test_ping_unknown_guest_refused(lab_info):
     proc = xenlab("evtchn", "ping", "--name", LAB, "no-such-guest", check=False)
     assert proc.returncode != 0 and "no domain named 'no-such-guest'" in proc.stdout + proc.stderr

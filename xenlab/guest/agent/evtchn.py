@@ -186,6 +186,10 @@ def _raise_deadline(signum, frame):
     raise _Deadline()
 
 
+def _raise_stopped(signum, frame):
+    raise EvtchnError(f"stopped by signal {signal.Signals(signum).name}")
+
+
 def fast_pingpong(ev: EventChannel, port: int, count: int, timeout: float) -> list[float]:
     """The shortest critical path: notify, then a blocking read() (no poll);
     the unmask write happens after the clock stops. One SIGALRM bounds the
@@ -316,6 +320,9 @@ def _commands():
         except OSError:
             raise EvtchnError(f"dom0 has no online vCPU {vcpu}", f"dom0's vCPUs here: {sorted(allowed)}") from None
         placement = Placement(remote, vcpu) if place else None
+        # Terminated or hung up: still run the finally below, which puts the pins back.
+        for sig in (signal.SIGTERM, signal.SIGHUP):
+            signal.signal(sig, _raise_stopped)
         if placement:
             placement.__enter__()
         try:
@@ -328,7 +335,7 @@ def _commands():
                     placed = {**placement.report, "irq": route_interrupt(handle, vcpu)}
                     with Xc() as xc:  # EVTCHNOP_status: the vCPU Xen now delivers the port to
                         placed["port_vcpu"] = xc.status(0, port)["vcpu"]
-                print(json.dumps({"port": port}), flush=True)
+                print(json.dumps({"port": port, "pid": os.getpid()}), flush=True)
                 if ev.wait(port, timeout) is None:
                     raise EvtchnError(f"domain {remote} never bound port {port} within {timeout:.0f} s", "did the pong side start?")
                 run = (lambda k: pingpong(ev, port, k, spin=True)) if spin else (lambda k: fast_pingpong(ev, port, k, timeout))

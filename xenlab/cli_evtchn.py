@@ -280,7 +280,7 @@ def _lab(ctx, name):
     return Lab(load_config(ctx, name=name))
 
 
-def _placement_text(placed: dict | None) -> str:
+def placement_text(placed: dict | None) -> str:
     if not placed:
         return "as placed by Xen"
     if "skipped" in placed:
@@ -342,7 +342,7 @@ def register(main: click.Group) -> None:
             raise ChannelError("--count must be at least 1")
         data = ping(_lab(ctx, name), guest, count, spin, placement, dom0_vcpu)
         _print(data, as_json, lambda d: click.echo(
-            f"dom0 <-> {guest} (dom {d['domid']}, {d['mode']}, {_placement_text(d['placement'])}), {d['count']} round trips: "
+            f"dom0 <-> {guest} (dom {d['domid']}, {d['mode']}, {placement_text(d['placement'])}), {d['count']} round trips: "
             f"mean {d['mean_us']} us, p50 {d['p50_us']} us, p99 {d['p99_us']} us, min {d['min_us']} us, max {d['max_us']} us"))
 
     @evtchn.command("catalogue")

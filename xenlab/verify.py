@@ -32,10 +32,11 @@ from .errors import ConfigError, XenlabError
 STATES = ("SUCCESS", "SKIP", "FAILURE", "ERROR", "CRASH")
 GUEST_DISKS = ("16M", "8M:ro")
 DEVCHAN_ARGS = "--count 2000 --size 2048 --op echo"
+PING_COUNT = 500  # evtchn.ping: enough for stable percentiles, ~0.3 s of round trips
 # The checks in run order (the ring.* results are named by the dom0 I/O check itself).
 CHECKS = (
     "lab.boot", "lab.dom0", "guest.create", "xenbus.trace-create", "xenstore.layout", "xenstore.perms",
-    "ring", "evtchn.catalogue", "devchan.echo", "guest.destroy", "xenbus.trace-destroy", "lab.crash-scan",
+    "ring", "evtchn.catalogue", "evtchn.ping", "devchan.echo", "guest.destroy", "xenbus.trace-destroy", "lab.crash-scan",
 )
 GUEST_PANIC = (re.compile(r"Kernel panic - not syncing.*"), re.compile(r"XENLAB-GUEST-PANIC: .*"), re.compile(r"crashed: .*"))
 
@@ -325,6 +326,7 @@ def verify(lab, guest: str = "verify", skips: tuple[str, ...] = (), guest_extra:
         ("xenstore.perms", c.xenstore_perms, ("guest.create",)),
         ("ring", c.ring_io, ("guest.create",)),
         ("evtchn.catalogue", c.evtchn_catalogue, ("guest.create",)),
+        ("evtchn.ping", c.evtchn_ping, ("guest.create",)),
         ("devchan.echo", c.device_channel, ("guest.create",)),
         ("guest.destroy", c.guest_destroy, ("guest.create",)),
         ("xenbus.trace-destroy", c.trace_destroy, ("guest.destroy",)),

@@ -6,8 +6,10 @@ re-implements a check: they call the library's own."""
 
 from __future__ import annotations
 
+import json
+
 from .errors import XenlabError
-from .verify import DEVCHAN_ARGS, CheckFailed, Context, Result, one_line
+from .verify import DEVCHAN_ARGS, PING_COUNT, CheckFailed, Context, Result, one_line
 
 
 def boot(ctx: Context):
@@ -155,6 +157,21 @@ def evtchn_catalogue(ctx: Context):
         raise CheckFailed(f"{len(failed)} of {len(checks)} failed, first: {failed[0]['seed_op']}: {failed[0]['check']} (got {failed[0].get('got', '')})", text)
     ops = len({c["seed_op"] for c in checks})
     return f"{len(checks)} checks covering {ops} operations/refusals, all read back as expected (dom0 and d{ctx.domid})", text
+
+
+def evtchn_ping(ctx: Context):
+    """Userspace round trips over an interdomain event channel, dom0 timing, the domU answering (placed as `xenlab evtchn ping`)."""
+    from .cli_evtchn import ping, placement_text
+
+    result = ping(ctx.lab, ctx.guest, count=PING_COUNT)
+    text = json.dumps(result, indent=1)
+    placed = result.get("placement") or {}
+    if result.get("count") != PING_COUNT or result.get("guest_answered", 0) < PING_COUNT:
+        raise CheckFailed(f"{result.get('count')} of {PING_COUNT} round trips timed, the domU answered {result.get('guest_answered')}", text)
+    if placed.get("not_restored"):
+        raise CheckFailed(f"vCPU affinities not put back: {', '.join(placed['not_restored'])}", text)
+    return (f"{PING_COUNT} round trips dom0<->d{ctx.domid}: mean {result['mean_us']:.0f} us, p50 {result['p50_us']:.0f} us, "
+            f"p99 {result['p99_us']:.0f} us ({placement_text(placed)}; put back after)"), text
 
 
 def device_channel(ctx: Context):

@@ -14,7 +14,7 @@ from .conftest import LAB, xenlab
 
 EXPECTED = {
     "lab.boot", "lab.dom0", "guest.create", "xenbus.trace-create", "xenstore.layout", "xenstore.perms",
-    "evtchn.catalogue", "devchan.echo", "guest.destroy", "xenbus.trace-destroy", "lab.crash-scan",
+    "evtchn.catalogue", "evtchn.ping", "devchan.echo", "guest.destroy", "xenbus.trace-destroy", "lab.crash-scan",
 }
 
 

@@ -25,8 +25,10 @@ that is reported as a forced teardown, not as a violation.
 Watches say that a node changed, not to what: a value read after the event
 may already be a later one. The recorder marks a change `maybe_skipped`
 when a later event on the same node read the same value, i.e. an
-intermediate state may have been missed; a forward jump at such a change is
-reported as a note, never as a violation."""
+intermediate state may have been missed; a forward jump at such a change,
+and the cross-side order judged at it, are reported as notes, never as
+violations. Which side began a closedown is taken from the order of the
+events, which is exact even when a value was read late."""
 
 from __future__ import annotations
 
@@ -210,19 +212,30 @@ def _check_device(report: DeviceReport, changes: list[Change], released: Change 
                 violation(f"{transition} is not allowed (after {state_name(prev)} comes {expected})", c)
                 continue  # one finding per offending change
         # Cross-side ordering, judged on the other side's state at this moment.
+        # A maybe_skipped value was read ahead of the event stream, so the
+        # other side's state here may be stale: such a change is only noted.
         there = now[other]
-        if new == CLOSING and first_closing is None:
+        if new in (CLOSING, CLOSED) and first_closing is None:
+            # Events arrive in write order even when values are read late: the
+            # side whose node moved first towards Closed began the closedown.
             first_closing = side
+
+        def cross(msg: str) -> None:
+            if c.maybe_skipped:
+                note(f"{msg} (not judged: this value was read after later writes, so the other side's may be out of date)", c)
+            else:
+                violation(msg, c)
+
         if not seen[other]:
             pass
         elif side == "backend" and new == CONNECTED and there not in (INITIALISED, CONNECTED):
-            violation(f"backend Connected while the frontend is {state_name(there)}: it must publish its ring first (Initialised)", c)
+            cross(f"backend Connected while the frontend is {state_name(there)}: it must publish its ring first (Initialised)")
         elif side == "frontend" and new == CONNECTED and kind not in STRAIGHT_TO_CONNECTED and there != CONNECTED:
-            violation(f"frontend Connected before the backend (backend is {state_name(there)})", c)
+            cross(f"frontend Connected before the backend (backend is {state_name(there)})")
         elif side == "backend" and new == CLOSED and there not in (CLOSED, None) and not forced:
-            violation(f"backend Closed while the frontend is {state_name(there)}: the backend closes after the frontend's Closed", c)
+            cross(f"backend Closed while the frontend is {state_name(there)}: the backend closes after the frontend's Closed")
         elif side == "frontend" and new == CLOSED and there not in (CLOSING, CLOSED, None) and not forced:
-            violation(f"frontend Closed while the backend is {state_name(there)}: Closed follows both sides' Closing", c)
+            cross(f"frontend Closed while the backend is {state_name(there)}: Closed follows both sides' Closing")
     _phases(report, first_closing, forced, released)
 
 

@@ -15,7 +15,7 @@ from xenlab.guest.manager import Guests
 from xenlab.xenstore.client import XenStore
 from xenlab.xenstore.perms import run_in_guest
 from xenlab.xenstore.recorder import XenBusRecorder
-from xenlab.xenstore.tracer import CLOSED, CONNECTED, check, format_reports
+from xenlab.xenstore.tracer import CLOSED, CLOSING, CONNECTED, check, format_reports
 
 from .conftest import xenlab
 
@@ -84,7 +84,7 @@ def test_orderly_backend_first_closedown(lab, xs, created):
     reports = {r.device: r for r in check(rec.timeline)}
     r = reports["vbd/51728"]
     assert r.ok and r.phases == ["orderly closedown (backend first)"], format_reports([r])
-    assert r.backend == [CONNECTED, 5, CLOSED, None]  # Closing, Closed, directory removed
+    assert_states(r, "backend", [CONNECTED, CLOSING, CLOSED, None])  # Closing, Closed, directory removed
     assert r.frontend[-2:] == [CLOSED, None]
     assert not xs.exists(f"/local/domain/{domid}/device/vbd/51728")
 
@@ -97,7 +97,19 @@ def test_frontend_initiated_closedown(lab, xs, created):
         assert rec.wait(lambda tl: any(c.device == "vbd/51712" and c.side == "backend" and c.state == CLOSED for c in tl), 60)
     (r,) = [r for r in check(rec.timeline) if r.device == "vbd/51712"]
     assert r.ok and r.phases == ["frontend-initiated closedown"], format_reports([r])
-    assert r.frontend == [CONNECTED, 5, CLOSED] and r.backend == [CONNECTED, 5, CLOSED]
+    assert_states(r, "frontend", [CONNECTED, CLOSING, CLOSED])
+    assert_states(r, "backend", [CONNECTED, CLOSING, CLOSED])
+
+
+def assert_states(report, side: str, expected: list) -> None:
+    """`side` went through `expected`, except that a Closing the drivers
+    passed before its watch event was read (watches carry no values) may be
+    missing; then the tracer must have marked it, never dropped it silently."""
+    states = report.frontend if side == "frontend" else report.backend
+    if states == expected:
+        return
+    assert states == [s for s in expected if s != CLOSING], format_reports([report])
+    assert any(f.change.side == side and f.change.maybe_skipped and f.level == "note" for f in report.findings), format_reports([report])
 
 
 def test_traced_destroy_and_watch_for_it(lab, created):

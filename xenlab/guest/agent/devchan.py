@@ -26,18 +26,18 @@ backend wakes, sees the byte cleared, unmaps and closes."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import select
 import signal
 import struct
-import sys
 import time
 import zlib
 
 from .errors import AgentError
 from .evtchn import EventChannel
 from .grant import PAGE, MappedPages, SharedPages
-from .placement import Placement, name_this_process, route_interrupt
+from .placement import Placement
 from .ring import PVT_OFFSET, BackRing, FrontRing, RingError, SharedRing, mb
 from .xs import CLOSED, CLOSING, CONNECTED, INITIALISED, INITIALISING, INITWAIT, STATE_NAMES, XenStore, XsError
 
@@ -232,34 +232,26 @@ def run_backend(domid: int, devid: int = 0, timeout: float = 120.0, keep_nodes: 
     channel's interrupt delivered there and the domU on the other CPUs, for
     this session only (see placement.py)."""
     signal.signal(signal.SIGTERM, _on_term)
-    handle = f"xlchan{os.getpid()}"[:15]
-    if place:
-        name_this_process(handle)
-        os.sched_setaffinity(0, {0})
     b = Backend(domid, devid, timeout)
     if b.xs.try_read(f"/local/domain/{domid}") is None and domid != 0:
         raise DevchanError(f"domain {domid} does not exist (no /local/domain/{domid} in XenStore)", "check `xl list`")
-    placement = Placement(domid, 0).__enter__() if place and domid != 0 else None
-    try:
-        result = _serve_backend(b, domid, devid, keep_nodes, handle if place else None)
-    finally:
-        not_restored = placement.restore() if placement else []
-        if not_restored:
-            sys.stderr.write(f"devchan: could not restore the vCPU affinity of {', '.join(not_restored)}\n")
+    placement = Placement(domid, 0, "xlchan") if place else None
+    with placement or contextlib.nullcontext():
+        result = _serve_backend(b, domid, devid, keep_nodes, placement)
     if placement:
-        result["placement"] = {**placement.report, "not_restored": not_restored}
+        result["placement"] = placement.report
     return result
 
 
-def _serve_backend(b: "Backend", domid: int, devid: int, keep_nodes: bool, handle: str | None) -> dict:
+def _serve_backend(b: "Backend", domid: int, devid: int, keep_nodes: bool, placement: Placement | None) -> dict:
     b.create_nodes()
     print(f'{{"backend": "{b.be}", "frontend": "{b.fe}", "pid": {os.getpid()}}}', flush=True)
     ended, error = "error", None
     t0 = time.monotonic()
     try:
         b.connect()
-        if handle:
-            route_interrupt(handle, 0)
+        if placement:
+            placement.route()
         t0 = time.monotonic()
         ended = b.serve()
         if ended == "frontend-closed":

@@ -9,6 +9,7 @@ Run as a module: `python3 -m xenlab_agent.evtchn pingpong|pong|...` (see main)."
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import os
@@ -305,48 +306,37 @@ def _commands():
         """Offer a port to `remote`, print it, wait for the peer's hello, then time `count` round trips.
         place: this process, its port's interrupt and dom0 vCPU `vcpu`
         together, alone on a physical CPU (see placement.py); put back afterwards."""
-        from .placement import Placement, name_this_process, route_interrupt
+        from .placement import Placement
 
-        handle = f"xlping{os.getpid()}"[:15]
         if place:
-            name_this_process(handle)
-        # Stay on one vCPU: under TCG the vCPUs' clocks are not in step, and a
-        # migration between two perf_counter() reads distorts (or zeroes) a sample.
-        allowed = os.sched_getaffinity(0)
-        if not place:
+            placement = Placement(remote, vcpu, "xlping")
+        else:
+            # Stay on one vCPU: under TCG the vCPUs' clocks are not in step, and a
+            # migration between two perf_counter() reads distorts (or zeroes) a sample.
+            allowed = os.sched_getaffinity(0)
             vcpu = min(allowed) if len(allowed) == 1 else _current_cpu()
-        try:
             os.sched_setaffinity(0, {vcpu})
-        except OSError:
-            raise EvtchnError(f"dom0 has no online vCPU {vcpu}", f"dom0's vCPUs here: {sorted(allowed)}") from None
-        placement = Placement(remote, vcpu) if place else None
-        # Terminated or hung up: still run the finally below, which puts the pins back.
+            placement = contextlib.nullcontext()
+        # Terminated or hung up: still leave the with below, which puts the pins back.
         for sig in (signal.SIGTERM, signal.SIGHUP):
             signal.signal(sig, _raise_stopped)
-        if placement:
-            placement.__enter__()
-        try:
-            with EventChannel() as ev:
-                port = ev.bind_unbound(remote)
-                placed = None
-                if placement:
-                    from .evstatus import Xc
+        with placement, EventChannel() as ev:
+            port = ev.bind_unbound(remote)
+            if place:
+                from .evstatus import Xc
 
-                    placed = {**placement.report, "irq": route_interrupt(handle, vcpu)}
-                    with Xc() as xc:  # EVTCHNOP_status: the vCPU Xen now delivers the port to
-                        placed["port_vcpu"] = xc.status(0, port)["vcpu"]
-                print(json.dumps({"port": port, "pid": os.getpid()}), flush=True)
-                if ev.wait(port, timeout) is None:
-                    raise EvtchnError(f"domain {remote} never bound port {port} within {timeout:.0f} s", "did the pong side start?")
-                run = (lambda k: pingpong(ev, port, k, spin=True)) if spin else (lambda k: fast_pingpong(ev, port, k, timeout))
-                run(warmup)
-                t0 = time.perf_counter()
-                samples = run(count)
-                overall = (time.perf_counter() - t0) / count
-        finally:
-            not_restored = placement.restore() if placement else []
-        if not_restored:
-            placed["not_restored"] = not_restored
+                placement.route()
+                with Xc() as xc:  # EVTCHNOP_status: the vCPU Xen now delivers the port to
+                    placement.report["port_vcpu"] = xc.status(0, port)["vcpu"]
+            print(json.dumps({"port": port, "pid": os.getpid()}), flush=True)
+            if ev.wait(port, timeout) is None:
+                raise EvtchnError(f"domain {remote} never bound port {port} within {timeout:.0f} s", "did the pong side start?")
+            run = (lambda k: pingpong(ev, port, k, spin=True)) if spin else (lambda k: fast_pingpong(ev, port, k, timeout))
+            run(warmup)
+            t0 = time.perf_counter()
+            samples = run(count)
+            overall = (time.perf_counter() - t0) / count
+        placed = placement.report if place else None
         # overall_mean_us: the whole run over `count`; robust to the PV clock's
         # clamping, which under TCG can make a single short sample read as 0.
         return {"mode": "interdomain" + (", spinning" if spin else ", blocking"), "remote": remote, "port": port,

@@ -14,7 +14,9 @@ CR3 write, and every CR3 write empties QEMU's software TLB."""
 
 from __future__ import annotations
 
+import os
 import subprocess
+import sys
 
 from .errors import AgentError
 
@@ -70,20 +72,34 @@ def plan(dom0_vcpus: list[int], guest_vcpus: list[int], measuring_vcpu: int, pcp
 
 
 class Placement:
-    """Context manager: pin as `plan` says (the guest written as domid -1
-    there), restore every hard affinity it changed on exit."""
+    """Context manager around one measurement, entered before the process
+    opens its evtchn handle: names this process (so its interrupt can be
+    found), runs it on dom0 vCPU `vcpu`, pins as `plan` says (the guest
+    written as domid -1 there) and, on exit, restores every hard affinity it
+    changed. Call route() once the handle's port is bound. `report` says
+    what was done, read back from Xen, and on exit what could not be put back."""
 
-    def __init__(self, guest_domid: int, measuring_vcpu: int = 0):
-        self.guest, self.vcpu = guest_domid, measuring_vcpu
+    def __init__(self, guest_domid: int, vcpu: int = 0, name: str = "xlplace"):
+        self.guest, self.vcpu = guest_domid, vcpu
+        self.handle = f"{name}{os.getpid()}"[:15]
         self.saved: dict[tuple[int, int], str] = {}
         self.report: dict = {}
 
     def __enter__(self) -> "Placement":
-        dom0, guest = hard_affinities(0), hard_affinities(self.guest)
+        name_this_process(self.handle)
+        allowed = os.sched_getaffinity(0)
+        try:
+            os.sched_setaffinity(0, {self.vcpu})
+        except OSError:
+            raise PlacementError(f"dom0 has no online vCPU {self.vcpu}", f"dom0's vCPUs here: {sorted(allowed)}") from None
+        if self.guest == 0:
+            self.report = {"skipped": "both ends are in dom0: nothing to separate"}
+            return self
         pcpus = physical_cpus()
         if pcpus < 2:
             self.report = {"skipped": f"Xen has {pcpus} physical CPU: nothing to separate"}
             return self
+        dom0, guest = hard_affinities(0), hard_affinities(self.guest)
         wanted = plan(sorted(dom0), sorted(guest), self.vcpu, pcpus)
         try:
             for (domid, vcpu), cpus in wanted.items():
@@ -101,6 +117,11 @@ class Placement:
                        "guest_pcpus": wanted[(-1, min(guest))], "pinned": pinned}
         return self
 
+    def route(self) -> int:
+        """Deliver this process's evtchn interrupt to its vCPU; the IRQ number."""
+        self.report["irq"] = route_interrupt(self.handle, self.vcpu)
+        return self.report["irq"]
+
     def restore(self) -> list[str]:
         """Put back what was changed; the ones that could not be (the domain is gone) are named."""
         failed = []
@@ -113,7 +134,10 @@ class Placement:
         return failed
 
     def __exit__(self, *exc) -> None:
-        self.restore()
+        self.report["not_restored"] = self.restore()
+        if self.report["not_restored"]:
+            # Also said here: when the measurement failed, no report reaches the host.
+            sys.stderr.write(f"placement: could not restore the vCPU affinity of {', '.join(self.report['not_restored'])}\n")
 
 
 def name_this_process(name: str) -> None:

@@ -16,7 +16,8 @@ import time
 
 from ring_bench import emit, host, lab_and_guest  # shared helpers (lab up, python domU)
 
-from xenlab.cli_evtchn import agent, ping
+from xenlab.guest.agentrun import agent
+from xenlab.evtchn.ping import ping
 
 
 def main() -> None:

@@ -20,9 +20,10 @@ import time
 from contextlib import contextmanager
 
 from xenlab import config
-from xenlab.cli_evtchn import devchan
-from xenlab.guest.manager import Guests, GuestSpec
-from xenlab.orchestrate.lab import Lab
+from xenlab.evtchn.devchan import devchan
+from xenlab.guest.manager import Guests
+from xenlab.guest.spec import GuestSpec
+from xenlab.lab import Lab
 
 XENLAB = [sys.executable, "-m", "xenlab"]
 

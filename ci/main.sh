@@ -11,9 +11,9 @@ venv=${XENLAB_VENV:-.venv}
 name=${XENLAB_NAME:-main}
 reports=${XENLAB_REPORTS:-artifacts}
 x() { "$venv/bin/xenlab" "$@"; }
-# XENLAB_KEEP=1 leaves the lab running for `xenlab ssh --name main`.
-[ "${XENLAB_KEEP:-0}" = 1 ] || trap 'x down --name "$name" >/dev/null 2>&1 || true' EXIT
+# XENLAB_KEEP=1 leaves the lab running for `xenlab ssh --lab main`.
+[ "${XENLAB_KEEP:-0}" = 1 ] || trap 'x down --lab "$name" >/dev/null 2>&1 || true' EXIT
 x build
 x guest build
 mkdir -p "$reports"
-x verify --name "$name" --json "$reports/verify.json" --junit "$reports/verify.xml"
+x verify --lab "$name" --json "$reports/verify.json" --junit "$reports/verify.xml"

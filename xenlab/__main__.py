@@ -1,3 +1,3 @@
-from .cli import main
+from xenlab.cli import main
 
 main()

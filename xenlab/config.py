@@ -1,5 +1,5 @@
 """One frozen dataclass tree for the lab's settings: defaults from
-configs/default.toml, then a user TOML file, then command-line overrides.
+xenlab/data/default.toml, then a user TOML file, then command-line overrides.
 Unknown keys and bad values are errors that name the key."""
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError
-from .paths import CONFIGS_DIR
+from xenlab.errors import ConfigError
+from xenlab.paths import DEFAULT_CONFIG
 
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,31}$")
 ACCELS = ("auto", "kvm", "tcg")
@@ -151,7 +151,7 @@ def load(path: Path | None = None, overrides: dict | None = None) -> LabConfig:
     """Defaults <- TOML file <- overrides ({'name': ..., 'dom0.memory': ...}); validated."""
     lab_raw: dict = {}
     dom0_raw: dict = {}
-    for source in [CONFIGS_DIR / "default.toml"] + ([path] if path else []):
+    for source in [DEFAULT_CONFIG] + ([path] if path else []):
         data = _read_toml(Path(source))
         for section, value in data.items():
             if section not in ("lab", "dom0"):

@@ -7,8 +7,9 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from .orchestrate import accel, images
-from .paths import cache_dir
+from xenlab.lab import accel
+from xenlab.build import dom0 as images
+from xenlab.paths import cache_dir
 
 SETUP = "run ci/setup-host.sh (or apt-get install {pkg})"
 TOOLS = {

@@ -1,5 +1,8 @@
 """One error hierarchy: every failure a user can act on carries a hint."""
 
+import errno as errno_mod
+import os
+
 
 class XenlabError(Exception):
     """Base error: `message` says what went wrong, `hint` what to do about it."""
@@ -44,4 +47,35 @@ class GuestError(XenlabError):
 
 
 class XenStoreError(XenlabError):
+    pass
+
+
+class ChannelError(XenlabError):
+    """An event channel, grant or ring operation failed or was refused."""
+
+
+HINTS = {
+    errno_mod.ENOENT: "the node does not exist: list its parent with `xenlab xs ls`",
+    errno_mod.EACCES: "xenstored refused access: see the node's permissions with `xenlab xs perms PATH`",
+    errno_mod.EINVAL: "xenstored rejected the request as invalid (path, value or permissions)",
+    errno_mod.E2BIG: "the request is larger than XenStore's 4096-byte payload limit",
+    errno_mod.ENOSPC: "a xenstored quota was hit (nodes, size, watches or transactions)",
+    errno_mod.EAGAIN: "a conflicting change happened meanwhile; retry the transaction",
+}
+
+
+class XenStoreRequestError(XenStoreError):
+    """xenstored answered a request with an error (its errno is kept)."""
+
+    def __init__(self, op: str, path: str, errno: int):
+        self.op, self.path, self.errno = op, path, errno
+        self.errname = errno_mod.errorcode.get(errno, str(errno))
+        super().__init__(f"XenStore {op} {path}: {self.errname} ({os.strerror(errno)})", HINTS.get(errno, ""))
+
+
+class XenStoreTimeout(XenStoreError):
+    pass
+
+
+class XenStoreConnectionError(XenStoreError):
     pass

@@ -1,11 +1,17 @@
-"""Where xenlab keeps its image cache and per-lab state."""
+"""Where xenlab keeps its image cache and per-lab state, and where its own
+resources (default config, templates, guest kernel fragment) are: inside
+the package, so a wheel installed anywhere finds them."""
 
 import os
+from importlib import resources
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-CONFIGS_DIR = REPO_ROOT / "configs"
-TEMPLATES_DIR = CONFIGS_DIR / "templates"
+# setuptools installs packages as plain directories (no zip), so the
+# package's data folder is a real path that jinja2 and file APIs can use.
+DATA_DIR = Path(str(resources.files("xenlab") / "data"))
+DEFAULT_CONFIG = DATA_DIR / "default.toml"
+TEMPLATES_DIR = DATA_DIR / "templates"
+GUEST_KERNEL_DIR = DATA_DIR / "guest-kernel"
 
 
 def cache_dir() -> Path:

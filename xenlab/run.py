@@ -8,7 +8,7 @@ import subprocess
 from collections.abc import Sequence
 from pathlib import Path
 
-from .errors import CommandError
+from xenlab.errors import CommandError
 
 log = logging.getLogger("xenlab.run")
 

@@ -4,7 +4,7 @@ from functools import cache
 
 import jinja2
 
-from .paths import TEMPLATES_DIR
+from xenlab.paths import TEMPLATES_DIR
 
 
 @cache

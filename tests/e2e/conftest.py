@@ -68,7 +68,7 @@ def dom0(lab_info):
 def lab(lab_info):
     """The shared lab as a Lab object, for tests that use the Python API."""
     from xenlab import config
-    from xenlab.orchestrate.lab import Lab
+    from xenlab.lab import Lab
 
     return Lab(config.load(overrides={"name": LAB}))
 

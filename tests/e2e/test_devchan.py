@@ -8,8 +8,11 @@ import json
 
 import pytest
 
-from xenlab.cli_evtchn import devchan, devchan_peer_death, grants_mapped
-from xenlab.guest.manager import Guests, GuestSpec
+from xenlab.evtchn.devchan import devchan, devchan_peer_death
+from xenlab.evtchn.catalogue import grants_mapped
+from xenlab.guest.agentrun import DOMU_AGENT
+from xenlab.guest.manager import Guests
+from xenlab.guest.spec import GuestSpec
 
 from .conftest import LAB, fresh_guest, vcpu_affinities, xenlab
 
@@ -106,7 +109,7 @@ def test_ring_bench_refusals(lab_info):
 
 def test_frontend_without_backend_is_a_clear_error(lab, front):
     with Guests(lab) as guests:
-        result = guests.exec(GUEST, "PYTHONPATH=/usr/lib/xenlab python3 -m xenlab_agent.devchan frontend --devid 9")
+        result = guests.exec(GUEST, DOMU_AGENT + "devchan frontend --devid 9")
     assert result.exit_status == 3 and "no device xlchan/9" in result.stderr
 
 

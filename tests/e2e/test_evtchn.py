@@ -8,8 +8,11 @@ import json
 
 import pytest
 
-from xenlab.cli_evtchn import ChannelError, catalogue, evtchn_ls, ping
-from xenlab.guest.manager import Guests, GuestSpec
+from xenlab.errors import ChannelError
+from xenlab.evtchn.catalogue import catalogue, evtchn_ls
+from xenlab.evtchn.ping import ping
+from xenlab.guest.manager import Guests
+from xenlab.guest.spec import GuestSpec
 
 from .conftest import LAB, fresh_guest, vcpu_affinities, xenlab
 
@@ -98,7 +101,7 @@ def test_ping_placement_pins_for_the_run_and_puts_everything_back(lab, peer):
 
 
 def test_ping_placement_is_put_back_when_the_dom0_side_is_terminated(lab, peer):
-    from xenlab.cli_evtchn import Dom0Process
+    from xenlab.guest.agentrun import Dom0Process
 
     before = vcpu_affinities(lab)
     with lab.ssh() as ssh:
@@ -119,7 +122,7 @@ def test_ping_unknown_guest_refused(lab_info):
 
 
 def test_bad_grant_refs_refused_cleanly(lab, dom0):
-    from xenlab.cli_evtchn import agent
+    from xenlab.guest.agentrun import agent
 
     with lab.ssh() as ssh:
         with pytest.raises(ChannelError, match="cannot map grant ref"):
@@ -143,7 +146,7 @@ def test_catalogue_cli_names_the_seed_operation_of_each_check(lab_info):
 
 
 def test_evtchn_reset_of_a_victim_domu_closes_all_its_ports(lab):
-    from xenlab.cli_evtchn import reset_domain
+    from xenlab.evtchn.catalogue import reset_domain
 
     victim = "evt-victim"
     with Guests(lab) as guests:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from xenlab.orchestrate.lab import parse_xl_info
+from xenlab.agent.xl import parse_xl_info
 
 from .conftest import LAB, pid_alive, xenlab
 

@@ -3,8 +3,8 @@ plan (the pinning itself is exercised on the real lab in tests/e2e)."""
 
 import pytest
 
-from xenlab.guest.agent import placement
-from xenlab.guest.agent.placement import parse_vcpu_list, plan
+from xenlab.agent import placement
+from xenlab.agent.placement import parse_vcpu_list, plan
 
 # `xl vcpu-list` as the lab's Xen 4.17 prints it, with a vCPU pinned by hand
 # and an offline one added.

@@ -5,8 +5,8 @@ import struct
 
 import pytest
 
-from xenlab.guest.agent import cmdline, devchan, errors, evstatus, evtchn, grant, xs
-from xenlab.guest.agent.errors import AgentError
+from xenlab.agent import cmdline, devchan, errors, evstatus, evtchn, facts, grant, xs
+from xenlab.agent.errors import AgentError
 
 
 def test_evtchn_ioctl_numbers_match_lab_notes():
@@ -71,7 +71,7 @@ def test_devchan_wire_entries_fit_the_ring():
 
 def test_xenstore_header():
     assert xs.HEADER.size == 16
-    assert xs.STATE_NAMES[xs.INITIALISED] == "Initialised" and xs.CLOSED == 6
+    assert facts.STATE_NAMES[facts.INITIALISED] == "Initialised" and facts.CLOSED == 6
 
 
 def test_cmdline_parses_signature_options():
@@ -94,7 +94,7 @@ def test_agent_errors_round_trip_through_the_cli(capsys):
     assert cmdline.run_main({"boom": boom}, ["boom"]) == errors.ERROR_EXIT
     line = capsys.readouterr().err.strip()
     assert line.startswith(errors.ERROR_PREFIX)
-    from xenlab.cli_evtchn import ChannelError
+    from xenlab.errors import ChannelError
     from xenlab.guest.deploy import agent_reply
 
     with pytest.raises(ChannelError) as caught:
@@ -104,7 +104,7 @@ def test_agent_errors_round_trip_through_the_cli(capsys):
 
 def test_domctl_refusals_use_the_same_convention(capsys, monkeypatch):
     from xenlab.errors import GuestError
-    from xenlab.guest.agent import domctl
+    from xenlab.agent import domctl
     from xenlab.guest.deploy import agent_reply
 
     monkeypatch.setattr(domctl, "domid_of", lambda name: None)
@@ -118,7 +118,7 @@ def test_domctl_refusals_use_the_same_convention(capsys, monkeypatch):
 
 
 def test_agent_reply_reads_the_result_and_names_a_silent_death():
-    from xenlab.cli_evtchn import ChannelError
+    from xenlab.errors import ChannelError
     from xenlab.guest.deploy import agent_reply
 
     assert agent_reply('[{"name": "a"}]', "", 0, "list", ChannelError) == [{"name": "a"}]

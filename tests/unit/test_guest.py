@@ -9,9 +9,12 @@ import pytest
 
 from xenlab import templates
 from xenlab.errors import ConfigError
+from xenlab.agent import facts
+from xenlab.build import rootfs
 from xenlab.guest import deploy
-from xenlab.guest.agent import iocheck
-from xenlab.guest.manager import DiskSpec, GuestSpec, pick_address, render_xl_config
+from xenlab.agent import iocheck
+from xenlab.guest.manager import pick_address, render_xl_config
+from xenlab.guest.spec import DiskSpec, GuestSpec
 
 
 def test_disk_spec_parse():
@@ -54,9 +57,9 @@ def test_xl_config_rendering():
     assert 'name = "g1"' in text and 'type = "pv"' in text and "memory = 96" in text and "vcpus = 2" in text
     assert 'kernel = "/k/vmlinux"' in text and 'ramdisk = "/k/root.cpio.gz"' in text
     assert "xenlab.ip=10.99.0.12/24" in text and "console=hvc0" in text
-    assert f"vdev=xvda,access=rw,script={deploy.HOTPLUG_DIR}/block,target=/var/lib/xenlab/guests/g1/xvda.img" in text
+    assert f"vdev=xvda,access=rw,script={facts.HOTPLUG_DIR}/block,target=/var/lib/xenlab/guests/g1/xvda.img" in text
     assert "vdev=xvdb,access=ro," in text
-    assert f'"mac=00:16:3e:58:4c:0c,bridge=xenbr0,script={deploy.HOTPLUG_DIR}/vif"' in text
+    assert f'"mac=00:16:3e:58:4c:0c,bridge=xenbr0,script={facts.HOTPLUG_DIR}/vif"' in text
     stock = render_xl_config(GuestSpec(name="g2", disks=(DiskSpec(16),), hotplug="stock"), "/k", "/r", "10.99.0.10", "m")
     assert "script=" not in stock and 'vif = [\n]' in stock
 
@@ -100,12 +103,12 @@ def test_first_difference():
 
 
 def test_domu_init_rendering():
-    text = templates.render("domu-init.sh.j2", python=True, modules=["xen-blkfront", "xen-netfront"])
+    text = templates.render("domu-init.sh.j2", python=True, modules=["xen-blkfront", "xen-netfront"], **rootfs.init_facts())
     assert "insmod /lib/modules/xen-blkfront.ko" in text and "PYTHONHOME=/usr" in text
     assert "XENLAB-GUEST-READY" in text and "stty -F /dev/hvc0 raw -echo" in text
-    plain = templates.render("domu-init.sh.j2", python=False, modules=[])
+    plain = templates.render("domu-init.sh.j2", python=False, modules=[], **rootfs.init_facts())
     assert "insmod" not in plain and "PYTHONHOME" not in plain
-    for script in (text, templates.render("domu-exec-agent.sh.j2")):
+    for script in (text, templates.render("domu-exec-agent.sh.j2", **rootfs.exec_facts())):
         subprocess.run(["sh", "-n"], input=script.encode(), check=True)
 
 

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from xenlab.errors import HostError, XenlabError
-from xenlab.guest import kernel
+from xenlab.build import kernel
 
 REQUIRED = """
 64BIT PRINTK TTY BLK_DEV_INITRD RD_GZIP BINFMT_ELF BINFMT_SCRIPT PROC_FS SYSFS
@@ -67,8 +67,8 @@ def test_source_tarball_missing_has_hint(tmp_path, monkeypatch):
     assert "linux-source-6.1" in err.value.hint
 
 
-def test_fragment_exists_in_repo():
-    assert kernel.fragment_path() == Path(kernel.__file__).resolve().parents[2] / "guest-kernel/minimal.config"
+def test_fragment_ships_in_the_package():
+    assert kernel.fragment_path() == Path(kernel.__file__).resolve().parents[1] / "data/guest-kernel/minimal.config"
     assert kernel.fragment_path().is_file()
 
 

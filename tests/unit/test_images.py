@@ -2,7 +2,7 @@ import pytest
 
 from xenlab import config
 from xenlab.errors import HostError
-from xenlab.orchestrate import images
+from xenlab.build import dom0 as images, initramfs, kernel
 
 DEP = """kernel/drivers/virtio/virtio_pci.ko: kernel/drivers/virtio/virtio_pci_legacy_dev.ko kernel/drivers/virtio/virtio.ko kernel/drivers/virtio/virtio_ring.ko
 kernel/drivers/virtio/virtio.ko: kernel/drivers/virtio/virtio_ring.ko
@@ -16,7 +16,7 @@ kernel/crypto/crc32c_generic.ko:
 
 
 def test_module_order_puts_dependencies_first():
-    order = [p.split("/")[-1] for p in images.module_order(DEP, ("virtio_pci", "crc32c_generic", "ext4"))]
+    order = [p.split("/")[-1] for p in initramfs.module_order(DEP, ("virtio_pci", "crc32c_generic", "ext4"))]
     assert order.index("virtio_ring.ko") < order.index("virtio.ko") < order.index("virtio_pci_legacy_dev.ko") < order.index("virtio_pci.ko")
     assert order.index("crc16.ko") < order.index("ext4.ko") and order.index("jbd2.ko") < order.index("ext4.ko")
     assert len(order) == len(set(order)) == 8
@@ -24,7 +24,7 @@ def test_module_order_puts_dependencies_first():
 
 def test_module_order_unknown_module():
     with pytest.raises(HostError, match="nvme not found"):
-        images.module_order(DEP, ("nvme",))
+        initramfs.module_order(DEP, ("nvme",))
 
 
 def test_recipe_id_changes_with_recipe():
@@ -51,10 +51,10 @@ def test_decompress_bzimage_xz_and_gzip():
     import lzma
 
     elf = b"\x7fELF" + bytes(range(256)) * 64
-    assert images.decompress_bzimage(_bzimage(lzma.compress(elf, format=lzma.FORMAT_XZ) + b"\x10\x00\x00\x00")) == elf
-    assert images.decompress_bzimage(_bzimage(gzip.compress(elf))) == elf
+    assert kernel.decompress_bzimage(_bzimage(lzma.compress(elf, format=lzma.FORMAT_XZ) + b"\x10\x00\x00\x00")) == elf
+    assert kernel.decompress_bzimage(_bzimage(gzip.compress(elf))) == elf
 
 
 def test_decompress_bzimage_rejects_unknown_payload():
     with pytest.raises(HostError, match="unsupported dom0 kernel compression"):
-        images.decompress_bzimage(_bzimage(b"\x28\xb5\x2f\xfd" + b"\0" * 32))
+        kernel.decompress_bzimage(_bzimage(b"\x28\xb5\x2f\xfd" + b"\0" * 32))

@@ -4,7 +4,7 @@ import struct
 
 import pytest
 
-from xenlab.guest.agent.ring import HEADER_SIZE, MASK32, BackRing, FrontRing, RingError, SharedRing, dist, ring_size
+from xenlab.agent.ring import HEADER_SIZE, MASK32, BackRing, FrontRing, RingError, SharedRing, dist, ring_size
 
 
 def make(start=0, entry=16, nbytes=4096):

@@ -5,8 +5,8 @@ import jinja2
 import pytest
 
 from xenlab import config, templates
-from xenlab.orchestrate import images
-from xenlab.orchestrate.lab import Lab
+from xenlab.build import dom0 as images
+from xenlab.lab import Lab
 
 QEMU_NS = "{http://libvirt.org/schemas/domain/qemu/1.0}"
 

@@ -10,10 +10,10 @@ from click.testing import CliRunner
 
 from xenlab.cli import main
 from xenlab.errors import ConfigError
-from xenlab.verify import (
-    CheckFailed, Context, Result, exit_code, failure_message, guest_crash, junit_xml, run_one, serial_crash,
-    skip_matches, summary, validate_skips,
-)
+from xenlab.verify.model import CheckFailed, Context, Result, exit_code, failure_message, skip_matches, summary, validate_skips
+from xenlab.diagnostics import guest_crash, serial_crash
+from xenlab.verify.reports import junit_xml
+from xenlab.verify.runner import run_one
 
 
 def results(*states):
@@ -154,7 +154,7 @@ def test_cli_refuses_bad_input_before_touching_a_lab(tmp_path):
 
 
 def test_table_is_one_line_per_check():
-    from xenlab.cli_verify import table_lines
+    from xenlab.verify.reports import table_lines
 
     rs = [Result("lab.boot", "SUCCESS", 1.25, "Xen 4.17.7 " + "x" * 400), Result("devchan.echo", "SKIP", 0, "skipped with --skip", allowed=True),
           Result("guest.create", "CRASH", 3, "guest verify crashed:\nKernel panic")]

@@ -1,4 +1,4 @@
-"""Copy the agent package (xenlab/guest/agent) into dom0, once per version.
+"""Copy the agent package (xenlab/agent) into dom0, once per version.
 
 Inside dom0 it is the package `xenlab_agent` under AGENT_ROOT; run a module
 with `agent_command("domctl", ...)`. xenlab's hotplug scripts ride along in
@@ -14,22 +14,17 @@ import tarfile
 from functools import cache
 from pathlib import Path
 
-from ..errors import XenlabError
-from .agent.errors import ERROR_PREFIX
+from xenlab import agent, templates
+from xenlab.agent.errors import ERROR_PREFIX
+from xenlab.agent.facts import AGENT_PACKAGE, BRIDGE, DOM0_AGENT_ROOT as AGENT_ROOT, DOM0_PATH
+from xenlab.errors import XenlabError
 
-AGENT_SRC = Path(__file__).resolve().parent / "agent"
-AGENT_ROOT = "/usr/local/lib/xenlab"
-AGENT_PACKAGE = "xenlab_agent"
-HOTPLUG_DIR = f"{AGENT_ROOT}/hotplug"
+AGENT_SRC = Path(agent.__file__).resolve().parent
 HOTPLUG_SCRIPTS = {"block": "hotplug-block.sh.j2", "vif": "hotplug-vif.sh.j2"}
-DOM0_PATH = "/usr/sbin:/usr/bin:/sbin:/bin:/usr/lib/xen-4.17/bin"
 
 
 def hotplug_scripts() -> dict[str, str]:
-    from .. import templates
-    from ..orchestrate.images import NETWORK
-
-    return {name: templates.render(t, path=DOM0_PATH, bridge=NETWORK["bridge"]) for name, t in HOTPLUG_SCRIPTS.items()}
+    return {name: templates.render(t, path=DOM0_PATH, bridge=BRIDGE) for name, t in HOTPLUG_SCRIPTS.items()}
 
 
 def agent_files() -> list[Path]:

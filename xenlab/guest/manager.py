@@ -7,89 +7,28 @@ from __future__ import annotations
 import base64
 import gzip
 import json
-import re
 import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .. import templates
-from ..config import parse_mib, validate_name
-from ..errors import ConfigError, GuestError
-from ..orchestrate import images
-from ..orchestrate.ssh import CommandResult, SSHSession
-from ..paths import cache_dir
-from . import deploy, kernel as kernel_mod, rootfs
-
-TYPES = ("pv",)
-HOTPLUG = ("xenlab", "stock")
-REMOTE_IMAGES = "/var/lib/xenlab/images"
-REMOTE_GUESTS = "/var/lib/xenlab/guests"
-BRIDGE = images.NETWORK["bridge"]
-SUBNET = images.NETWORK["bridge_ip"].rsplit(".", 1)[0]  # guests get SUBNET.10 and up
-MAX_DISKS = 8
-MAX_MEMORY = 16384  # MiB; Xen's free memory is checked in dom0 too
-MIN_MEMORY = {"busybox": 32, "python": 96}
+from xenlab import templates
+from xenlab.agent.facts import BRIDGE, GUEST_SUBNET as SUBNET, HOTPLUG_DIR, GUESTS_DIR as REMOTE_GUESTS, IMAGES_DIR as REMOTE_IMAGES
+from xenlab.build.kernel import minimal_vmlinux
+from xenlab.config import validate_name
+from xenlab.errors import GuestError
+from xenlab.guest.handle import Guest
+from xenlab.guest.spec import GuestSpec, vdev
+from xenlab.build import dom0 as images, kernel as kernel_mod, rootfs
+from xenlab.guest import deploy
+from xenlab.lab.ssh import CommandResult, SSHSession
+from xenlab.paths import cache_dir
 
 
-@dataclass(frozen=True)
-class DiskSpec:
-    size_mib: int
-    readonly: bool = False
-
-    @classmethod
-    def parse(cls, text: str) -> "DiskSpec":
-        """'64M', '1G', '16M:ro'."""
-        size, _, mode = text.partition(":")
-        if mode not in ("", "ro", "rw"):
-            raise ConfigError(f"--disk {text!r}: mode must be ro or rw", "write it like 64M or 64M:ro")
-        mib = parse_mib(size, f"--disk {text!r}")
-        if mib > 1 << 20:
-            raise ConfigError(f"--disk {text!r} is larger than 1 TiB", "lab disks live in dom0's filesystem; use a few MB to GB")
-        return cls(mib, mode == "ro")
 
 
-@dataclass(frozen=True)
-class GuestSpec:
-    name: str
-    memory: int = 128
-    vcpus: int = 1
-    disks: tuple[DiskSpec, ...] = ()
-    net: bool = False
-    kernel: str = "minimal"
-    root: str = "busybox"
-    type: str = "pv"
-    timeout: float = 120.0
-    extra: str = ""  # appended to the guest kernel's command line
-    hotplug: str = "xenlab"  # xenlab: small sh scripts; stock: Xen's /etc/xen/scripts
-
-    def validate(self) -> "GuestSpec":
-        validate_name(self.name, "guest name")
-        if self.kernel not in rootfs.KERNELS:
-            raise ConfigError(f"unknown --kernel {self.kernel!r}", f"choose one of {', '.join(rootfs.KERNELS)}")
-        if self.root not in rootfs.ROOTS:
-            raise ConfigError(f"unknown --root {self.root!r}", f"choose one of {', '.join(rootfs.ROOTS)}")
-        if self.type not in TYPES:
-            raise ConfigError(
-                f"guest type {self.type!r} is not supported", "only PV guests run under TCG here (PVH dies on RDTSCP emulation; see LAB-NOTES)"
-            )
-        low = MIN_MEMORY[self.root]
-        if not low <= self.memory <= MAX_MEMORY:
-            raise ConfigError(f"guest memory {self.memory} MiB is out of range", f"a {self.root} guest needs {low} to {MAX_MEMORY} MiB, e.g. --memory 128M")
-        if not 1 <= self.vcpus <= 8:
-            raise ConfigError(f"guest vcpus {self.vcpus} is out of range", "use 1 to 8")
-        if len(self.disks) > MAX_DISKS:
-            raise ConfigError(f"{len(self.disks)} disks asked, at most {MAX_DISKS}", "drop some --disk options")
-        if self.hotplug not in HOTPLUG:
-            raise ConfigError(f"unknown --hotplug {self.hotplug!r}", f"choose one of {', '.join(HOTPLUG)}")
-        if self.timeout <= 0:
-            raise ConfigError(f"timeout must be positive, got {self.timeout}")
-        if re.search(r"[\"\\\n]", self.extra):
-            raise ConfigError("--extra must not contain quotes, backslashes or newlines")
-        return self
 
 
-def vdev(index: int) -> str:
-    return "xvd" + "abcdefgh"[index]
+
 
 
 def render_xl_config(spec: GuestSpec, kernel: str, ramdisk: str, ip: str, mac: str) -> str:
@@ -100,17 +39,10 @@ def render_xl_config(spec: GuestSpec, kernel: str, ramdisk: str, ip: str, mac: s
     return templates.render(
         "xl-guest.cfg.j2", name=spec.name, type=spec.type, kernel=kernel, ramdisk=ramdisk, cmdline=cmdline,
         memory=spec.memory, vcpus=spec.vcpus, disks=disks, net=spec.net, mac=mac, bridge=BRIDGE,
-        hotplug={"block": f"{deploy.HOTPLUG_DIR}/block", "vif": f"{deploy.HOTPLUG_DIR}/vif"} if spec.hotplug == "xenlab" else None,
+        hotplug={"block": f"{HOTPLUG_DIR}/block", "vif": f"{HOTPLUG_DIR}/vif"} if spec.hotplug == "xenlab" else None,
     )
 
 
-def minimal_vmlinux(bzimage: Path) -> Path:
-    elf = bzimage.with_name("vmlinux")
-    if not elf.exists():
-        part = elf.with_suffix(".part")
-        part.write_bytes(images.decompress_bzimage(bzimage.read_bytes()))
-        part.rename(elf)
-    return elf
 
 
 def pick_address(used: set[str]) -> tuple[str, str]:
@@ -223,6 +155,18 @@ class Guests:
             "config": render_xl_config(spec, kernel, ramdisk, ip, mac),
         }
         return self.domctl("create", request=request, timeout=spec.timeout + 60)
+
+    def start(self, spec: GuestSpec) -> Guest:
+        """create(), returning a Guest handle."""
+        return Guest(self, self.create(spec))
+
+    def get(self, name: str) -> Guest:
+        """A handle on a running guest made earlier."""
+        validate_name(name, "guest name")
+        for row in self.list():
+            if row["name"] == name and "domid" in row:
+                return Guest(self, row)
+        raise GuestError(f"no running guest named {name!r} in lab {self.lab.name}", "list them with `xenlab guest list`")
 
     def destroy(self, name: str, timeout: float = 30) -> dict:
         validate_name(name, "guest name")

@@ -1,8 +1,8 @@
 """XenStore from the host: a pyxs client over the lab's SSH connection,
 xenstore-ls output, the XenBus state tracer and the seed-003 layout check."""
 
-from .client import Transaction, Watch, WatchEvent, XenStore, XenStoreConnectionError, XenStoreRequestError, XenStoreTimeout
-from .paths import Perm
+from xenlab.xenstore.client import Transaction, Watch, WatchEvent, XenStore, XenStoreConnectionError, XenStoreRequestError, XenStoreTimeout
+from xenlab.xenstore.paths import Perm
 
 __all__ = [
     "Perm", "Transaction", "Watch", "WatchEvent", "XenStore", "XenStoreConnectionError", "XenStoreRequestError", "XenStoreTimeout",

@@ -33,39 +33,12 @@ from pyxs.exceptions import ConnectionError as PyXSConnectionError
 from pyxs.exceptions import PyXSError
 from pyxs.helpers import error as pyxs_error
 
-from ..errors import XenStoreError
-from .paths import Perm, check_path, check_value, decode, encode
-from .transport import SSHConnection
+from xenlab.errors import XenStoreConnectionError, XenStoreError, XenStoreRequestError, XenStoreTimeout
+from xenlab.xenstore.paths import Perm, check_path, check_value, decode, encode
+from xenlab.xenstore.transport import SSHConnection
 
 DEFAULT_TIMEOUT = 10.0
 T = TypeVar("T")
-
-HINTS = {
-    errno_mod.ENOENT: "the node does not exist: list its parent with `xenlab xs ls`",
-    errno_mod.EACCES: "xenstored refused access: see the node's permissions with `xenlab xs perms PATH`",
-    errno_mod.EINVAL: "xenstored rejected the request as invalid (path, value or permissions)",
-    errno_mod.E2BIG: "the request is larger than XenStore's 4096-byte payload limit",
-    errno_mod.ENOSPC: "a xenstored quota was hit (nodes, size, watches or transactions)",
-    errno_mod.EAGAIN: "a conflicting change happened meanwhile; retry the transaction",
-}
-
-
-class XenStoreRequestError(XenStoreError):
-    """xenstored answered a request with an error (its errno is kept)."""
-
-    def __init__(self, op: str, path: str, errno: int):
-        self.op, self.path, self.errno = op, path, errno
-        self.errname = errno_mod.errorcode.get(errno, str(errno))
-        super().__init__(f"XenStore {op} {path}: {self.errname} ({os.strerror(errno)})", HINTS.get(errno, ""))
-
-
-class XenStoreTimeout(XenStoreError):
-    pass
-
-
-class XenStoreConnectionError(XenStoreError):
-    pass
-
 
 @dataclass(frozen=True)
 class WatchEvent:
@@ -435,17 +408,17 @@ class XenStore:
         """(path, value, children, perms) for every node under top, depth first in
         xenstored's order. One round trip per tree level: each level's
         directories, values and permissions are fetched pipelined."""
-        from .tree import walk_levels
+        from xenlab.xenstore.tree import walk_levels
 
         return walk_levels(self, top, perms)
 
     def ls_f(self, path: str = "/", perms: bool = False) -> list[str]:
-        from .tree import ls_lines
+        from xenlab.xenstore.tree import ls_lines
 
         return ls_lines(self, path, full=True, perms=perms)
 
     def dump(self, path: str = "/") -> dict:
-        from .tree import dump
+        from xenlab.xenstore.tree import dump
 
         return dump(self, path)
 

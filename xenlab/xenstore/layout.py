@@ -12,8 +12,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from .client import XenStore
-from .tracer import state_name
+from xenlab.xenstore.client import XenStore
+from xenlab.xenstore.tracer import state_name
 
 KINDS = ("vbd", "vif")
 BACKEND_CLASSES = {"vbd": ("vbd", "qdisk", "vbd3"), "vif": ("vif",)}

@@ -7,7 +7,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from ..errors import XenStoreError
+from xenlab.errors import XenStoreError
 
 # xen/include/public/io/xs_wire.h
 PAYLOAD_MAX = 4096

@@ -6,24 +6,19 @@ from __future__ import annotations
 import json
 import shlex
 from dataclasses import dataclass
-from pathlib import Path
 
-from ..errors import XenStoreError
-
-PROBE = Path(__file__).with_name("domu_probe.py")
+from xenlab.errors import XenStoreError
+from xenlab.guest.agentrun import DOMU_AGENT
+from xenlab.guest.deploy import agent_reply
 
 
 def run_in_guest(guests, name: str, ops: list[list[str]], timeout: float = 60) -> list[dict]:
-    """Send XenStore requests from guest `name` through its /dev/xen/xenbus;
-    the answers are xenstored's own (an error is its errno name)."""
-    result = guests.exec(name, f"python3 - {shlex.quote(json.dumps(ops))}", input=PROBE.read_bytes(), timeout=timeout)
-    try:
-        return json.loads(result.stdout.strip().splitlines()[-1])
-    except (ValueError, IndexError):
-        raise XenStoreError(
-            f"the XenStore probe in guest {name!r} failed (exit {result.exit_status}): {result.stderr.strip()[-500:]}",
-            "the probe needs python3 in the guest (--root python)",
-        ) from None
+    """Send XenStore requests from guest `name` through its /dev/xen/xenbus
+    (the agent's xsprobe); the answers are xenstored's own (an error is its errno name)."""
+    result = guests.exec(name, f"{DOMU_AGENT}xsprobe run --ops {shlex.quote(json.dumps(ops))}", timeout=timeout)
+    if result.exit_status != 0 and ("python3: not found" in result.stderr or "No module named" in result.stderr):
+        raise XenStoreError(f"guest {name!r} has no agent to probe XenStore with", "create it with --root python")
+    return agent_reply(result.stdout, result.stderr, result.exit_status, f"the XenStore probe in guest {name!r}", XenStoreError)
 
 
 @dataclass(frozen=True)

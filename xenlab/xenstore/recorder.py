@@ -13,10 +13,12 @@ import re
 import threading
 import time
 from collections.abc import Callable
+from contextlib import contextmanager
+from dataclasses import replace
 
-from ..errors import XenStoreError
-from .client import XenStore
-from .tracer import Change
+from xenlab.errors import XenStoreError
+from xenlab.xenstore.client import XenStore
+from xenlab.xenstore.tracer import CONNECTED, Change, TimelineFormatter, check, format_reports, violation_summary
 
 BACKEND_STATE = re.compile(r"^/local/domain/(\d+)/backend/([\w-]+)/(\d+)/([\w-]+)/state$")
 FRONTEND_STATE = re.compile(r"^/local/domain/(\d+)/device/([\w-]+)/([\w-]+)/state$")
@@ -194,6 +196,90 @@ def _to_state(value: str | None) -> int | None:
 
 
 def _replace(change: Change, **kw) -> Change:
-    from dataclasses import replace
-
     return replace(change, **kw)
+
+
+@contextmanager
+def traced(store: XenStore, guest: str | None, echo: Callable[[str], None] | None = None):
+    """Record GUEST's XenBus state changes while the body runs (create,
+    destroy, detach, ...). Yields the recorder; its timeline is complete
+    after the block. `echo` gets each change as a timeline line."""
+    fmt = TimelineFormatter()
+
+    def show(change):
+        if echo is not None:
+            echo(fmt.line(change))
+
+    recorder = XenBusRecorder(store, guest, on_change=show)
+    with recorder:
+        yield recorder
+
+
+def _last_states(timeline: list[Change]) -> dict:
+    last = {}
+    for c in timeline:
+        if c.side != "domain":
+            last[(c.domid, c.device, c.side)] = c.state
+    return last
+
+
+def all_connected(timeline: list[Change]) -> bool:
+    """Every frontend and backend seen is Connected (a bring-up has settled)."""
+    last = _last_states(timeline)
+    return bool(last) and all(s == CONNECTED for s in last.values())
+
+
+def all_gone(timeline: list[Change]) -> bool:
+    """Every state node seen has been removed (a teardown has settled)."""
+    return all(s is None for s in _last_states(timeline).values())
+
+
+def settled(devices_gone: bool) -> Callable[[list[Change]], bool]:
+    """The predicate for XenBusRecorder.wait after a create (False) or a destroy (True)."""
+    return all_gone if devices_gone else all_connected
+
+
+@contextmanager
+def trace_action(lab, guest: str, destroying: bool, echo: Callable[[str], None] | None = None, settle: float = 15, timeout: float = 10):
+    """Trace GUEST's devices around the body (a create, or a destroy when
+    `destroying`), wait for them to settle, print the verdict through `echo`
+    and raise XenStoreError on a protocol violation."""
+    with XenStore.for_lab(lab, timeout=timeout) as store, traced(store, guest, echo=echo) as recorder:
+        yield recorder
+        recorder.wait(settled(destroying), settle)
+    reports = check(recorder.timeline)
+    if echo:
+        for line in format_reports(reports):
+            echo(line)
+    problem = violation_summary(reports)
+    if problem:
+        raise XenStoreError(problem, "the timeline above shows the offending transition")
+
+
+def trace_guest(lab, guest: str, action: str = "watch", spec=None, duration: float = 0, settle: float = 15,
+                timeout: float = 10, echo: Callable[[str], None] | None = None) -> dict:
+    """Trace GUEST's devices while creating it (action "create", with its
+    GuestSpec), destroying it ("destroy"), or for `duration` seconds ("watch";
+    0: until Ctrl-C). Returns the timeline, the per-device verdicts and what
+    the action reported; `ok` is False on a protocol violation."""
+    from xenlab.guest.manager import Guests
+
+    if action not in ("create", "destroy", "watch"):
+        raise XenStoreError(f"unknown trace action {action!r}", "create, destroy or watch")
+    result = None
+    with XenStore.for_lab(lab, timeout=timeout) as store, Guests(lab) as guests:
+        if action == "create":
+            guests.prepare(spec)  # kernel and root built and shipped before the trace starts
+        with traced(store, guest, echo=echo) as recorder:
+            if action == "watch":
+                try:
+                    time.sleep(duration) if duration > 0 else threading.Event().wait()
+                except KeyboardInterrupt:
+                    pass
+            else:
+                result = guests.create(spec) if action == "create" else guests.destroy(guest)
+                recorder.wait(settled(action == "destroy"), settle)
+        timeline = list(recorder.timeline)
+    reports = check(timeline)
+    return {"guest": guest, "action": action, "ok": violation_summary(reports) is None, "timeline": timeline,
+            "devices": reports, "action_result": result}

@@ -34,11 +34,9 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
-UNKNOWN, INITIALISING, INITWAIT, INITIALISED, CONNECTED, CLOSING, CLOSED, RECONFIGURING, RECONFIGURED = range(9)
-STATE_NAMES = {
-    UNKNOWN: "Unknown", INITIALISING: "Initialising", INITWAIT: "InitWait", INITIALISED: "Initialised",
-    CONNECTED: "Connected", CLOSING: "Closing", CLOSED: "Closed", RECONFIGURING: "Reconfiguring", RECONFIGURED: "Reconfigured",
-}
+from xenlab.agent.facts import (  # noqa: F401 - re-exported for the tracer's users
+    CLOSED, CLOSING, CONNECTED, INITIALISED, INITIALISING, INITWAIT, RECONFIGURED, RECONFIGURING, state_name,
+)
 
 # Allowed next states per side; a reconnect after Closed starts over.
 BACKEND_NEXT = {
@@ -61,12 +59,6 @@ FRONTEND_NEXT = {
 }
 # Frontends that may skip Initialised: they need nothing from the backend first.
 STRAIGHT_TO_CONNECTED = {"vif"}
-
-
-def state_name(state: int | None) -> str:
-    if state is None:
-        return "(removed)"
-    return STATE_NAMES.get(state, f"state {state}")
 
 
 @dataclass(frozen=True)
@@ -271,6 +263,18 @@ class TimelineFormatter:
         self.last[key] = c.state
         mark = "  (a state may have been missed)" if c.maybe_skipped else ""
         return f"+{c.t:8.3f} s  d{c.domid} {c.device:<12} {c.side:<8}  {before}{state_name(c.state)}{mark}"
+
+
+def violations(reports: list[DeviceReport]) -> list[Finding]:
+    return [f for r in reports for f in r.findings if f.level == "violation"]
+
+
+def violation_summary(reports: list[DeviceReport]) -> str | None:
+    """One line naming the first protocol violation (and how many more), or None."""
+    bad = violations(reports)
+    if not bad:
+        return None
+    return f"XenBus protocol violation: {bad[0]}" + (f" (and {len(bad) - 1} more)" if len(bad) > 1 else "")
 
 
 def format_timeline(timeline: list[Change]) -> list[str]:

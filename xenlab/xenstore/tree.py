@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from .client import XenStore, XenStoreRequestError
-from .paths import Perm, check_path
+from xenlab.errors import XenStoreRequestError
+from xenlab.xenstore.paths import Perm, check_path
 
 TAG = ' = "..."'
 DEFAULT_WIDTH = 80  # xenstore-ls when stdout is not a terminal
@@ -35,7 +35,7 @@ def sanitise(value: str) -> str:
     return "".join(out)
 
 
-def walk_levels(xs: XenStore, top: str, perms: bool = False) -> Iterator[tuple[str, str | None, list[str], list[Perm] | None]]:
+def walk_levels(xs, top: str, perms: bool = False) -> Iterator[tuple[str, str | None, list[str], list[Perm] | None]]:
     """Depth-first (path, value, children, perms) under top (top included).
     Fetched one tree level at a time with all requests of a level in flight,
     so a deep tree costs one round trip per level, not per node."""
@@ -71,7 +71,7 @@ def walk_levels(xs: XenStore, top: str, perms: bool = False) -> Iterator[tuple[s
     return visit(top)
 
 
-def ls_lines(xs: XenStore, path: str = "/", *, full: bool = True, perms: bool = False, width: int = DEFAULT_WIDTH) -> list[str]:
+def ls_lines(xs, path: str = "/", *, full: bool = True, perms: bool = False, width: int = DEFAULT_WIDTH) -> list[str]:
     """The lines `xenstore-ls [-f] [-p] PATH` prints (without their newlines)."""
     lines = []
     for p, value, _children, node_perms in walk_levels(xs, path, perms):
@@ -109,7 +109,7 @@ def ls_lines(xs: XenStore, path: str = "/", *, full: bool = True, perms: bool = 
     return lines
 
 
-def dump(xs: XenStore, path: str = "/") -> dict:
+def dump(xs, path: str = "/") -> dict:
     """The tree under path as JSON-ready nested dicts: value, perms, children."""
     built: dict[str, dict] = {}
     root = None

@@ -1,0 +1,108 @@
+"""The package's layering, checked over its import graph (every import,
+function-local ones included): only the CLI imports click, nothing imports
+the CLI, the in-lab agent is standard-library only, and no module imports
+itself back through others."""
+
+from __future__ import annotations
+
+import ast
+import sys
+from pathlib import Path
+
+import xenlab
+
+PACKAGE = Path(xenlab.__file__).resolve().parent
+REPO = PACKAGE.parent
+
+
+def module_name(path: Path) -> str:
+    parts = list(path.relative_to(PACKAGE.parent).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+MODULES = {module_name(p): p for p in PACKAGE.rglob("*.py")}
+
+
+def imports(path: Path) -> set[str]:
+    """Every module `path` imports (absolute names; `from pkg import mod` counts as pkg.mod)."""
+    name = module_name(path)
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")[: len(package.split(".")) - (node.level - 1)]
+                base = ".".join(anchor + ([node.module] if node.module else []))
+            if base != name:  # `from . import sub` in a package's __init__
+                found.add(base)
+            found.update(f"{base}.{a.name}" for a in node.names if f"{base}.{a.name}" in MODULES)
+    return found
+
+
+def graph(paths) -> dict[str, set[str]]:
+    return {module_name(p): {m for m in imports(p) if m in MODULES} for p in paths}
+
+
+def test_only_the_cli_imports_click():
+    offenders = [m for m, p in MODULES.items() if not m.startswith("xenlab.cli") and any(i.split(".")[0] == "click" for i in imports(p))]
+    assert offenders == []
+
+
+def test_nothing_imports_the_cli():
+    # xenlab.__main__ is the CLI's own entry point (`python -m xenlab`).
+    users = [m for m, p in MODULES.items() if not m.startswith(("xenlab.cli", "xenlab.__main__")) and any(i.startswith("xenlab.cli") for i in imports(p))]
+    others = [str(p.relative_to(REPO)) for d in ("bench", "examples") for p in (REPO / d).rglob("*.py")
+              if any(i.startswith("xenlab.cli") for i in imports_outside(p))]
+    assert users == [] and others == []
+
+
+def imports_outside(path: Path) -> set[str]:
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            found.add(node.module)
+        elif isinstance(node, ast.Import):
+            found.update(a.name for a in node.names)
+    return found
+
+
+def test_the_agent_is_standard_library_only():
+    stdlib = set(sys.stdlib_module_names) | {"__future__"}
+    for m, p in MODULES.items():
+        if m.startswith("xenlab.agent"):
+            foreign = {i for i in imports(p) if not i.startswith("xenlab.agent") and i.split(".")[0] not in stdlib}
+            assert foreign == set(), f"{m} imports {foreign}"
+
+
+def test_no_import_cycles():
+    edges = graph(MODULES.values())
+    cycles = []
+
+    def visit(node, stack, done):
+        if node in stack:
+            cycles.append(stack[stack.index(node):] + [node])
+            return
+        if node in done:
+            return
+        done.add(node)
+        for nxt in sorted(edges.get(node, ())):
+            # A package's __init__ re-exporting its submodules is not a cycle with them.
+            if node.startswith(nxt + "."):
+                continue
+            visit(nxt, stack + [node], done)
+
+    done: set[str] = set()
+    for start in sorted(edges):
+        visit(start, [], done)
+    assert cycles == [], "\n".join(" -> ".join(c) for c in cycles)
+
+
+def test_the_graph_sees_imports():
+    # Guard against a parser that finds nothing (which would pass every rule above).
+    edges = graph(MODULES.values())
+    assert "xenlab.lab.core" in edges["xenlab.cli.lab"] or "xenlab.lab" in edges["xenlab.cli.lab"]
+    assert "xenlab.agent.facts" in edges["xenlab.agent.domctl"]
+    assert any(i.split(".")[0] == "click" for i in imports(MODULES["xenlab.cli.common"]))

@@ -1,0 +1,342 @@
+"""dom0 side of `xenlab guest ...`: create, destroy, list, exec and console
+for PV domUs, run in dom0 as `python3 -m xenlab_agent.domctl VERB`.
+
+One SSH round trip per verb: the waiting (XenBus states, the guest's
+readiness line, teardown) happens here, next to xenstored. Replies are JSON
+on stdout; a refusal is reported as every agent error is (errors.report)."""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import fcntl
+import glob
+import json
+import os
+import re
+import secrets
+import select
+import shutil
+import subprocess
+import sys
+import termios
+import time
+import tty
+
+from . import facts
+from .errors import AgentError, report
+from .facts import CONSOLE_LOG, EXEC_END_TAG, EXEC_REPLY_TAG, EXEC_REQUEST_TAG, GUEST_PANIC_PATTERNS as CRASH_PATTERNS, GUEST_READY_MARK as READY_MARK, GUESTS_DIR, state_name
+from .xl import parse_xl_list
+from .xs import XenStore
+
+CONNECTED = str(facts.CONNECTED)  # as XenStore holds it
+
+
+class Refused(AgentError):
+    pass
+
+
+def xl(*args: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess:
+    proc = subprocess.run(["xl", *args], capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise Refused(f"`xl {' '.join(args)}` failed (exit {proc.returncode}): {proc.stderr.strip()[-1500:]}")
+    return proc
+
+
+def domid_of(name: str) -> int | None:
+    proc = xl("domid", name, check=False)
+    return int(proc.stdout) if proc.returncode == 0 and proc.stdout.strip().isdigit() else None
+
+
+def guest_dir(name: str) -> str:
+    return os.path.join(GUESTS_DIR, name)
+
+
+def read_meta(name: str) -> dict | None:
+    try:
+        with open(os.path.join(guest_dir(name), "meta.json")) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def devices(store: XenStore, domid: int) -> list[dict]:
+    """Every frontend of the domain with its backend and both states."""
+    out = []
+    base = f"/local/domain/{domid}/device"
+    for kind in store.try_directory(base):
+        if kind not in ("vbd", "vif"):
+            continue  # the console is not a XenBus split device here
+        for devid in store.try_directory(f"{base}/{kind}"):
+            front = f"{base}/{kind}/{devid}"
+            back = store.try_read(f"{front}/backend") or ""
+            out.append({
+                "kind": kind, "devid": devid, "frontend": front, "backend": back,
+                "frontend_state": store.try_read(f"{front}/state"),
+                "backend_state": store.try_read(f"{back}/state") if back else None,
+            })
+    return out
+
+
+def console_text(name: str) -> str:
+    try:
+        with open(CONSOLE_LOG.format(name=name), "rb") as f:
+            return f.read().decode(errors="replace").replace("\r", "")
+    except FileNotFoundError:
+        return ""
+
+
+def console_tail(name: str, lines: int = 25) -> str:
+    text = [l for l in console_text(name).splitlines() if not l.startswith(EXEC_REPLY_TAG + " ")]
+    return "\n".join(text[-lines:])
+
+
+# -- create ----------------------------------------------------------------
+
+def create(spec: dict) -> dict:
+    name = spec["name"]
+    if domid_of(name) is not None:
+        raise Refused(f"guest {name!r} is already running", f"destroy it first (`xenlab guest destroy {name}`) or pick another name")
+    gdir = guest_dir(name)
+    shutil.rmtree(gdir, ignore_errors=True)  # a leftover of a guest that is gone
+    os.makedirs(GUESTS_DIR, exist_ok=True)
+    need = sum(d["size_mib"] for d in spec["disks"]) + 64
+    free = shutil.disk_usage(GUESTS_DIR).free // (1 << 20)
+    if need > free:
+        raise Refused(
+            f"the disks of guest {name!r} need {need - 64} MiB but dom0 has only {free} MiB free under {GUESTS_DIR}",
+            "use smaller --disk sizes or destroy other guests",
+        )
+    free_xen = int(_xl_info().get("free_memory", 0))
+    if spec["memory"] > free_xen:
+        raise Refused(f"guest {name!r} asks for {spec['memory']} MiB but Xen has {free_xen} MiB free", "give it less --memory or destroy other guests")
+    started = time.monotonic()
+    os.makedirs(gdir)
+    try:
+        for disk in spec["disks"]:
+            with open(disk["path"], "wb") as f:
+                f.truncate(disk["size_mib"] << 20)
+        cfg = os.path.join(gdir, "xl.cfg")
+        with open(cfg, "w") as f:
+            f.write(spec["config"])
+        log = CONSOLE_LOG.format(name=name)
+        if os.path.exists(log):
+            os.unlink(log)
+        t0 = time.monotonic()
+        xl("create", "-q", cfg, timeout=spec["timeout"])
+        xl_seconds = time.monotonic() - t0
+        domid = domid_of(name)
+        if domid is None:
+            raise Refused(f"guest {name!r} died right after `xl create`\n--- console ---\n{console_tail(name)}")
+        meta = {k: spec[k] for k in ("name", "memory", "vcpus", "root", "kernel", "ip", "mac", "disks", "net", "hotplug")}
+        meta.update(domid=domid, created_at=time.time())
+        with open(os.path.join(gdir, "meta.json"), "w") as f:
+            json.dump(meta, f)
+        with XenStore() as store:
+            timings = _wait_up(store, name, domid, spec, t0)
+            timings["xl_create"] = round(xl_seconds, 2)
+            timings["total"] = round(time.monotonic() - started, 2)
+            return {**meta, "timings": timings, "devices": devices(store, domid)}
+    except BaseException:
+        _teardown(name)
+        raise
+
+
+def _xl_info() -> dict:
+    out = {}
+    for line in xl("info").stdout.splitlines():
+        key, sep, value = line.partition(":")
+        if sep:
+            out[key.strip()] = value.strip()
+    return out
+
+
+def _wait_up(store: XenStore, name: str, domid: int, spec: dict, t0: float) -> dict:
+    """Until every vbd/vif is Connected on both sides and the guest printed
+    its readiness line; a panic or a vanished domain fails at once."""
+    want = len(spec["disks"]) + (1 if spec["net"] else 0)
+    deadline = t0 + spec["timeout"]
+    connected_at = ready_at = None
+    while time.monotonic() < deadline:
+        devs = devices(store, domid)
+        if connected_at is None and len(devs) == want and all(
+            d["frontend_state"] == CONNECTED and d["backend_state"] == CONNECTED for d in devs
+        ):
+            connected_at = time.monotonic()
+        text = console_text(name)
+        if ready_at is None and READY_MARK in text:
+            ready_at = time.monotonic()
+        if connected_at and ready_at:
+            return {"connected": round(connected_at - t0, 2), "ready": round(ready_at - t0, 2)}
+        crash = next((m.group(0) for p in CRASH_PATTERNS if (m := p.search(text))), None)
+        if crash or store.try_read(f"/local/domain/{domid}/name") is None:
+            raise Refused(f"guest {name!r} {'crashed: ' + crash if crash else 'vanished'} while starting\n--- console ---\n{console_tail(name)}")
+        time.sleep(0.02)
+    states = ", ".join(f"{d['kind']}/{d['devid']} front {state_name(d['frontend_state'])} back {state_name(d['backend_state'])}" for d in devices(store, domid))
+    raise Refused(
+        f"guest {name!r} was not up after {spec['timeout']:.0f} s (devices: {states or 'none'}; ready line {'seen' if ready_at else 'not seen'})\n--- console ---\n{console_tail(name)}",
+        "raise --timeout on a slow host, or look at `xenlab guest console`",
+    )
+
+
+# -- destroy ---------------------------------------------------------------
+
+def leftovers(store: XenStore, domid: int, name: str) -> dict:
+    """What a domain can leave in dom0: backend nodes, loop devices, vifs."""
+    backends = [
+        f"/local/domain/0/backend/{kind}/{domid}" for kind in store.try_directory("/local/domain/0/backend")
+        if str(domid) in store.try_directory(f"/local/domain/0/backend/{kind}")
+    ]
+    gdir = guest_dir(name)
+    loops = []
+    for backing in glob.glob("/sys/block/loop*/loop/backing_file"):
+        try:
+            with open(backing) as f:
+                path = f.read().strip()
+        except OSError:
+            continue
+        if path.startswith(gdir + "/"):
+            loops.append(f"/dev/{backing.split('/')[3]} -> {path}")
+    vifs = sorted(os.path.basename(p) for p in glob.glob(f"/sys/class/net/vif{domid}.*"))
+    return {"backend_nodes": backends, "loop_devices": loops, "vifs": vifs}
+
+
+def destroy(name: str, timeout: float) -> dict:
+    domid = domid_of(name)
+    meta = read_meta(name)
+    if domid is None and meta is None:
+        raise Refused(f"no guest named {name!r}", "see `xenlab guest list`")
+    if domid is None:
+        domid = meta["domid"]
+    t0 = time.monotonic()
+    _teardown(name)
+    deadline = t0 + timeout
+    with XenStore() as store:
+        left = leftovers(store, domid, name)
+        while any(left.values()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+            left = leftovers(store, domid, name)
+    shutil.rmtree(guest_dir(name), ignore_errors=True)
+    return {"name": name, "domid": domid, "seconds": round(time.monotonic() - t0, 2), "leftovers": left}
+
+
+def _teardown(name: str) -> None:
+    if domid_of(name) is not None:
+        xl("destroy", name, check=False)
+
+
+# -- list ------------------------------------------------------------------
+
+def list_guests() -> list[dict]:
+    running = {d["name"]: {"domid": d["id"], "memory": d["memory_mib"], "vcpus": d["vcpus"], "xl_state": d["state"]}
+               for d in parse_xl_list(xl("list").stdout)}
+    names = sorted(set(os.listdir(GUESTS_DIR)) if os.path.isdir(GUESTS_DIR) else set())
+    out = []
+    for name in names:
+        meta = read_meta(name) or {"name": name}
+        live = running.get(name)
+        state = "gone"
+        if live:
+            state = "crashed" if "c" in live["xl_state"] else "running"
+            meta.update(live)
+        out.append({**meta, "state": state})
+    return out
+
+
+# -- exec over the console ---------------------------------------------------
+
+def exec_in(name: str, script: str, stdin: bytes, timeout: float) -> dict:
+    """Send one request to the guest's exec agent on hvc0 and wait for its reply."""
+    domid = domid_of(name)
+    if domid is None:
+        raise Refused(f"no running guest named {name!r}", "see `xenlab guest list`")
+    with XenStore() as store:
+        tty_path = store.try_read(f"/local/domain/{domid}/console/tty")
+    if not tty_path:
+        raise Refused(f"guest {name!r} has no console pty (xenconsoled not attached)")
+    os.makedirs("/run/xenlab", exist_ok=True)
+    with open(f"/run/xenlab/console-{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # one request at a time on a console
+        fd = os.open(tty_path, os.O_RDWR | os.O_NOCTTY | os.O_NONBLOCK)
+        try:
+            tty.setraw(fd)
+            termios.tcflush(fd, termios.TCIFLUSH)
+            req_id = secrets.token_hex(6)
+            stdin_field = base64.b64encode(stdin).decode() if stdin else "-"
+            frame = f"\n{EXEC_REQUEST_TAG} {req_id} {base64.b64encode(script.encode()).decode()} {stdin_field}\n".encode()
+            _write_all(fd, frame, timeout)
+            reply = re.compile(rf"{EXEC_REPLY_TAG} {req_id} (\d+) ([A-Za-z0-9+/=]*) ([A-Za-z0-9+/=]*) {EXEC_END_TAG}".encode())
+            buf = bytearray()
+            deadline = time.monotonic() + timeout
+            while (m := reply.search(buf)) is None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise Refused(f"guest {name!r} did not answer within {timeout:.0f} s", "the command may still run; see `xenlab guest console`")
+                if select.select([fd], [], [], min(left, 0.5))[0]:
+                    try:
+                        buf += os.read(fd, 1 << 16)
+                    except BlockingIOError:
+                        pass
+            return {"rc": int(m.group(1)), "stdout": m.group(2).decode(), "stderr": m.group(3).decode()}
+        finally:
+            os.close(fd)
+
+
+def _write_all(fd: int, data: bytes, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    view = memoryview(data)
+    while view:
+        if time.monotonic() > deadline:
+            raise Refused("timed out writing the request to the guest console")
+        select.select([], [fd], [], 0.5)
+        try:
+            n = os.write(fd, view)
+        except BlockingIOError:
+            continue
+        view = view[n:]
+
+
+# -- entry point -------------------------------------------------------------
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="xenlab_agent.domctl")
+    sub = parser.add_subparsers(dest="verb", required=True)
+    sub.add_parser("create")  # spec as JSON on stdin
+    p = sub.add_parser("destroy")
+    p.add_argument("name")
+    p.add_argument("--timeout", type=float, default=30)
+    sub.add_parser("list")
+    p = sub.add_parser("exec")  # {"script", "stdin_b64", "timeout"} on stdin
+    p.add_argument("name")
+    p = sub.add_parser("console")
+    p.add_argument("name")
+    p.add_argument("-n", "--lines", type=int, default=40)
+    p = sub.add_parser("leftovers")
+    p.add_argument("domid", type=int)
+    p.add_argument("name")
+    args = parser.parse_args(argv)
+    try:
+        if args.verb == "create":
+            result = create(json.load(sys.stdin))
+        elif args.verb == "destroy":
+            result = destroy(args.name, args.timeout)
+        elif args.verb == "list":
+            result = list_guests()
+        elif args.verb == "exec":
+            req = json.load(sys.stdin)
+            result = exec_in(args.name, req["script"], base64.b64decode(req.get("stdin_b64", "")), req.get("timeout", 120))
+        elif args.verb == "console":
+            if domid_of(args.name) is None and read_meta(args.name) is None and not console_text(args.name):
+                raise Refused(f"no guest named {args.name!r}", "see `xenlab guest list`")
+            result = {"name": args.name, "log": CONSOLE_LOG.format(name=args.name), "tail": console_tail(args.name, args.lines)}
+        else:
+            with XenStore() as store:
+                result = leftovers(store, args.domid, args.name)
+    except AgentError as e:
+        return report(e)
+    json.dump(result, sys.stdout)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,55 @@
+"""Facts about the lab, written once: where things live in dom0 and in a
+domU, the lab's addresses, XenBus state numbers and the patterns that mean a
+guest crashed. Standard library only: the agent imports this inside the lab
+and the host-side library imports it as xenlab.agent.facts."""
+
+from __future__ import annotations
+
+import re
+
+# Xen's toolstack (the version Debian bookworm ships).
+XEN_VERSION = "4.17"
+XEN_BIN = f"/usr/lib/xen-{XEN_VERSION}/bin"
+DOM0_PATH = f"/usr/sbin:/usr/bin:/sbin:/bin:{XEN_BIN}"
+
+# The agent package: in dom0 copied over SSH, in a python domU baked into its root.
+AGENT_PACKAGE = "xenlab_agent"
+DOM0_AGENT_ROOT = "/usr/local/lib/xenlab"
+DOMU_AGENT_ROOT = "/usr/lib/xenlab"
+HOTPLUG_DIR = f"{DOM0_AGENT_ROOT}/hotplug"
+
+# Guest files in dom0: shipped kernels and roots, and one directory per guest.
+IMAGES_DIR = "/var/lib/xenlab/images"
+GUESTS_DIR = "/var/lib/xenlab/guests"
+CONSOLE_LOG = "/var/log/xen/console/guest-{name}.log"
+
+# Networks: QEMU's user network outside dom0, and dom0's bridge for guests (no uplink).
+NETWORK = {"nic": "eth0", "dom0_ip": "10.0.2.15", "gateway": "10.0.2.2", "bridge": "xenbr0", "bridge_ip": "10.99.0.1"}
+BRIDGE = NETWORK["bridge"]
+DOM0_BRIDGE_IP = NETWORK["bridge_ip"]
+GUEST_SUBNET = DOM0_BRIDGE_IP.rsplit(".", 1)[0]  # guests get GUEST_SUBNET.10 and up
+
+# XenBus states (xen/include/public/io/xenbus.h).
+UNKNOWN, INITIALISING, INITWAIT, INITIALISED, CONNECTED, CLOSING, CLOSED, RECONFIGURING, RECONFIGURED = range(9)
+STATE_NAMES = ("Unknown", "Initialising", "InitWait", "Initialised", "Connected", "Closing", "Closed", "Reconfiguring", "Reconfigured")
+
+
+def state_name(state: int | str | None) -> str:
+    """'Connected' for 4 or '4'; '(removed)' for None; 'state N' for what xenbus.h does not name."""
+    if state is None:
+        return "(removed)"
+    if isinstance(state, str):
+        if not state.isdigit():
+            return state
+        state = int(state)
+    return STATE_NAMES[state] if 0 <= state < len(STATE_NAMES) else f"state {state}"
+
+
+# The console exec protocol (xenlab's exec agent in the guest, domctl in dom0):
+# REQUEST id script stdin, answered by REPLY id rc stdout stderr END, fields base64.
+EXEC_REQUEST_TAG, EXEC_REPLY_TAG, EXEC_END_TAG = "XLX1", "XLR1", "XLE1"
+
+# Lines on a guest's console: its init says it is ready, or that it panicked.
+GUEST_READY_MARK = "XENLAB-GUEST-READY"
+GUEST_PANIC_MARK = "XENLAB-GUEST-PANIC"
+GUEST_PANIC_PATTERNS = (re.compile(r"Kernel panic - not syncing.*"), re.compile(GUEST_PANIC_MARK + r": .*"))

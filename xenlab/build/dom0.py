@@ -1,0 +1,239 @@
+"""The dom0 image: a Debian rootfs on an ext4 disk, Xen, dom0's kernel and a
+tiny initramfs. Cached under the user's cache dir by a hash of the recipe, so
+an unchanged recipe is never rebuilt."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from xenlab import templates
+from xenlab.agent.facts import NETWORK, XEN_BIN, XEN_VERSION
+from xenlab.config import LabConfig
+from xenlab.errors import HostError
+from xenlab.build import initramfs, kit
+from xenlab.build.kernel import decompress_bzimage
+from xenlab.paths import cache_dir
+from xenlab.progress import Steps
+from xenlab.run import run
+
+BUILD_VERSION = 5
+DOM0_PACKAGES = (
+    "linux-image-amd64",
+    f"xen-hypervisor-{XEN_VERSION}-amd64",
+    f"xen-utils-{XEN_VERSION}",
+    "xenstore-utils",
+    "openssh-server",
+    "python3",
+    "iproute2",
+    "busybox",
+    "kmod",
+    "procps",
+    "socat",
+    "mount",
+    "e2fsprogs",
+)
+# Loaded by the dom0 init: backends and the devices under /dev/xen.
+DOM0_MODULES = ("xenfs", "xen-evtchn", "xen-gntdev", "xen-gntalloc", "xen-blkback", "xen-netback", "loop", "bridge", "virtio_net")
+XEN_DEVICES = ("evtchn", "gntdev", "gntalloc", "privcmd", "xenbus")
+# Driver trees a headless PV dom0 never loads; pruning halves the image.
+PRUNED_MODULE_DIRS = (
+    "sound", "drivers/gpu", "drivers/media", "drivers/net/wireless", "drivers/infiniband",
+    "drivers/staging", "drivers/bluetooth", "net/bluetooth", "net/wireless", "net/mac80211",
+    "drivers/iio", "drivers/hid", "drivers/input", "drivers/usb", "drivers/scsi", "drivers/mmc",
+    "drivers/isdn", "drivers/video", "drivers/thunderbolt",
+)
+INIT_SCRIPT = "/usr/local/sbin/xenlab-dom0-init"
+SOURCES_FILES = (Path("/etc/apt/sources.list.d/debian.sources"), Path("/etc/apt/sources.list"))
+
+
+@dataclass(frozen=True)
+class Dom0Image:
+    """A built, cached dom0 image."""
+
+    path: Path
+
+    @property
+    def id(self) -> str:
+        return self.path.name
+
+    @property
+    def manifest(self) -> dict:
+        return json.loads((self.path / "manifest.json").read_text())
+
+    rootfs = property(lambda self: self.path / "rootfs.img")
+    xen = property(lambda self: self.path / "xen")
+    kernel = property(lambda self: self.path / "vmlinuz")
+    # What Xen loads as dom0: the same kernel, already decompressed.
+    dom0_kernel = property(lambda self: self.path / "vmlinux")
+    initramfs = property(lambda self: self.path / "initramfs.cpio")
+    domu_kit = property(lambda self: self.path / "domu-kit")
+
+    @property
+    def host_key(self) -> str:
+        """dom0's ed25519 host key, 'ssh-ed25519 BASE64', recorded at build time."""
+        return self.manifest["ssh_host_key"]
+
+
+def recipe(cfg: LabConfig) -> dict:
+    return {
+        "build_version": BUILD_VERSION,
+        "suite": cfg.dom0.suite,
+        "packages": sorted(DOM0_PACKAGES + tuple(cfg.dom0.extra_packages)),
+        "disk_size": cfg.dom0.disk_size,
+        "modules": DOM0_MODULES,
+        "pruned": PRUNED_MODULE_DIRS,
+        "network": NETWORK,
+        "templates": {
+            name: hashlib.sha256(templates.source(name).encode()).hexdigest()
+            for name in ("dom0-init.sh.j2", "inittab.j2", "initramfs-init.sh.j2")
+        },
+    }
+
+
+def recipe_id(cfg: LabConfig) -> str:
+    digest = hashlib.sha256(json.dumps(recipe(cfg), sort_keys=True).encode()).hexdigest()
+    return f"dom0-{cfg.dom0.suite}-{digest[:12]}"
+
+
+def images_dir() -> Path:
+    return cache_dir() / "images"
+
+
+def find(cfg: LabConfig) -> Dom0Image | None:
+    image = Dom0Image(images_dir() / recipe_id(cfg))
+    return image if (image.path / "manifest.json").exists() else None
+
+
+def apt_sources() -> Path:
+    for candidate in SOURCES_FILES:
+        if candidate.exists() and candidate.stat().st_size:
+            return candidate
+    raise HostError(
+        "no apt sources file found (looked for " + ", ".join(map(str, SOURCES_FILES)) + ")",
+        "mmdebstrap takes the host's apt sources as its mirror; configure apt on this host first",
+    )
+
+
+def build(cfg: LabConfig, steps: Steps, force: bool = False) -> Dom0Image:
+    """Build the dom0 image unless one with the same recipe is cached."""
+    if not force and (image := find(cfg)):
+        steps.note(f"dom0 image {image.id} is cached")
+        return image
+    if os.geteuid() != 0:
+        raise HostError("building the dom0 image needs root (mmdebstrap --mode=root, mkfs.ext4 -d)", "run `sudo xenlab build`")
+    final = images_dir() / recipe_id(cfg)
+    images_dir().mkdir(parents=True, exist_ok=True)
+    _check_space(images_dir(), need_mib=cfg.dom0.disk_size + 1024)
+    work = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=images_dir()))
+    log_file = work / "build.log"
+    started = time.monotonic()
+    try:
+        out = work / "image"
+        out.mkdir()
+        rootfs = work / "rootfs"
+        with steps.step(f"build dom0 image {final.name}"):
+            with steps.step(f"mmdebstrap {cfg.dom0.suite} (log: {log_file})"):
+                _mmdebstrap(cfg, rootfs, log_file)
+            with steps.step("customize rootfs"):
+                kver = _customize(rootfs, log_file)
+            with steps.step("initramfs"):
+                initramfs.build_dom0(rootfs, kver, out / "initramfs.cpio", work)
+            with steps.step("extract Xen and dom0 kernel"):
+                host_key = _extract_boot(rootfs, kver, out)
+            with steps.step("domU kit (python3, Debian guest modules)"):
+                kit.export(rootfs, kver, out / "domu-kit", log_file)
+            with steps.step(f"mkfs.ext4 -d ({cfg.dom0.disk_size}M)"):
+                run(["mkfs.ext4", "-q", "-F", "-L", "xenlab-dom0", "-d", rootfs, out / "rootfs.img", f"{cfg.dom0.disk_size}M"], log_file=log_file)
+            manifest = {
+                "id": final.name,
+                "recipe": recipe(cfg),
+                "kernel_version": kver,
+                "xen_version": XEN_VERSION,
+                "ssh_host_key": host_key,
+                "built_at": time.time(),
+                "build_seconds": round(time.monotonic() - started, 1),
+                "timings": dict(steps.timings),
+            }
+            (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
+            shutil.move(log_file, out / "build.log")
+            if final.exists():
+                shutil.rmtree(final)
+            out.rename(final)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return Dom0Image(final)
+
+
+def _check_space(where: Path, need_mib: int) -> None:
+    free = shutil.disk_usage(where).free // (1024 * 1024)
+    if free < need_mib:
+        raise HostError(f"only {free} MiB free under {where}, the build needs about {need_mib} MiB", "free some disk space or set XENLAB_CACHE to a bigger filesystem")
+
+
+def _mmdebstrap(cfg: LabConfig, rootfs: Path, log_file: Path) -> None:
+    packages = ",".join(DOM0_PACKAGES + tuple(cfg.dom0.extra_packages))
+    run(
+        ["mmdebstrap", "--mode=root", "--variant=minbase", f"--include={packages}", cfg.dom0.suite, rootfs, apt_sources()],
+        log_file=log_file,
+        hint="check that the host's apt sources work (`apt-get update`) and that every extra package exists",
+    )
+
+
+def _customize(rootfs: Path, log_file: Path) -> str:
+    (kver,) = [p.name for p in (rootfs / "lib/modules").iterdir()]
+    moddir = rootfs / "lib/modules" / kver / "kernel"
+    for sub in PRUNED_MODULE_DIRS:
+        shutil.rmtree(moddir / sub, ignore_errors=True)
+    run(["depmod", "-b", rootfs, kver], log_file=log_file)
+    for stale in (rootfs / "boot").glob("initrd.img-*"):
+        stale.unlink()
+    for key in (rootfs / "etc/ssh").glob("ssh_host_*"):
+        if "ed25519" not in key.name:
+            key.unlink()
+    init = rootfs / INIT_SCRIPT.lstrip("/")
+    init.parent.mkdir(parents=True, exist_ok=True)
+    init.write_text(
+        templates.render(
+            "dom0-init.sh.j2", xen_bin=XEN_BIN, hostname="xenlab-dom0", modules=DOM0_MODULES, xen_devices=XEN_DEVICES, **NETWORK
+        )
+    )
+    init.chmod(0o755)
+    (rootfs / "etc/inittab").write_text(templates.render("inittab.j2", init_script=INIT_SCRIPT))
+    (rootfs / "etc/hostname").write_text("xenlab-dom0\n")
+    (rootfs / "etc/hosts").write_text("127.0.0.1 localhost\n127.0.1.1 xenlab-dom0\n")
+    (rootfs / "etc/ssh/sshd_config.d/xenlab.conf").write_text(
+        "PasswordAuthentication no\nPermitRootLogin prohibit-password\nUseDNS no\nHostKey /etc/ssh/ssh_host_ed25519_key\n"
+    )
+    # Xen's tools look here for xenstore-ls and friends; keep them on PATH for ssh sessions too.
+    (rootfs / "root/.profile").write_text(f"export PATH=$PATH:{XEN_BIN}\n")
+    (rootfs / "etc/environment").write_text(f"PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin:{XEN_BIN}\n")
+    return kver
+
+
+
+
+
+
+
+
+
+
+def _extract_boot(rootfs: Path, kver: str, out: Path) -> str:
+    (xen_gz,) = (rootfs / "boot").glob(f"xen-{XEN_VERSION}-amd64.gz")
+    # QEMU's multiboot loader takes the plain ELF, not the gzip.
+    (out / "xen").write_bytes(gzip.decompress(xen_gz.read_bytes()))
+    bzimage = rootfs / "boot" / f"vmlinuz-{kver}"
+    shutil.copy2(bzimage, out / "vmlinuz")
+    (out / "vmlinux").write_bytes(decompress_bzimage(bzimage.read_bytes()))
+    pub = (rootfs / "etc/ssh/ssh_host_ed25519_key.pub").read_text().split()
+    return f"{pub[0]} {pub[1]}"
+
+

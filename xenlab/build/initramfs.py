@@ -1,0 +1,75 @@
+"""Kernel modules in dependency order, cpio archives, and dom0's tiny
+initramfs (busybox + the modules that mount the virtio root disk)."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from xenlab import templates
+from xenlab.errors import HostError
+from xenlab.run import run
+
+# What the initramfs needs to mount the virtio root disk; crc32c is only a
+# soft dependency of ext4, so modules.dep does not list it.
+ROOT_MODULES = ("virtio_pci", "virtio_blk", "crc32c_generic", "ext4")
+
+
+def module_order(modules_dep: str, wanted: tuple[str, ...]) -> list[str]:
+    """Relative module paths for `wanted`, each after its dependencies (modules.dep order)."""
+    deps: dict[str, list[str]] = {}
+    by_name: dict[str, str] = {}
+    for line in modules_dep.splitlines():
+        if ":" not in line:
+            continue
+        path, _, rest = line.partition(":")
+        deps[path] = rest.split()
+        by_name[Path(path).name.split(".ko")[0].replace("-", "_")] = path
+    ordered: list[str] = []
+
+    def visit(path: str) -> None:
+        for dep in deps.get(path, []):
+            visit(dep)
+        if path not in ordered:
+            ordered.append(path)
+
+    for name in wanted:
+        key = name.replace("-", "_")
+        if key not in by_name:
+            raise HostError(f"kernel module {name} not found in modules.dep", "the dom0 kernel package changed; rebuild with --force")
+        visit(by_name[key])
+    return ordered
+
+
+def copy_modules(moddir: Path, wanted: tuple[str, ...], dest: Path) -> list[str]:
+    """Copy `wanted` and their dependencies from moddir into dest as NAME.ko;
+    their names in load order."""
+    names = []
+    for rel in module_order((moddir / "modules.dep").read_text(), wanted):
+        name = Path(rel).name.split(".ko")[0]
+        shutil.copy2(moddir / rel, dest / f"{name}.ko")
+        names.append(name)
+    return names
+
+
+def build_dom0(rootfs: Path, kver: str, target: Path, work: Path) -> None:
+    busybox = Path("/bin/busybox")  # busybox-static: the initramfs has no libc
+    if not busybox.exists():
+        raise HostError("/bin/busybox is missing", "install busybox-static (ci/setup-host.sh does)")
+    moddir = rootfs / "lib/modules" / kver
+    tree = work / "initramfs"
+    for sub in ("bin", "dev", "proc", "sys", "newroot", "modules"):
+        (tree / sub).mkdir(parents=True)
+    shutil.copy2(busybox, tree / "bin/busybox")
+    names = copy_modules(moddir, ROOT_MODULES, tree / "modules")
+    init = tree / "init"
+    init.write_text(templates.render("initramfs-init.sh.j2", modules=names, root_device="/dev/vda"))
+    init.chmod(0o755)
+    # Uncompressed: decompressing costs more than reading under TCG.
+    target.write_bytes(cpio_archive(tree))
+
+
+def cpio_archive(tree: Path, *options: str) -> bytes:
+    """A newc cpio archive of everything under tree (an initramfs)."""
+    listing = "\n".join(str(p.relative_to(tree)) for p in sorted(tree.rglob("*"))).encode()
+    return run(["cpio", "-o", "-H", "newc", "--quiet", *options], input=listing, cwd=tree).stdout

@@ -1,0 +1,112 @@
+"""The domU root: a small initramfs built on the host, cached by recipe.
+
+Two roots: `busybox` (busybox-static, the init and the console exec agent:
+about 1 MB) and `python` (busybox plus python3.11 with a compiled standard
+library zip from the dom0 image's kit and the xenlab agent package, for the
+agents that run inside guests). A `--kernel debian` guest also gets the
+Debian frontend modules, loaded by the init."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+from xenlab import templates
+from xenlab.agent.facts import DOMU_AGENT_ROOT, EXEC_END_TAG, EXEC_REPLY_TAG, EXEC_REQUEST_TAG, GUEST_PANIC_MARK, GUEST_READY_MARK
+from xenlab.errors import HostError
+from xenlab.build.dom0 import Dom0Image
+from xenlab.build.initramfs import cpio_archive
+from xenlab.run import run
+from xenlab.guest import deploy
+
+BUSYBOX = Path("/bin/busybox")
+BUILD_VERSION = "1"
+TEMPLATES = ("domu-init.sh.j2", "domu-exec-agent.sh.j2")
+
+
+def exec_facts() -> dict:
+    """The console exec protocol's tags, as the agent in dom0 speaks it."""
+    return {"request_tag": EXEC_REQUEST_TAG, "reply_tag": EXEC_REPLY_TAG, "end_tag": EXEC_END_TAG}
+
+
+def init_facts() -> dict:
+    """What the guest's init must agree on with the agent in dom0."""
+    return {"agent_root": DOMU_AGENT_ROOT, "ready_mark": GUEST_READY_MARK, "panic_mark": GUEST_PANIC_MARK}
+
+
+def recipe_id(image: Dom0Image, root: str, kernel: str) -> str:
+    digest = hashlib.sha256()
+    parts = [BUILD_VERSION, root, kernel, image.id, _file_digest(BUSYBOX)]
+    parts += [templates.source(t) for t in TEMPLATES]
+    if root == "python":
+        parts.append(deploy.agent_version())
+    for part in parts:
+        digest.update(part.encode() + b"\0")
+    return f"domu-{root}-{kernel}-{digest.hexdigest()[:12]}"
+
+
+def _file_digest(path: Path) -> str:
+    if not path.exists():
+        raise HostError(f"{path} is missing", "install busybox-static (ci/setup-host.sh does)")
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def build(image: Dom0Image, root: str, kernel: str, cache: Path) -> Path:
+    """The cached initramfs (cpio.gz) for this root and kernel; built if missing."""
+    target = cache / f"{recipe_id(image, root, kernel)}.cpio.gz"
+    if target.exists():
+        return target
+    cache.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".domu-root-", dir=cache) as work:
+        tree = Path(work) / "root"
+        modules = _populate(tree, image, root, kernel)
+        init = tree / "init"
+        init.write_text(templates.render("domu-init.sh.j2", python=root == "python", modules=modules, **init_facts()))
+        agent = tree / "bin/xenlab-exec-agent"
+        agent.write_text(templates.render("domu-exec-agent.sh.j2", **exec_facts()))
+        for script in (init, agent):
+            script.chmod(0o755)
+        staged = Path(work) / "initramfs.cpio.gz"
+        staged.write_bytes(gzip.compress(cpio_archive(tree, "-R", "0:0"), compresslevel=6))
+        staged.rename(target)
+    # Older builds of this root (another agent or template version) are dead weight.
+    for old in cache.glob(f"domu-{root}-{kernel}-*.cpio.gz"):
+        if old != target:
+            old.unlink(missing_ok=True)
+    return target
+
+
+def _populate(tree: Path, image: Dom0Image, root: str, kernel: str) -> list[str]:
+    for sub in ("bin", "sbin", "usr/bin", "usr/sbin", "dev", "proc", "sys", "tmp", "run", "root", "etc", "lib/modules"):
+        (tree / sub).mkdir(parents=True, exist_ok=True)
+    shutil.copy2(BUSYBOX, tree / "bin/busybox")
+    # Applet links made here, not by `busybox --install` at every boot.
+    applets = subprocess.run([BUSYBOX, "--list-full"], capture_output=True, text=True, check=True).stdout.split()
+    for applet in applets:
+        link = tree / applet
+        if not link.exists():
+            link.parent.mkdir(parents=True, exist_ok=True)
+            link.symlink_to("/bin/busybox")
+    (tree / "etc/passwd").write_text("root:x:0:0:root:/root:/bin/sh\n")
+    (tree / "etc/group").write_text("root:x:0:\n")
+    kit = image.domu_kit
+    if not kit.exists():
+        raise HostError(f"the dom0 image {image.id} has no domU kit", "rebuild it: `xenlab build --force`")
+    if root == "python":
+        shutil.copytree(kit / "python", tree, symlinks=True, dirs_exist_ok=True)
+        agent_dir = tree / DOMU_AGENT_ROOT.lstrip("/")
+        agent_dir.mkdir(parents=True)
+        with tempfile.NamedTemporaryFile() as tar:
+            tar.write(deploy.agent_tarball())
+            tar.flush()
+            run(["tar", "-x", "-f", tar.name, "-C", agent_dir])
+    if kernel == "debian":
+        names = (kit / "modules/modules.order").read_text().split()
+        for name in names:
+            shutil.copy2(kit / "modules" / f"{name}.ko", tree / "lib/modules" / f"{name}.ko")
+        return names
+    return []

@@ -1,0 +1,186 @@
+"""`xenlab guest ...`: PV domUs in the lab."""
+
+from __future__ import annotations
+
+import os
+import sys
+from contextlib import nullcontext
+
+import click
+from rich.markup import escape
+from rich.table import Table
+
+from xenlab.build.guest import build_all
+from xenlab.cli.common import emit, json_option, lab_option, load_config, open_lab
+from xenlab.config import parse_mib
+from xenlab.errors import XenlabError
+from xenlab.guest.spec import KERNELS, ROOTS, DiskSpec, GuestSpec
+from xenlab.progress import Steps, console
+from xenlab.xenstore.recorder import trace_action
+
+
+def _traced(ctx, lab: str | None, guest_name: str, enabled: bool, destroying: bool, as_json: bool):
+    """With --trace: the guest's XenBus states around the action, then the verdict."""
+    if not enabled:
+        return nullcontext()
+    return trace_action(open_lab(ctx, lab), guest_name, destroying, echo=None if as_json else click.echo)
+
+
+@click.group()
+def guest():
+    """PV domUs: create, list, exec, check, console, destroy."""
+
+
+@guest.command("build")
+@click.option("--force", is_flag=True, help="rebuild the minimal kernel even if cached")
+@json_option
+@click.pass_context
+def build_cmd(ctx, force, as_json):
+    """Build (cached) the minimal guest kernel and the guest roots; no lab needed."""
+    result = build_all(load_config(ctx), Steps(quiet=as_json), force=force)
+
+    def text(r):
+        console.print(f"kernel {r['kernel']} (built in {r['kernel_manifest']['build_seconds']} s)")
+        for key, root in r["roots"].items():
+            console.print(f"root {key}: {root['path']} ({root['bytes'] >> 10} KiB)")
+
+    emit(result, as_json, text)
+
+
+@guest.command()
+@lab_option
+@click.argument("name")
+@click.option("--memory", default="128M", show_default=True, help="guest memory (32M+; 96M+ for --root python)")
+@click.option("--vcpus", type=int, default=1, show_default=True)
+@click.option("--disk", "disks", multiple=True, metavar="SIZE[:ro]", help="a blkfront disk (xvda, xvdb, ...), repeatable, e.g. 64M or 16M:ro")
+@click.option("--net/--no-net", default=False, help="a netfront NIC on dom0's bridge (the guest gets an address there)")
+@click.option("--kernel", type=click.Choice(KERNELS), default="minimal", show_default=True,
+              help="minimal: xenlab's own small kernel; debian: dom0's kernel + modules")
+@click.option("--root", type=click.Choice(ROOTS), default="busybox", show_default=True, help="python adds python3 and the xenlab agents")
+@click.option("--type", "guest_type", default="pv", show_default=True, help="guest type (pv)")
+@click.option("--timeout", type=float, default=120, show_default=True, help="seconds to wait until the guest is up and Connected")
+@click.option("--extra", default="", help="appended to the guest kernel command line")
+@click.option("--hotplug", type=click.Choice(("xenlab", "stock")), default="xenlab", show_default=True,
+              help="xenlab: small sh hotplug scripts; stock: Xen's /etc/xen/scripts/{block,vif-bridge}")
+@click.option("--trace", is_flag=True, help="trace the XenBus states of its devices coming up (as `xenlab trace`)")
+@json_option
+@click.pass_context
+def create(ctx, lab, name, memory, vcpus, disks, net, kernel, root, guest_type, timeout, extra, hotplug, trace, as_json):
+    """Start a PV domU; returns when it is up and every vbd/vif is Connected."""
+    spec = GuestSpec(
+        name=name, memory=parse_mib(memory, "--memory"), vcpus=vcpus, disks=tuple(DiskSpec.parse(d) for d in disks),
+        net=net, kernel=kernel, root=root, type=guest_type, timeout=timeout, extra=extra, hotplug=hotplug,
+    ).validate()
+    steps = Steps(quiet=as_json)
+    with open_lab(ctx, lab).guests() as guests:
+        with steps.step(f"guest {name}: build/ship kernel and root"):
+            prepared = guests.prepare(spec)
+        with _traced(ctx, lab, name, trace, False, as_json):
+            with steps.step(f"guest {name}: xl create, wait for Connected"):
+                info = guests.create(spec, prepared)
+
+    def text(info):
+        t = info["timings"]
+        devs = ", ".join(f"{d['kind']}/{d['devid']}" for d in info["devices"]) or "no devices"
+        console.print(
+            f"[green]guest {name} is up[/] (domid {info['domid']}, {info['ip'] if info['net'] else 'no net'}): "
+            f"xl create {t['xl_create']:.1f} s, all Connected {t['connected']:.1f} s, ready {t['ready']:.1f} s; {devs}"
+        )
+
+    emit(info, as_json, text)
+
+
+@guest.command("list")
+@lab_option
+@json_option
+@click.pass_context
+def list_cmd(ctx, lab, as_json):
+    """The lab's guests with domid, state, memory, disks, address."""
+    with open_lab(ctx, lab).guests() as guests:
+        rows = guests.list()
+
+    def text(rows):
+        table = Table("name", "domid", "state", "memory", "vcpus", "root/kernel", "disks", "ip")
+        for g in rows:
+            disks = " ".join(f"{d['vdev']}:{d['size_mib']}M{':ro' if d['readonly'] else ''}" for d in g.get("disks", []))
+            table.add_row(g["name"], str(g.get("domid", "")), g["state"], f"{g.get('memory', '')}M", str(g.get("vcpus", "")),
+                          f"{g.get('root')}/{g.get('kernel')}", disks, g.get("ip", "") if g.get("net") else "")
+        console.print(table)
+
+    emit(rows, as_json, text)
+
+
+@guest.command()
+@lab_option
+@click.argument("name")
+@click.option("--timeout", type=float, default=30, show_default=True, help="seconds to wait for backends to go away")
+@click.option("--trace", is_flag=True, help="trace the XenBus states of its devices going away")
+@json_option
+@click.pass_context
+def destroy(ctx, lab, name, timeout, trace, as_json):
+    """Destroy a guest and remove its disks; reports anything left in dom0."""
+    with open_lab(ctx, lab).guests() as guests, _traced(ctx, lab, name, trace, True, as_json):
+        result = guests.destroy(name, timeout=timeout)
+    emit(result, as_json, lambda r: console.print(f"guest {name} (domid {r['domid']}) destroyed in {r['seconds']:.1f} s"))
+    left = {k: v for k, v in result["leftovers"].items() if v}
+    if left:
+        raise XenlabError(f"guest {name} left things behind in dom0: {left}", "see `xenlab ssh -- xenstore-ls -f /local/domain/0/backend`")
+
+
+@guest.command("console")
+@lab_option
+@click.argument("name")
+@click.option("-n", "--lines", default=40, show_default=True)
+@click.option("--attach", is_flag=True, help="interactive `xl console` (Ctrl-] leaves); stops exec while attached")
+@click.pass_context
+def console_cmd(ctx, lab, name, lines, attach):
+    """The guest console log (its path in dom0 and tail), or attach to it."""
+    the_lab = open_lab(ctx, lab)
+    if attach:
+        argv = the_lab.openssh_argv("xl", "console", name, tty=True)
+        os.execvp(argv[0], argv)
+    with the_lab.guests() as guests:
+        result = guests.console(name, lines)
+    click.echo(f"console log (dom0): {result['log']}")
+    click.echo(result["tail"])
+
+
+@guest.command("exec", context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
+@lab_option
+@click.option("--timeout", type=float, default=120, show_default=True)
+@click.option("--stdin", "use_stdin", is_flag=True, help="send this command's stdin to CMD")
+@click.argument("name")
+@click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
+@click.pass_context
+def exec_cmd(ctx, lab, timeout, use_stdin, name, command):
+    """Run CMD in the guest: its stdout, stderr and exit code (over the Xen console)."""
+    if command and command[0] == "--":
+        command = command[1:]
+    data = sys.stdin.buffer.read() if use_stdin else b""
+    with open_lab(ctx, lab).guests() as guests:
+        result = guests.exec(name, " ".join(command), input=data, timeout=timeout)
+    sys.stdout.write(result.stdout)
+    sys.stderr.write(result.stderr)
+    ctx.exit(result.exit_status)
+
+
+@guest.command()
+@lab_option
+@click.argument("name")
+@json_option
+@click.pass_context
+def check(ctx, lab, name, as_json):
+    """Ring I/O on the real paths: blkfront<->blkback byte-exact both ways, read-only refusal, netfront<->netback ping and bulk."""
+    with open_lab(ctx, lab).guests() as guests:
+        results = guests.check(name)
+
+    def text(results):
+        table = Table("check", "result", "time", "evidence")
+        for r in results:
+            table.add_row(r["check"], "[green]SUCCESS[/]" if r["ok"] else "[red]FAILURE[/]", f"{r['seconds']:.1f} s", escape(r["detail"]))
+        console.print(table)
+
+    emit(results, as_json, text)
+    failed = [r["check"] for r in results if not r["ok"]]
+    if failed:
+        raise XenlabError(f"guest {name}: {len(failed)} check(s) failed: {', '.join(failed)}")

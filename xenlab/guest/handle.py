@@ -1,0 +1,60 @@
+"""Guest: one running domU, as a handle for scripts and tests."""
+
+from __future__ import annotations
+
+import base64
+import shlex
+from pathlib import Path
+
+from xenlab.errors import GuestError
+
+
+class Guest:
+    """A running domU: exec(), put(), get(), console(), check(), destroy().
+
+    Everything goes over the guest's Xen console (no network needed); `info`
+    is what `Guests.create` reported (domid, devices, timings)."""
+
+    def __init__(self, guests, info: dict):
+        self._guests = guests
+        self.info = info
+        self.name: str = info["name"]
+        self.domid: int = info["domid"]
+        self.ip: str | None = info["ip"] if info.get("net") else None
+
+    def exec(self, command: str, input: bytes = b"", timeout: float = 120):
+        """Run `sh -c command` in the guest: CommandResult (exit_status, stdout, stderr, ok)."""
+        return self._guests.exec(self.name, command, input=input, timeout=timeout)
+
+    def put(self, src: bytes | str | Path, remote: str, mode: int = 0o644) -> None:
+        """Copy bytes, or a local file, to `remote` in the guest."""
+        data = src if isinstance(src, bytes) else Path(src).read_bytes()
+        path = shlex.quote(remote)
+        result = self.exec(f"cat > {path} && chmod {mode:o} {path}", input=data)
+        if not result.ok:
+            raise GuestError(f"could not write {remote} in guest {self.name}: {result.stderr.strip()[-300:]}")
+
+    def get(self, remote: str, local: str | Path | None = None) -> bytes:
+        """The content of `remote` in the guest (also written to `local` when given)."""
+        # base64: the console carries text, and the file may be binary.
+        result = self.exec(f"base64 {shlex.quote(remote)}")
+        if not result.ok:
+            raise GuestError(f"could not read {remote} in guest {self.name}: {result.stderr.strip()[-300:]}")
+        data = base64.b64decode(result.stdout)
+        if local is not None:
+            Path(local).write_bytes(data)
+        return data
+
+    def console(self, lines: int = 100) -> str:
+        """The last lines of the guest's console log."""
+        return self._guests.console(self.name, lines)["tail"]
+
+    def check(self) -> list[dict]:
+        """The block/network ring I/O checks of `xenlab guest check`."""
+        return self._guests.check(self.name)
+
+    def destroy(self, timeout: float = 30) -> dict:
+        return self._guests.destroy(self.name, timeout=timeout)
+
+    def __repr__(self) -> str:
+        return f"Guest({self.name!r}, domid {self.domid})"

@@ -1,0 +1,438 @@
+"""The Lab: one Xen + dom0 VM under libvirt, with its state directory.
+
+State lives in <state>/labs/NAME: lab.json (what `up` started), the lab's SSH
+key and pinned known_hosts, dom0's copy-on-write disk, the serial log and,
+for the default embedded driver, libvirt's own root."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import shutil
+import socket
+import threading
+import time
+from concurrent.futures import Future
+from contextlib import contextmanager
+from pathlib import Path
+
+from xenlab import config as config_mod, templates
+from xenlab.agent.xl import parse_xl_info, parse_xl_list
+from xenlab.config import LabConfig, validate_name
+from xenlab.errors import BootError, LabError
+from xenlab.paths import cache_dir, lab_dir, state_root
+from xenlab.progress import Steps
+from xenlab.run import run
+from xenlab.build import dom0 as images
+from xenlab.lab import accel as accel_mod, serial, virt
+from xenlab.lab.ssh import SSHSession, generate_key, known_hosts_line
+
+READY_CHECK = (
+    "for p in xenstored xenconsoled; do pgrep -x $p >/dev/null && echo proc:$p; done; "
+    "for d in " + " ".join(images.XEN_DEVICES) + "; do [ -e /dev/xen/$d ] && echo dev:$d; done"
+)
+REQUIRED_READY = {"proc:xenstored", "proc:xenconsoled", "dev:evtchn", "dev:gntdev", "dev:gntalloc"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def port_in_use(port: int) -> bool:
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return True
+    return False
+
+
+@contextmanager
+def ports_lock():
+    """One host-wide lock for picking a lab's SSH port."""
+    root = state_root()
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / ".ports.lock", "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        yield
+
+
+def list_labs() -> list[str]:
+    root = state_root()
+    return sorted(p.name for p in root.iterdir() if (p / "lab.json").exists()) if root.exists() else []
+
+
+class Lab:
+    """One lab: Xen + dom0 in a libvirt domain, named by its config.
+
+    `Lab.open("mylab")` reads the configuration (defaults, a TOML file,
+    overrides); `ensure_up()` boots it unless it is up; `dom0()` and
+    `guests()` are the handles to work in it; `down()` stops it."""
+
+    def __init__(self, cfg: LabConfig):
+        self.cfg = cfg
+        self.name = validate_name(cfg.name)
+        self.dir = lab_dir(self.name)
+        self.domain_name = f"xenlab-{self.name}"
+        self.booted = False  # set by ensure_up() when it booted the lab
+
+    # -- files -------------------------------------------------------------
+    info_file = property(lambda self: self.dir / "lab.json")
+    key_file = property(lambda self: self.dir / "id_ed25519")
+    known_hosts = property(lambda self: self.dir / "known_hosts")
+    serial_log = property(lambda self: self.dir / "serial.log")
+    disk = property(lambda self: self.dir / "dom0.qcow2")
+    embed_root = property(lambda self: self.dir / "libvirt")
+
+    @classmethod
+    def open(cls, name: str | None = None, config: str | Path | None = None, **overrides) -> "Lab":
+        """The lab NAME (default: [lab] name) configured by the defaults, then
+        the TOML file `config`, then `overrides` (e.g. memory="3G", **{"dom0.vcpus": 1})."""
+        return cls(config_mod.load(Path(config) if config else None, {"name": name, **overrides}))
+
+    def info(self) -> dict | None:
+        try:
+            return json.loads(self.info_file.read_text())
+        except (OSError, ValueError):
+            return None
+
+    def uri(self) -> str:
+        info = self.info()
+        if info:
+            return info["uri"]
+        return self.cfg.connect or virt.embed_uri(self.embed_root)
+
+    @contextmanager
+    def locked(self):
+        """Serialize commands on one lab (the embed root admits one process anyway)."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        with open(self.dir / "lock", "w") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            yield
+
+    def _connect(self):
+        if self.uri().startswith("qemu:///embed"):
+            virt.prepare_embed_root(self.embed_root, cache_dir() / "libvirt-qemu-cache")
+        return virt.connect(self.uri())
+
+    # -- up ----------------------------------------------------------------
+    def up(self, steps: Steps) -> dict:
+        fresh = not self.dir.exists()
+        try:
+            return self._up(steps)
+        except BaseException:
+            # A refused first `up` leaves no state directory; once a boot was
+            # tried, its serial log stays as the evidence the error names.
+            if fresh and not self.serial_log.exists():
+                shutil.rmtree(self.dir, ignore_errors=True)
+            raise
+
+    def _up(self, steps: Steps) -> dict:
+        started = time.monotonic()
+        with self.locked():
+            self._refuse_if_running()
+            image = images.build(self.cfg, steps)
+            with steps.step("choose accelerator"):
+                choice = accel_mod.choose(self.cfg.accel, image.kernel)
+                steps.note(f"{choice.accel}: {choice.reason}")
+            uri = self.uri()
+            with self._connect() as conn:
+                # Held from choosing the SSH port until QEMU has bound it, so
+                # labs started side by side never pick the same free port.
+                with ports_lock():
+                    port = self._pick_port()
+                    with steps.step("prepare lab state"):
+                        self._prepare(image, port)
+                    xml = self.domain_xml(image, choice.accel, port)
+                    (self.dir / "domain.xml").write_text(xml)
+                    with steps.step(f"start libvirt domain {self.domain_name} ({uri})"):
+                        boot_start = time.monotonic()
+                        dom = self._create(conn, xml, port)
+                cancel_ssh = threading.Event()
+                try:
+                    with steps.step("boot Xen and dom0"):
+                        ssh_ready = self._wait_ready(dom, steps, boot_start, lambda: self._start_ssh_check(image, port, cancel_ssh))
+                    with steps.step("SSH and dom0 services"):
+                        ssh_ready.result(timeout=self.cfg.boot_timeout)
+                except BaseException:
+                    cancel_ssh.set()
+                    virt.destroy(dom)
+                    self._remove_runtime_files()
+                    raise
+                qemu_pid = self._qemu_pid()
+            ready = time.monotonic()
+            info = {
+                "name": self.name,
+                "uri": uri,
+                "domain": self.domain_name,
+                "ssh_port": port,
+                "image_id": image.id,
+                "accel": choice.accel,
+                "accel_reason": choice.reason,
+                "cpu": "host" if choice.accel == "kvm" else self.cfg.cpu,
+                "qemu_pid": qemu_pid,
+                "started_at": time.time() - (ready - boot_start),
+                "boot_seconds": round(ready - boot_start, 2),
+                "up_seconds": round(ready - started, 2),
+                "timings": steps.timings,
+                "serial_log": str(self.serial_log),
+                "state_dir": str(self.dir),
+                "config": self.cfg.to_dict(),
+            }
+            self.info_file.write_text(json.dumps(info, indent=2))
+            return info
+
+    def _refuse_if_running(self) -> None:
+        with self._connect() as conn:
+            dom = virt.lookup(conn, self.domain_name)
+            if dom is not None and virt.is_running(dom):
+                port = (self.info() or {}).get("ssh_port", "?")
+                raise LabError(
+                    f"lab {self.name!r} is already up (domain {self.domain_name}, SSH on 127.0.0.1:{port})",
+                    f"use it, stop it with `xenlab down --lab {self.name}`, or pick another --lab",
+                )
+            if dom is not None:
+                virt.destroy(dom)  # a stopped leftover definition
+        self._remove_runtime_files()
+
+    def _pick_port(self) -> int:
+        if self.cfg.ssh_port:
+            if port_in_use(self.cfg.ssh_port):
+                raise LabError(
+                    f"port 127.0.0.1:{self.cfg.ssh_port} is already in use",
+                    "choose another ssh_port, or 0 to let xenlab pick a free one",
+                )
+            return self.cfg.ssh_port
+        return free_port()
+
+    def _prepare(self, image: images.Dom0Image, port: int) -> None:
+        generate_key(self.key_file)
+        self.known_hosts.write_text(known_hosts_line(port, image.host_key))
+        if self.serial_log.exists():
+            self.serial_log.replace(self.dir / "serial.log.old")
+        self.serial_log.touch()
+        run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b", image.rootfs, self.disk])
+
+    def domain_xml(self, image: images.Dom0Image, accel: str, port: int) -> str:
+        pub = self.key_file.with_suffix(".pub").read_text().split()[1]
+        d0 = self.cfg.dom0
+        xen_cmdline = (
+            f"console=com1 com1=115200,8n1 dom0_mem={d0.memory}M,max:{d0.memory}M dom0_max_vcpus={d0.vcpus} "
+            # Scrubbing all free RAM at boot costs seconds under TCG; a lab needs no scrub.
+            "bootscrub=false loglvl=all guest_loglvl=all console_timestamps=boot "
+            # `xl dmesg` keeps the boot log even after debug-key dumps (the default ring is 16 KiB).
+            "conring_size=4M"
+        )
+        xen_cmdline = f"{xen_cmdline} {self.cfg.xen_args}".strip()
+        # loglevel=4: every console byte is an emulated UART write under TCG;
+        # the full kernel log stays available through dmesg in dom0.
+        dom0_cmdline = f"root=/dev/vda rw console=hvc0 loglevel=4 xenlab.authkey={pub} {d0.kernel_args}".strip()
+        # QEMU's -initrd list: "file args,file"; a comma inside args is written ",,".
+        modules_arg = f"{image.dom0_kernel} {dom0_cmdline.replace(',', ',,')},{image.initramfs}"
+        return templates.render(
+            "domain.xml.j2",
+            domain_name=self.domain_name, lab_name=self.name, memory=self.cfg.memory, vcpus=self.cfg.vcpus,
+            accel=accel, cpu=self.cfg.cpu, emulator=shutil.which("qemu-system-x86_64") or "/usr/bin/qemu-system-x86_64",
+            disk=self.disk, serial_log=self.serial_log, xen=image.xen, xen_cmdline=xen_cmdline,
+            modules_arg=modules_arg, ssh_port=port,
+        )
+
+    def _create(self, conn, xml: str, port: int):
+        try:
+            return conn.createXML(xml, 0)
+        except virt.error_class() as e:
+            self._remove_runtime_files()
+            msg = str(e)
+            hint = f"see {self.dir / 'domain.xml'}"
+            if "hostfwd" in msg or "Could not set up host forwarding" in msg:
+                hint = f"port {port} was taken meanwhile; run `xenlab up` again"
+            raise LabError(f"libvirt could not start the lab domain: {msg}", hint) from None
+
+    def _wait_ready(self, dom, steps: Steps, boot_start: float, start_ssh) -> Future:
+        """Follow the serial log until dom0 is ready; SSH starts once dom0's
+        network is up, so its handshake overlaps the rest of the boot."""
+        watch = serial.SerialWatch(self.serial_log)
+        deadline = boot_start + self.cfg.boot_timeout
+        ssh_ready = None
+        while True:
+            new, crash, ready = watch.poll()
+            for milestone in new:
+                steps.note(f"{time.monotonic() - boot_start:5.1f} s  {milestone}")
+            if ssh_ready is None and ("dom0 network" in watch.seen or ready):
+                ssh_ready = start_ssh()
+            if crash:
+                raise BootError(
+                    f"lab {self.name} crashed during boot: {crash}\n--- last lines of {self.serial_log} ---\n{watch.tail()}",
+                    f"full serial log: {self.serial_log}",
+                )
+            if ready:
+                return ssh_ready
+            if not virt.is_running(dom):
+                raise BootError(
+                    f"the lab VM stopped during boot\n--- last lines of {self.serial_log} ---\n{watch.tail()}",
+                    f"full serial log: {self.serial_log}; QEMU's log: {self._qemu_log()}",
+                )
+            if time.monotonic() > deadline:
+                raise BootError(
+                    f"dom0 was not ready after {self.cfg.boot_timeout:.0f} s\n--- last lines of {self.serial_log} ---\n{watch.tail()}",
+                    f"full serial log: {self.serial_log}; raise [lab] boot_timeout on a slow host",
+                )
+            time.sleep(0.1)
+
+    def _start_ssh_check(self, image: images.Dom0Image, port: int, cancel: threading.Event) -> Future:
+        """Run the service check in a daemon thread: a failed boot sets `cancel`,
+        and a process that exits does not wait for SSH retries."""
+        future: Future = Future()
+
+        def check() -> None:
+            try:
+                future.set_result(self._check_services(image, port, cancel))
+            except BaseException as e:  # noqa: BLE001 - handed to the waiting caller
+                future.set_exception(e)
+
+        threading.Thread(target=check, name="ssh-ready", daemon=True).start()
+        return future
+
+    def _check_services(self, image: images.Dom0Image, port: int, cancel: threading.Event) -> None:
+        with SSHSession(port, self.key_file, image.host_key).connect(timeout=self.cfg.boot_timeout, cancel=cancel) as ssh:
+            found = set(ssh.check(READY_CHECK).split())
+        missing = REQUIRED_READY - found
+        if missing:
+            raise BootError(f"dom0 answers SSH but is missing: {', '.join(sorted(missing))}", f"see {self.serial_log}")
+
+    def _qemu_log(self) -> Path:
+        return self.embed_root / "log" / "qemu" / f"{self.domain_name}.log"
+
+    def _qemu_pid(self) -> int | None:
+        # Embedded driver: under the lab's root; a local system daemon: /run/libvirt/qemu.
+        candidates = list(self.embed_root.glob(f"run/**/{self.domain_name}.pid"))
+        if self.uri() == "qemu:///system":
+            candidates.append(Path("/run/libvirt/qemu") / f"{self.domain_name}.pid")
+        for candidate in candidates:
+            try:
+                return int(candidate.read_text().strip())
+            except (OSError, ValueError):
+                pass
+        return None
+
+    def _remove_runtime_files(self) -> None:
+        for path in (self.info_file, self.disk):
+            path.unlink(missing_ok=True)
+
+    # -- down --------------------------------------------------------------
+    def down(self) -> dict:
+        with self.locked():
+            info = self.info() or {}
+            stopped = False
+            with self._connect() as conn:
+                dom = virt.lookup(conn, self.domain_name)
+                if dom is not None:
+                    stopped = virt.is_running(dom)
+                    virt.destroy(dom)
+            pid = info.get("qemu_pid")
+            if pid and _alive(pid):
+                _wait_gone(pid, timeout=10)
+            self._remove_runtime_files()
+            return {"name": self.name, "was_running": stopped, "qemu_pid": pid}
+
+    def ensure_up(self, steps: Steps | None = None) -> bool:
+        """Boot the lab unless it is up; True when this call booted it."""
+        if self.info() is not None and self.running():
+            return False
+        self.up(steps or Steps(quiet=True))
+        self.booted = True
+        return True
+
+    # -- use ---------------------------------------------------------------
+    def dom0(self):
+        """A Dom0 handle: run, check, put, get and XenStore (close it when done)."""
+        from xenlab.lab.dom0 import Dom0
+
+        return Dom0(self)
+
+    def guests(self):
+        """The Guests manager of this lab (create, list, exec, destroy; close it when done)."""
+        from xenlab.guest.manager import Guests
+
+        return Guests(self)
+
+    def require_up(self) -> dict:
+        info = self.info()
+        if not info:
+            raise LabError(f"lab {self.name!r} is not up", f"start it with `xenlab up --lab {self.name}`")
+        return info
+
+    def ssh(self, timeout: float = 15.0) -> SSHSession:
+        info = self.require_up()
+        image = images.Dom0Image(images.images_dir() / info["image_id"])
+        return SSHSession(info["ssh_port"], self.key_file, image.host_key).connect(timeout=timeout)
+
+    def openssh_argv(self, *command: str, tty: bool = False) -> list[str]:
+        """OpenSSH to dom0 with the lab's key and pinned known_hosts (for interactive use)."""
+        info = self.require_up()
+        return [
+            "ssh", *(["-t"] if tty else []), "-i", str(self.key_file), "-p", str(info["ssh_port"]),
+            "-o", f"UserKnownHostsFile={self.known_hosts}", "-o", "StrictHostKeyChecking=yes", "-o", "IdentitiesOnly=yes",
+            "root@127.0.0.1", *command,
+        ]
+
+    def running(self) -> bool:
+        with self.locked(), self._connect() as conn:
+            dom = virt.lookup(conn, self.domain_name)
+            return dom is not None and virt.is_running(dom)
+
+    def status(self) -> dict:
+        info = self.info()
+        if not info:
+            return {"name": self.name, "state": "down"}
+        if not self.running():
+            return {"name": self.name, "state": "stopped", "hint": f"the VM is gone; see {self.serial_log}, then `xenlab down`"}
+        with self.ssh() as ssh:
+            xl_info = parse_xl_info(ssh.check("xl info"))
+            domains = parse_xl_list(ssh.check("xl list"))
+        dom0 = next((d for d in domains if d["id"] == 0), {})
+        return {
+            "name": self.name,
+            "state": "up",
+            "xen_version": f"{xl_info.get('xen_major')}.{xl_info.get('xen_minor')}{xl_info.get('xen_extra', '')}",
+            "xen_caps": xl_info.get("xen_caps"),
+            "virt_caps": xl_info.get("virt_caps"),
+            "host_memory_mib": int(xl_info.get("total_memory", 0)),
+            "free_memory_mib": int(xl_info.get("free_memory", 0)),
+            "dom0": {"memory_mib": dom0.get("memory_mib"), "vcpus": dom0.get("vcpus")},
+            "domains": domains,
+            "accel": info["accel"],
+            "accel_reason": info["accel_reason"],
+            "cpu": info.get("cpu"),
+            "ssh_port": info["ssh_port"],
+            "uri": info["uri"],
+            "image_id": info["image_id"],
+            "qemu_pid": info.get("qemu_pid"),
+            "uptime_seconds": round(time.time() - info["started_at"], 1),
+            "boot_seconds": info["boot_seconds"],
+            "serial_log": info["serial_log"],
+        }
+
+
+
+
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _wait_gone(pid: int, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while _alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.1)

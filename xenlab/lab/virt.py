@@ -1,0 +1,151 @@
+"""libvirt connections: the embedded QEMU driver per lab by default, or any URI.
+
+The embedded driver needs libvirt's default event loop running in a thread
+before the connection opens, or a reconnecting process sees the lab's domain
+but cannot destroy it. Only one process may hold an embed root at a time, so
+opening retries for a while on the pid-file lock."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+from xenlab.errors import LabError
+from xenlab.paths import state_root
+
+_libvirt_module = None
+
+
+def _libvirt():
+    """libvirt, imported on first use: commands that never touch a VM (config,
+    --help, build) do not load it."""
+    global _libvirt_module
+    if _libvirt_module is None:
+        # libvirt logs warnings (taint notes, security driver) straight to stderr;
+        # keep them in a file (errors still arrive as exceptions). Must be set
+        # before libvirt initializes.
+        state_root().mkdir(parents=True, exist_ok=True)
+        os.environ.setdefault("LIBVIRT_LOG_OUTPUTS", f"3:file:{state_root() / 'libvirt.log'}")
+        import libvirt
+
+        # libvirt prints its own errors to stderr unless a handler is set.
+        libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
+        _libvirt_module = libvirt
+    return _libvirt_module
+
+
+_loop_started = False
+_loop_lock = threading.Lock()
+
+
+def _ensure_event_loop() -> None:
+    global _loop_started
+    with _loop_lock:
+        if _loop_started:
+            return
+        _libvirt().virEventRegisterDefaultImpl()
+
+        def loop() -> None:
+            while True:
+                _libvirt().virEventRunDefaultImpl()
+
+        threading.Thread(target=loop, name="libvirt-events", daemon=True).start()
+        _loop_started = True
+
+
+def error_class() -> type[Exception]:
+    """libvirt.libvirtError (for callers that catch it without importing libvirt)."""
+    return _libvirt().libvirtError
+
+
+def embed_uri(root: Path) -> str:
+    return f"qemu:///embed?root={root}"
+
+
+def prepare_embed_root(root: Path, shared_cache: Path) -> None:
+    # QEMU capability probing takes seconds per fresh root; libvirt validates
+    # the cache against the QEMU binary and its own version, so labs share it.
+    caps = root / "cache" / "qemu"
+    if not caps.is_symlink():
+        caps.parent.mkdir(parents=True, exist_ok=True)
+        shared_cache.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(caps, ignore_errors=True)
+        caps.symlink_to(shared_cache)
+    conf = root / "etc" / "qemu.conf"
+    conf.parent.mkdir(parents=True, exist_ok=True)
+    lines = [
+        # No virtlogd in embedded mode: QEMU's stdio goes to a file.
+        'stdio_handler = "file"',
+        'security_driver = "none"',
+    ]
+    if os.geteuid() == 0:
+        # The cached images belong to root; QEMU would otherwise run as libvirt-qemu.
+        lines += ['user = "root"', 'group = "root"', "dynamic_ownership = 0"]
+    conf.write_text("\n".join(lines) + "\n")
+
+
+@contextmanager
+def connect(uri: str, lock_wait: float = 30.0):
+    """Open a libvirt connection; yields virConnect and closes it after."""
+    _ensure_event_loop()
+    deadline = time.monotonic() + lock_wait
+    while True:
+        try:
+            conn = _libvirt().open(uri)
+            break
+        except _libvirt().libvirtError as e:
+            msg = str(e)
+            if "Failed to acquire pid file" in msg and time.monotonic() < deadline:
+                time.sleep(0.2)  # another xenlab process holds this lab's embed root
+                continue
+            raise LabError(
+                f"cannot connect to libvirt at {uri}: {msg}",
+                "check the URI (e.g. qemu:///system, qemu+ssh://host/system) and that libvirtd runs there"
+                if "embed" not in uri
+                else "another xenlab command may be using this lab; retry when it has finished",
+            ) from None
+    try:
+        yield conn
+    finally:
+        try:
+            conn.close()
+        except _libvirt().libvirtError:
+            pass
+
+
+def lookup(conn, name: str):
+    try:
+        return conn.lookupByName(name)
+    except _libvirt().libvirtError as e:
+        if e.get_error_code() == _libvirt().VIR_ERR_NO_DOMAIN:
+            return None
+        raise
+
+
+def is_running(dom) -> bool:
+    try:
+        return bool(dom.isActive())
+    except _libvirt().libvirtError:
+        return False
+
+
+def destroy(dom, timeout: float = 20.0) -> None:
+    """Stop the domain and wait until libvirt reports it gone."""
+    try:
+        if dom.isActive():
+            dom.destroy()
+    except _libvirt().libvirtError as e:
+        if e.get_error_code() != _libvirt().VIR_ERR_NO_DOMAIN and "not running" not in str(e):
+            raise
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and is_running(dom):
+        time.sleep(0.1)
+    try:
+        if dom.isPersistent():
+            dom.undefine()
+    except _libvirt().libvirtError:
+        pass

@@ -1,1 +1,0 @@
-"""Host-side orchestration: images, the libvirt domain, SSH, the Lab object."""

@@ -51,6 +51,8 @@ class Dom0Config:
     disk_size: int = 2048  # MiB
     extra_packages: tuple[str, ...] = ()
     kernel_args: str = ""  # appended to dom0's kernel command line
+    kernel: str = ""  # a dom0 kernel of the user's (bzImage or vmlinux); "": the image's
+    modules: str = ""  # with `kernel`: its modules_install tree
 
 
 @dataclass(frozen=True)
@@ -64,6 +66,7 @@ class LabConfig:
     ssh_port: int = 0
     boot_timeout: float = 240.0
     xen_args: str = ""  # appended to Xen's command line
+    xen: str = ""  # a Xen of the user's (xen.gz or xen); "": the image's
     dom0: Dom0Config = field(default_factory=Dom0Config)
 
     def to_dict(self) -> dict:

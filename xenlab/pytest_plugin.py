@@ -39,6 +39,11 @@ def pytest_addoption(parser):
     group.addoption("--xenlab-connect", default="", help="libvirt URI for booting the lab (default: embedded driver, no daemon)")
     group.addoption("--xenlab-config", default=os.environ.get("XENLAB_CONFIG", ""), help="a TOML file over xenlab's defaults")
     group.addoption("--xenlab-artifacts", default="", help="where failed tests' logs go (default: <rootdir>/xenlab-artifacts)")
+    group.addoption("--xenlab-guest-kernel", default="", metavar="FILE",
+                    help="default kernel of the guests tests make: minimal, debian, or your bzImage/vmlinux")
+    group.addoption("--xenlab-guest-modules", default="", metavar="DIR", help="default --modules of the guests tests make")
+    group.addoption("--xenlab-load", action="append", default=[], metavar="'MODULE [PARAMS]'",
+                    help="a module the guests tests make load at boot (repeatable, in order)")
 
 
 def pytest_configure(config):
@@ -99,8 +104,10 @@ def guest_name(nodeid: str, n: int) -> str:
 @pytest.fixture
 def xenlab_guest_factory(xenlab_lab, request):
     """make(name=None, *, memory="128M", vcpus=1, disks=(), net=False, root="busybox",
-    kernel="minimal", timeout=120, extra="") -> xenlab.Guest. Each guest is this
-    test's own and is destroyed when the test ends (pass or fail)."""
+    kernel=None, modules=None, load=None, add=(), timeout=120, extra="") -> xenlab.Guest.
+    kernel, modules and load default to --xenlab-guest-kernel (else "minimal"),
+    --xenlab-guest-modules and --xenlab-load. Each guest is this test's own
+    and is destroyed when the test ends (pass or fail)."""
     from xenlab.config import parse_mib
     from xenlab.errors import XenlabError
     from xenlab.guest.spec import DiskSpec, GuestSpec
@@ -108,13 +115,18 @@ def xenlab_guest_factory(xenlab_lab, request):
     guests = xenlab_lab.guests()
     made: list[str] = []
 
+    opt = request.config.getoption
+
     def make(name: str | None = None, *, memory: str | int = "128M", vcpus: int = 1, disks=(), net: bool = False,
-             root: str = "busybox", kernel: str = "minimal", timeout: float = 120, extra: str = ""):
+             root: str = "busybox", kernel: str | None = None, modules: str | None = None, load=None, add=(),
+             timeout: float = 120, extra: str = ""):
         name = name or guest_name(request.node.nodeid, len(made) + 1)
         spec = GuestSpec(
             name=name, memory=memory if isinstance(memory, int) else parse_mib(memory, "memory"), vcpus=vcpus,
             disks=tuple(d if isinstance(d, DiskSpec) else DiskSpec.parse(d) for d in disks),
-            net=net, kernel=kernel, root=root, timeout=timeout, extra=extra,
+            net=net, kernel=str(kernel or opt("--xenlab-guest-kernel") or "minimal"), root=root, timeout=timeout, extra=extra,
+            modules=str(modules if modules is not None else opt("--xenlab-guest-modules")),
+            load=tuple(load if load is not None else opt("--xenlab-load")), add=tuple(add),
         ).validate()
         if any(g["name"] == name and g["state"] != "gone" for g in guests.list()):
             guests.destroy(name)  # a leftover of an interrupted earlier run

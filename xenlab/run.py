@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import io
 import logging
 import shlex
 import subprocess
-from collections.abc import Sequence
+import threading
+import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import IO
 
 from xenlab.errors import CommandError
 
 log = logging.getLogger("xenlab.run")
+
+LineCallback = Callable[[str], None]
 
 
 def tail(text: str, lines: int = 20) -> str:
@@ -26,11 +32,15 @@ def run(
     timeout: float | None = None,
     log_file: Path | None = None,
     hint: str = "",
+    on_line: LineCallback | None = None,
 ) -> subprocess.CompletedProcess:
     """Run argv, capture output; on failure raise CommandError saying what ran.
 
     With log_file, stdout and stderr go to that file (long builds) and the
-    error quotes its tail and names it.
+    error quotes its tail and names it. With on_line, every output line (of
+    stdout and stderr, without its line ending) is also handed to on_line as
+    it arrives, to show live progress; the output is captured or logged the
+    same way.
     """
     args = [str(a) for a in argv]
     log.debug("run: %s", shlex.join(args))
@@ -39,11 +49,16 @@ def run(
             with open(log_file, "ab") as out:
                 out.write(f"\n$ {shlex.join(args)}\n".encode())
                 out.flush()
-                proc = subprocess.run(args, stdout=out, stderr=subprocess.STDOUT, input=input, cwd=cwd, timeout=timeout)
+                if on_line is None:
+                    proc = subprocess.run(args, stdout=out, stderr=subprocess.STDOUT, input=input, cwd=cwd, timeout=timeout)
+                else:
+                    proc = _stream(args, input, cwd, timeout, on_line, log_to=out)
             proc.stdout = b""
             proc.stderr = Path(log_file).read_bytes()[-8192:]
-        else:
+        elif on_line is None:
             proc = subprocess.run(args, capture_output=True, input=input, cwd=cwd, timeout=timeout)
+        else:
+            proc = _stream(args, input, cwd, timeout, on_line)
     except FileNotFoundError:
         raise CommandError(
             f"command not found: {args[0]}",
@@ -59,3 +74,102 @@ def run(
             hint,
         )
     return proc
+
+
+class _LineSink:
+    """Hands lines to on_line from one or two reader threads, one at a time."""
+
+    def __init__(self, on_line: LineCallback):
+        self._on_line: LineCallback | None = on_line
+        self._lock = threading.Lock()
+
+    def deliver(self, raw: bytes) -> None:
+        # apt, dpkg and friends redraw progress meters with \r: each redraw
+        # is a line of its own to the callback.
+        parts = [p for p in raw.decode(errors="replace").rstrip("\r\n").split("\r") if p.strip()]
+        with self._lock:
+            for part in parts:
+                if self._on_line is None:
+                    return
+                try:
+                    self._on_line(part)
+                except Exception:
+                    # Only a display: a broken one must not fail the command,
+                    # and the pipe must keep draining or the child blocks.
+                    log.warning("on_line callback failed; no more lines go to it", exc_info=True)
+                    self._on_line = None
+
+
+def _pump(pipe: IO[bytes], keep: IO[bytes], sink: _LineSink) -> None:
+    for raw in iter(pipe.readline, b""):
+        keep.write(raw)
+        # A log file is followed live (`tail -F`): write each line through.
+        keep.flush()
+        sink.deliver(raw)
+
+
+def _stream(
+    args: list[str],
+    input: bytes | None,
+    cwd: Path | None,
+    timeout: float | None,
+    on_line: LineCallback,
+    log_to: IO[bytes] | None = None,
+) -> subprocess.CompletedProcess:
+    """subprocess.run, reading the output line by line as it comes.
+
+    With log_to, stdout and stderr are merged into it (as without on_line);
+    otherwise they are captured apart, as subprocess.run(capture_output=True)."""
+    sink = _LineSink(on_line)
+    proc = subprocess.Popen(
+        args,
+        stdin=subprocess.PIPE if input is not None else None,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT if log_to is not None else subprocess.PIPE,
+        cwd=cwd,
+    )
+    outputs = [log_to if log_to is not None else io.BytesIO()] + ([] if log_to is not None else [io.BytesIO()])
+    pipes = [proc.stdout] + ([] if log_to is not None else [proc.stderr])
+    # Threads, not a select loop: stdin, stdout and stderr must all move at
+    # once or a child filling one pipe while we wait on another deadlocks.
+    threads = [threading.Thread(target=_pump, args=(p, o, sink), daemon=True) for p, o in zip(pipes, outputs)]
+    if input is not None:
+        threads.append(threading.Thread(target=_feed, args=(proc.stdin, input), daemon=True))
+    for t in threads:
+        t.start()
+    try:
+        _wait(proc, threads, timeout)
+    except BaseException:
+        # As subprocess.run: a timeout or Ctrl-C does not leave the child running.
+        proc.kill()
+        proc.wait()
+        for t in threads:
+            t.join(timeout=5)
+        raise
+    for p in pipes:
+        p.close()
+    if log_to is not None:
+        return subprocess.CompletedProcess(args, proc.returncode, b"", b"")
+    return subprocess.CompletedProcess(args, proc.returncode, outputs[0].getvalue(), outputs[1].getvalue())
+
+
+def _feed(stdin: IO[bytes], data: bytes) -> None:
+    # A child may exit without reading all its input; subprocess.run allows that too.
+    try:
+        stdin.write(data)
+    except BrokenPipeError:
+        pass
+    try:
+        stdin.close()
+    except BrokenPipeError:
+        pass
+
+
+def _wait(proc: subprocess.Popen, threads: list[threading.Thread], timeout: float | None) -> None:
+    """Wait for the child and for its output to end, all within timeout."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    proc.wait(timeout=timeout)
+    for t in threads:
+        t.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
+        if t.is_alive():  # a grandchild still holds the pipe open
+            raise subprocess.TimeoutExpired(proc.args, timeout)

@@ -107,7 +107,8 @@ def test_domu_init_rendering():
     assert "insmod /lib/modules/xen-blkfront.ko" in text and "PYTHONHOME=/usr" in text
     assert "XENLAB-GUEST-READY" in text and "stty -F /dev/hvc0 raw -echo" in text
     plain = templates.render("domu-init.sh.j2", python=False, modules=[], **rootfs.init_facts())
-    assert "insmod" not in plain and "PYTHONHOME" not in plain
+    assert "insmod /lib/modules/xen-" not in plain and "PYTHONHOME" not in plain
+    assert "/etc/xenlab/load" in plain  # the user's modules, whatever the root
     for script in (text, templates.render("domu-exec-agent.sh.j2", **rootfs.exec_facts())):
         subprocess.run(["sh", "-n"], input=script.encode(), check=True)
 

@@ -86,9 +86,13 @@ def test_dom0_init_script():
 
 
 def test_initramfs_init_lists_modules_in_order():
-    text = templates.render("initramfs-init.sh.j2", modules=["virtio_ring", "virtio", "ext4"], root_device="/dev/vda")
+    text = templates.render("initramfs-init.sh.j2", modules=["virtio_ring", "virtio", "ext4"], root_device="/dev/vda", carry=False)
     assert "for m in virtio_ring virtio ext4; do" in text
     assert "switch_root /newroot /bin/busybox init" in text
+    assert "/carry" not in text
+    # A dom0 kernel of the user's brings its modules into the root before switch_root.
+    carried = templates.render("initramfs-init.sh.j2", modules=[], root_device="/dev/vda", carry=True)
+    assert carried.index("cp -a /carry/. /newroot/lib/modules/") < carried.index("switch_root")
 
 
 def test_inittab():

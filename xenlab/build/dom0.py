@@ -8,9 +8,12 @@ import gzip
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
+import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -141,17 +144,17 @@ def build(cfg: LabConfig, steps: Steps, force: bool = False) -> Dom0Image:
         rootfs = work / "rootfs"
         with steps.step(f"build dom0 image {final.name}"):
             with steps.step(f"mmdebstrap {cfg.dom0.suite} (log: {log_file})"):
-                _mmdebstrap(cfg, rootfs, log_file)
+                _mmdebstrap(cfg, rootfs, log_file, steps)
             with steps.step("customize rootfs"):
                 kver = _customize(rootfs, log_file)
             with steps.step("initramfs"):
-                initramfs.build_dom0(rootfs, kver, out / "initramfs.cpio", work)
+                initramfs.build_dom0(rootfs / "lib/modules" / kver, out / "initramfs.cpio", work)
             with steps.step("extract Xen and dom0 kernel"):
                 host_key = _extract_boot(rootfs, kver, out)
             with steps.step("domU kit (python3, Debian guest modules)"):
                 kit.export(rootfs, kver, out / "domu-kit", log_file)
             with steps.step(f"mkfs.ext4 -d ({cfg.dom0.disk_size}M)"):
-                run(["mkfs.ext4", "-q", "-F", "-L", "xenlab-dom0", "-d", rootfs, out / "rootfs.img", f"{cfg.dom0.disk_size}M"], log_file=log_file)
+                _mkfs(rootfs, out / "rootfs.img", cfg.dom0.disk_size, log_file, steps)
             manifest = {
                 "id": final.name,
                 "recipe": recipe(cfg),
@@ -178,13 +181,106 @@ def _check_space(where: Path, need_mib: int) -> None:
         raise HostError(f"only {free} MiB free under {where}, the build needs about {need_mib} MiB", "free some disk space or set XENLAB_CACHE to a bigger filesystem")
 
 
-def _mmdebstrap(cfg: LabConfig, rootfs: Path, log_file: Path) -> None:
+def _mmdebstrap(cfg: LabConfig, rootfs: Path, log_file: Path, steps: Steps) -> None:
     packages = ",".join(DOM0_PACKAGES + tuple(cfg.dom0.extra_packages))
+    # --verbose: only then does mmdebstrap pass on apt's and dpkg's per-package
+    # lines (off a terminal it otherwise prints just its few "I:" lines).
     run(
-        ["mmdebstrap", "--mode=root", "--variant=minbase", f"--include={packages}", cfg.dom0.suite, rootfs, apt_sources()],
+        ["mmdebstrap", "--verbose", "--mode=root", "--variant=minbase", f"--include={packages}", cfg.dom0.suite, rootfs, apt_sources()],
         log_file=log_file,
+        on_line=PackageProgress(steps),
         hint="check that the host's apt sources work (`apt-get update`) and that every extra package exists",
     )
+
+
+class PackageProgress:
+    """An on_line callback for mmdebstrap --verbose: packages downloaded,
+    unpacked and set up, of the total apt states for each of its runs
+    ("0 upgraded, 83 newly installed, ..."; mmdebstrap runs apt twice)."""
+
+    # The line that starts each phase, and what its count is called.
+    PHASES = {
+        "downloading": (re.compile(r"^Get:\d+ "), "packages downloaded"),
+        "unpacking": (re.compile(r"^Unpacking \S+ "), "packages unpacked"),
+        "configuring": (re.compile(r"^Setting up \S+ "), "packages set up"),
+    }
+    TOTAL = re.compile(r"\b(\d+) newly installed\b")
+    # mmdebstrap's own phase with no per-package line.
+    EXTRACTING = "I: extracting archives"
+
+    def __init__(self, steps: Steps):
+        self._steps = steps
+        self.total = 0
+        self.counts = dict.fromkeys(self.PHASES, 0)
+        self.phase = ""
+
+    def __call__(self, line: str) -> None:
+        if self.feed(line):
+            self.show()
+
+    def feed(self, line: str) -> bool:
+        """Count one output line; whether the progress changed."""
+        if found := self.TOTAL.search(line):
+            self.total += int(found[1])
+            return bool(self.phase)
+        if line.startswith(self.EXTRACTING):
+            self.phase = "extracting"
+            return True
+        for phase, (pattern, _) in self.PHASES.items():
+            if pattern.match(line):
+                self.phase = phase
+                self.counts[phase] += 1
+                return True
+        return False
+
+    def show(self) -> None:
+        if self.phase not in self.PHASES:
+            self._steps.status(f"{self.phase} {self.counts['downloading']} packages")
+            return
+        unit = self.PHASES[self.phase][1]
+        self._steps.progress(self.counts[self.phase], self.total or None, f"{self.phase}:", unit)
+
+
+def _mkfs(rootfs: Path, image: Path, size_mib: int, log_file: Path, steps: Steps) -> None:
+    data_mib = _tree_bytes(rootfs) >> 20
+    steps.status(f"writing {data_mib} MiB of files into {image.name} ({size_mib} MiB ext4)")
+    # mkfs.ext4 -d prints nothing while it copies: watch the image fill up.
+    with _watch_growth(image, data_mib, steps, f"written to {image.name}:"):
+        run(["mkfs.ext4", "-q", "-F", "-L", "xenlab-dom0", "-d", rootfs, image, f"{size_mib}M"], log_file=log_file)
+
+
+def _tree_bytes(root: Path) -> int:
+    total = 0
+    for parent, _, files in os.walk(root):
+        for name in files:
+            try:
+                total += os.lstat(os.path.join(parent, name)).st_size
+            except OSError:
+                pass
+    return total
+
+
+@contextmanager
+def _watch_growth(path: Path, total_mib: int, steps: Steps, detail: str, every_s: float = 0.5):
+    """While the body runs, show how many MiB `path` has allocated (ext4
+    metadata counts too: the total is an estimate, which describe() allows)."""
+    stop = threading.Event()
+
+    def poll() -> None:
+        while not stop.wait(every_s):
+            try:
+                used = path.stat().st_blocks * 512
+            except FileNotFoundError:
+                continue
+            steps.progress(used >> 20, total_mib or None, detail, "MiB")
+
+    watcher = threading.Thread(target=poll, daemon=True)
+    watcher.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        watcher.join()
 
 
 def _customize(rootfs: Path, log_file: Path) -> str:

@@ -15,8 +15,16 @@ from xenlab.run import run
 ROOT_MODULES = ("virtio_pci", "virtio_blk", "crc32c_generic", "ext4")
 
 
-def module_order(modules_dep: str, wanted: tuple[str, ...]) -> list[str]:
-    """Relative module paths for `wanted`, each after its dependencies (modules.dep order)."""
+def builtin_names(moddir: Path) -> set[str]:
+    """Modules built into the kernel (modules.builtin): nothing to load for them."""
+    listing = moddir / "modules.builtin"
+    text = listing.read_text() if listing.exists() else ""
+    return {Path(line).name.split(".ko")[0].replace("-", "_") for line in text.split()}
+
+
+def module_order(modules_dep: str, wanted: tuple[str, ...], builtin: set[str] = frozenset()) -> list[str]:
+    """Relative module paths for `wanted`, each after its dependencies (modules.dep order);
+    modules in `builtin` are skipped."""
     deps: dict[str, list[str]] = {}
     by_name: dict[str, str] = {}
     for line in modules_dep.splitlines():
@@ -35,6 +43,8 @@ def module_order(modules_dep: str, wanted: tuple[str, ...]) -> list[str]:
 
     for name in wanted:
         key = name.replace("-", "_")
+        if key in builtin:
+            continue
         if key not in by_name:
             raise HostError(f"kernel module {name} not found in modules.dep", "the dom0 kernel package changed; rebuild with --force")
         visit(by_name[key])
@@ -43,27 +53,42 @@ def module_order(modules_dep: str, wanted: tuple[str, ...]) -> list[str]:
 
 def copy_modules(moddir: Path, wanted: tuple[str, ...], dest: Path) -> list[str]:
     """Copy `wanted` and their dependencies from moddir into dest as NAME.ko;
-    their names in load order."""
+    their names in load order (built-in ones are skipped)."""
     names = []
-    for rel in module_order((moddir / "modules.dep").read_text(), wanted):
+    for rel in module_order((moddir / "modules.dep").read_text(), wanted, builtin_names(moddir)):
         name = Path(rel).name.split(".ko")[0]
         shutil.copy2(moddir / rel, dest / f"{name}.ko")
         names.append(name)
     return names
 
 
-def build_dom0(rootfs: Path, kver: str, target: Path, work: Path) -> None:
+def carry_modules(moddir: Path, wanted: tuple[str, ...], dest: Path) -> None:
+    """`wanted` and their dependencies at their paths under dest, with the
+    indexes modprobe reads: a kernel's modules for a root that lacks them."""
+    for rel in module_order((moddir / "modules.dep").read_text(), wanted, builtin_names(moddir)):
+        (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(moddir / rel, dest / rel)
+    for index in ("modules.dep", "modules.builtin", "modules.order", "modules.alias", "modules.symbols", "modules.builtin.modinfo"):
+        if (moddir / index).exists():
+            shutil.copy2(moddir / index, dest / index)
+
+
+def build_dom0(moddir: Path, target: Path, work: Path, carry: tuple[str, ...] = ()) -> None:
+    """dom0's initramfs from the kernel modules in moddir (lib/modules/RELEASE).
+    carry: modules the dom0 root needs but lacks (a kernel of the user's),
+    copied into its /lib/modules/RELEASE at boot."""
     busybox = Path("/bin/busybox")  # busybox-static: the initramfs has no libc
     if not busybox.exists():
         raise HostError("/bin/busybox is missing", "install busybox-static (ci/setup-host.sh does)")
-    moddir = rootfs / "lib/modules" / kver
     tree = work / "initramfs"
     for sub in ("bin", "dev", "proc", "sys", "newroot", "modules"):
         (tree / sub).mkdir(parents=True)
     shutil.copy2(busybox, tree / "bin/busybox")
     names = copy_modules(moddir, ROOT_MODULES, tree / "modules")
+    if carry:
+        carry_modules(moddir, carry, tree / "carry" / moddir.name)
     init = tree / "init"
-    init.write_text(templates.render("initramfs-init.sh.j2", modules=names, root_device="/dev/vda"))
+    init.write_text(templates.render("initramfs-init.sh.j2", modules=names, root_device="/dev/vda", carry=bool(carry)))
     init.chmod(0o755)
     # Uncompressed: decompressing costs more than reading under TCG.
     target.write_bytes(cpio_archive(tree))

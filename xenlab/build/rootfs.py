@@ -18,6 +18,7 @@ from pathlib import Path
 from xenlab import templates
 from xenlab.agent.facts import DOMU_AGENT_ROOT, EXEC_END_TAG, EXEC_REPLY_TAG, EXEC_REQUEST_TAG, GUEST_PANIC_MARK, GUEST_READY_MARK
 from xenlab.errors import HostError
+from xenlab.build import extras
 from xenlab.build.dom0 import Dom0Image
 from xenlab.build.initramfs import cpio_archive
 from xenlab.run import run
@@ -35,7 +36,8 @@ def exec_facts() -> dict:
 
 def init_facts() -> dict:
     """What the guest's init must agree on with the agent in dom0."""
-    return {"agent_root": DOMU_AGENT_ROOT, "ready_mark": GUEST_READY_MARK, "panic_mark": GUEST_PANIC_MARK}
+    return {"agent_root": DOMU_AGENT_ROOT, "ready_mark": GUEST_READY_MARK, "panic_mark": GUEST_PANIC_MARK,
+            "module_dir": extras.MODULE_DIR, "load_list": extras.LOAD_LIST}
 
 
 def recipe_id(image: Dom0Image, root: str, kernel: str) -> str:

@@ -24,7 +24,7 @@ def main(ctx, config_file, debug):
     logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING, format="%(name)s: %(message)s")
 
 
-for command in (lab.config_cmd, lab.doctor, lab.build, lab.up, lab.down, lab.status, lab.ssh, lab.console_cmd,
+for command in (lab.config_cmd, lab.doctor, lab.build, lab.up, lab.down, lab.status, lab.ssh, lab.cp, lab.console_cmd,
                 guest.guest, xs.xs, xs.trace, evtchn.evtchn, evtchn.ring, verify.verify):
     main.add_command(command)
 main.add_command(lab.console_cmd, "logs")

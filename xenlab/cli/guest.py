@@ -14,7 +14,7 @@ from xenlab.build.guest import build_all
 from xenlab.cli.common import emit, json_option, lab_option, load_config, open_lab
 from xenlab.config import parse_mib
 from xenlab.errors import XenlabError
-from xenlab.guest.spec import KERNELS, ROOTS, DiskSpec, GuestSpec
+from xenlab.guest.spec import ROOTS, DiskSpec, GuestSpec
 from xenlab.progress import Steps, console
 from xenlab.xenstore.recorder import trace_action
 
@@ -54,8 +54,11 @@ def build_cmd(ctx, force, as_json):
 @click.option("--vcpus", type=int, default=1, show_default=True)
 @click.option("--disk", "disks", multiple=True, metavar="SIZE[:ro]", help="a blkfront disk (xvda, xvdb, ...), repeatable, e.g. 64M or 16M:ro")
 @click.option("--net/--no-net", default=False, help="a netfront NIC on dom0's bridge (the guest gets an address there)")
-@click.option("--kernel", type=click.Choice(KERNELS), default="minimal", show_default=True,
-              help="minimal: xenlab's own small kernel; debian: dom0's kernel + modules")
+@click.option("--kernel", default="minimal", show_default=True, metavar="minimal|debian|FILE",
+              help="minimal: xenlab's own small kernel; debian: dom0's kernel + modules; FILE: your bzImage or vmlinux")
+@click.option("--modules", default="", metavar="DIR", help="your kernel modules (.ko files or a modules_install tree), put into the guest")
+@click.option("--load", multiple=True, metavar="'MODULE [PARAMS]'", help="load this module of --modules at boot, before the guest is ready (repeatable, in order)")
+@click.option("--add", multiple=True, metavar="SRC:DEST", help="put a host file (or directory) into the guest at DEST (repeatable)")
 @click.option("--root", type=click.Choice(ROOTS), default="busybox", show_default=True, help="python adds python3 and the xenlab agents")
 @click.option("--type", "guest_type", default="pv", show_default=True, help="guest type (pv)")
 @click.option("--timeout", type=float, default=120, show_default=True, help="seconds to wait until the guest is up and Connected")
@@ -65,11 +68,13 @@ def build_cmd(ctx, force, as_json):
 @click.option("--trace", is_flag=True, help="trace the XenBus states of its devices coming up (as `xenlab trace`)")
 @json_option
 @click.pass_context
-def create(ctx, lab, name, memory, vcpus, disks, net, kernel, root, guest_type, timeout, extra, hotplug, trace, as_json):
-    """Start a PV domU; returns when it is up and every vbd/vif is Connected."""
+def create(ctx, lab, name, memory, vcpus, disks, net, kernel, modules, load, add, root, guest_type, timeout, extra, hotplug, trace, as_json):
+    """Start a PV domU; returns when it is up and every vbd/vif is Connected
+    (and every --load module is loaded)."""
     spec = GuestSpec(
         name=name, memory=parse_mib(memory, "--memory"), vcpus=vcpus, disks=tuple(DiskSpec.parse(d) for d in disks),
         net=net, kernel=kernel, root=root, type=guest_type, timeout=timeout, extra=extra, hotplug=hotplug,
+        modules=modules, load=tuple(load), add=tuple(add),
     ).validate()
     steps = Steps(quiet=as_json)
     with open_lab(ctx, lab).guests() as guests:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import click
 from rich.table import Table
@@ -16,6 +17,7 @@ from xenlab.doctor import checks
 from xenlab.errors import XenlabError
 from xenlab.lab import Lab, list_labs
 from xenlab.progress import Steps, console
+from xenlab.transfer import copy
 
 
 @click.command("config")
@@ -68,16 +70,24 @@ def build(ctx, force, as_json):
 @click.option("--vcpus", type=int, default=None)
 @click.option("--cpu", type=click.Choice(config_mod.CPUS), default=None, help="TCG CPU model")
 @click.option("--ssh-port", type=int, default=None)
+@click.option("--xen", default=None, metavar="FILE", help="boot your own Xen (xen.gz or xen from your build)")
+@click.option("--dom0-kernel", default=None, metavar="FILE", help="boot your own dom0 kernel (bzImage or vmlinux)")
+@click.option("--dom0-modules", default=None, metavar="DIR", help="with --dom0-kernel: its modules_install tree")
 @click.option("--json", "as_json", is_flag=True, help="print the ready report as JSON")
 @click.pass_context
-def up(ctx, lab, connect, accel, memory, dom0_memory, vcpus, cpu, ssh_port, as_json):
+def up(ctx, lab, connect, accel, memory, dom0_memory, vcpus, cpu, ssh_port, xen, dom0_kernel, dom0_modules, as_json):
     """Build what is missing and boot Xen + dom0; returns when dom0 is ready."""
     cfg = load_config(ctx, name=lab, connect=connect, accel=accel, memory=memory, vcpus=vcpus, cpu=cpu, ssh_port=ssh_port,
-                      **{"dom0.memory": dom0_memory})
+                      xen=_absolute(xen), **{"dom0.memory": dom0_memory, "dom0.kernel": _absolute(dom0_kernel), "dom0.modules": _absolute(dom0_modules)})
     info = Lab(cfg).up(Steps())
     emit(info, as_json, lambda i: console.print(
         f"[green]lab {i['name']} is up[/] in {i['up_seconds']:.1f} s (boot {i['boot_seconds']:.1f} s, {i['accel'].upper()}); "
         f"SSH: xenlab ssh --lab {i['name']} (127.0.0.1:{i['ssh_port']}); serial log: {i['serial_log']}"))
+
+
+def _absolute(path: str | None) -> str | None:
+    """A path as given on the command line, made independent of where later commands run."""
+    return str(Path(path).expanduser().absolute()) if path else None
 
 
 @click.command()
@@ -107,8 +117,12 @@ def status(ctx, lab, as_json, all_labs):
             console.print(f"lab {report['name']}: {report['state']}" + (f" ({report['hint']})" if "hint" in report else ""))
             continue
         table = Table(title=f"lab {report['name']}: up", show_header=False)
-        for key in ("xen_version", "accel", "cpu", "ssh_port", "image_id", "uptime_seconds", "boot_seconds", "uri", "serial_log"):
+        for key in ("xen_version", "xen_build_id", "dom0_kernel_release", "accel", "cpu", "ssh_port", "image_id", "uptime_seconds",
+                    "boot_seconds", "uri", "serial_log"):
             table.add_row(key, str(report[key]))
+        own = {k: v for k, v in report["boot"].items() if k.startswith("user_") and v}
+        if own:
+            table.add_row("your files", ", ".join(f"{k.removeprefix('user_')}: {v}" for k, v in own.items()))
         table.add_row("dom0", f"{report['dom0']['memory_mib']} MiB, {report['dom0']['vcpus']} vcpus")
         table.add_row("domains", ", ".join(f"{d['name']}({d['id']})" for d in report["domains"]))
         console.print(table)
@@ -144,3 +158,19 @@ def console_cmd(ctx, lab, lines, follow):
         raise XenlabError(f"no serial log for lab {the_lab.name} ({path})", f"start the lab with `xenlab up --lab {the_lab.name}`")
     click.echo(f"serial log: {path}")
     subprocess.run(["tail", "-n", str(lines)] + (["-F"] if follow else []) + [str(path)])
+
+
+@click.command("cp")
+@lab_option
+@click.argument("src")
+@click.argument("dest")
+@json_option
+@click.pass_context
+def cp(ctx, lab, src, dest, as_json):
+    """Copy a file between this host and dom0 or a guest, as scp does.
+
+    SRC and DEST: a host path, dom0:PATH, or GUEST:PATH (a guest's name).
+    Content and mode are kept; guests need no network (the copy goes over
+    their console). Exit 1 when the copy fails, 2 for bad arguments."""
+    result = copy(open_lab(ctx, lab), src, dest)
+    emit(result, as_json, lambda r: None)

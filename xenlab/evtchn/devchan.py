@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import shlex
 import time
+from contextlib import contextmanager
 
 from xenlab.errors import ChannelError, XenlabError
 from xenlab.evtchn.catalogue import _interdomain_ports, grants_mapped
@@ -31,6 +32,37 @@ def devchan(lab, guest: str | None, frontend_args: str = "", devid: int = 0, tim
             raise
         back = backend.wait(60)
         return {"guest": guest, "domid": domid, "frontend": front, "backend": back}
+
+
+class BackendSession:
+    """A Python backend serving device xlchan/DEVID of a domU, for a frontend
+    of the user's (e.g. a kernel driver). `result` holds the backend's report
+    once the session ended."""
+
+    def __init__(self, domid: int, devid: int, nodes: dict):
+        self.domid, self.devid = domid, devid
+        self.backend_path, self.frontend_path = nodes["backend"], nodes["frontend"]
+        self.result: dict | None = None
+
+
+@contextmanager
+def python_backend(lab, guest: str, devid: int = 0, timeout: float = 120, wait: float = 120):
+    """Serve device xlchan/DEVID of GUEST with the Python backend in dom0 while
+    the body runs (the frontend is the guest's own driver). The backend
+    creates the device's XenStore nodes, as a toolstack does, and removes
+    them after the closedown. On leaving the block it waits up to `wait`
+    seconds for the frontend to close; an exception in the body stops it."""
+    with lab.ssh() as ssh:
+        domid = domid_of(ssh, guest)
+        backend = Dom0Process(ssh, "devchan", "backend", "--domid", str(domid), "--devid", str(devid), "--timeout", str(timeout))
+        nodes = backend.readline(60)
+        session = BackendSession(domid, devid, nodes)
+        try:
+            yield session
+        except BaseException:
+            _stop(ssh, backend, nodes["pid"])
+            raise
+        session.result = backend.wait(wait)
 
 
 def devchan_peer_death(lab, guest: str, devid: int = 0, run_seconds: float = 3.0) -> dict:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import gzip
+import hashlib
 import json
 import shlex
 from dataclasses import dataclass, field
@@ -18,7 +19,7 @@ from xenlab.config import validate_name
 from xenlab.errors import GuestError
 from xenlab.guest.handle import Guest
 from xenlab.guest.spec import GuestSpec, vdev
-from xenlab.build import dom0 as images, kernel as kernel_mod, rootfs
+from xenlab.build import dom0 as images, extras, kernel as kernel_mod, rootfs
 from xenlab.guest import deploy
 from xenlab.lab.ssh import CommandResult, SSHSession
 from xenlab.paths import cache_dir
@@ -114,15 +115,10 @@ class Guests:
         whether dom0 has them and the agent, and which addresses are taken;
         ship what is missing. Returns their dom0 paths and the used addresses."""
         image = self._image()
-        # Both kernels go over as plain ELF: dom0's domain builder would
-        # otherwise decompress the bzImage at every create (seconds under TCG).
-        if spec.kernel == "minimal":
-            local_kernel = minimal_vmlinux(kernel_mod.build_minimal_kernel(cache_dir() / "guest"))
-            kernel_name = f"{local_kernel.parent.name}.vmlinux"
-        else:
-            local_kernel = image.dom0_kernel
-            kernel_name = f"debian-{image.id}.vmlinux"
-        ramdisk = rootfs.build(image, spec.root, spec.kernel, cache_dir() / "guest")
+        local_kernel, kernel_name, release = self._kernel(spec, image)
+        ramdisk = rootfs.build(image, spec.root, spec.root_flavour, cache_dir() / "guest")
+        if spec.modules or spec.add:
+            ramdisk = self._with_extras(spec, ramdisk, release)
         files = {f"{REMOTE_IMAGES}/{kernel_name}": local_kernel, f"{REMOTE_IMAGES}/{ramdisk.name}": ramdisk}
         probe = "; ".join(
             [deploy.agent_check_command()]
@@ -138,6 +134,39 @@ class Guests:
                 self._upload(local, remote)
         used = {line[3:] for line in lines if line.startswith("ip:")}
         return f"{REMOTE_IMAGES}/{kernel_name}", f"{REMOTE_IMAGES}/{ramdisk.name}", used
+
+    def _kernel(self, spec: GuestSpec, image: images.Dom0Image) -> tuple[Path, str, str]:
+        """The guest kernel as a local ELF file, its name in dom0, and its release.
+        Every kernel goes over as plain ELF: dom0's domain builder would
+        otherwise decompress a bzImage at every create (seconds under TCG)."""
+        if spec.kernel == "minimal":
+            bzimage = kernel_mod.build_minimal_kernel(cache_dir() / "guest")
+            elf = minimal_vmlinux(bzimage)
+            return elf, f"{elf.parent.name}.vmlinux", extras.bzimage_release(bzimage.read_bytes()) or ""
+        if spec.kernel == "debian":
+            return image.dom0_kernel, f"debian-{image.id}.vmlinux", image.manifest["kernel_version"]
+        kernel = extras.read_kernel(spec.kernel)
+        digest = hashlib.sha256(kernel.elf).hexdigest()[:16]
+        local = cache_dir() / "guest" / "user-kernels" / f"{digest}.vmlinux"
+        if not local.exists():
+            local.parent.mkdir(parents=True, exist_ok=True)
+            part = local.with_suffix(".part")
+            part.write_bytes(kernel.elf)
+            part.rename(local)
+        return local, f"user-{digest}.vmlinux", kernel.release
+
+    def _with_extras(self, spec: GuestSpec, base: Path, release: str) -> Path:
+        """The guest's root with the user's modules, load list and files appended (checked first)."""
+        modules = extras.find_modules(spec.modules) if spec.modules else {}
+        extras.check_modules(modules, release)
+        blob = extras.overlay(modules, extras.load_list(spec.load, modules), [extras.parse_add(a) for a in spec.add])
+        target = cache_dir() / "guest" / "custom" / f"{base.name.removesuffix('.cpio.gz')}+{hashlib.sha256(blob).hexdigest()[:12]}.cpio.gz"
+        if not target.exists():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            part = target.with_suffix(".part")
+            part.write_bytes(base.read_bytes() + blob)  # concatenated archives: the kernel unpacks both
+            part.rename(target)
+        return target
 
     # -- lifecycle -------------------------------------------------------
     def create(self, spec: GuestSpec, prepared: tuple[str, str, set[str]] | None = None) -> dict:

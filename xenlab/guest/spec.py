@@ -9,20 +9,13 @@ from dataclasses import dataclass
 from xenlab.config import parse_mib, validate_name
 from xenlab.errors import ConfigError
 
+MODULE_NAME = re.compile(r"^[A-Za-z0-9_-]+$")
 ROOTS = ("busybox", "python")
-KERNELS = ("minimal", "debian")
+KERNELS = ("minimal", "debian")  # or the path of a kernel file of the user's
 TYPES = ("pv",)
-
-
 HOTPLUG = ("xenlab", "stock")
-
-
 MAX_DISKS = 8
-
-
 MAX_MEMORY = 16384  # MiB; Xen's free memory is checked in dom0 too
-
-
 MIN_MEMORY = {"busybox": 32, "python": 96}
 
 
@@ -56,11 +49,34 @@ class GuestSpec:
     timeout: float = 120.0
     extra: str = ""  # appended to the guest kernel's command line
     hotplug: str = "xenlab"  # xenlab: small sh scripts; stock: Xen's /etc/xen/scripts
+    modules: str = ""  # a directory of .ko files (or a modules_install tree) put into the guest
+    load: tuple[str, ...] = ()  # "module [params]", loaded in order at boot, before the ready line
+    add: tuple[str, ...] = ()  # "SRC:DEST": host files put into the guest root
+
+    @property
+    def user_kernel(self) -> bool:
+        """The kernel is a file of the user's (a path), not one xenlab provides."""
+        return self.kernel not in KERNELS
+
+    @property
+    def root_flavour(self) -> str:
+        """Which built root the guest boots: the Debian kernel's carries its frontend modules."""
+        return "debian" if self.kernel == "debian" else "minimal"
 
     def validate(self) -> "GuestSpec":
         validate_name(self.name, "guest name")
-        if self.kernel not in KERNELS:
-            raise ConfigError(f"unknown --kernel {self.kernel!r}", f"choose one of {', '.join(KERNELS)}")
+        if not self.kernel or (self.user_kernel and "/" not in self.kernel and not self.kernel.endswith(("Image", "vmlinux"))):
+            raise ConfigError(f"unknown --kernel {self.kernel!r}", f"choose {', '.join(KERNELS)}, or give the path of a bzImage or vmlinux")
+        for entry in self.load:
+            name, _, params = entry.strip().partition(" ")
+            if not MODULE_NAME.match(name.removesuffix(".ko")) or re.search(r"[\"'\\\n;&|$`<>]", params):
+                raise ConfigError(f"--load {entry!r}: write a module name and optional parameters", "e.g. --load xlecho or --load 'xlecho count=500'")
+        if self.load and not self.modules:
+            raise ConfigError("--load needs --modules DIR: the directory holding the modules to load")
+        for entry in self.add:
+            src, sep, dest = entry.rpartition(":")
+            if not sep or not src or not dest.startswith("/") or ".." in dest.split("/"):
+                raise ConfigError(f"--add {entry!r}: write it as SRC:DEST with an absolute DEST in the guest", "e.g. --add ./tool:/usr/bin/tool")
         if self.root not in ROOTS:
             raise ConfigError(f"unknown --root {self.root!r}", f"choose one of {', '.join(ROOTS)}")
         if self.type not in TYPES:

@@ -25,6 +25,7 @@ from xenlab.paths import cache_dir, lab_dir, state_root
 from xenlab.progress import Steps
 from xenlab.run import run
 from xenlab.build import dom0 as images
+from xenlab.build.boot import BootFiles, boot_files
 from xenlab.lab import accel as accel_mod, serial, virt
 from xenlab.lab.ssh import SSHSession, generate_key, known_hosts_line
 
@@ -136,6 +137,7 @@ class Lab:
         with self.locked():
             self._refuse_if_running()
             image = images.build(self.cfg, steps)
+            boot = boot_files(image, self.cfg)  # the user's Xen or dom0 kernel checked before anything starts
             with steps.step("choose accelerator"):
                 choice = accel_mod.choose(self.cfg.accel, image.kernel)
                 steps.note(f"{choice.accel}: {choice.reason}")
@@ -147,7 +149,7 @@ class Lab:
                     port = self._pick_port()
                     with steps.step("prepare lab state"):
                         self._prepare(image, port)
-                    xml = self.domain_xml(image, choice.accel, port)
+                    xml = self.domain_xml(boot, choice.accel, port)
                     (self.dir / "domain.xml").write_text(xml)
                     with steps.step(f"start libvirt domain {self.domain_name} ({uri})"):
                         boot_start = time.monotonic()
@@ -155,7 +157,7 @@ class Lab:
                 cancel_ssh = threading.Event()
                 try:
                     with steps.step("boot Xen and dom0"):
-                        ssh_ready = self._wait_ready(dom, steps, boot_start, lambda: self._start_ssh_check(image, port, cancel_ssh))
+                        ssh_ready = self._wait_ready(dom, steps, boot_start, lambda: self._start_ssh_check(image, boot, port, cancel_ssh))
                     with steps.step("SSH and dom0 services"):
                         ssh_ready.result(timeout=self.cfg.boot_timeout)
                 except BaseException:
@@ -171,6 +173,7 @@ class Lab:
                 "domain": self.domain_name,
                 "ssh_port": port,
                 "image_id": image.id,
+                "boot": boot.to_dict(),
                 "accel": choice.accel,
                 "accel_reason": choice.reason,
                 "cpu": "host" if choice.accel == "kvm" else self.cfg.cpu,
@@ -217,7 +220,7 @@ class Lab:
         self.serial_log.touch()
         run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b", image.rootfs, self.disk])
 
-    def domain_xml(self, image: images.Dom0Image, accel: str, port: int) -> str:
+    def domain_xml(self, boot: BootFiles, accel: str, port: int) -> str:
         pub = self.key_file.with_suffix(".pub").read_text().split()[1]
         d0 = self.cfg.dom0
         xen_cmdline = (
@@ -232,12 +235,12 @@ class Lab:
         # the full kernel log stays available through dmesg in dom0.
         dom0_cmdline = f"root=/dev/vda rw console=hvc0 loglevel=4 xenlab.authkey={pub} {d0.kernel_args}".strip()
         # QEMU's -initrd list: "file args,file"; a comma inside args is written ",,".
-        modules_arg = f"{image.dom0_kernel} {dom0_cmdline.replace(',', ',,')},{image.initramfs}"
+        modules_arg = f"{boot.dom0_kernel} {dom0_cmdline.replace(',', ',,')},{boot.initramfs}"
         return templates.render(
             "domain.xml.j2",
             domain_name=self.domain_name, lab_name=self.name, memory=self.cfg.memory, vcpus=self.cfg.vcpus,
             accel=accel, cpu=self.cfg.cpu, emulator=shutil.which("qemu-system-x86_64") or "/usr/bin/qemu-system-x86_64",
-            disk=self.disk, serial_log=self.serial_log, xen=image.xen, xen_cmdline=xen_cmdline,
+            disk=self.disk, serial_log=self.serial_log, xen=boot.xen, xen_cmdline=xen_cmdline,
             modules_arg=modules_arg, ssh_port=port,
         )
 
@@ -283,26 +286,34 @@ class Lab:
                 )
             time.sleep(0.1)
 
-    def _start_ssh_check(self, image: images.Dom0Image, port: int, cancel: threading.Event) -> Future:
+    def _start_ssh_check(self, image: images.Dom0Image, boot: BootFiles, port: int, cancel: threading.Event) -> Future:
         """Run the service check in a daemon thread: a failed boot sets `cancel`,
         and a process that exits does not wait for SSH retries."""
         future: Future = Future()
 
         def check() -> None:
             try:
-                future.set_result(self._check_services(image, port, cancel))
+                future.set_result(self._check_services(image, boot, port, cancel))
             except BaseException as e:  # noqa: BLE001 - handed to the waiting caller
                 future.set_exception(e)
 
         threading.Thread(target=check, name="ssh-ready", daemon=True).start()
         return future
 
-    def _check_services(self, image: images.Dom0Image, port: int, cancel: threading.Event) -> None:
+    def _check_services(self, image: images.Dom0Image, boot: BootFiles, port: int, cancel: threading.Event) -> None:
+        # The user's own files: what booted must be what they gave (one more round trip only then).
+        own = boot.user_xen or boot.user_dom0_kernel
         with SSHSession(port, self.key_file, image.host_key).connect(timeout=self.cfg.boot_timeout, cancel=cancel) as ssh:
             found = set(ssh.check(READY_CHECK).split())
+            booted = ssh.check("xl info | grep '^build_id'; uname -r").split() if own else []
         missing = REQUIRED_READY - found
         if missing:
             raise BootError(f"dom0 answers SSH but is missing: {', '.join(sorted(missing))}", f"see {self.serial_log}")
+        if boot.user_xen and boot.xen_build_id and boot.xen_build_id not in booted:
+            raise BootError(f"the Xen that booted is not {boot.user_xen}: build id {booted[2:3]} vs the file's {boot.xen_build_id}",
+                            f"see {self.serial_log}")
+        if boot.user_dom0_kernel and (not booted or booted[-1] != boot.dom0_release):
+            raise BootError(f"dom0 runs kernel {booted[-1:] or '?'}, not {boot.user_dom0_kernel} ({boot.dom0_release})", f"see {self.serial_log}")
 
     def _qemu_log(self) -> Path:
         return self.embed_root / "log" / "qemu" / f"{self.domain_name}.log"
@@ -392,13 +403,16 @@ class Lab:
         if not self.running():
             return {"name": self.name, "state": "stopped", "hint": f"the VM is gone; see {self.serial_log}, then `xenlab down`"}
         with self.ssh() as ssh:
-            xl_info = parse_xl_info(ssh.check("xl info"))
-            domains = parse_xl_list(ssh.check("xl list"))
+            xl_info_text, xl_list_text, release = ssh.check("xl info; echo @@; xl list; echo @@; uname -r").split("@@\n")
+        xl_info, domains = parse_xl_info(xl_info_text), parse_xl_list(xl_list_text)
         dom0 = next((d for d in domains if d["id"] == 0), {})
         return {
             "name": self.name,
             "state": "up",
             "xen_version": f"{xl_info.get('xen_major')}.{xl_info.get('xen_minor')}{xl_info.get('xen_extra', '')}",
+            "xen_build_id": xl_info.get("build_id"),
+            "dom0_kernel_release": release.strip(),
+            "boot": info.get("boot", {}),
             "xen_caps": xl_info.get("xen_caps"),
             "virt_caps": xl_info.get("virt_caps"),
             "host_memory_mib": int(xl_info.get("total_memory", 0)),

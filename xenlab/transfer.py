@@ -1,0 +1,104 @@
+"""`xenlab cp`: files between the host and dom0 or a guest, as scp does
+(content and mode kept; a directory as destination takes the source's name).
+dom0 is reached over SFTP, a guest over its console exec channel, so guests
+without a network work too."""
+
+from __future__ import annotations
+
+import base64
+import os
+import posixpath
+import shlex
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+
+from xenlab.config import validate_name
+from xenlab.errors import ConfigError, XenlabError
+
+
+class CopyError(XenlabError):
+    """The copy failed on one side (a missing file, a directory, no permission)."""
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    where: str  # "host", "dom0" or a guest's name
+    path: str
+
+    def __str__(self) -> str:
+        return self.path if self.where == "host" else f"{self.where}:{self.path}"
+
+
+def parse(text: str) -> Endpoint:
+    """'dom0:PATH', 'GUEST:PATH', or a host path (a colon after a slash is part of a host path, as in scp)."""
+    head, sep, rest = text.partition(":")
+    if not sep or "/" in head or not head:
+        return Endpoint("host", text)
+    if head != "dom0":
+        validate_name(head, "guest name")
+    if not rest:
+        raise ConfigError(f"{text!r} names no path", f"write {head}:/path/in/{head}")
+    return Endpoint(head, rest)
+
+
+def _host_read(path: str) -> tuple[bytes, int]:
+    p = Path(path)
+    if not p.exists():
+        raise CopyError(f"{path}: No such file or directory")
+    if not p.is_file():
+        raise CopyError(f"{path}: not a regular file", "xenlab cp copies files, not directories")
+    return p.read_bytes(), stat.S_IMODE(p.stat().st_mode)
+
+
+def _host_write(path: str, name: str, data: bytes, mode: int) -> str:
+    target = Path(path) / name if Path(path).is_dir() else Path(path)
+    if not target.parent.is_dir():
+        raise CopyError(f"{target}: No such file or directory (the directory {target.parent} does not exist)")
+    target.write_bytes(data)
+    os.chmod(target, mode)
+    return str(target)
+
+
+def _remote_read(run, where: str, path: str) -> tuple[bytes, int]:
+    """`run(command) -> CommandResult` on dom0 or in a guest: mode and content (base64: the console carries text)."""
+    q = shlex.quote(path)
+    result = run(f"if [ -f {q} ]; then stat -c %a {q} && base64 {q}; elif [ -e {q} ]; then echo 'not a regular file' >&2; exit 2; "
+                 f"else echo 'No such file or directory' >&2; exit 1; fi")
+    if not result.ok:
+        raise CopyError(f"{where}:{path}: {result.stderr.strip() or f'exit {result.exit_status}'}")
+    mode, _, body = result.stdout.partition("\n")
+    return base64.b64decode(body), int(mode.strip(), 8)
+
+
+def _remote_write(run, put, where: str, path: str, name: str, data: bytes, mode: int) -> str:
+    q = shlex.quote(path)
+    probe = run(f"if [ -d {q} ]; then echo dir; elif [ -d \"$(dirname {q})\" ]; then echo file; else echo missing; fi").stdout.strip()
+    if probe == "missing":
+        raise CopyError(f"{where}:{path}: No such file or directory (its directory does not exist)")
+    target = posixpath.join(path, name) if probe == "dir" else path
+    put(data, target, mode)
+    return target
+
+
+def copy(lab, src: str, dest: str) -> dict:
+    """Copy one file; what was copied, how many bytes, and the mode kept."""
+    a, b = parse(src), parse(dest)
+    if (a.where == "host") == (b.where == "host"):
+        raise ConfigError(f"xenlab cp {src} {dest}: one side must be on this host and the other dom0:PATH or GUEST:PATH",
+                          "copy between two lab machines through the host")
+    remote = a if a.where != "host" else b
+    with lab.dom0() as dom0, lab.guests() as guests:
+        if remote.where == "dom0":
+            run, put = dom0.run, dom0.put
+        else:
+            guest = guests.get(remote.where)
+            run, put = guest.exec, guest.put
+        if a.where == "host":
+            data, mode = _host_read(a.path)
+            written = _remote_write(run, put, b.where, b.path, Path(a.path).name, data, mode)
+            target = f"{b.where}:{written}"
+        else:
+            data, mode = _remote_read(run, a.where, a.path)
+            target = _host_write(b.path, posixpath.basename(a.path), data, mode)
+    return {"source": str(a), "destination": target, "bytes": len(data), "mode": f"{mode:04o}"}

@@ -68,7 +68,7 @@ def main() -> None:
             destroy_agent.append(json.loads(out)["seconds"])
         timed("guest", "create", GUEST, *lab, "--disk", f"{DD_MIB + 8}M", "--net")
         try:
-            domu = dd_pair(lambda c: timed("guest", "exec", *lab, GUEST, "--", c)[1], "/dev/xvda")
+            domu = dd_pair(lambda c: timed("guest", "exec", "--shell", *lab, GUEST, "--", c)[1], "/dev/xvda")
             dom0 = dd_pair(
                 lambda c: timed("ssh", "--name", args.name, "--", f"f=/var/lib/xenlab/bench.img; truncate -s {DD_MIB + 8}M $f; "
                                 f"d=$(losetup -f --show $f); {c.replace('DEV', '$d')}; losetup -d $d; rm -f $f")[1],

@@ -5,6 +5,7 @@ a terminal, a few throttled lines in a log (CI)."""
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 from contextlib import contextmanager
@@ -188,6 +189,23 @@ class _TerminalLine:
             self._live.stop()
         if self._text:
             self._out.print(f"{self._indent}  {self._text}", markup=False)
+
+
+class LineCount:
+    """An on_line callback for run(): counts the output lines that match
+    `pattern` and shows the count as the running step's progress (kbuild's
+    "  CC      kernel/fork.o" lines as files compiled)."""
+
+    def __init__(self, steps: Steps, pattern: str, total: int | None = None, detail: str = "", unit: str = ""):
+        self._steps = steps
+        self._pattern = re.compile(pattern)
+        self.total, self.detail, self.unit = total, detail, unit
+        self.count = 0
+
+    def __call__(self, line: str) -> None:
+        if self._pattern.search(line):
+            self.count += 1
+            self._steps.progress(self.count, self.total, self.detail, self.unit)
 
 
 _current: ContextVar[Steps | None] = ContextVar("xenlab_current_steps", default=None)

@@ -103,7 +103,7 @@ class _LineSink:
 def _pump(pipe: IO[bytes], keep: IO[bytes], sink: _LineSink) -> None:
     for raw in iter(pipe.readline, b""):
         keep.write(raw)
-        # A log file is followed live (`tail -F`): write each line through.
+        # Write each line through: a build log is read live (tail -f).
         keep.flush()
         sink.deliver(raw)
 
@@ -120,16 +120,13 @@ def _stream(
 
     With log_to, stdout and stderr are merged into it (as without on_line);
     otherwise they are captured apart, as subprocess.run(capture_output=True)."""
+    merged = log_to is not None
+    stderr = subprocess.STDOUT if merged else subprocess.PIPE
+    stdin = subprocess.PIPE if input is not None else None
+    proc = subprocess.Popen(args, stdin=stdin, stdout=subprocess.PIPE, stderr=stderr, cwd=cwd)
+    pipes = [proc.stdout] if merged else [proc.stdout, proc.stderr]
+    outputs = [log_to] if merged else [io.BytesIO(), io.BytesIO()]
     sink = _LineSink(on_line)
-    proc = subprocess.Popen(
-        args,
-        stdin=subprocess.PIPE if input is not None else None,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT if log_to is not None else subprocess.PIPE,
-        cwd=cwd,
-    )
-    outputs = [log_to if log_to is not None else io.BytesIO()] + ([] if log_to is not None else [io.BytesIO()])
-    pipes = [proc.stdout] + ([] if log_to is not None else [proc.stderr])
     # Threads, not a select loop: stdin, stdout and stderr must all move at
     # once or a child filling one pipe while we wait on another deadlocks.
     threads = [threading.Thread(target=_pump, args=(p, o, sink), daemon=True) for p, o in zip(pipes, outputs)]
@@ -148,9 +145,9 @@ def _stream(
         raise
     for p in pipes:
         p.close()
-    if log_to is not None:
+    if merged:
         return subprocess.CompletedProcess(args, proc.returncode, b"", b"")
-    return subprocess.CompletedProcess(args, proc.returncode, outputs[0].getvalue(), outputs[1].getvalue())
+    return subprocess.CompletedProcess(args, proc.returncode, *(o.getvalue() for o in outputs))
 
 
 def _feed(stdin: IO[bytes], data: bytes) -> None:

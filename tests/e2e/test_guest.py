@@ -46,12 +46,12 @@ def test_create_returns_with_every_device_connected(main_guest, dom0):
 
 
 def test_exec_passes_output_and_exit_code(main_guest):
-    proc = guest("exec", GUEST, "--", "uname -r; hostname; echo to-stderr >&2; exit 7", check=False)
+    proc = guest("exec", "--shell", GUEST, "--", "uname -r; hostname; echo to-stderr >&2; exit 7", check=False)
     assert proc.returncode == 7
     lines = proc.stdout.split()
     assert lines[1] == GUEST and lines[0].startswith("6.1")
     assert proc.stderr.strip() == "to-stderr"
-    ok = guest("exec", GUEST, "--", "ls /dev/xvda /dev/xvdb /dev/xen/evtchn /dev/xen/gntdev && ip -4 addr show eth0")
+    ok = guest("exec", "--shell", GUEST, "--", "ls /dev/xvda /dev/xvdb /dev/xen/evtchn /dev/xen/gntdev && ip -4 addr show eth0")
     assert main_guest["ip"] in ok.stdout
 
 
@@ -61,7 +61,7 @@ def test_exec_stdin_round_trip(main_guest):
 
     data = bytes(range(256)) * 64  # binary, not only text
     proc = subprocess.run(
-        [sys.executable, "-m", "xenlab", "guest", "exec", "--lab", LAB, "--stdin", GUEST, "--", "cat > /tmp/in; sha256sum < /tmp/in; wc -c < /tmp/in"],
+        [sys.executable, "-m", "xenlab", "guest", "exec", "--lab", LAB, "--stdin", "--shell", GUEST, "--", "cat > /tmp/in; sha256sum < /tmp/in; wc -c < /tmp/in"],
         input=data, capture_output=True, timeout=120,
     )
     import hashlib
@@ -69,6 +69,37 @@ def test_exec_stdin_round_trip(main_guest):
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout.decode().split()
     assert out[0] == hashlib.sha256(data).hexdigest() and out[-1] == str(len(data))
+
+
+def test_exec_keeps_argv_exactly_as_docker_exec(main_guest):
+    # Quoting survives: each word reaches the program as one argument, shell characters included.
+    out = guest("exec", GUEST, "--", "printf", "%s|", "a b", "c;d", "$HOME", "'q'").stdout
+    assert out == "a b|c;d|$HOME|'q'|"
+    import subprocess
+    import sys
+
+    binary = subprocess.run([sys.executable, "-m", "xenlab", "guest", "exec", "--lab", LAB, GUEST, "--", "printf", "\\000\\377\\n"],
+                            capture_output=True, timeout=120)
+    assert binary.stdout == b"\x00\xff\n"  # bytes pass through unchanged
+    shell = guest("exec", "--shell", GUEST, "--", "echo", "$((6*7))", "|", "tr", "4", "x")
+    assert shell.stdout == "x2\n"
+
+
+def test_ssh_streams_output_and_forwards_stdin(lab_info):
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "xenlab", "ssh", "--lab", LAB, "--", "cat; echo done >&2; exit 3"],
+                          input=b"hi from stdin\n", capture_output=True, timeout=120)
+    assert (proc.returncode, proc.stdout, proc.stderr) == (3, b"hi from stdin\n", b"done\n")
+    # Output arrives as it is produced, not when the command ends.
+    p = subprocess.Popen([sys.executable, "-m", "xenlab", "ssh", "--lab", LAB, "--", "echo first; sleep 20; echo second"],
+                         stdout=subprocess.PIPE, stdin=subprocess.DEVNULL)
+    try:
+        assert p.stdout.readline() == b"first\n" and p.poll() is None  # still running: the line came early
+    finally:
+        p.kill()
+        p.wait()
 
 
 def test_ring_io_checks(main_guest):
@@ -123,7 +154,7 @@ def test_python_root_runs_python(lab_info):
     name = "gt-python"
     guest("create", name, "--root", "python", "--memory", "160M")
     try:
-        out = guest("exec", name, "--", "python3 -c 'import mmap, fcntl, json, hashlib, xenlab_agent; print(hashlib.sha256(b\"x\").hexdigest()[:8], mmap.PAGESIZE)'").stdout
+        out = guest("exec", "--shell", name, "--", "python3 -c 'import mmap, fcntl, json, hashlib, xenlab_agent; print(hashlib.sha256(b\"x\").hexdigest()[:8], mmap.PAGESIZE)'").stdout
         assert out.split() == ["2d711642", "4096"]
     finally:
         guest("destroy", name, check=False)
@@ -134,7 +165,7 @@ def test_debian_kernel_and_stock_hotplug(lab_info, dom0):
     info = json.loads(guest("create", name, "--kernel", "debian", "--hotplug", "stock", "--disk", "8M", "--net", "--json").stdout)
     try:
         assert all(d["frontend_state"] == "4" and d["backend_state"] == "4" for d in info["devices"]) and len(info["devices"]) == 2
-        out = guest("exec", name, "--", "uname -r; grep -c xen /proc/modules; dd if=/dev/xvda bs=4096 count=1 iflag=direct 2>/dev/null | wc -c").stdout.split()
+        out = guest("exec", "--shell", name, "--", "uname -r; grep -c xen /proc/modules; dd if=/dev/xvda bs=4096 count=1 iflag=direct 2>/dev/null | wc -c").stdout.split()
         assert out[0].endswith("-amd64") and int(out[1]) >= 4 and out[2] == "4096"
         assert "script=" not in dom0(f"cat /var/lib/xenlab/guests/{name}/xl.cfg").stdout
     finally:

@@ -43,7 +43,8 @@ def test_bad_accel_is_a_usage_error():
 
 def test_status_of_unknown_lab_is_down(tmp_path):
     result = run("status", "--name", "ghost", "--json", env={"XENLAB_STATE": str(tmp_path)})
-    assert json.loads(result.output) == {"name": "ghost", "state": "down"}
+    assert json.loads(result.output) == {"name": "ghost", "state": "down", "hint": "nothing runs"}
+    assert not (tmp_path / "labs" / "ghost").exists()  # asking made nothing
 
 
 def test_ssh_to_a_lab_that_is_not_up(tmp_path):

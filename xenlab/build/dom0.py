@@ -194,48 +194,48 @@ def _mmdebstrap(cfg: LabConfig, rootfs: Path, log_file: Path, steps: Steps) -> N
 
 
 class PackageProgress:
-    """An on_line callback for mmdebstrap --verbose: packages downloaded,
-    unpacked and set up, of the total apt states for each of its runs
-    ("0 upgraded, 83 newly installed, ..."; mmdebstrap runs apt twice)."""
+    """An on_line callback for mmdebstrap --verbose: its own steps ("I: ..."
+    lines) as they come, then packages downloaded, unpacked and set up, of
+    the total apt states on each of its two runs ("69 newly installed")."""
 
-    # The line that starts each phase, and what its count is called.
+    # A phase's per-package line, and what its count is called.
     PHASES = {
         "downloading": (re.compile(r"^Get:\d+ "), "packages downloaded"),
         "unpacking": (re.compile(r"^Unpacking \S+ "), "packages unpacked"),
         "configuring": (re.compile(r"^Setting up \S+ "), "packages set up"),
     }
     TOTAL = re.compile(r"\b(\d+) newly installed\b")
-    # mmdebstrap's own phase with no per-package line.
-    EXTRACTING = "I: extracting archives"
 
     def __init__(self, steps: Steps):
         self._steps = steps
         self.total = 0
         self.counts = dict.fromkeys(self.PHASES, 0)
-        self.phase = ""
+        self.phase = ""  # "" while mmdebstrap's own step runs
+        self.said = ""  # that step, as mmdebstrap said it
 
     def __call__(self, line: str) -> None:
         if self.feed(line):
             self.show()
 
     def feed(self, line: str) -> bool:
-        """Count one output line; whether the progress changed."""
+        """Take one output line; whether what to show changed."""
+        if line.startswith("I: "):
+            self.phase, self.said = "", line[3:].strip()
+            return True
         if found := self.TOTAL.search(line):
             self.total += int(found[1])
             return bool(self.phase)
-        if line.startswith(self.EXTRACTING):
-            self.phase = "extracting"
-            return True
         for phase, (pattern, _) in self.PHASES.items():
-            if pattern.match(line):
+            # Before apt said how many packages, its Get: lines fetch indexes (apt-get update).
+            if pattern.match(line) and (self.total or phase != "downloading"):
                 self.phase = phase
                 self.counts[phase] += 1
                 return True
         return False
 
     def show(self) -> None:
-        if self.phase not in self.PHASES:
-            self._steps.status(f"{self.phase} {self.counts['downloading']} packages")
+        if not self.phase:
+            self._steps.status(self.said)
             return
         unit = self.PHASES[self.phase][1]
         self._steps.progress(self.counts[self.phase], self.total or None, f"{self.phase}:", unit)

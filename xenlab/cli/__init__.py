@@ -4,6 +4,7 @@ imports it: each command parses, calls one library function and prints."""
 from __future__ import annotations
 
 import logging
+import signal
 from pathlib import Path
 
 import click
@@ -21,7 +22,15 @@ from xenlab.cli.common import XenlabGroup
 def main(ctx, config_file, debug):
     """A real nested Xen lab (Xen + Debian dom0 under QEMU/libvirt) for PV driver work."""
     ctx.obj = {"config": config_file, "debug": debug}
+    # SIGTERM and SIGHUP as Ctrl-C: every command cleans up on KeyboardInterrupt
+    # (an interrupted `up` destroys the VM it started, a create its guest).
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, _interrupted)
     logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING, format="%(name)s: %(message)s")
+
+
+def _interrupted(signum, frame):
+    raise KeyboardInterrupt(signal.Signals(signum).name)
 
 
 for command in (lab.config_cmd, lab.doctor, lab.build, lab.up, lab.down, lab.status, lab.ssh, lab.cp, lab.console_cmd,

@@ -154,19 +154,25 @@ def console_cmd(ctx, lab, name, lines, attach):
 @lab_option
 @click.option("--timeout", type=float, default=120, show_default=True)
 @click.option("--stdin", "use_stdin", is_flag=True, help="send this command's stdin to CMD")
+@click.option("--shell", "as_shell", is_flag=True, help="CMD is a shell command line (its words joined), not an argv")
 @click.argument("name")
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
 @click.pass_context
-def exec_cmd(ctx, lab, timeout, use_stdin, name, command):
-    """Run CMD in the guest: its stdout, stderr and exit code (over the Xen console)."""
+def exec_cmd(ctx, lab, timeout, use_stdin, as_shell, name, command):
+    """Run CMD in the guest (over its Xen console): its stdout, stderr and exit code.
+
+    CMD is an argv, run exactly as given (as `docker exec`): quoting survives.
+    With --shell its words form one command line for the guest's shell."""
     if command and command[0] == "--":
         command = command[1:]
+    if not command:
+        raise XenlabError("no command given", f"e.g. xenlab guest exec {name} -- uname -a")
     data = sys.stdin.buffer.read() if use_stdin else b""
     with open_lab(ctx, lab).guests() as guests:
-        result = guests.exec(name, " ".join(command), input=data, timeout=timeout)
-    sys.stdout.write(result.stdout)
-    sys.stderr.write(result.stderr)
-    ctx.exit(result.exit_status)
+        rc, out, err = guests.exec_bytes(name, " ".join(command) if as_shell else list(command), input=data, timeout=timeout)
+    sys.stdout.buffer.write(out)
+    sys.stderr.buffer.write(err)
+    ctx.exit(rc)
 
 
 @guest.command()

@@ -133,16 +133,17 @@ def status(ctx, lab, as_json, all_labs):
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
 @click.pass_context
 def ssh(ctx, lab, command):
-    """A shell in dom0, or run COMMAND there with its output and exit code."""
+    """A shell in dom0, or run COMMAND there as OpenSSH does: output as it
+    comes, this command's stdin forwarded, COMMAND's exit code. Like OpenSSH,
+    the words of COMMAND are joined into one command line for dom0's shell."""
     the_lab = open_lab(ctx, lab)
     if not command:
         argv = the_lab.openssh_argv()
         os.execvp(argv[0], argv)
     with the_lab.ssh() as session:
-        result = session.run(" ".join(command), timeout=3600)
-    sys.stdout.write(result.stdout)
-    sys.stderr.write(result.stderr)
-    ctx.exit(result.exit_status)
+        stdin = sys.stdin.buffer if sys.stdin is not None else None
+        status = session.stream(" ".join(command), stdin, sys.stdout.buffer, sys.stderr.buffer)
+    ctx.exit(status)
 
 
 @click.command("console")

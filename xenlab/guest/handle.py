@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import base64
 import shlex
 from pathlib import Path
 
@@ -22,8 +21,9 @@ class Guest:
         self.domid: int = info["domid"]
         self.ip: str | None = info["ip"] if info.get("net") else None
 
-    def exec(self, command: str, input: bytes = b"", timeout: float = 120):
-        """Run `sh -c command` in the guest: CommandResult (exit_status, stdout, stderr, ok)."""
+    def exec(self, command: str | list[str], input: bytes = b"", timeout: float = 120):
+        """Run a command in the guest: CommandResult (exit_status, stdout, stderr, ok).
+        A string is a shell command line; a list is an argv, run exactly as given."""
         return self._guests.exec(self.name, command, input=input, timeout=timeout)
 
     def put(self, src: bytes | str | Path, remote: str, mode: int = 0o644) -> None:
@@ -36,11 +36,9 @@ class Guest:
 
     def get(self, remote: str, local: str | Path | None = None) -> bytes:
         """The content of `remote` in the guest (also written to `local` when given)."""
-        # base64: the console carries text, and the file may be binary.
-        result = self.exec(f"base64 {shlex.quote(remote)}")
-        if not result.ok:
-            raise GuestError(f"could not read {remote} in guest {self.name}: {result.stderr.strip()[-300:]}")
-        data = base64.b64decode(result.stdout)
+        rc, data, err = self._guests.exec_bytes(self.name, ["cat", remote])
+        if rc != 0:
+            raise GuestError(f"could not read {remote} in guest {self.name}: {err.decode(errors='replace').strip()[-300:]}")
         if local is not None:
             Path(local).write_bytes(data)
         return data

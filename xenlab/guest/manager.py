@@ -9,6 +9,7 @@ import gzip
 import hashlib
 import json
 import shlex
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -208,12 +209,20 @@ class Guests:
         validate_name(name, "guest name")
         return self.domctl("console", name, "--lines", str(lines))
 
-    def exec(self, name: str, command: str, input: bytes = b"", timeout: float = 120) -> CommandResult:
-        """Run a shell command in the guest (over its Xen console): output and exit code."""
+    def exec_bytes(self, name: str, command: str | Sequence[str], input: bytes = b"", timeout: float = 120) -> tuple[int, bytes, bytes]:
+        """Run a command in the guest over its Xen console: (exit code, stdout, stderr) as bytes.
+        A string is a shell command line; a list is an argv, run exactly as given."""
         validate_name(name, "guest name")
-        request = {"script": command, "stdin_b64": base64.b64encode(input).decode(), "timeout": timeout}
+        script = command if isinstance(command, str) else shlex.join(command)
+        request = {"script": script, "stdin_b64": base64.b64encode(input).decode(), "timeout": timeout}
         reply = self.domctl("exec", name, request=request, timeout=timeout + 30)
-        return CommandResult(command, reply["rc"], base64.b64decode(reply["stdout"]).decode(errors="replace"), base64.b64decode(reply["stderr"]).decode(errors="replace"))
+        return reply["rc"], base64.b64decode(reply["stdout"]), base64.b64decode(reply["stderr"])
+
+    def exec(self, name: str, command: str | Sequence[str], input: bytes = b"", timeout: float = 120) -> CommandResult:
+        """exec_bytes(), with the output as text."""
+        rc, out, err = self.exec_bytes(name, command, input, timeout)
+        shown = command if isinstance(command, str) else shlex.join(command)
+        return CommandResult(shown, rc, out.decode(errors="replace"), err.decode(errors="replace"))
 
     def check(self, name: str, timeout: float = 600) -> list[dict]:
         """Block and network ring I/O checks on the real frontends/backends (run in dom0)."""

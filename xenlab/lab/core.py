@@ -10,6 +10,7 @@ import fcntl
 import json
 import os
 import shutil
+import signal
 import socket
 import threading
 import time
@@ -20,7 +21,7 @@ from pathlib import Path
 from xenlab import config as config_mod, templates
 from xenlab.agent.xl import parse_xl_info, parse_xl_list
 from xenlab.config import LabConfig, validate_name
-from xenlab.errors import BootError, LabError
+from xenlab.errors import BootError, LabError, SSHError
 from xenlab.paths import cache_dir, lab_dir, state_root
 from xenlab.progress import Steps
 from xenlab.run import run
@@ -34,6 +35,18 @@ READY_CHECK = (
     "for d in " + " ".join(images.XEN_DEVICES) + "; do [ -e /dev/xen/$d ] && echo dev:$d; done"
 )
 REQUIRED_READY = {"proc:xenstored", "proc:xenconsoled", "dev:evtchn", "dev:gntdev", "dev:gntalloc"}
+
+# What `status` can say of a lab, each decided from its state files and the
+# QEMU process (no libvirt call for local labs: an `up` in progress holds the
+# embedded driver, and a dead VM must be named at once, not after an SSH timeout).
+STATES = {
+    "down": "no VM, nothing running",
+    "booting": "an `xenlab up` is booting it",
+    "up": "the VM runs and dom0 answers",
+    "unreachable": "the VM runs but dom0 does not answer SSH",
+    "gone": "the VM died after the lab was up",
+    "orphaned": "a VM without a finished `xenlab up` (that `up` was interrupted)",
+}
 
 
 def free_port() -> int:
@@ -88,6 +101,7 @@ class Lab:
     serial_log = property(lambda self: self.dir / "serial.log")
     disk = property(lambda self: self.dir / "dom0.qcow2")
     embed_root = property(lambda self: self.dir / "libvirt")
+    boot_marker = property(lambda self: self.dir / "booting.json")  # from domain start until ready
 
     @classmethod
     def open(cls, name: str | None = None, config: str | Path | None = None, **overrides) -> "Lab":
@@ -96,10 +110,8 @@ class Lab:
         return cls(config_mod.load(Path(config) if config else None, {"name": name, **overrides}))
 
     def info(self) -> dict | None:
-        try:
-            return json.loads(self.info_file.read_text())
-        except (OSError, ValueError):
-            return None
+        """What the last finished `up` reported (None before one finished)."""
+        return _read_json(self.info_file)
 
     def uri(self) -> str:
         info = self.info()
@@ -108,12 +120,71 @@ class Lab:
         return self.cfg.connect or virt.embed_uri(self.embed_root)
 
     @contextmanager
-    def locked(self):
-        """Serialize commands on one lab (the embed root admits one process anyway)."""
-        self.dir.mkdir(parents=True, exist_ok=True)
-        with open(self.dir / "lock", "w") as f:
-            fcntl.flock(f, fcntl.LOCK_EX)
+    def locked(self, purpose: str = "", on_wait=None):
+        """Serialize commands on one lab (the embed root admits one process anyway).
+        The holder writes its pid and purpose into the lock file, so a waiter can
+        say whom it waits for (`on_wait(holder)`), and `down` can stop an `up`."""
+        self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        with open(self.dir / "lock", "a+") as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                if on_wait is not None:
+                    f.seek(0)
+                    on_wait(f.read().split())
+                fcntl.flock(f, fcntl.LOCK_EX)
+            f.seek(0)
+            f.truncate()
+            f.write(f"{os.getpid()} {purpose}\n")
+            f.flush()
             yield
+
+    def lock_holder(self) -> tuple[int, str] | None:
+        """(pid, purpose) of the command holding this lab's lock, or None."""
+        try:
+            with open(self.dir / "lock") as f:
+                try:
+                    fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
+                    return None
+                except BlockingIOError:
+                    words = f.read().split()
+        except OSError:
+            return None
+        return (int(words[0]), words[1] if len(words) > 1 else "") if words and words[0].isdigit() else None
+
+    def qemu_alive(self) -> bool | None:
+        """Whether this lab's QEMU runs, from its pid file and /proc (None: cannot tell, e.g. a remote URI)."""
+        if not self.uri().startswith(("qemu:///embed", "qemu:///system")):
+            return None
+        pid = self._qemu_pid() or (self.info() or {}).get("qemu_pid")
+        if not pid:
+            return False
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            return False
+        return f"guest={self.domain_name},".encode() in cmdline or f"guest={self.domain_name}\0".encode() in cmdline
+
+    def state(self) -> tuple[str, str]:
+        """(one of STATES but "unreachable", which takes an SSH try; a line saying why), quickly."""
+        info, marker = self.info(), _read_json(self.boot_marker)
+        qemu = self.qemu_alive()
+        if qemu is None:  # remote: ask libvirt
+            qemu = self.running()
+        if marker and not info:
+            pid = marker.get("pid", 0)
+            if _alive(pid) and (holder := self.lock_holder()) and holder[0] == pid:
+                return "booting", f"`xenlab up` (pid {pid}) is booting it, for {time.time() - marker.get('started_at', time.time()):.0f} s so far"
+            if qemu:
+                return "orphaned", f"its `xenlab up` (pid {pid}) ended before the lab was ready; the VM still runs"
+            return "down", "an interrupted boot left its files; nothing runs"
+        if info:
+            if not qemu:
+                return "gone", f"the lab VM (QEMU pid {info.get('qemu_pid')}) is no longer running; see {self.serial_log}"
+            return "up", "the VM runs"
+        if qemu:
+            return "orphaned", "a VM of this lab runs without a finished `xenlab up`"
+        return "down", "nothing runs"
 
     def _connect(self):
         if self.uri().startswith("qemu:///embed"):
@@ -134,7 +205,21 @@ class Lab:
 
     def _up(self, steps: Steps) -> dict:
         started = time.monotonic()
-        with self.locked():
+        waited: list = []
+
+        def wait_note(holder):
+            waited.append(holder)
+            steps.note(f"waiting for another xenlab command on lab {self.name} (pid {' '.join(holder) or '?'})")
+
+        was_up = self.state()[0] == "up"
+        with self.locked("up", on_wait=wait_note):
+            state, why = self.state()
+            if state == "up" and waited and not was_up and (info := self.info()):
+                steps.note(f"lab {self.name} was booted meanwhile by the command we waited for")
+                return info
+            if state in ("orphaned", "gone"):
+                steps.note(f"lab {self.name} is {state} ({why}): removing what is left and booting again")
+                self._stop_domain()
             self._refuse_if_running()
             image = images.build(self.cfg, steps)
             boot = boot_files(image, self.cfg)  # the user's Xen or dom0 kernel checked before anything starts
@@ -154,6 +239,8 @@ class Lab:
                     with steps.step(f"start libvirt domain {self.domain_name} ({uri})"):
                         boot_start = time.monotonic()
                         dom = self._create(conn, xml, port)
+                        _write_json(self.boot_marker, {"pid": os.getpid(), "started_at": time.time(), "uri": uri,
+                                                       "ssh_port": port, "qemu_pid": self._qemu_pid()})
                 cancel_ssh = threading.Event()
                 try:
                     with steps.step("boot Xen and dom0"):
@@ -186,7 +273,8 @@ class Lab:
                 "state_dir": str(self.dir),
                 "config": self.cfg.to_dict(),
             }
-            self.info_file.write_text(json.dumps(info, indent=2))
+            _write_json(self.info_file, info)
+            self.boot_marker.unlink(missing_ok=True)
             return info
 
     def _refuse_if_running(self) -> None:
@@ -331,28 +419,37 @@ class Lab:
         return None
 
     def _remove_runtime_files(self) -> None:
-        for path in (self.info_file, self.disk):
+        for path in (self.info_file, self.disk, self.boot_marker):
             path.unlink(missing_ok=True)
+
+    def _stop_domain(self) -> tuple[bool, int | None]:
+        """Destroy the lab's libvirt domain if there is one; (was it running, QEMU pid)."""
+        pid = self._qemu_pid() or (self.info() or {}).get("qemu_pid")
+        stopped = False
+        with self._connect() as conn:
+            dom = virt.lookup(conn, self.domain_name)
+            if dom is not None:
+                stopped = virt.is_running(dom)
+                virt.destroy(dom)
+        if pid and _alive(pid):
+            _wait_gone(pid, timeout=10)
+        self._remove_runtime_files()
+        return stopped, pid
 
     # -- down --------------------------------------------------------------
     def down(self) -> dict:
-        with self.locked():
-            info = self.info() or {}
-            stopped = False
-            with self._connect() as conn:
-                dom = virt.lookup(conn, self.domain_name)
-                if dom is not None:
-                    stopped = virt.is_running(dom)
-                    virt.destroy(dom)
-            pid = info.get("qemu_pid")
-            if pid and _alive(pid):
-                _wait_gone(pid, timeout=10)
-            self._remove_runtime_files()
+        """Stop the lab whatever its state; an `up` still booting it is interrupted first."""
+        holder = self.lock_holder()
+        if holder and holder[1] == "up" and _alive(holder[0]):
+            # That `up` cleans up after itself when interrupted (destroys its domain).
+            os.kill(holder[0], signal.SIGINT)
+        with self.locked("down"):
+            stopped, pid = self._stop_domain()
             return {"name": self.name, "was_running": stopped, "qemu_pid": pid}
 
     def ensure_up(self, steps: Steps | None = None) -> bool:
         """Boot the lab unless it is up; True when this call booted it."""
-        if self.info() is not None and self.running():
+        if self.state()[0] == "up":
             return False
         self.up(steps or Steps(quiet=True))
         self.booted = True
@@ -372,10 +469,14 @@ class Lab:
         return Guests(self)
 
     def require_up(self) -> dict:
-        info = self.info()
-        if not info:
-            raise LabError(f"lab {self.name!r} is not up", f"start it with `xenlab up --lab {self.name}`")
-        return info
+        state, why = self.state()
+        if state != "up":
+            hint = {"booting": "wait for it to finish",
+                    "gone": f"`xenlab up --lab {self.name}` boots it again (the serial log: {self.serial_log})",
+                    "orphaned": f"`xenlab up --lab {self.name}` restarts the boot, `xenlab down --lab {self.name}` removes it"}
+            detail = "" if state == "down" else f": it is {state} ({why})"
+            raise LabError(f"lab {self.name!r} is not up{detail}", hint.get(state, f"start it with `xenlab up --lab {self.name}`"))
+        return self.info()
 
     def ssh(self, timeout: float = 15.0) -> SSHSession:
         info = self.require_up()
@@ -397,13 +498,16 @@ class Lab:
             return dom is not None and virt.is_running(dom)
 
     def status(self) -> dict:
+        state, why = self.state()
+        if state != "up":
+            return {"name": self.name, "state": state, "hint": why}
         info = self.info()
-        if not info:
-            return {"name": self.name, "state": "down"}
-        if not self.running():
-            return {"name": self.name, "state": "stopped", "hint": f"the VM is gone; see {self.serial_log}, then `xenlab down`"}
-        with self.ssh() as ssh:
-            xl_info_text, xl_list_text, release = ssh.check("xl info; echo @@; xl list; echo @@; uname -r").split("@@\n")
+        try:
+            with self.ssh(timeout=5) as ssh:
+                xl_info_text, xl_list_text, release = ssh.check("xl info; echo @@; xl list; echo @@; uname -r", timeout=30).split("@@\n")
+        except SSHError as e:
+            return {"name": self.name, "state": "unreachable", "hint": f"the VM runs but dom0 does not answer: {e.message}",
+                    "ssh_port": info["ssh_port"], "serial_log": info["serial_log"]}
         xl_info, domains = parse_xl_info(xl_info_text), parse_xl_list(xl_list_text)
         dom0 = next((d for d in domains if d["id"] == 0), {})
         return {
@@ -434,6 +538,20 @@ class Lab:
 
 
 
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _write_json(path: Path, data: dict) -> None:
+    """Whole or not at all: a reader never sees half a file."""
+    part = path.with_suffix(".part")
+    part.write_text(json.dumps(data, indent=2))
+    part.replace(path)
 
 
 def _alive(pid: int) -> bool:

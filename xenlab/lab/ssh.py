@@ -11,6 +11,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import paramiko
 from cryptography.hazmat.primitives import serialization
@@ -133,6 +134,41 @@ class SSHSession:
             raise SSHError(f"`{result.command}` failed in dom0 with exit code {result.exit_status}: {result.stderr.strip()[-800:]}")
         return result.stdout
 
+    def stream(self, command: str, stdin: BinaryIO | None, stdout: BinaryIO, stderr: BinaryIO) -> int:
+        """Run `command` with its output written to stdout/stderr as it comes
+        and `stdin` (when given) forwarded until its end, as OpenSSH does; the exit status."""
+        try:
+            chan = self.transport().open_session(timeout=10)
+            chan.exec_command(command)
+        except (paramiko.SSHException, OSError, EOFError) as e:
+            raise SSHError(f"SSH to {self.host}:{self.port} failed running {command!r}: {e}", "is the lab still up? `xenlab status`") from None
+        if stdin is not None:
+            threading.Thread(target=_forward, args=(stdin, chan), name="ssh-stdin", daemon=True).start()
+        else:
+            chan.shutdown_write()
+        while True:
+            got = False
+            while chan.recv_ready():
+                stdout.write(chan.recv(65536))
+                got = True
+            while chan.recv_stderr_ready():
+                stderr.write(chan.recv_stderr(65536))
+                got = True
+            if got:
+                stdout.flush()
+                stderr.flush()
+            elif chan.exit_status_ready() and not chan.recv_ready() and not chan.recv_stderr_ready():
+                break
+            else:
+                chan.status_event.wait(0.05)
+        stdout.write(_drain(chan.recv))
+        stderr.write(_drain(chan.recv_stderr))
+        stdout.flush()
+        stderr.flush()
+        status = chan.recv_exit_status()
+        chan.close()
+        return status
+
     def put(self, data: bytes, remote: str, mode: int = 0o644) -> None:
         sftp = self.client.open_sftp()
         try:
@@ -166,6 +202,20 @@ class SSHSession:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _forward(source: BinaryIO, chan) -> None:
+    """Our stdin to the remote command's, then EOF (as OpenSSH does when stdin ends)."""
+    try:
+        while chunk := source.read1(65536) if hasattr(source, "read1") else source.read(65536):
+            chan.sendall(chunk)
+    except (OSError, EOFError, paramiko.SSHException):
+        pass  # the command ended first: its exit status tells the story
+    finally:
+        try:
+            chan.shutdown_write()
+        except (OSError, EOFError):
+            pass
 
 
 def _drain(recv) -> bytes:

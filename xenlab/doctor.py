@@ -9,7 +9,7 @@ from pathlib import Path
 
 from xenlab.lab import accel
 from xenlab.build import dom0 as images
-from xenlab.paths import cache_dir
+from xenlab.paths import cache_base, cache_dir, state_base
 
 SETUP = "run ci/setup-host.sh (or apt-get install {pkg})"
 TOOLS = {
@@ -60,8 +60,8 @@ def checks(probe_kvm: bool = True) -> list[Check]:
         out.append(Check("apt sources", True, sources))
     except Exception as e:  # noqa: BLE001
         out.append(Check("apt sources", False, str(e), "configure apt; mmdebstrap uses the host's sources file"))
+    out.append(_private_check())
     cache = cache_dir()
-    cache.mkdir(parents=True, exist_ok=True)
     free = shutil.disk_usage(cache).free // (1024 * 1024)
     out.append(Check("disk space", free >= MIN_FREE_MIB, f"{free} MiB free under {cache}", f"free space or set XENLAB_CACHE (need {MIN_FREE_MIB} MiB)"))
     mem = _meminfo_mib("MemAvailable")
@@ -69,6 +69,15 @@ def checks(probe_kvm: bool = True) -> list[Check]:
     out.append(Check("root", os.geteuid() == 0, f"uid {os.geteuid()}", "image builds need root: run with sudo"))
     out.append(_accel_check(probe_kvm))
     return out
+
+
+def _private_check() -> Check:
+    """The cache holds dom0's SSH host key and the state the labs' keys: only their owner may enter."""
+    loose = [f"{p} ({p.stat().st_mode & 0o777:o})" for p in (cache_base(), state_base(), state_base() / "labs")
+             if p.exists() and p.stat().st_mode & 0o077]
+    if loose:
+        return Check("private directories", False, "readable by others: " + ", ".join(loose), "chmod 700 them (xenlab does on its next command)")
+    return Check("private directories", True, f"{cache_base()} and {state_base()}: 0700 (or not made yet)")
 
 
 def _accel_check(probe: bool) -> Check:

@@ -59,7 +59,7 @@ class Steps:
 
     def progress(self, done: int, total: int | None = None, detail: str = "", unit: str = "") -> None:
         """How far the running step is, e.g. progress(812, 1460, "compiled", "files")
-        shows "compiled 812/1460 files (56%)". Call it as often as you like:
+        shows "compiled 812/1460 files (55%)". Call it as often as you like:
         the display throttles itself."""
         text, pct = describe(done, total, detail, unit)
         self._show(text, pct, force=False)

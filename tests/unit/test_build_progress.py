@@ -35,6 +35,7 @@ Unpacking dpkg (1.21.23) ...
 Setting up base-files (12.4+deb12u15) ...
 Setting up libc6:amd64 (2.36-9+deb12u14) ...
 Setting up dpkg (1.21.23) ...
+I: /vmlinuz is now a symlink to boot/vmlinuz-6.1.0-57-amd64
 I: installing remaining packages inside the chroot...
 0 upgraded, 2 newly installed, 0 to remove and 0 not upgraded.
 Get:1 http://deb.debian.org/debian bookworm/main amd64 kmod amd64 30+20221128-1 [94.7 kB]
@@ -71,7 +72,9 @@ def test_mmdebstrap_phases_as_shown():
     steps.progress = lambda done, total=None, detail="", unit="": shown.append((detail, done, total, unit))
     for line in MMDEBSTRAP.splitlines():
         packages(line)
-    assert shown[:3] == ["chroot architecture amd64 is equal to the host's architecture", "running apt-get update...", "downloading packages with apt..."]
+    # mmdebstrap's steps, not its other notes nor a maintainer script's "I: /vmlinuz is now a symlink".
+    assert shown[:2] == ["running apt-get update...", "downloading packages with apt..."]
+    assert not any("symlink" in str(s) or "chroot architecture" in str(s) for s in shown)
     assert ("downloading:", 1, 3, "packages downloaded") in shown
     assert ("unpacking:", 3, 3, "packages unpacked") in shown
     # The second apt run raises the total: 3 of 5 set up, not 3 of 3.
@@ -103,12 +106,14 @@ def test_kbuild_compile_lines_are_the_count():
     assert compiled.count == 3
 
 
-def test_tree_bytes_counts_files_not_links(tmp_path):
-    (tmp_path / "a").write_bytes(b"x" * 1000)
-    (tmp_path / "sub").mkdir()
-    (tmp_path / "sub" / "b").write_bytes(b"y" * 24)
-    (tmp_path / "link").symlink_to("/usr/bin/env")
-    assert dom0._tree_bytes(tmp_path) == 1024 + len("/usr/bin/env")
+def test_tree_bytes_is_the_space_files_take_not_what_links_point_to(tmp_path):
+    big = tmp_path / "outside"
+    big.write_bytes(b"z" * (4 << 20))
+    tree = tmp_path / "tree"
+    (tree / "sub").mkdir(parents=True)
+    (tree / "sub" / "a").write_bytes(b"x" * (1 << 20))
+    (tree / "link").symlink_to(big)
+    assert (1 << 20) <= dom0._tree_bytes(tree) < (1 << 20) + (64 << 10)
 
 
 def test_watch_growth_reports_the_file_filling_up(tmp_path):
@@ -142,25 +147,24 @@ def test_kernel_build_counts_compiles_against_a_dry_run_total(tmp_path, monkeypa
 
     from xenlab.build import kernel
 
-    src = tmp_path / "linux"
-    (src / "arch/x86/boot/compressed").mkdir(parents=True)
+    tree = tmp_path / "linux"
+    (tree / "arch/x86/boot/compressed").mkdir(parents=True)
     for name in ("main.c", "compressed/misc.c"):  # built after vmlinux: counted by their C files
-        (src / "arch/x86/boot" / name).write_text("")
-    dry_run = b"set -e; echo '  CC      a.o'; gcc -c a.c\nset -e; echo '  CC      b.o'; gcc -c b.c\n"
-    build = ["  CC      a.o", "  LD      vmlinux", "  CC      b.o", "  CC      arch/x86/boot/main.o"]
+        (tree / "arch/x86/boot" / name).write_text("")
+    dry_run = b"".join(b"set -e; echo '  CC      f%d.o'; gcc -c f%d.c\n" % (i, i) for i in range(60))
+    build = [f"  CC      f{i}.o" for i in range(60)] + ["  LD      vmlinux", "  CC      arch/x86/boot/main.o"]
 
     def fake_run(argv, *, on_line=None, **_):
         argv = [str(a) for a in argv]
         if argv[-2:] == ["-n", "bzImage"]:  # (nice -n 10 make ... -n bzImage)
             return CompletedProcess(argv, 2, dry_run, b"")
-        if argv[-1] == "bzImage":
+        if "bzImage" in argv:
             for line in build:
                 on_line(line)
         return CompletedProcess(argv, 0, b"", b"")
 
     monkeypatch.setattr(kernel, "run", fake_run)
-    monkeypatch.setattr(kernel, "verify_config", lambda *_: None)
     steps, out = log_steps()
     with steps.step("minimal guest kernel"):
-        kernel._configure_and_build(src, tmp_path / "build.log")
-    assert "    compiled 3/4 files (75%)\n" in out.getvalue()
+        assert kernel._compile(tree, tmp_path / "out", tmp_path / "build.log", steps) == 61
+    assert "    compiled 61/62 files (98%)\n" in out.getvalue()

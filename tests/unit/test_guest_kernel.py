@@ -17,40 +17,88 @@ POSIX_TIMERS UNIX98_PTYS NETDEVICES BLK_DEV
 """.split()
 
 
+REQUIRED += ["MODULES", "MODULE_UNLOAD"]  # out-of-tree drivers load into the minimal kernel
+
+
+def fake_tree(root: Path) -> Path:
+    for rel in ("Makefile", "Kconfig", "arch/x86/Kconfig", "drivers/xen/a.c", ".git/HEAD"):
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text(rel)
+    return root
+
+
 @pytest.fixture
-def recipe(tmp_path, monkeypatch):
-    """A fake fragment and tarball; returns the fragment path to edit."""
+def fake_make(monkeypatch, tmp_path):
+    """Stand-ins for configure and compile that record what ran and leave what kbuild leaves."""
+    calls = []
+
+    def configure(tree, out, fragments, log_file):
+        calls.append("configure")
+        out.mkdir(parents=True, exist_ok=True)
+        (out / ".config").write_text("".join(f.read_text() for f in fragments))
+
+    def compile_(tree, out, log_file, steps):
+        calls.append("compile")
+        (out / "arch/x86/boot").mkdir(parents=True, exist_ok=True)
+        (out / "arch/x86/boot/bzImage").write_bytes(b"bz" + (tree / "drivers/xen/a.c").read_bytes())
+        (out / "include/config").mkdir(parents=True, exist_ok=True)
+        (out / "include/config/kernel.release").write_text("6.1.99\n")
+        return 3
+
+    monkeypatch.setattr(kernel, "_configure", configure)
+    monkeypatch.setattr(kernel, "_compile", compile_)
     fragment = tmp_path / "minimal.config"
     fragment.write_text("CONFIG_XEN=y\n")
-    tarball = tmp_path / "linux-source-6.1.tar.xz"
-    tarball.write_bytes(b"x" * 100)
     monkeypatch.setattr(kernel, "fragment_path", lambda: fragment)
-    monkeypatch.setattr(kernel, "source_tarball", lambda: tarball)
-    return fragment
+    return calls
 
 
-def test_recipe_id_is_stable(recipe):
-    assert kernel.recipe_id() == kernel.recipe_id()
-    assert len(kernel.recipe_id()) == 16
-    int(kernel.recipe_id(), 16)
+def test_tree_builds_are_cached_by_content_and_incremental(tmp_path, fake_make):
+    tree, cache = fake_tree(tmp_path / "linux"), tmp_path / "cache"
+    first = kernel.build_tree(tree, cache)
+    assert fake_make == ["configure", "compile"] and first.compiled == 3 and first.release == "6.1.99"
+    assert first.bzimage.read_bytes() == b"bzdrivers/xen/a.c"
+    again = kernel.build_tree(tree, cache)
+    assert fake_make == ["configure", "compile"] and again.compiled == 0 and again.build_dir == first.build_dir  # unchanged: nothing ran
+    (tree / ".git/HEAD").write_text("another commit")  # not the tree's content
+    assert kernel.build_tree(tree, cache).compiled == 0
+    (tree / "drivers/xen/a.c").write_text("changed")
+    changed = kernel.build_tree(tree, cache)
+    assert fake_make == ["configure", "compile", "compile"] and changed.bzimage.read_bytes() == b"bzchanged"  # incremental: no reconfigure
+    mine = tmp_path / "mine.config"
+    mine.write_text("CONFIG_FOO=y\n")
+    other = kernel.build_tree(tree, cache, config=mine)
+    assert other.build_dir != first.build_dir and fake_make[-2:] == ["configure", "compile"]
+    assert "CONFIG_FOO=y" in (other.build_dir / ".config").read_text()
 
 
-def test_recipe_id_changes_with_fragment(recipe):
-    before = kernel.recipe_id()
-    recipe.write_text("CONFIG_XEN=y\nCONFIG_XEN_PV=y\n")
-    assert kernel.recipe_id() != before
+def test_a_failed_build_leaves_no_usable_entry(tmp_path, fake_make, monkeypatch):
+    tree, cache = fake_tree(tmp_path / "linux"), tmp_path / "cache"
+    built = kernel.build_tree(tree, cache)
+    (tree / "drivers/xen/a.c").write_text("broken")
+
+    def fail(*args):
+        raise XenlabError("command failed with exit code 2: make ... error: expected ';'")
+
+    monkeypatch.setattr(kernel, "_compile", fail)
+    with pytest.raises(XenlabError, match="expected ';'"):
+        kernel.build_tree(tree, cache)
+    assert not (built.bzimage.parent / "stamp.json").exists()
+    # Even with the old content back, the unfinished build is not taken as done.
+    (tree / "drivers/xen/a.c").write_text("drivers/xen/a.c")
+    with pytest.raises(XenlabError):
+        kernel.build_tree(tree, cache)
 
 
-def test_recipe_id_changes_with_build_version(recipe, monkeypatch):
-    before = kernel.recipe_id()
-    monkeypatch.setattr(kernel, "BUILD_VERSION", kernel.BUILD_VERSION + "x")
-    assert kernel.recipe_id() != before
-
-
-def test_recipe_id_changes_with_tarball(recipe):
-    before = kernel.recipe_id()
-    kernel.source_tarball().write_bytes(b"x" * 101)
-    assert kernel.recipe_id() != before
+def test_trees_that_cannot_be_built_out_of_tree_are_refused(tmp_path):
+    with pytest.raises(XenlabError, match="is not a Linux source tree"):
+        kernel.check_tree(tmp_path)
+    tree = fake_tree(tmp_path / "linux")
+    (tree / ".config").write_text("CONFIG_X=y\n")
+    with pytest.raises(XenlabError, match="mrproper"):
+        kernel.check_tree(tree)
+    with pytest.raises(XenlabError, match="no such file"):
+        (tree / ".config").unlink() or kernel.build_tree(tree, tmp_path / "cache", config=tmp_path / "none.config")
 
 
 def test_source_tarball_picks_newest(tmp_path, monkeypatch):

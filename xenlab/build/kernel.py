@@ -1,11 +1,13 @@
-"""Build (and cache) the minimal Xen PV domU kernel from Debian's linux-source.
-
-The kernel is `make tinyconfig` plus guest-kernel/minimal.config. Builds are
-cached under a recipe id, so an unchanged recipe never rebuilds.
-"""
+"""Guest kernels, built out of tree (make O=DIR) and cached: xenlab's minimal
+PV kernel from Debian's linux-source, and a Linux tree of the user's, each
+`make tinyconfig` plus xenlab/data/guest-kernel/minimal.config (and the
+user's own fragment). The build directory is kept: out-of-tree modules build
+against it (`xenlab guest kernel-dir`), and a changed tree is rebuilt
+incrementally."""
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import lzma
@@ -16,14 +18,16 @@ import struct
 import tempfile
 import time
 import zlib
+from dataclasses import dataclass
 from pathlib import Path
 
-from xenlab.errors import HostError, XenlabError
+from xenlab import progress
+from xenlab.errors import ConfigError, HostError, XenlabError
 from xenlab.paths import GUEST_KERNEL_DIR
 from xenlab.run import run
 
 # Bump when the build steps change in a way that changes the output.
-BUILD_VERSION = "1"
+BUILD_VERSION = "2"
 SOURCE_GLOB = "linux-source-*.tar.xz"
 SOURCE_DIR = Path("/usr/src")
 _OPTION_Y = re.compile(r"^(CONFIG_\w+)=y$", re.MULTILINE)
@@ -50,16 +54,6 @@ def source_tarball() -> Path:
     return found[-1]
 
 
-def recipe_id() -> str:
-    """Changes whenever the source, the fragment or the build steps change."""
-    tarball = source_tarball()
-    digest = hashlib.sha256()
-    digest.update(f"{tarball.name}\0{tarball.stat().st_size}\0".encode())
-    digest.update(fragment_path().read_bytes())
-    digest.update(f"\0{BUILD_VERSION}".encode())
-    return digest.hexdigest()[:16]
-
-
 def missing_options(fragment_text: str, config_text: str) -> list[str]:
     """Options the fragment sets =y that are not =y in the final .config."""
     have = set(_OPTION_Y.findall(config_text))
@@ -77,88 +71,161 @@ def verify_config(fragment: Path, config: Path) -> None:
         )
 
 
-def _make(src: Path, *args: str, log_file: Path | None, on_line=None, check: bool = True):
-    """`make -jN args` in src; run()'s result (log_file, on_line, check: as for run())."""
+def _make(tree: Path, out: Path, *args: str, log_file: Path | None, on_line=None, check: bool = True):
+    """`make -C tree O=out -jN args`; run()'s result (log_file, on_line, check: as for run())."""
     # nice: the build must not starve a lab VM running on the same host.
-    return run(["nice", "-n", "10", "make", f"-j{os.cpu_count() or 1}", *args], cwd=src, log_file=log_file, on_line=on_line, check=check)
+    argv = ["nice", "-n", "10", "make", "-C", str(tree), f"O={out}", f"-j{os.cpu_count() or 1}", *args]
+    return run(argv, log_file=log_file, on_line=on_line, check=check,
+               hint=f"the build's full log: {log_file}" if log_file else "")
 
 
-def _configure_and_build(src: Path, log_file: Path) -> None:
-    # A local import keeps this change inside this function while kernel.py is
-    # being restructured: move it up to the module's imports then.
-    from xenlab import progress
+@dataclass(frozen=True)
+class KernelBuild:
+    """A finished out-of-tree kernel build (its build directory is kept)."""
 
-    steps = progress.current()  # the caller's "minimal guest kernel" step, if any
-    fragment = fragment_path()
-    steps.status("configuring: make tinyconfig + minimal.config, make olddefconfig")
-    _make(src, "tinyconfig", log_file=log_file)
-    run(["scripts/kconfig/merge_config.sh", "-m", ".config", fragment], cwd=src, log_file=log_file)
-    _make(src, "olddefconfig", log_file=log_file)
-    verify_config(fragment, src / ".config")
+    tree: Path  # the Linux source
+    build_dir: Path  # make O=: .config, Module.symvers, vmlinux (with symbols)
+    bzimage: Path
+    release: str
+    compiled: int  # files this build compiled (0: the tree was unchanged, nothing ran)
+
+    def to_dict(self) -> dict:
+        return {"tree": str(self.tree), "build_dir": str(self.build_dir), "bzimage": str(self.bzimage),
+                "vmlinux": str(self.build_dir / "vmlinux"), "release": self.release, "compiled": self.compiled}
+
+
+def check_tree(tree: Path) -> Path:
+    tree = tree.expanduser().resolve()
+    if not (tree / "Makefile").is_file() or not (tree / "Kconfig").is_file() or not (tree / "arch/x86").is_dir():
+        raise ConfigError(f"--kernel-tree {tree} is not a Linux source tree (no Makefile, Kconfig and arch/x86 there)",
+                          "give the top directory of your Linux checkout")
+    if (tree / ".config").exists() or (tree / "include/config").exists():
+        raise ConfigError(f"--kernel-tree {tree} has been configured or built in place; kbuild refuses out-of-tree builds from it",
+                          f"run `make -C {tree} mrproper` (xenlab builds into a directory of its own with O=, the tree stays clean)")
+    return tree
+
+
+def tree_digest(tree: Path) -> str:
+    """What the tree holds, cheaply: every file's path, size and mtime (.git and
+    build output skipped). A change to any source file changes it."""
+    digest = hashlib.sha256()
+    for root, dirs, files in os.walk(tree):
+        dirs[:] = sorted(d for d in dirs if d != ".git")
+        for name in sorted(files):
+            try:
+                st = os.stat(os.path.join(root, name))
+            except OSError:
+                continue
+            digest.update(f"{os.path.relpath(os.path.join(root, name), tree)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
+
+
+def _configure(tree: Path, out: Path, fragments: list[Path], log_file: Path) -> None:
+    _make(tree, out, "tinyconfig", log_file=log_file)
+    run([tree / "scripts/kconfig/merge_config.sh", "-m", "-O", out, out / ".config", *fragments], cwd=out, log_file=log_file)
+    _make(tree, out, "olddefconfig", log_file=log_file)
+    for fragment in fragments:
+        verify_config(fragment, out / ".config")
+
+
+def _compile(tree: Path, out: Path, log_file: Path, steps) -> int:
+    """make bzImage and modules (Module.symvers: what out-of-tree modules link against); files compiled."""
     # The total for "compiled N/M files", from a dry run: it prints every
     # compile as "echo '  CC ...'" (counted as substrings: -j output can merge
     # lines). Measured on 6.1, 2 cores: 9 s, ~6 s of it syncconfig and objtool,
-    # real work the build then skips; so ~3 s of a ~5 min build. Its 7 MB of
-    # commands stay out of the log. It stops (exit 2) at vmlinux.a, which it
-    # does not create, so the boot code built after vmlinux is counted by its
-    # C files: a few are not built, so the count ends a little below the
-    # total (875 of 883) rather than past it.
+    # real work the build then skips; so ~3 s of a ~5 min build. It stops
+    # (exit 2) at vmlinux.a, which it does not create, so the boot code built
+    # after vmlinux is counted by its C files: a few are not built, so the
+    # count ends a little below the total rather than past it. An incremental
+    # build compiles what changed, so the dry run's count is the total there too.
     steps.status("counting the files to compile (make -n bzImage)")
-    planned = _make(src, "-n", "bzImage", log_file=None, check=False).stdout.count(b"echo '  CC ")
-    boot = src / "arch/x86/boot"
-    late = len([*boot.glob("*.c"), *boot.glob("compressed/*.c")])
+    planned = _make(tree, out, "-n", "bzImage", log_file=None, check=False).stdout.count(b"echo '  CC ")
+    boot = tree / "arch/x86/boot"
+    late = len([*boot.glob("*.c"), *boot.glob("compressed/*.c")]) if planned > 50 else 0
     compiled = progress.LineCount(steps, r"^\s+CC\s", planned + late if planned else None, "compiled", "files")
-    _make(src, "bzImage", log_file=log_file, on_line=compiled)
+    _make(tree, out, "bzImage", "modules", log_file=log_file, on_line=compiled)
+    return compiled.count
 
 
-def _extract(tarball: Path, into: Path, log_file: Path) -> Path:
-    run(["tar", "-xaf", tarball, "-C", into], log_file=log_file)
-    (src,) = [p for p in into.iterdir() if p.is_dir()]  # linux-source-X.Y/
-    return src
-
-
-def _publish(staged: Path, final: Path, scratch: Path) -> None:
-    """Atomically move the fully prepared `staged` dir to `final`."""
-    if final.exists():  # force rebuild: move the old build out of the way
-        final.rename(scratch / "previous")
-    try:
-        staged.rename(final)
-    except OSError:
-        if not (final / "bzImage").exists():  # not a concurrent build winning
-            raise
-
-
-def build_minimal_kernel(cache_dir: Path, force: bool = False, log_file: Path | None = None) -> Path:
-    """Return the cached bzImage for the current recipe, building it if needed."""
-    rid = recipe_id()
-    final = cache_dir / f"guest-kernel-{rid}"
-    if (final / "bzImage").exists() and not force:
-        return final / "bzImage"
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    log_file = log_file or cache_dir / f"guest-kernel-{rid}.log"
-    tarball = source_tarball()
-    # Same filesystem as `final`, so the publishing rename is atomic.
-    scratch = Path(tempfile.mkdtemp(prefix=".guest-kernel-build-", dir=cache_dir))
-    try:
+def build_tree(tree: Path, cache: Path, config: Path | None = None, force: bool = False, trust_stamp: bool = False) -> KernelBuild:
+    """Build a Linux tree out of tree with xenlab's fragment (and `config`, a
+    fragment of the user's) merged into tinyconfig. One build directory per
+    (tree, fragments), kept: an unchanged tree is not rebuilt at all, a
+    changed one is rebuilt incrementally by make. A build that fails leaves
+    no entry that could be used (its stamp is written only at the end).
+    trust_stamp: a finished build is taken without reading the tree again
+    (xenlab's own source tree, which nothing but xenlab writes)."""
+    tree = check_tree(Path(tree))
+    fragments = [fragment_path()] + ([Path(config).expanduser().resolve()] if config else [])
+    for fragment in fragments:
+        if not fragment.is_file():
+            raise ConfigError(f"--config {fragment}: no such file", "give a Kconfig fragment: lines like CONFIG_FOO=y")
+    key = hashlib.sha256("\0".join([str(tree), BUILD_VERSION] + [f.read_text() for f in fragments]).encode()).hexdigest()[:16]
+    entry = cache / "kernels" / key
+    out, stamp, bzimage = entry / "build", entry / "stamp.json", entry / "bzImage"
+    entry.mkdir(parents=True, exist_ok=True)
+    steps = progress.current()
+    done = _read_stamp(stamp)
+    if trust_stamp and not force and done and bzimage.exists():
+        return KernelBuild(tree, out, bzimage, done["release"], 0)
+    with open(entry / "lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # one build of a tree at a time
+        digest = tree_digest(tree)
+        done = _read_stamp(stamp)
+        if not force and done.get("digest") == digest and bzimage.exists():
+            return KernelBuild(tree, out, bzimage, done["release"], 0)
+        stamp.unlink(missing_ok=True)
+        log_file = entry / "build.log"
+        log_file.write_text("")
         started = time.monotonic()
-        src = _extract(tarball, scratch, log_file)
-        _configure_and_build(src, log_file)
-        staged = scratch / "out"
-        staged.mkdir()
-        shutil.copy2(src / "arch/x86/boot/bzImage", staged / "bzImage")
-        shutil.copy2(src / ".config", staged / "config")
-        manifest = {
-            "recipe_id": rid,
-            "source_tarball": str(tarball),
-            "build_seconds": round(time.monotonic() - started, 1),
-            "bzimage_bytes": (staged / "bzImage").stat().st_size,
-        }
-        (staged / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-        _publish(staged, final, scratch)
+        if force or not (out / ".config").exists():
+            steps.status("configuring: tinyconfig + xenlab's fragment" + (f" + {fragments[1].name}" if config else ""))
+            _configure(tree, out, fragments, log_file)
+        count = _compile(tree, out, log_file, steps)
+        release = (out / "include/config/kernel.release").read_text().strip()
+        part = bzimage.with_suffix(".part")
+        shutil.copy2(out / "arch/x86/boot/bzImage", part)
+        part.replace(bzimage)
+        stamp.write_text(json.dumps({"digest": digest, "release": release, "tree": str(tree), "fragments": [str(f) for f in fragments],
+                                     "build_seconds": round(time.monotonic() - started, 1), "compiled": count}, indent=2) + "\n")
+        return KernelBuild(tree, out, bzimage, release, count)
+
+
+def _read_stamp(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def minimal_source(cache: Path) -> Path:
+    """Debian's linux-source, extracted once into the cache (whole or not at all)."""
+    tarball = source_tarball()
+    tag = hashlib.sha256(f"{tarball.name}\0{tarball.stat().st_size}".encode()).hexdigest()[:12]
+    final = cache / f"src-{tarball.name.removesuffix('.tar.xz')}-{tag}"
+    if (final / ".complete").exists():
+        return final / "linux"
+    cache.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix=".src-", dir=cache))
+    try:
+        progress.current().status(f"extracting {tarball.name}")
+        run(["tar", "-xaf", tarball, "-C", scratch])
+        (top,) = [p for p in scratch.iterdir() if p.is_dir()]  # linux-source-X.Y/
+        top.rename(scratch / "linux")
+        (scratch / ".complete").touch()
+        try:
+            scratch.rename(final)
+        except OSError:
+            if not (final / ".complete").exists():  # not a concurrent extraction winning
+                raise
     finally:
-        # Also on failure and Ctrl-C: a kernel tree is ~1.5 GB.
         shutil.rmtree(scratch, ignore_errors=True)
-    return final / "bzImage"
+    return final / "linux"
+
+
+def build_minimal(cache: Path, force: bool = False, trust_stamp: bool = False) -> KernelBuild:
+    """xenlab's own guest kernel: Debian's linux-source with the fragment alone."""
+    return build_tree(minimal_source(cache), cache, force=force, trust_stamp=trust_stamp)
 
 
 def decompress_bzimage(bzimage: bytes) -> bytes:
@@ -182,8 +249,9 @@ def decompress_bzimage(bzimage: bytes) -> bytes:
 
 
 def minimal_vmlinux(bzimage: Path) -> Path:
+    """The ELF inside `bzimage` beside it (what is shipped to dom0), renewed when the bzImage is."""
     elf = bzimage.with_name("vmlinux")
-    if not elf.exists():
+    if not elf.exists() or elf.stat().st_mtime_ns < bzimage.stat().st_mtime_ns:
         part = elf.with_suffix(".part")
         part.write_bytes(decompress_bzimage(bzimage.read_bytes()))
         part.rename(elf)

@@ -5,16 +5,19 @@ from __future__ import annotations
 import os
 import sys
 from contextlib import nullcontext
+from pathlib import Path
 
 import click
 from rich.markup import escape
 from rich.table import Table
 
+from xenlab.build import kernel as kbuild
 from xenlab.build.guest import build_all
 from xenlab.cli.common import emit, json_option, lab_option, load_config, open_lab
 from xenlab.config import parse_mib
 from xenlab.errors import XenlabError
 from xenlab.guest.spec import ROOTS, DiskSpec, GuestSpec
+from xenlab.paths import cache_dir
 from xenlab.progress import Steps, console
 from xenlab.xenstore.recorder import trace_action
 
@@ -31,20 +34,56 @@ def guest():
     """PV domUs: create, list, exec, check, console, destroy."""
 
 
+def _tree_options(f):
+    f = click.option("--config", "fragment", default=None, metavar="FRAGMENT",
+                     help="with --kernel-tree: your Kconfig fragment, merged after xenlab's")(f)
+    return click.option("--kernel-tree", "tree", default=None, metavar="DIR",
+                         help="your Linux source tree, built out of tree (O=) with xenlab's fragment merged in")(f)
+
+
 @guest.command("build")
-@click.option("--force", is_flag=True, help="rebuild the minimal kernel even if cached")
+@click.option("--force", is_flag=True, help="rebuild (reconfigure) even if cached")
+@_tree_options
 @json_option
 @click.pass_context
-def build_cmd(ctx, force, as_json):
-    """Build (cached) the minimal guest kernel and the guest roots; no lab needed."""
-    result = build_all(load_config(ctx), Steps(quiet=as_json), force=force)
+def build_cmd(ctx, force, tree, fragment, as_json):
+    """Build (cached) the minimal guest kernel and the guest roots, or with
+    --kernel-tree your own Linux tree; no lab needed.
+
+    A tree is built out of tree (it stays clean), cached by its content: an
+    unchanged tree is not rebuilt, a changed one incrementally. Prints its
+    bzImage (give it to `guest create --kernel`), vmlinux and build directory."""
+    steps = Steps(quiet=as_json)
+    if fragment and not tree:
+        raise XenlabError("--config goes with --kernel-tree", "the minimal kernel's fragment is xenlab/data/guest-kernel/minimal.config")
+    if tree:
+        with steps.step(f"kernel tree {tree}"):
+            built = kbuild.build_tree(Path(tree), cache_dir() / "guest", fragment and Path(fragment), force=force)
+        emit(built.to_dict(), as_json, lambda r: console.print(
+            f"bzImage {r['bzimage']}\nvmlinux {r['vmlinux']}\nbuild dir {r['build_dir']}\n"
+            f"release {r['release']}; {r['compiled']} files compiled" + (" (the tree was unchanged)" if not r["compiled"] else "")))
+        return
+    result = build_all(load_config(ctx), steps, force=force)
 
     def text(r):
-        console.print(f"kernel {r['kernel']} (built in {r['kernel_manifest']['build_seconds']} s)")
+        console.print(f"kernel {r['kernel']} ({r['kernel_build']['release']}; build dir {r['kernel_build']['build_dir']})")
         for key, root in r["roots"].items():
             console.print(f"root {key}: {root['path']} ({root['bytes'] >> 10} KiB)")
 
     emit(result, as_json, text)
+
+
+@guest.command("kernel-dir")
+@_tree_options
+def kernel_dir_cmd(tree, fragment):
+    """Print the guest kernel's build directory, to build modules against:
+    make -C "$(xenlab guest kernel-dir)" M=$PWD modules
+
+    The minimal kernel's, or with --kernel-tree that tree's (built if needed)."""
+    with Steps().step("guest kernel (cached)"):
+        built = (kbuild.build_tree(Path(tree), cache_dir() / "guest", fragment and Path(fragment)) if tree
+                 else kbuild.build_minimal(cache_dir() / "guest"))
+    click.echo(built.build_dir)
 
 
 @guest.command()

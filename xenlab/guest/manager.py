@@ -47,6 +47,10 @@ def render_xl_config(spec: GuestSpec, kernel: str, ramdisk: str, ip: str, mac: s
 
 
 
+def _file_digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+
+
 def pick_address(used: set[str]) -> tuple[str, str]:
     """The lowest free SUBNET.10-250 address and a Xen-OUI MAC derived from it."""
     for host in range(10, 251):
@@ -141,9 +145,10 @@ class Guests:
         Every kernel goes over as plain ELF: dom0's domain builder would
         otherwise decompress a bzImage at every create (seconds under TCG)."""
         if spec.kernel == "minimal":
-            bzimage = kernel_mod.build_minimal_kernel(cache_dir() / "guest")
-            elf = minimal_vmlinux(bzimage)
-            return elf, f"{elf.parent.name}.vmlinux", extras.bzimage_release(bzimage.read_bytes()) or ""
+            built = kernel_mod.build_minimal(cache_dir() / "guest", trust_stamp=True)
+            elf = minimal_vmlinux(built.bzimage)
+            # Named by content: a rebuilt kernel must not meet its predecessor's copy in dom0.
+            return elf, f"minimal-{_file_digest(built.bzimage)}.vmlinux", built.release
         if spec.kernel == "debian":
             return image.dom0_kernel, f"debian-{image.id}.vmlinux", image.manifest["kernel_version"]
         kernel = extras.read_kernel(spec.kernel)

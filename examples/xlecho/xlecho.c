@@ -14,9 +14,10 @@
  *                           `size` bytes, each with the CRC-32 of its payload;
  *                           the backend answers with the payload reversed and
  *                           its CRC; we check both and log the result
- *   unbind (or rmmod)    -> orderly closedown: we go Closing, wait for the
- *                           backend to go Closed (it unmaps our pages), end
- *                           our grants and free everything; xenbus sets Closed
+ *   unbind               -> orderly closedown: we go Closing; the backend
+ *                           unmaps our pages and goes Closing; we end our
+ *                           grants, free everything and go Closed (xenbus
+ *                           does it as the driver lets go); the backend Closed
  *
  * Wire format (16-byte entries, 128 slots on a 4 KiB ring page):
  *   request  u32 id, u8 op, u8 flags, u16 page, u32 len, u32 crc32(payload)
@@ -313,7 +314,7 @@ static int xlecho_probe(struct xenbus_device *dev, const struct xenbus_device_id
 	return 0;
 }
 
-/* Unbind or rmmod: a frontend-initiated closedown, then free everything. */
+/* Unbind: a frontend-initiated closedown, then free everything (xenbus sets Closed after). */
 static void xlecho_remove(struct xenbus_device *dev)
 {
 	struct xlecho_info *info = dev_get_drvdata(&dev->dev);
@@ -323,9 +324,10 @@ static void xlecho_remove(struct xenbus_device *dev)
 		info->connected = false;
 		cancel_work_sync(&info->work);
 		xenbus_switch_state(dev, XenbusStateClosing);
-		/* The otherend watch is gone during remove: poll the backend's state. */
+		/* Its Closing says the backend unmapped our pages. The otherend
+		 * watch is gone during remove: poll the backend's state. */
 		for (waited = 0; waited < 300; waited++) {
-			if (xenbus_read_driver_state(dev->otherend) >= XenbusStateClosed)
+			if (xenbus_read_driver_state(dev->otherend) >= XenbusStateClosing)
 				break;
 			msleep(100);
 		}

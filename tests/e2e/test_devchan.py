@@ -77,7 +77,9 @@ def test_garbage_producer_index_rejected_not_crashed(lab, front):
     result = devchan(lab, GUEST, "--evil garbage-prod", devid=4)
     b = result["backend"]
     assert b["ended"] == "rejected-garbage" and "garbage index" in b["error"]
-    assert b["requests"] == 0 and result["frontend"]["backend_state"] == "Closed"
+    # The backend began the closedown (Closing), and closed after the frontend.
+    assert b["requests"] == 0 and result["frontend"]["backend_state"] == "Closing"
+    assert b["states"] == ["InitWait", "Connected", "Closing", "Closed"] and result["frontend"]["backend_final_state"] == "Closed"
     assert_clean(lab, front["domid"], result)
 
 

@@ -65,6 +65,9 @@ def test_tree_builds_are_cached_by_content_and_incremental(tmp_path, fake_make):
     (tree / "drivers/xen/a.c").write_text("changed")
     changed = kernel.build_tree(tree, cache)
     assert fake_make == ["configure", "compile", "compile"] and changed.bzimage.read_bytes() == b"bzchanged"  # incremental: no reconfigure
+    fragment = kernel.fragment_path()
+    fragment.write_text("# a reworded comment\n" + fragment.read_text())
+    assert kernel.build_tree(tree, cache).build_dir == first.build_dir  # comments are no new kernel
     mine = tmp_path / "mine.config"
     mine.write_text("CONFIG_FOO=y\n")
     other = kernel.build_tree(tree, cache, config=mine)

@@ -56,5 +56,5 @@ def test_decompress_bzimage_xz_and_gzip():
 
 
 def test_decompress_bzimage_rejects_unknown_payload():
-    with pytest.raises(HostError, match="unsupported dom0 kernel compression"):
+    with pytest.raises(HostError, match="unsupported kernel compression"):
         kernel.decompress_bzimage(_bzimage(b"\x28\xb5\x2f\xfd" + b"\0" * 32))

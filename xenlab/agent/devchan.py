@@ -8,8 +8,10 @@ XenStore (toolstack part done by the backend command, as libxl does for vbd):
 Handshake: backend InitWait -> frontend shares the ring page and data pages
 (gntalloc), offers an event channel, publishes ring-ref/data-refs/event-channel
 in one transaction, moves to Initialised -> backend maps them (gntdev), binds
-the channel, moves to Connected -> frontend Connected. Orderly closedown:
-frontend Closing -> backend unmaps, unbinds, Closed -> frontend frees, Closed.
+the channel, moves to Connected -> frontend Connected. Orderly closedown, as
+the XenBus protocol orders it: frontend Closing -> backend unmaps, unbinds,
+Closing -> frontend frees its pages, Closed -> backend Closed. A closedown
+the backend begins (it refused the frontend's ring) starts at backend Closing.
 
 Wire format (one ring page, 16-byte entries, 128 slots; one data page per
 request in flight, owned by the backend from request to response, as blkif's
@@ -255,8 +257,6 @@ def _serve_backend(b: "Backend", domid: int, devid: int, keep_nodes: bool, place
             placement.route()
         t0 = time.monotonic()
         ended = b.serve()
-        if ended == "frontend-closed":
-            b.set_state(CLOSING)
     except RingError as e:
         ended, error = "rejected-garbage", e
     except _Stop:
@@ -268,13 +268,14 @@ def _serve_backend(b: "Backend", domid: int, devid: int, keep_nodes: bool, place
         max_unconsumed = b.ring.max_unconsumed if getattr(b, "ring", None) else 0
         ring_size = b.ring.size if getattr(b, "ring", None) else 0
         b.disconnect()
-        b.set_state(CLOSED)
         if ended in ("frontend-closed", "rejected-garbage"):
-            # The frontend frees its pages after seeing us Closed; keep the nodes until it is done.
+            # Unmapped: the frontend may free its pages once it sees Closing; we close after it.
+            b.set_state(CLOSING)
             try:
                 b.xs.wait_for(f"{b.fe}/state", lambda v: int(v) == CLOSED, 30, "the frontend to reach Closed")
             except XsError:
                 ended += "/frontend-never-closed"
+        b.set_state(CLOSED)
         if not keep_nodes:
             b.remove_nodes()
     result = {
@@ -416,22 +417,21 @@ class Frontend:
             "notifies_sent": notifies, "sleeps": waits, "indices": self.sring.header(),
         }
 
-    def _wait_backend_closed(self) -> int:
+    def _wait_backend_closed(self, state: int = CLOSING) -> int:
         try:
-            self.xs.wait_for(f"{self.be}/state", lambda v: int(v) >= CLOSING, self.timeout, "the backend to close")
+            self.xs.wait_for(f"{self.be}/state", lambda v: int(v) >= state, self.timeout, "the backend to close")
         except XsError:
             pass
         return state_of(self.xs, self.be)
 
     def close(self) -> str:
-        """Orderly closedown: Closing, wait for the backend to unmap (Closed), free, Closed."""
+        """Orderly closedown: Closing, wait for the backend to unmap (its Closing),
+        free, Closed; the backend then closes too. The backend's last state."""
         self.set_state(CLOSING)
-        be_state = self._wait_backend_closed()
-        if be_state == CLOSING:
-            self.xs.wait_for(f"{self.be}/state", lambda v: int(v) == CLOSED, self.timeout, "the backend to reach Closed")
+        self._wait_backend_closed()
         self.release()
         self.set_state(CLOSED)
-        return STATE_NAMES[state_of(self.xs, self.be)]
+        return STATE_NAMES[self._wait_backend_closed(CLOSED)]
 
     def release(self) -> None:
         if getattr(self, "sring", None) is not None:
@@ -464,6 +464,7 @@ def run_frontend(devid: int = 0, count: int = 1000, size: int = 512, op: str = "
         if evil == "garbage-prod":
             f.release()
             f.set_state(CLOSED)
+            result["backend_final_state"] = STATE_NAMES[f._wait_backend_closed(CLOSED)]
             return result
         result["backend_final_state"] = f.close()
         return result

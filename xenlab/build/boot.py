@@ -115,7 +115,8 @@ def user_dom0(image: Dom0Image, kernel_path: str, modules: str) -> tuple[Path, P
     if not modules:
         raise ConfigError("--dom0-kernel needs --dom0-modules DIR", "the kernel's modules_install tree: dom0 loads its Xen backends from there")
     moddir = modules_dir(modules, kernel.release)
-    extras.check_modules({ko.name: ko for ko in list(moddir.rglob("*.ko"))[:1]}, kernel.release)
+    carried = initramfs.module_order((moddir / "modules.dep").read_text(), DOM0_MODULES + initramfs.ROOT_MODULES, initramfs.builtin_names(moddir))
+    extras.check_modules({Path(rel).name: moddir / rel for rel in carried}, kernel.release)
     digest = hashlib.sha256(kernel.elf)
     for ko in sorted(moddir.rglob("*")):
         if ko.is_file():

@@ -64,7 +64,7 @@ def read_kernel(path: str | Path, option: str = "--kernel") -> KernelFile:
         raise ConfigError(f"{option} {path} is not a Linux kernel (neither a bzImage nor a 64-bit ELF vmlinux)",
                           "give arch/x86/boot/bzImage or vmlinux from your kernel build")
     if not release:
-        raise ConfigError(f"{option} {path} is an {kind} without a 'Linux version' string: not a Linux kernel")
+        raise ConfigError(f"{option} {path} is a {kind} without a 'Linux version' string: not a Linux kernel")
     if not any(n.name == "Xen" for n in notes(elf, f"{option} {path}")):
         raise ConfigError(f"{option} {path} (Linux {release}) cannot boot as a Xen PV domain: it carries no Xen ELF notes",
                           f"build it with {PV_OPTIONS} (xenlab's fragment: `xenlab guest build --kernel-tree DIR` merges them)")

@@ -160,7 +160,7 @@ def build_tree(tree: Path, cache: Path, config: Path | None = None, force: bool 
     for fragment in fragments:
         if not fragment.is_file():
             raise ConfigError(f"--config {fragment}: no such file", "give a Kconfig fragment: lines like CONFIG_FOO=y")
-    key = hashlib.sha256("\0".join([str(tree), BUILD_VERSION] + [f.read_text() for f in fragments]).encode()).hexdigest()[:16]
+    key = hashlib.sha256("\0".join([str(tree), BUILD_VERSION] + [_settings(f.read_text()) for f in fragments]).encode()).hexdigest()[:16]
     entry = cache / "kernels" / key
     out, stamp, bzimage = entry / "build", entry / "stamp.json", entry / "bzImage"
     entry.mkdir(parents=True, exist_ok=True)
@@ -189,6 +189,12 @@ def build_tree(tree: Path, cache: Path, config: Path | None = None, force: bool 
         stamp.write_text(json.dumps({"digest": digest, "release": release, "tree": str(tree), "fragments": [str(f) for f in fragments],
                                      "build_seconds": round(time.monotonic() - started, 1), "compiled": count}, indent=2) + "\n")
         return KernelBuild(tree, out, bzimage, release, count)
+
+
+def _settings(fragment: str) -> str:
+    """A fragment's settings without its comments: a reworded comment is no new kernel."""
+    lines = (line.strip() for line in fragment.splitlines())
+    return "\n".join(line for line in lines if line.startswith("CONFIG_") or re.match(r"# CONFIG_\w+ is not set", line))
 
 
 def _read_stamp(path: Path) -> dict:
@@ -242,7 +248,7 @@ def decompress_bzimage(bzimage: bytes) -> bytes:
     elif payload.startswith(b"\x1f\x8b"):
         elf = zlib.decompressobj(16 + zlib.MAX_WBITS).decompress(payload)
     else:
-        raise HostError(f"unsupported dom0 kernel compression (payload starts {payload[:6].hex()})", "use a Debian kernel (xz)")
+        raise HostError(f"unsupported kernel compression (payload starts {payload[:6].hex()})", "build it with CONFIG_KERNEL_XZ or CONFIG_KERNEL_GZIP")
     if not elf.startswith(b"\x7fELF"):
         raise HostError("the decompressed dom0 kernel is not an ELF file")
     return elf

@@ -80,6 +80,8 @@ def kernel_dir_cmd(tree, fragment):
     make -C "$(xenlab guest kernel-dir)" M=$PWD modules
 
     The minimal kernel's, or with --kernel-tree that tree's (built if needed)."""
+    if fragment and not tree:
+        raise XenlabError("--config goes with --kernel-tree", "the minimal kernel's fragment is xenlab/data/guest-kernel/minimal.config")
     with Steps().step("guest kernel (cached)"):
         built = (kbuild.build_tree(Path(tree), cache_dir() / "guest", fragment and Path(fragment)) if tree
                  else kbuild.build_minimal(cache_dir() / "guest"))

@@ -189,7 +189,20 @@ class Guests:
             ],
             "config": render_xl_config(spec, kernel, ramdisk, ip, mac),
         }
-        return self.domctl("create", request=request, timeout=spec.timeout + 60)
+        try:
+            return self.domctl("create", request=request, timeout=spec.timeout + 60)
+        except KeyboardInterrupt:
+            # Interrupted here (Ctrl-C, SIGTERM): the agent in dom0 goes on with
+            # the create; take the guest down so nothing half-made stays.
+            self._abandon(spec.name)
+            raise
+
+    def _abandon(self, name: str) -> None:
+        try:
+            with self.lab.guests() as fresh:  # this session's channel may be mid-reply
+                fresh.destroy(name, timeout=30)
+        except Exception:  # noqa: BLE001 - best effort while interrupted; `guest list` shows a leftover
+            pass
 
     def start(self, spec: GuestSpec) -> Guest:
         """create(), returning a Guest handle."""

@@ -22,7 +22,7 @@ from xenlab import config as config_mod, templates
 from xenlab.agent.xl import parse_xl_info, parse_xl_list
 from xenlab.config import LabConfig, validate_name
 from xenlab.errors import BootError, LabError, SSHError
-from xenlab.paths import cache_dir, lab_dir, state_root
+from xenlab.paths import cache_dir, lab_dir, private, state_root
 from xenlab.progress import Steps
 from xenlab.run import run
 from xenlab.build import dom0 as images
@@ -76,8 +76,9 @@ def ports_lock():
 
 
 def list_labs() -> list[str]:
+    """Every lab with state on this host: up, booting, or left by an interrupted command."""
     root = state_root()
-    return sorted(p.name for p in root.iterdir() if (p / "lab.json").exists()) if root.exists() else []
+    return sorted(p.name for p in root.iterdir() if p.is_dir() and any((p / f).exists() for f in ("lab.json", "booting.json", "serial.log")))
 
 
 class Lab:
@@ -124,7 +125,7 @@ class Lab:
         """Serialize commands on one lab (the embed root admits one process anyway).
         The holder writes its pid and purpose into the lock file, so a waiter can
         say whom it waits for (`on_wait(holder)`), and `down` can stop an `up`."""
-        self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        private(self.dir)
         with open(self.dir / "lock", "a+") as f:
             try:
                 fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -197,6 +198,10 @@ class Lab:
         try:
             return self._up(steps)
         except BaseException:
+            # Failed before a VM started: nothing is booting any more.
+            marker = _read_json(self.boot_marker)
+            if marker and marker.get("pid") == os.getpid() and not marker.get("vm_started"):
+                self.boot_marker.unlink(missing_ok=True)
             # A refused first `up` leaves no state directory; once a boot was
             # tried, its serial log stays as the evidence the error names.
             if fresh and not self.serial_log.exists():
@@ -221,6 +226,8 @@ class Lab:
                 steps.note(f"lab {self.name} is {state} ({why}): removing what is left and booting again")
                 self._stop_domain()
             self._refuse_if_running()
+            # From here `status` says booting (building, choosing, starting) until ready or failed.
+            _write_json(self.boot_marker, {"pid": os.getpid(), "started_at": time.time()})
             image = images.build(self.cfg, steps)
             boot = boot_files(image, self.cfg)  # the user's Xen or dom0 kernel checked before anything starts
             with steps.step("choose accelerator"):
@@ -240,7 +247,7 @@ class Lab:
                         boot_start = time.monotonic()
                         dom = self._create(conn, xml, port)
                         _write_json(self.boot_marker, {"pid": os.getpid(), "started_at": time.time(), "uri": uri,
-                                                       "ssh_port": port, "qemu_pid": self._qemu_pid()})
+                                                       "ssh_port": port, "qemu_pid": self._qemu_pid(), "vm_started": True})
                 cancel_ssh = threading.Event()
                 try:
                     with steps.step("boot Xen and dom0"):

@@ -176,7 +176,10 @@ class XenBusRecorder:
         if last is None and state is None:
             return  # never seen and already gone
         self._last[path] = len(self.timeline)
-        self._append(Change(round(when - self.started, 4), side, kind, devid, domid, state, path, initial=initial))
+        # The node's own event but no node to read: a write (not a removal,
+        # which fires for the directory) whose value came too late to see.
+        lost_write = state is None and direct
+        self._append(Change(round(when - self.started, 4), side, kind, devid, domid, state, path, initial=initial, maybe_skipped=lost_write))
 
     def _append(self, change: Change) -> None:
         with self._changed:

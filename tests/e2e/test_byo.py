@@ -56,7 +56,7 @@ def guest_names(dom0) -> str:
 def test_c_frontend_against_the_python_backend(lab, xlecho):
     name = "byo-xlecho"
     spec = GuestSpec(name=name, modules=str(xlecho), load=(f"xlecho count={COUNT} size=2048",))
-    with fresh_guest(lab, spec) as info:
+    with fresh_guest(lab, spec):
         with lab.guests() as guests:
             guest = guests.get(name)
             assert "xlecho" in guest.exec("cat /proc/modules").stdout  # loaded at boot, before the ready line

@@ -30,6 +30,7 @@ from .xl import parse_xl_list
 from .xs import XenStore
 
 CONNECTED = str(facts.CONNECTED)  # as XenStore holds it
+ADDRESSES_DIR = os.path.join(GUESTS_DIR, ".addresses")  # one file per address in use, naming its guest
 
 
 class Refused(AgentError):
@@ -113,6 +114,7 @@ def create(spec: dict) -> dict:
     started = time.monotonic()
     os.makedirs(gdir)
     try:
+        claim_address(spec["ip"], name)
         for disk in spec["disks"]:
             with open(disk["path"], "wb") as f:
                 f.truncate(disk["size_mib"] << 20)
@@ -217,7 +219,36 @@ def destroy(name: str, timeout: float) -> dict:
             time.sleep(0.05)
             left = leftovers(store, domid, name)
     shutil.rmtree(guest_dir(name), ignore_errors=True)
+    release_addresses(name)
     return {"name": name, "domid": domid, "seconds": round(time.monotonic() - t0, 2), "leftovers": left}
+
+
+def claim_address(ip: str, name: str) -> None:
+    """Take the guest's address for it, atomically: two creates at once that
+    picked the same address must not both get it (the second is refused and
+    the host picks again)."""
+    os.makedirs(ADDRESSES_DIR, exist_ok=True)
+    claim = os.path.join(ADDRESSES_DIR, ip)
+    try:
+        fd = os.open(claim, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    except FileExistsError:
+        with open(claim) as f:
+            owner = f.read().strip()
+        if owner != name and os.path.isdir(guest_dir(owner)):
+            raise Refused(f"address {ip} is taken by guest {owner!r}", "another create picked it at the same time: pick again") from None
+        fd = os.open(claim, os.O_WRONLY | os.O_TRUNC)  # a leftover of a guest that is gone
+    with os.fdopen(fd, "w") as f:
+        f.write(name)
+
+
+def release_addresses(name: str) -> None:
+    for ip in os.listdir(ADDRESSES_DIR) if os.path.isdir(ADDRESSES_DIR) else []:
+        try:
+            with open(os.path.join(ADDRESSES_DIR, ip)) as f:
+                if f.read().strip() == name:
+                    os.unlink(os.path.join(ADDRESSES_DIR, ip))
+        except OSError:
+            pass
 
 
 def _teardown(name: str) -> None:
@@ -230,7 +261,7 @@ def _teardown(name: str) -> None:
 def list_guests() -> list[dict]:
     running = {d["name"]: {"domid": d["id"], "memory": d["memory_mib"], "vcpus": d["vcpus"], "xl_state": d["state"]}
                for d in parse_xl_list(xl("list").stdout)}
-    names = sorted(set(os.listdir(GUESTS_DIR)) if os.path.isdir(GUESTS_DIR) else set())
+    names = sorted(n for n in os.listdir(GUESTS_DIR) if not n.startswith(".")) if os.path.isdir(GUESTS_DIR) else []
     out = []
     for name in names:
         meta = read_meta(name) or {"name": name}

@@ -129,6 +129,7 @@ class Guests:
             [deploy.agent_check_command()]
             + [f"test -s {shlex.quote(remote)} && echo have:{shlex.quote(remote)}" for remote in files]
             + [f"cat {REMOTE_GUESTS}/*/meta.json 2>/dev/null | grep -o '\"ip\": \"[0-9.]*\"' | sed 's/.*: //; s/\"//g; s/^/ip:/'"]
+            + [f"ls {REMOTE_GUESTS}/.addresses 2>/dev/null | sed 's/^/ip:/'"]
         )
         lines = self.ssh().run(probe).stdout.split()
         if "agent-current" not in lines:
@@ -179,6 +180,15 @@ class Guests:
         """Start the guest; `prepared` is prepare()'s result when the caller already ran it."""
         spec.validate()
         kernel, ramdisk, used = prepared or self.prepare(spec)
+        for attempt in range(3):
+            try:
+                return self._create(spec, kernel, ramdisk, used)
+            except GuestError as e:
+                if "is taken by guest" not in e.message or attempt == 2:
+                    raise
+                used = set(used) | {e.message.split()[1]}  # taken meanwhile by a create running at the same time
+
+    def _create(self, spec: GuestSpec, kernel: str, ramdisk: str, used: set[str]) -> dict:
         ip, mac = pick_address(used)
         request = {
             "name": spec.name, "memory": spec.memory, "vcpus": spec.vcpus, "root": spec.root, "kernel": spec.kernel,

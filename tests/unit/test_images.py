@@ -58,3 +58,24 @@ def test_decompress_bzimage_xz_and_gzip():
 def test_decompress_bzimage_rejects_unknown_payload():
     with pytest.raises(HostError, match="unsupported kernel compression"):
         kernel.decompress_bzimage(_bzimage(b"\x28\xb5\x2f\xfd" + b"\0" * 32))
+
+
+def test_a_damaged_cached_image_is_removed_not_booted(tmp_path, monkeypatch):
+    import json
+    import os
+
+    monkeypatch.setenv("XENLAB_CACHE", str(tmp_path))
+    cfg = config.load()
+    path = images.images_dir() / images.recipe_id(cfg)
+    path.mkdir(parents=True)
+    for name in images.VERIFIED:
+        (path / name).write_bytes(name.encode() * 100)
+    (path / "manifest.json").write_text(json.dumps({"files": images.file_hashes(path)}))
+    assert images.find(cfg) is not None and (path / "verified.json").exists()  # intact: checked once, remembered
+    (path / "initramfs.cpio").write_bytes(b"x" * len(b"initramfs.cpio" * 100))  # same size, other bytes
+    os.utime(path / "initramfs.cpio", ns=(1, 1))
+    assert "initramfs.cpio does not match" in images.verify(images.Dom0Image(path))
+    assert images.find(cfg) is None and not path.exists()  # removed: the next build makes it anew
+    path.mkdir()
+    (path / "manifest.json").write_text(json.dumps({"files": {"rootfs.img": {"size": 5, "sha256": "0"}}}))
+    assert images.verify(images.Dom0Image(path)) == "rootfs.img is missing"

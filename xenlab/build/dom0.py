@@ -110,9 +110,63 @@ def images_dir() -> Path:
     return cache_dir() / "images"
 
 
-def find(cfg: LabConfig) -> Dom0Image | None:
+def find(cfg: LabConfig, steps: Steps | None = None) -> Dom0Image | None:
+    """The cached image for this recipe, checked against its manifest; a
+    damaged one is removed (and so rebuilt), never booted."""
     image = Dom0Image(images_dir() / recipe_id(cfg))
-    return image if (image.path / "manifest.json").exists() else None
+    if not (image.path / "manifest.json").exists():
+        return None
+    problem = verify(image)
+    if problem:
+        if steps is not None:
+            steps.note(f"dom0 image {image.id} is damaged ({problem}): removing it, it will be rebuilt")
+        doomed = image.path.with_name(f".damaged-{image.id}-{os.getpid()}")
+        image.path.rename(doomed)
+        shutil.rmtree(doomed, ignore_errors=True)
+        return None
+    return image
+
+
+VERIFIED = ("xen", "vmlinux", "vmlinuz", "initramfs.cpio", "rootfs.img")
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def file_hashes(directory: Path) -> dict:
+    return {name: {"size": (directory / name).stat().st_size, "sha256": _sha256(directory / name)} for name in VERIFIED}
+
+
+def verify(image: Dom0Image) -> str | None:
+    """What is wrong with the image's files, or None. A file is hashed again
+    only when its size or mtime changed since it was last found intact."""
+    files = image.manifest.get("files")
+    if not files:
+        return None  # built before images recorded their hashes
+    stamp = image.path / "verified.json"
+    try:
+        known = json.loads(stamp.read_text())
+    except (OSError, ValueError):
+        known = {}
+    for name, want in files.items():
+        try:
+            st = (image.path / name).stat()
+        except FileNotFoundError:
+            return f"{name} is missing"
+        if st.st_size != want["size"]:
+            return f"{name} has {st.st_size} bytes, its manifest says {want['size']}"
+        if known.get(name) == [st.st_size, st.st_mtime_ns]:
+            continue
+        if _sha256(image.path / name) != want["sha256"]:
+            return f"{name} does not match the hash in its manifest"
+        known[name] = [st.st_size, st.st_mtime_ns]
+    stamp.write_text(json.dumps(known))
+    return None
 
 
 def apt_sources() -> Path:
@@ -127,7 +181,7 @@ def apt_sources() -> Path:
 
 def build(cfg: LabConfig, steps: Steps, force: bool = False) -> Dom0Image:
     """Build the dom0 image unless one with the same recipe is cached."""
-    if not force and (image := find(cfg)):
+    if not force and (image := find(cfg, steps)):
         steps.note(f"dom0 image {image.id} is cached")
         return image
     if os.geteuid() != 0:
@@ -164,6 +218,7 @@ def build(cfg: LabConfig, steps: Steps, force: bool = False) -> Dom0Image:
                 "built_at": time.time(),
                 "build_seconds": round(time.monotonic() - started, 1),
                 "timings": dict(steps.timings),
+                "files": file_hashes(out),  # checked before each use
             }
             (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
             shutil.move(log_file, out / "build.log")

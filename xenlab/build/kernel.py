@@ -139,6 +139,8 @@ def _compile(tree: Path, out: Path, log_file: Path, steps) -> int:
     # count ends a little below the total rather than past it. An incremental
     # build compiles what changed, so the dry run's count is the total there too.
     steps.status("counting the files to compile (make -n bzImage)")
+    # Out of tree, objtool's build stops a dry run at its missing output directory.
+    (out / "tools/objtool").mkdir(parents=True, exist_ok=True)
     planned = _make(tree, out, "-n", "bzImage", log_file=None, check=False).stdout.count(b"echo '  CC ")
     boot = tree / "arch/x86/boot"
     late = len([*boot.glob("*.c"), *boot.glob("compressed/*.c")]) if planned > 50 else 0

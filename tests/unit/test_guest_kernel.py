@@ -151,3 +151,17 @@ def test_verify_config_rejects_dropped_option(tmp_path):
 def test_missing_options_ignores_prefix_matches():
     # CONFIG_XEN_PV=y must not satisfy CONFIG_XEN=y.
     assert kernel.missing_options("CONFIG_XEN=y\n", "CONFIG_XEN_PV=y\n") == ["CONFIG_XEN"]
+
+
+def test_earlier_minimal_kernels_are_pruned_not_other_trees(tmp_path, fake_make):
+    tree, cache = fake_tree(tmp_path / "linux"), tmp_path / "cache"
+    old = kernel.build_tree(tree, cache)
+    kernel.fragment_path().write_text("CONFIG_XEN=y\nCONFIG_MODULES=y\n")  # the fragment changed: a new kernel
+    mine = tmp_path / "mine.config"
+    mine.write_text("CONFIG_FOO=y\n")
+    users = kernel.build_tree(tree, cache, config=mine)
+    (cache / "guest-kernel-0123").mkdir()
+    new = kernel.build_tree(tree, cache)
+    kernel._prune_minimal(cache, new)
+    assert new.bzimage.exists() and users.bzimage.exists() and not old.bzimage.parent.exists()
+    assert not (cache / "guest-kernel-0123").exists()

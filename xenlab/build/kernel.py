@@ -233,7 +233,20 @@ def minimal_source(cache: Path) -> Path:
 
 def build_minimal(cache: Path, force: bool = False, trust_stamp: bool = False) -> KernelBuild:
     """xenlab's own guest kernel: Debian's linux-source with the fragment alone."""
-    return build_tree(minimal_source(cache), cache, force=force, trust_stamp=trust_stamp)
+    built = build_tree(minimal_source(cache), cache, force=force, trust_stamp=trust_stamp)
+    if built.compiled:
+        _prune_minimal(cache, built)
+    return built
+
+
+def _prune_minimal(cache: Path, current: KernelBuild) -> None:
+    """Earlier minimal kernels (another fragment, another builder) are dead weight: ~150 MB each."""
+    for stamp in cache.glob("kernels/*/stamp.json"):
+        done = _read_stamp(stamp)
+        if stamp.parent != current.bzimage.parent and done.get("tree") == str(current.tree) and len(done.get("fragments", [])) == 1:
+            shutil.rmtree(stamp.parent, ignore_errors=True)
+    for old in cache.glob("guest-kernel-*"):  # the layout before out-of-tree builds
+        shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink(missing_ok=True)
 
 
 def decompress_bzimage(bzimage: bytes) -> bytes:

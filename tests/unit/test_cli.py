@@ -50,3 +50,33 @@ def test_status_of_unknown_lab_is_down(tmp_path):
 def test_ssh_to_a_lab_that_is_not_up(tmp_path):
     result = run("ssh", "--name", "ghost", "--", "true", env={"XENLAB_STATE": str(tmp_path)})
     assert result.exit_code == 1 and "lab 'ghost' is not up" in result.output
+
+
+def test_one_lab_option_for_every_command_with_the_old_spelling_hidden(tmp_path):
+    from xenlab.cli import main
+
+    def lab_options(group, path=()):
+        for name, cmd in group.commands.items():
+            if hasattr(cmd, "commands"):
+                yield from lab_options(cmd, path + (name,))
+            else:
+                yield path + (name,), [p for p in cmd.params if "--lab" in getattr(p, "opts", ())]
+
+    for path, found in lab_options(main):
+        if path[-1] in ("doctor", "build") or path[:2] == ("guest", "build") or path[:2] == ("guest", "kernel-dir"):
+            continue  # host-only commands: no lab
+        assert len(found) == 1 and found[0].opts == ["--lab", "--name"], path
+    help_text = run("guest", "create", "--help").output
+    assert "--lab LAB" in help_text and "--name" not in help_text
+    env = {"XENLAB_STATE": str(tmp_path)}
+    assert json.loads(run("status", "--lab", "ghost", "--json", env=env).output)["name"] == "ghost"
+    assert json.loads(run("status", "--name", "ghost", "--json", env=env).output)["name"] == "ghost"
+
+
+def test_help_and_config_do_not_load_libvirt():
+    import subprocess
+    import sys
+
+    code = "import sys; from xenlab.cli import main; sys.argv=['xenlab','config','--json']\ntry: main()\nexcept SystemExit: pass\nprint('libvirt' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip().endswith("False")

@@ -7,7 +7,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from xenlab.lab import accel
+from xenlab.lab import accel, versions
 from xenlab.build import dom0 as images
 from xenlab.paths import cache_base, cache_dir, state_base
 
@@ -60,6 +60,7 @@ def checks(probe_kvm: bool = True) -> list[Check]:
         out.append(Check("apt sources", True, sources))
     except Exception as e:  # noqa: BLE001
         out.append(Check("apt sources", False, str(e), "configure apt; mmdebstrap uses the host's sources file"))
+    out.append(_qemu_check())
     out.append(_private_check())
     cache = cache_dir()
     free = shutil.disk_usage(cache).free // (1024 * 1024)
@@ -69,6 +70,17 @@ def checks(probe_kvm: bool = True) -> list[Check]:
     out.append(Check("root", os.geteuid() == 0, f"uid {os.geteuid()}", "image builds need root: run with sudo"))
     out.append(_accel_check(probe_kvm))
     return out
+
+
+def _qemu_check() -> Check:
+    version = versions.qemu_version()
+    if not version:
+        return Check("QEMU version", False, "qemu-system-x86_64 not found", SETUP.format(pkg="qemu-system-x86"))
+    if versions.qemu_too_old(version):
+        # A warning, not a failure: the lab works, but one thing Xen sees differs from hardware.
+        return Check("QEMU version", True, f"{version}: WARNING: before 8.0, TCG gives Xen a wrong #GP error code for a guest's "
+                     "`int $N` through a DPL-0 gate (QEMU issue 1382); Debian's bookworm-backports has a newer QEMU")
+    return Check("QEMU version", True, version)
 
 
 def _private_check() -> Check:

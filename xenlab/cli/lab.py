@@ -123,6 +123,7 @@ def status(ctx, lab, as_json, all_labs):
         own = {k: v for k, v in report["boot"].items() if k.startswith("user_") and v}
         if own:
             table.add_row("your files", ", ".join(f"{k.removeprefix('user_')}: {v}" for k, v in own.items()))
+        table.add_row("qemu / libvirt", " / ".join(report["versions"].get(k, "?") for k in ("qemu", "libvirt")))
         table.add_row("dom0", f"{report['dom0']['memory_mib']} MiB, {report['dom0']['vcpus']} vcpus")
         table.add_row("domains", ", ".join(f"{d['name']}({d['id']})" for d in report["domains"]))
         console.print(table)

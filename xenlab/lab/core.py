@@ -27,7 +27,7 @@ from xenlab.progress import Steps
 from xenlab.run import run
 from xenlab.build import dom0 as images
 from xenlab.build.boot import BootFiles, boot_files
-from xenlab.lab import accel as accel_mod, serial, virt
+from xenlab.lab import accel as accel_mod, serial, versions, virt
 from xenlab.lab.ssh import SSHSession, generate_key, known_hosts_line
 
 READY_CHECK = (
@@ -267,6 +267,7 @@ class Lab:
                 "domain": self.domain_name,
                 "ssh_port": port,
                 "image_id": image.id,
+                "versions": versions.versions(),
                 "boot": boot.to_dict(),
                 "accel": choice.accel,
                 "accel_reason": choice.reason,
@@ -524,6 +525,7 @@ class Lab:
             "xen_build_id": xl_info.get("build_id"),
             "dom0_kernel_release": release.strip(),
             "boot": info.get("boot", {}),
+            "versions": info.get("versions", {}),
             "xen_caps": xl_info.get("xen_caps"),
             "virt_caps": xl_info.get("virt_caps"),
             "host_memory_mib": int(xl_info.get("total_memory", 0)),

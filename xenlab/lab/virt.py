@@ -57,6 +57,11 @@ def _ensure_event_loop() -> None:
         _loop_started = True
 
 
+def library_version() -> int:
+    """libvirt's version as libvirt encodes it (major * 1000000 + minor * 1000 + micro)."""
+    return _libvirt().getVersion()
+
+
 def error_class() -> type[Exception]:
     """libvirt.libvirtError (for callers that catch it without importing libvirt)."""
     return _libvirt().libvirtError

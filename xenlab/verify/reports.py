@@ -10,9 +10,9 @@ from xenlab.errors import ConfigError
 from xenlab.verify.model import Result, exit_code, one_line, summary
 
 
-def report_dict(lab_name: str, results: list[Result], seconds: float, started_at: float, guest: str) -> dict:
+def report_dict(lab_name: str, results: list[Result], seconds: float, started_at: float, guest: str, versions: dict | None = None) -> dict:
     return {
-        "lab": lab_name, "guest": guest, "started_at": started_at, "seconds": round(seconds, 2),
+        "lab": lab_name, "guest": guest, "started_at": started_at, "seconds": round(seconds, 2), "versions": versions or {},
         "ok": exit_code(results) == 0, "exit_code": exit_code(results), "summary": summary(results),
         "checks": [r.to_dict() for r in results],
     }

@@ -154,7 +154,7 @@ def run(lab, guest: str = "verify", skips: tuple[str, ...] = (), guest_extra: st
     started_at, t0 = time.time(), time.monotonic()
     results, ctx = verify(lab, guest=guest, skips=skips, guest_extra=guest_extra, log=log)
     seconds = time.monotonic() - t0
-    report = report_dict(lab.name, results, seconds, started_at, guest)
+    report = report_dict(lab.name, results, seconds, started_at, guest, (lab.info() or {}).get("versions"))
     write_reports(results, report, json_path, junit_path)
     report.update(json_path=str(json_path) if json_path else None, junit_path=str(junit_path) if junit_path else None)
     stopped = bool(down_after and ctx.booted_here)

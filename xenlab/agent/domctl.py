@@ -113,6 +113,7 @@ def create(spec: dict) -> dict:
         raise Refused(f"guest {name!r} asks for {spec['memory']} MiB but Xen has {free_xen} MiB free", "give it less --memory or destroy other guests")
     started = time.monotonic()
     os.makedirs(gdir)
+    domid = None
     try:
         claim_address(spec["ip"], name)
         for disk in spec["disks"]:
@@ -140,7 +141,8 @@ def create(spec: dict) -> dict:
             timings["total"] = round(time.monotonic() - started, 2)
             return {**meta, "timings": timings, "devices": devices(store, domid)}
     except BaseException:
-        _teardown(name)
+        # Nothing half-made stays: the domain, its backends, its files, its address.
+        _remove(name, domid if domid is not None else domid_of(name), 30)
         raise
 
 
@@ -211,16 +213,25 @@ def destroy(name: str, timeout: float) -> dict:
     if domid is None:
         domid = meta["domid"]
     t0 = time.monotonic()
+    left = _remove(name, domid, timeout)
+    return {"name": name, "domid": domid, "seconds": round(time.monotonic() - t0, 2), "leftovers": left}
+
+
+def _remove(name: str, domid: int | None, timeout: float) -> dict:
+    """Destroy the domain, wait until dom0 holds nothing of it (up to timeout),
+    remove its files and address; what was still left."""
+    deadline = time.monotonic() + timeout
     _teardown(name)
-    deadline = t0 + timeout
-    with XenStore() as store:
-        left = leftovers(store, domid, name)
-        while any(left.values()) and time.monotonic() < deadline:
-            time.sleep(0.05)
+    left = {}
+    if domid is not None:
+        with XenStore() as store:
             left = leftovers(store, domid, name)
+            while any(left.values()) and time.monotonic() < deadline:
+                time.sleep(0.05)
+                left = leftovers(store, domid, name)
     shutil.rmtree(guest_dir(name), ignore_errors=True)
     release_addresses(name)
-    return {"name": name, "domid": domid, "seconds": round(time.monotonic() - t0, 2), "leftovers": left}
+    return left
 
 
 def claim_address(ip: str, name: str) -> None:

@@ -65,8 +65,9 @@ def agent_command(module: str, *args: str) -> str:
 
 
 def agent_check_command() -> str:
-    """Prints 'agent-current' when dom0 has this agent version (for one-round-trip preflights)."""
-    return f"[ \"$(cat {AGENT_ROOT}/{AGENT_PACKAGE}/VERSION 2>/dev/null)\" = {agent_version()} ] && echo agent-current"
+    """Prints 'agent-current' when dom0 has this agent version (for one-round-trip preflights).
+    Shell builtins only: every process started in dom0 costs ~0.1 s under TCG."""
+    return f"{{ read -r v < {AGENT_ROOT}/{AGENT_PACKAGE}/VERSION; }} 2>/dev/null; [ \"$v\" = {agent_version()} ] && echo agent-current"
 
 
 def install_agent(ssh) -> None:

@@ -128,8 +128,8 @@ class Guests:
         probe = "; ".join(
             [deploy.agent_check_command()]
             + [f"test -s {shlex.quote(remote)} && echo have:{shlex.quote(remote)}" for remote in files]
-            + [f"cat {REMOTE_GUESTS}/*/meta.json 2>/dev/null | grep -o '\"ip\": \"[0-9.]*\"' | sed 's/.*: //; s/\"//g; s/^/ip:/'"]
-            + [f"ls {REMOTE_GUESTS}/.addresses 2>/dev/null | sed 's/^/ip:/'"]
+            # Addresses in use: one claim file each (the agent's claim_address). Builtins only, as above.
+            + [f"for a in {REMOTE_GUESTS}/.addresses/*; do [ -e \"$a\" ] && echo \"ip:${{a##*/}}\"; done"]
         )
         lines = self.ssh().run(probe).stdout.split()
         if "agent-current" not in lines:

@@ -39,6 +39,9 @@ def pytest_addoption(parser):
     group.addoption("--xenlab-connect", default="", help="libvirt URI for booting the lab (default: embedded driver, no daemon)")
     group.addoption("--xenlab-config", default=os.environ.get("XENLAB_CONFIG", ""), help="a TOML file over xenlab's defaults")
     group.addoption("--xenlab-artifacts", default="", help="where failed tests' logs go (default: <rootdir>/xenlab-artifacts)")
+    group.addoption("--xenlab-xen", default="", metavar="FILE", help="boot the session's lab with this Xen (xen.gz or xen of your build)")
+    group.addoption("--xenlab-dom0-kernel", default="", metavar="FILE", help="boot the session's lab with this dom0 kernel (bzImage or vmlinux)")
+    group.addoption("--xenlab-dom0-modules", default="", metavar="DIR", help="with --xenlab-dom0-kernel: its modules_install tree")
     group.addoption("--xenlab-guest-kernel", default="", metavar="FILE",
                     help="default kernel of the guests tests make: minimal, debian, or your bzImage/vmlinux")
     group.addoption("--xenlab-guest-modules", default="", metavar="DIR", help="default --modules of the guests tests make")
@@ -67,7 +70,9 @@ def _lab_from_options(config):
     from xenlab.lab import Lab
 
     opt = config.getoption
-    return Lab.open(opt("--xenlab-name"), opt("--xenlab-config") or None, connect=opt("--xenlab-connect") or None)
+    own = {"xen": opt("--xenlab-xen"), "dom0.kernel": opt("--xenlab-dom0-kernel"), "dom0.modules": opt("--xenlab-dom0-modules")}
+    return Lab.open(opt("--xenlab-name"), opt("--xenlab-config") or None, connect=opt("--xenlab-connect") or None,
+                    **{key: str(Path(value).absolute()) for key, value in own.items() if value})
 
 
 @pytest.fixture(scope="session")

@@ -21,7 +21,8 @@ def test_entry_point_names_the_plugin():
 def test_options_and_marker_are_registered(pytester):
     result = pytester.runpytest_subprocess("--help")
     out = result.stdout.str()
-    for option in ("--xenlab-name", "--xenlab-keep", "--xenlab-connect", "--xenlab-artifacts"):
+    for option in ("--xenlab-name", "--xenlab-keep", "--xenlab-connect", "--xenlab-artifacts", "--xenlab-xen", "--xenlab-dom0-kernel",
+                   "--xenlab-dom0-modules", "--xenlab-guest-kernel", "--xenlab-guest-modules", "--xenlab-load"):
         assert option in out
     result = pytester.runpytest_subprocess("--markers")
     assert "@pytest.mark.xenlab:" in result.stdout.str()
@@ -39,7 +40,7 @@ def test_inert_without_fixtures_or_marker(pytester):
             assert 1 == 2
 
         def test_nothing_from_the_lab_imported():
-            assert "xenlab.orchestrate.lab" not in sys.modules and "libvirt" not in sys.modules
+            assert "xenlab.lab.core" not in sys.modules and "libvirt" not in sys.modules
     """)
     result = pytester.runpytest_subprocess("--xenlab-name", "never-up-plugin", "-p", "no:cacheprovider")
     result.assert_outcomes(passed=2, failed=1)
@@ -65,3 +66,13 @@ def test_artifacts_dir_is_per_test(pytester):
     b = artifacts_dir(config, "tests/test_drv.py::test_ring[8K]")
     assert a != b and a.parent == config.rootpath / "xenlab-artifacts"
     assert "/" not in a.name and "[" not in a.name
+
+
+def test_your_own_xen_and_dom0_kernel_reach_the_lab_config(pytester, tmp_path):
+    from xenlab.pytest_plugin import _lab_from_options
+
+    config = pytester.parseconfig("--xenlab-name", "own", "--xenlab-xen", "xen.gz", "--xenlab-dom0-kernel", "/k/bzImage",
+                                  "--xenlab-dom0-modules", "/k/mods")
+    lab = _lab_from_options(config)
+    assert lab.name == "own" and lab.cfg.xen.endswith("/xen.gz") and lab.cfg.xen.startswith("/")
+    assert (lab.cfg.dom0.kernel, lab.cfg.dom0.modules) == ("/k/bzImage", "/k/mods")

@@ -193,6 +193,11 @@ def build_tree(tree: Path, cache: Path, config: Path | None = None, force: bool 
         return KernelBuild(tree, out, bzimage, release, count)
 
 
+def build_stamp(built: KernelBuild) -> dict:
+    """What the build recorded when it finished (its digest, release, time, files compiled)."""
+    return _read_stamp(built.bzimage.parent / "stamp.json")
+
+
 def _settings(fragment: str) -> str:
     """A fragment's settings without its comments: a reworded comment is no new kernel."""
     lines = (line.strip() for line in fragment.splitlines())

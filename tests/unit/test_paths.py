@@ -14,7 +14,7 @@ def mode(p) -> int:
 def test_made_private_and_tightened(tmp_path, monkeypatch):
     monkeypatch.setenv("XENLAB_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("XENLAB_STATE", str(tmp_path / "state"))
-    assert not _private_check().ok is False  # nothing made yet is fine
+    assert _private_check().ok  # nothing made yet is fine
     loose = tmp_path / "state"
     loose.mkdir(mode=0o755)
     loose.chmod(0o755)

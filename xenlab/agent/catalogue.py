@@ -1,4 +1,4 @@
-"""The event channel catalogue: every seed-002 operation a guest can reach,
+"""The event channel catalogue: every event channel operation a guest can reach,
 done from dom0 userspace (/dev/xen/evtchn) and read back through
 EVTCHNOP_status (libxenctrl). Each check names the seed operation it covers.
 

@@ -1,4 +1,4 @@
-"""A device channel (seed 004) in Python: a split-driver pair, device type
+"""A device channel in Python: a split-driver pair, device type
 `xlchan`, built from grant pages + an event channel + the XenStore handshake.
 
 XenStore (toolstack part done by the backend command, as libxl does for vbd):

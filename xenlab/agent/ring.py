@@ -1,5 +1,5 @@
 """A shared request/response ring with the layout and rules of Xen's
-public/io/ring.h (seed 000), over any writable buffer (a granted page).
+public/io/ring.h, over any writable buffer (a granted page).
 
 Layout: a 64-byte header -- u32 req_prod, req_event, rsp_prod, rsp_event,
 then 4 bytes `pvt` left to the protocol and 44 bytes of padding -- followed

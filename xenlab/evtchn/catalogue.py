@@ -41,7 +41,7 @@ def grants_mapped(ssh: SSHSession, domid: int) -> list[int]:
 
 
 def catalogue(lab, guest: str | None = None) -> dict:
-    """Every seed-002 check in dom0; with a guest, the interdomain ones against it too."""
+    """Every catalogue check in dom0; with a guest, the interdomain ones against it too."""
     with lab.ssh() as ssh:
         result = agent(ssh, "catalogue", "run", timeout=300)
         checks = result["checks"]

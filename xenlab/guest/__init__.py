@@ -1,1 +1,1 @@
-"""The domU guest: its kernel and userland."""
+"""Guests: what one is made of (spec), the manager that runs them through the dom0 agent, and the Guest handle."""

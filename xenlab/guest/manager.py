@@ -64,7 +64,7 @@ def pick_address(used: set[str]) -> tuple[str, str]:
 class Guests:
     """The domUs of one lab, driven over one SSH session to dom0."""
 
-    lab: object  # orchestrate.lab.Lab
+    lab: object  # xenlab.lab.Lab
     _ssh: SSHSession | None = field(default=None, repr=False)
     _agent_ready: bool = field(default=False, repr=False)
 

@@ -183,7 +183,7 @@ class XenStore:
     # -- opening -----------------------------------------------------------
     @classmethod
     def over_ssh(cls, ssh, *, timeout: float = DEFAULT_TIMEOUT, socket_path: str | None = None, owned: Any = None) -> "XenStore":
-        """Connect through an SSHSession (xenlab.orchestrate.ssh) to dom0's xenstored."""
+        """Connect through an SSHSession (xenlab.lab.ssh) to dom0's xenstored."""
         router = _Router(SSHConnection(ssh.transport(), socket_path, read_timeout=max(timeout, 5.0)))
         client = _Client(router, timeout)
         try:

@@ -1,4 +1,4 @@
-"""The XenStore layout of seed 003, checked for every vbd and vif of a domain:
+"""The XenStore layout of a split driver, checked for every vbd and vif of a domain:
 
     <backend-domain>/backend/<class>/<domid>/<devid>/{frontend, frontend-id, state}
     /local/domain/<domid>/device/<class>/<devid>/{backend, backend-id, state}

@@ -1,4 +1,4 @@
-"""XenBus states and the rules of seed 003 ("Architecture for Split Drivers
+"""XenBus states and the rules of the split-driver protocol ("Architecture for Split Drivers
 Within Xen"), checked against a recorded timeline.
 
 A timeline is the ordered list of changes of each device's frontend and

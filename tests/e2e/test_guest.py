@@ -196,3 +196,36 @@ def test_destroy_unknown_guest(lab_info):
     assert proc.returncode != 0 and "no guest named 'gt-nosuch'" in proc.stderr
     proc = guest("exec", "gt-nosuch", "--", "true", check=False)
     assert proc.returncode != 0 and "no running guest" in proc.stderr
+
+
+def test_two_creates_at_once_both_work_with_their_own_addresses(lab):
+    """Concurrency: two commands on one lab at once both work; neither gets the other's address."""
+    import threading
+
+    from xenlab.guest.spec import GuestSpec
+
+    names, results, errors = ("gt-conc-a", "gt-conc-b"), {}, []
+
+    def create(name):
+        try:
+            with lab.guests() as guests:
+                results[name] = guests.create(GuestSpec(name=name, net=True))
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(f"{name}: {e}")
+
+    threads = [threading.Thread(target=create, args=(n,)) for n in names]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(300)
+        assert not errors, errors
+        ips = {results[n]["ip"] for n in names}
+        assert len(ips) == 2, results
+        listed = {g["name"]: g for g in json.loads(guest("list", "--json").stdout)}
+        assert all(listed[n]["state"] == "running" for n in names)
+    finally:
+        with lab.guests() as guests:
+            for n in names:
+                if any(g["name"] == n for g in guests.list()):
+                    guests.destroy(n)

@@ -133,14 +133,12 @@ def user_dom0(image: Dom0Image, kernel_path: str, modules: str) -> tuple[Path, P
 
 
 def boot_files(image: Dom0Image, cfg: LabConfig) -> BootFiles:
-    xen, xen_id = (user_xen(cfg.xen) if cfg.xen else (image.xen, image.manifest.get("xen_build_id")))
+    xen, xen_id = user_xen(cfg.xen) if cfg.xen else (image.xen, build_id(image.xen.read_bytes()))
     if cfg.dom0.kernel:
         kernel, ramdisk, release = user_dom0(image, cfg.dom0.kernel, cfg.dom0.modules)
     else:
         if cfg.dom0.modules:
             raise ConfigError("--dom0-modules goes with --dom0-kernel", "give the kernel those modules were built for")
         kernel, ramdisk, release = image.dom0_kernel, image.initramfs, image.manifest["kernel_version"]
-    if xen_id is None and not cfg.xen:
-        xen_id = build_id(image.xen.read_bytes())
     return BootFiles(xen, kernel, ramdisk, xen_id, release, cfg.xen, cfg.dom0.kernel, cfg.dom0.modules)
 

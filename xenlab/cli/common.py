@@ -11,6 +11,7 @@ from rich.markup import escape
 
 from xenlab import config as config_mod
 from xenlab.errors import XenlabError
+from xenlab.lab import Lab
 from xenlab.progress import console
 
 
@@ -55,9 +56,7 @@ def load_config(ctx: click.Context, **overrides) -> config_mod.LabConfig:
     return config_mod.load(ctx.obj.get("config"), overrides)
 
 
-def open_lab(ctx: click.Context, lab: str | None):
-    from xenlab.lab import Lab
-
+def open_lab(ctx: click.Context, lab: str | None) -> Lab:
     return Lab(load_config(ctx, name=lab))
 
 

@@ -67,6 +67,7 @@ class LabConfig:
     boot_timeout: float = 240.0
     xen_args: str = ""  # appended to Xen's command line
     xen: str = ""  # a Xen of the user's (xen.gz or xen); "": the image's
+    snapshots: bool = True  # save a booted lab once and restore it instead of booting cold
     dom0: Dom0Config = field(default_factory=Dom0Config)
 
     def to_dict(self) -> dict:
@@ -74,6 +75,14 @@ class LabConfig:
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "LabConfig":
+        """The inverse of to_dict (e.g. the config a running lab was started with, from its lab.json)."""
+        known = {f.name for f in fields(cls)}
+        dom0_known = {f.name for f in fields(Dom0Config)}
+        dom0 = {k: tuple(v) if isinstance(v, list) else v for k, v in data.get("dom0", {}).items() if k in dom0_known}
+        return _check(cls(dom0=Dom0Config(**dom0), **{k: v for k, v in data.items() if k in known and k != "dom0"}))
 
 
 SIZE_KEYS = {"memory", "disk_size"}
@@ -91,6 +100,9 @@ def _coerce(section: str, cls: type, raw: dict) -> dict:
         kind = known[key].type
         if key in SIZE_KEYS:
             value = parse_mib(value, where)
+        elif kind == "bool":
+            if not isinstance(value, bool):
+                raise ConfigError(f"{where} must be true or false, got {value!r}")
         elif kind == "int":
             if not isinstance(value, int) or isinstance(value, bool):
                 raise ConfigError(f"{where} must be an integer, got {value!r}")

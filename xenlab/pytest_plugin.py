@@ -29,6 +29,9 @@ import pytest
 
 ARTIFACTS_KEY = "xenlab_artifacts"
 _LAB = "_xenlab_lab"  # the session's Lab, set once the lab fixture ran
+_DOM0 = "_xenlab_dom0"  # the session's Dom0 handle, once made
+_RESET_AT = "_xenlab_reset_at"  # the module or test the lab state was last made fresh for
+RESET_SCOPES = ("session", "module", "test")
 
 
 def pytest_addoption(parser):
@@ -45,6 +48,9 @@ def pytest_addoption(parser):
     group.addoption("--xenlab-guest-kernel", default="", metavar="FILE",
                     help="default kernel of the guests tests make: minimal, debian, or your bzImage/vmlinux")
     group.addoption("--xenlab-guest-modules", default="", metavar="DIR", help="default --modules of the guests tests make")
+    group.addoption("--xenlab-reset", default=os.environ.get("XENLAB_RESET", "session"), choices=RESET_SCOPES,
+                    help="a fresh lab state (by `xenlab reset`: no guests, dom0 as after boot) before each module or each test; "
+                         "each reset costs a snapshot restore, a few seconds (default: session, the lab is shared as it is)")
     group.addoption("--xenlab-load", action="append", default=[], metavar="'MODULE [PARAMS]'",
                     help="a module the guests tests make load at boot (repeatable, in order)")
 
@@ -59,9 +65,32 @@ def _uses_lab(item) -> bool:
 
 @pytest.fixture(autouse=True)
 def _xenlab_marker(request):
-    """@pytest.mark.xenlab: pull in the lab (tests without the marker pay nothing)."""
-    if request.node.get_closest_marker("xenlab") is not None:
-        request.getfixturevalue("xenlab_lab")
+    """@pytest.mark.xenlab: pull in the lab (tests without the marker pay
+    nothing); with --xenlab-reset module|test, reset the lab first when this
+    test starts a new module (or is a new test)."""
+    if not _uses_lab(request.node):
+        return
+    lab = request.getfixturevalue("xenlab_lab")
+    scope = request.config.getoption("--xenlab-reset")
+    if scope == "session":
+        return
+    key = request.node.nodeid if scope == "test" else request.node.nodeid.split("::", 1)[0]
+    last = getattr(request.config, _RESET_AT, None)
+    if last is None and lab.booted:
+        setattr(request.config, _RESET_AT, key)  # this session booted it: already fresh
+        return
+    if key != last:
+        dom0 = getattr(request.config, _DOM0, None)
+        if dom0 is not None:
+            dom0.close()  # its SSH and XenStore connections went with the old VM; it reconnects
+        lab.reset(_quiet_steps())
+        setattr(request.config, _RESET_AT, key)
+
+
+def _quiet_steps():
+    from xenlab.progress import Steps
+
+    return Steps(quiet=True)
 
 
 # -- fixtures --------------------------------------------------------------------------
@@ -91,10 +120,12 @@ def xenlab_lab(request):
 
 
 @pytest.fixture(scope="session")
-def xenlab_dom0(xenlab_lab):
+def xenlab_dom0(xenlab_lab, request):
     """xenlab.Dom0 of the session's lab: run, check, put, get, xs."""
     with xenlab_lab.dom0() as dom0:
+        setattr(request.config, _DOM0, dom0)
         yield dom0
+        setattr(request.config, _DOM0, None)
 
 
 def guest_name(nodeid: str, n: int) -> str:

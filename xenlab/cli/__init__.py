@@ -33,7 +33,7 @@ def _interrupted(signum, frame):
     raise KeyboardInterrupt(signal.Signals(signum).name)
 
 
-for command in (lab.config_cmd, lab.doctor, lab.build, lab.up, lab.down, lab.status, lab.ssh, lab.cp, lab.console_cmd,
+for command in (lab.config_cmd, lab.doctor, lab.build, lab.up, lab.reset, lab.down, lab.snapshot, lab.status, lab.ssh, lab.cp, lab.console_cmd,
                 guest.guest, xs.xs, xs.trace, evtchn.evtchn, evtchn.ring, verify.verify):
     main.add_command(command)
 main.add_command(lab.console_cmd, "logs")

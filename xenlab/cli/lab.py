@@ -1,10 +1,11 @@
-"""The lab commands: config, doctor, build, up, down, status, ssh, console."""
+"""The lab commands: config, doctor, build, up, reset, down, status, ssh, console, snapshot."""
 
 from __future__ import annotations
 
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import click
@@ -15,7 +16,7 @@ from xenlab.build import dom0
 from xenlab.cli.common import emit, json_option, lab_option, load_config, open_lab, print_json
 from xenlab.doctor import checks
 from xenlab.errors import XenlabError
-from xenlab.lab import Lab, list_labs
+from xenlab.lab import Lab, list_labs, snapshot as snapshots
 from xenlab.progress import Steps, console
 from xenlab.transfer import copy
 
@@ -73,16 +74,82 @@ def build(ctx, force, as_json):
 @click.option("--xen", default=None, metavar="FILE", help="boot your own Xen (xen.gz or xen from your build)")
 @click.option("--dom0-kernel", default=None, metavar="FILE", help="boot your own dom0 kernel (bzImage or vmlinux)")
 @click.option("--dom0-modules", default=None, metavar="DIR", help="with --dom0-kernel: its modules_install tree")
+@click.option("--cold", is_flag=True, help="boot from scratch even if a matching snapshot exists (a new one replaces it)")
 @click.option("--json", "as_json", is_flag=True, help="print the ready report as JSON")
 @click.pass_context
-def up(ctx, lab, connect, accel, memory, dom0_memory, vcpus, cpu, ssh_port, xen, dom0_kernel, dom0_modules, as_json):
-    """Build what is missing and boot Xen + dom0; returns when dom0 is ready."""
+def up(ctx, lab, connect, accel, memory, dom0_memory, vcpus, cpu, ssh_port, xen, dom0_kernel, dom0_modules, cold, as_json):
+    """Build what is missing and boot Xen + dom0; returns when dom0 is ready.
+
+    The first boot of a configuration is saved as a snapshot; later `up`s
+    of the same configuration restore it in seconds ("restored")."""
     cfg = load_config(ctx, name=lab, connect=connect, accel=accel, memory=memory, vcpus=vcpus, cpu=cpu, ssh_port=ssh_port,
                       xen=_absolute(xen), **{"dom0.memory": dom0_memory, "dom0.kernel": _absolute(dom0_kernel), "dom0.modules": _absolute(dom0_modules)})
-    info = Lab(cfg).up(Steps())
-    emit(info, as_json, lambda i: console.print(
-        f"[green]lab {i['name']} is up[/] in {i['up_seconds']:.1f} s (boot {i['boot_seconds']:.1f} s, {i['accel'].upper()}); "
-        f"SSH: xenlab ssh --lab {i['name']} (127.0.0.1:{i['ssh_port']}); serial log: {i['serial_log']}"))
+    info = Lab(cfg).up(Steps(), cold=cold)
+    emit(info, as_json, _print_ready)
+
+
+def _print_ready(i: dict) -> None:
+    snap = i.get("snapshot") or {}
+    if snap.get("saved_now"):
+        how = f"cold boot {snap['cold_boot_seconds']:.1f} s, saved as snapshot {snap['key']}"
+    elif snap:
+        how = f"restored from snapshot {snap['key']} in {i['boot_seconds']:.1f} s"
+    else:
+        how = f"cold boot {i['boot_seconds']:.1f} s"
+    console.print(f"[green]lab {i['name']} is up[/] in {i['up_seconds']:.1f} s ({how}, {i['accel'].upper()}); "
+                  f"SSH: xenlab ssh --lab {i['name']} (127.0.0.1:{i['ssh_port']}); serial log: {i['serial_log']}")
+
+
+@click.command()
+@lab_option
+@json_option
+@click.pass_context
+def reset(ctx, lab, as_json):
+    """Put a running lab back to its state right after boot, in place: all
+    guests gone, dom0's memory and disk as after boot (from its snapshot;
+    a cold boot when there is none, saying why)."""
+    emit(open_lab(ctx, lab).reset(Steps()), as_json, _print_ready)
+
+
+@click.group()
+def snapshot():
+    """Snapshots of booted labs (cache entries, like images)."""
+
+
+@snapshot.command("ls")
+@json_option
+def snapshot_ls(as_json):
+    """Every snapshot: key, lab, image, size on disk, labs using it."""
+    found = snapshots.describe_all()
+
+    def text(rows):
+        table = Table("key", "saved by lab", "created", "image", "memory", "qemu/libvirt", "disk", "used by", "problem")
+        for r in rows:
+            table.add_row(r["key"], str(r["lab"]), time.strftime("%Y-%m-%d %H:%M", time.localtime(r["created_at"] or 0)),
+                          str(r["image_id"]), f"{r['memory_mib']}M", f"{r['qemu']}/{r['libvirt']}",
+                          f"{r['disk_bytes'] / 2**20:.0f} MiB", ", ".join(r["used_by"]) or "-", r["problem"] or "")
+        console.print(table)
+        console.print(f"{len(rows)} snapshot(s), {sum(r['disk_bytes'] for r in rows) / 2**20:.0f} MiB in {snapshots.snapshots_dir()}")
+
+    emit(found, as_json, text)
+
+
+@snapshot.command("rm")
+@click.argument("keys", nargs=-1)
+@click.option("--all", "all_snapshots", is_flag=True, help="every snapshot no running lab uses")
+@json_option
+def snapshot_rm(keys, all_snapshots, as_json):
+    """Remove snapshots by key (a lab running from one keeps it until `xenlab down`)."""
+    removed = snapshots.remove(list(keys), every=all_snapshots)
+    emit({"removed": removed}, as_json, lambda r: console.print(f"removed {len(r['removed'])} snapshot(s) {' '.join(r['removed'])}"))
+
+
+@snapshot.command("prune")
+@json_option
+def snapshot_prune(as_json):
+    """Keep each lab's newest snapshot and those in use; remove the rest and interrupted saves."""
+    removed = snapshots.prune()
+    emit({"removed": removed}, as_json, lambda r: console.print(f"removed {len(r['removed'])} snapshot(s) {' '.join(r['removed'])}"))
 
 
 def _absolute(path: str | None) -> str | None:

@@ -6,6 +6,7 @@ for the default embedded driver, libvirt's own root."""
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
@@ -27,14 +28,21 @@ from xenlab.progress import Steps
 from xenlab.run import run
 from xenlab.build import dom0 as images
 from xenlab.build.boot import BootFiles, boot_files
-from xenlab.lab import accel as accel_mod, serial, versions, virt
+from xenlab.lab import accel as accel_mod, serial, snapshot as snapshots, versions, virt
+from xenlab.lab.snapshot import SnapshotError
 from xenlab.lab.ssh import SSHSession, generate_key, known_hosts_line
 
+# Shell builtins only (read, kill, test) but for one xenstore-read: every
+# process start in dom0 costs ~100 ms or more under TCG.
 READY_CHECK = (
-    "for p in xenstored xenconsoled; do pgrep -x $p >/dev/null && echo proc:$p; done; "
-    "for d in " + " ".join(images.XEN_DEVICES) + "; do [ -e /dev/xen/$d ] && echo dev:$d; done"
+    "for p in xenstored xenconsoled; do read -r pid < /run/$p.pid && kill -0 $pid 2>/dev/null && echo proc:$p; done; "
+    "for d in " + " ".join(images.XEN_DEVICES) + "; do [ -e /dev/xen/$d ] && echo dev:$d; done; "
+    "xenstore-read domid >/dev/null 2>&1 && echo xs:answers"
 )
-REQUIRED_READY = {"proc:xenstored", "proc:xenconsoled", "dev:evtchn", "dev:gntdev", "dev:gntalloc"}
+# A restored lab runs from the first instruction after the save: dom0 answers
+# at once or something is wrong with the snapshot (then: a cold boot).
+RESTORE_READY_SECONDS = 30.0
+REQUIRED_READY = {"proc:xenstored", "proc:xenconsoled", "dev:evtchn", "dev:gntdev", "dev:gntalloc", "xs:answers"}
 
 # What `status` can say of a lab, each decided from its state files and the
 # QEMU process (no libvirt call for local labs: an `up` in progress holds the
@@ -193,10 +201,11 @@ class Lab:
         return virt.connect(self.uri())
 
     # -- up ----------------------------------------------------------------
-    def up(self, steps: Steps) -> dict:
+    def up(self, steps: Steps, cold: bool = False) -> dict:
+        """Boot the lab, or restore it from a matching snapshot unless `cold`."""
         fresh = not self.dir.exists()
         try:
-            return self._up(steps)
+            return self._up(steps, cold)
         except BaseException:
             # Failed before a VM started: nothing is booting any more.
             marker = _read_json(self.boot_marker)
@@ -208,7 +217,7 @@ class Lab:
                 shutil.rmtree(self.dir, ignore_errors=True)
             raise
 
-    def _up(self, steps: Steps) -> dict:
+    def _up(self, steps: Steps, cold: bool) -> dict:
         started = time.monotonic()
         waited: list = []
 
@@ -226,64 +235,282 @@ class Lab:
                 steps.note(f"lab {self.name} is {state} ({why}): removing what is left and booting again")
                 self._stop_domain()
             self._refuse_if_running()
-            # From here `status` says booting (building, choosing, starting) until ready or failed.
-            _write_json(self.boot_marker, {"pid": os.getpid(), "started_at": time.time()})
-            image = images.build(self.cfg, steps)
-            boot = boot_files(image, self.cfg)  # the user's Xen or dom0 kernel checked before anything starts
-            with steps.step("choose accelerator"):
-                choice = accel_mod.choose(self.cfg.accel, image.kernel)
-                steps.note(f"{choice.accel}: {choice.reason}")
-            uri = self.uri()
-            with self._connect() as conn:
-                # Held from choosing the SSH port until QEMU has bound it, so
-                # labs started side by side never pick the same free port.
-                with ports_lock():
-                    port = self._pick_port()
-                    with steps.step("prepare lab state"):
-                        self._prepare(image, port)
-                    xml = self.domain_xml(boot, choice.accel, port)
-                    (self.dir / "domain.xml").write_text(xml)
-                    with steps.step(f"start libvirt domain {self.domain_name} ({uri})"):
-                        boot_start = time.monotonic()
-                        dom = self._create(conn, xml, port)
-                        _write_json(self.boot_marker, {"pid": os.getpid(), "started_at": time.time(), "uri": uri,
-                                                       "ssh_port": port, "qemu_pid": self._qemu_pid(), "vm_started": True})
-                cancel_ssh = threading.Event()
+            return self._start(steps, started, cold)
+
+    def reset(self, steps: Steps) -> dict:
+        """Put a running lab back to its state right after boot, in place: its
+        snapshot restored (all guests gone, dom0's memory and disk as after
+        boot), same name and, when still free, the same SSH port. Without a
+        usable snapshot it boots cold and says why."""
+        with self.locked("reset"):
+            info = self.info() if self.state()[0] == "gone" else self.require_up()  # a dead VM is reset too
+            self.cfg = config_mod.LabConfig.from_dict(info["config"])  # as it was started, whatever the flags of this call
+            started = time.monotonic()
+            with steps.step(f"stop lab {self.name}"):
+                self._stop_domain()
+            return self._start(steps, started, cold=False, port_hint=info["ssh_port"])
+
+    def _start(self, steps: Steps, started: float, cold: bool, port_hint: int = 0) -> dict:
+        # From here `status` says booting (building, choosing, starting) until ready or failed.
+        _write_json(self.boot_marker, {"pid": os.getpid(), "started_at": time.time()})
+        image = images.build(self.cfg, steps)
+        boot = boot_files(image, self.cfg)  # the user's Xen or dom0 kernel checked before anything starts
+        with steps.step("choose accelerator"):
+            choice = accel_mod.choose(self.cfg.accel, image.kernel)
+            steps.note(f"{choice.accel}: {choice.reason}")
+        identity = self._identity(image, boot, choice.accel)
+        key = snapshots.key_of(identity)
+        with self._connect() as conn:
+            if self.cfg.snapshots and not cold:
+                snap, reason = self._usable_snapshot(key, identity)
+                if snap is not None:
+                    try:
+                        return self._restore(conn, snap, image, boot, choice, steps, started, port_hint)
+                    except SnapshotError as e:
+                        snap.remove()
+                        reason = f"snapshot {snap.key} was removed: {e.message}"
+                steps.note(f"booting cold: {reason}")
+            else:
+                steps.note("booting cold: " + ("--cold" if cold else "snapshots are off ([lab] snapshots = false)"))
+            return self._cold_boot(conn, image, boot, choice, steps, started, port_hint, identity if self.cfg.snapshots else None)
+
+    def _cold_boot(self, conn, image, boot, choice, steps: Steps, started: float, port_hint: int, identity: dict | None) -> dict:
+        uri = self.uri()
+        # Held from choosing the SSH port until QEMU has bound it, so
+        # labs started side by side never pick the same free port.
+        with ports_lock():
+            port = self._pick_port(port_hint)
+            with steps.step("prepare lab state"):
+                self._prepare(image, port)
+            xml = self.domain_xml(boot, choice.accel, port)
+            (self.dir / "domain.xml").write_text(xml)
+            with steps.step(f"start libvirt domain {self.domain_name} ({uri})"):
+                boot_start = time.monotonic()
+                dom = self._create(conn, xml, port)
+                self._mark_started(uri, port)
+        cancel_ssh = threading.Event()
+        try:
+            with steps.step("boot Xen and dom0"):
+                ssh_ready = self._wait_ready(dom, steps, boot_start, lambda: self._start_ssh_check(image, boot, port, cancel_ssh))
+            with steps.step("SSH and dom0 services"):
+                ssh_ready.result(timeout=self.cfg.boot_timeout)
+        except BaseException:
+            cancel_ssh.set()
+            virt.destroy(dom)
+            self._remove_runtime_files()
+            raise
+        ready = time.monotonic()
+        info = self._info(image, boot, choice, port, steps, started, boot_start, ready, snapshot=None)
+        if identity is None:
+            return self._publish_info(info)
+        try:
+            snap = self._save_snapshot(dom, snapshots.key_of(identity), identity, steps, ready - boot_start)
+        except SnapshotError as e:
+            if virt.is_running(dom):
+                steps.note(f"no snapshot saved: {e.message}")
+                return self._publish_info(info)
+            # The save stopped the VM but left nothing usable: boot again, without.
+            steps.note(f"no snapshot saved: {e.message}; booting cold again")
+            self._remove_runtime_files()
+            return self._cold_boot(conn, image, boot, choice, steps, started, port, None)
+        try:
+            return self._restore(conn, snap, image, boot, choice, steps, started, port, cold_boot_seconds=ready - boot_start)
+        except SnapshotError as e:
+            snap.remove()
+            steps.note(f"the new snapshot {snap.key} did not restore ({e.message}); it was removed; booting cold again")
+            return self._cold_boot(conn, image, boot, choice, steps, started, port, None)
+
+    def _mark_started(self, uri: str, port: int) -> None:
+        _write_json(self.boot_marker, {"pid": os.getpid(), "started_at": time.time(), "uri": uri,
+                                       "ssh_port": port, "qemu_pid": self._qemu_pid(), "vm_started": True})
+
+    def _info(self, image, boot, choice, port: int, steps: Steps, started: float, boot_start: float, ready: float,
+              snapshot: dict | None) -> dict:
+        return {
+            "name": self.name,
+            "uri": self.uri(),
+            "domain": self.domain_name,
+            "ssh_port": port,
+            "image_id": image.id,
+            "versions": versions.versions(),
+            "boot": boot.to_dict(),
+            "accel": choice.accel,
+            "accel_reason": choice.reason,
+            "cpu": "host" if choice.accel == "kvm" else self.cfg.cpu,
+            "qemu_pid": self._qemu_pid(),
+            "started_at": time.time() - (ready - boot_start),
+            "boot_seconds": round(ready - boot_start, 2),
+            "up_seconds": round(ready - started, 2),
+            "restored": snapshot is not None,
+            "snapshot": snapshot,
+            "timings": steps.timings,
+            "serial_log": str(self.serial_log),
+            "state_dir": str(self.dir),
+            "config": self.cfg.to_dict(),
+        }
+
+    def _publish_info(self, info: dict) -> dict:
+        _write_json(self.info_file, info)
+        self.boot_marker.unlink(missing_ok=True)
+        return info
+
+    # -- snapshots ---------------------------------------------------------
+    def _identity(self, image, boot: BootFiles, accel: str) -> dict:
+        """Everything a snapshot must share with this lab's boot to stand in for it."""
+        xen_cmdline, dom0_cmdline = self._cmdlines(authkey="")
+        return {
+            "format": snapshots.SNAPSHOT_FORMAT,
+            "image_id": image.id,
+            "boot": boot.to_dict(),
+            "xen_cmdline": xen_cmdline,
+            "dom0_cmdline": dom0_cmdline,
+            "memory": self.cfg.memory,
+            "vcpus": self.cfg.vcpus,
+            "cpu": self.cfg.cpu,
+            "accel": accel,
+            "qemu": versions.qemu_version(),
+            "libvirt": versions.libvirt_version(),
+            "emulator": self._emulator(),
+        }
+
+    def _usable_snapshot(self, key: str, identity: dict) -> tuple[snapshots.Snapshot | None, str]:
+        """(the snapshot to restore, "") or (None, why there is none)."""
+        notes = []
+        for other in snapshots.all_snapshots():
+            old = other.manifest.get("identity", {})
+            stale = [f for f in ("qemu", "libvirt", "emulator", "format") if old.get(f) != identity.get(f)]
+            if other.key != key and stale and not other.users():
+                # Made by another QEMU or libvirt: it can never load here again.
+                other.remove()
+                notes.append(f"removed snapshot {other.key} ({'; '.join(snapshots.differences(old, identity))})")
+        snap = snapshots.find(key)
+        if snap is not None:
+            problem = snap.problem()
+            if problem is None:
+                return snap, ""
+            snap.remove()
+            notes.append(f"snapshot {key} was removed: {problem}")
+            return None, "; ".join(notes)
+        newest = snapshots.all_snapshots()[-1:]
+        if newest:
+            changed = snapshots.differences(newest[0].manifest.get("identity", {}), identity)
+            notes.append(f"no snapshot of this configuration yet (the newest differs: {', '.join(changed)})")
+        else:
+            notes.append("no snapshot saved yet")
+        return None, "; ".join(notes)
+
+    def _save_snapshot(self, dom, key: str, identity: dict, steps: Steps, cold_boot_seconds: float) -> snapshots.Snapshot:
+        """Save the ready VM (it stops) and freeze its disk layer as the snapshot's."""
+        stage = snapshots.staging(key)
+        try:
+            with steps.step(f"save snapshot {key}"):
+                uuid = dom.UUIDString()
                 try:
-                    with steps.step("boot Xen and dom0"):
-                        ssh_ready = self._wait_ready(dom, steps, boot_start, lambda: self._start_ssh_check(image, boot, port, cancel_ssh))
-                    with steps.step("SSH and dom0 services"):
-                        ssh_ready.result(timeout=self.cfg.boot_timeout)
-                except BaseException:
-                    cancel_ssh.set()
-                    virt.destroy(dom)
+                    dom.saveFlags(str(stage / "memory.save"), None, virt.save_running_flag())
+                except virt.error_class() as e:
+                    raise snapshots.SnapshotError(f"libvirt could not save the lab: {e}") from None
+                try:
+                    _move(self.disk, stage / "disk.qcow2")
+                    for src, name in ((self.key_file, "id_ed25519"), (self.key_file.with_suffix(".pub"), "id_ed25519.pub"),
+                                      (self.serial_log, "serial.log")):
+                        shutil.copyfile(src, stage / name)
+                        (stage / name).chmod(0o600)
+                    return snapshots.publish(stage, key, self.name, identity,
+                                             {"uuid": uuid, "domain": self.domain_name,
+                                              "cold_boot_seconds": round(cold_boot_seconds, 2)})
+                except OSError as e:
+                    raise snapshots.SnapshotError(f"could not write the snapshot: {e}") from None
+        finally:
+            shutil.rmtree(stage, ignore_errors=True)
+
+    def _restore(self, conn, snap: snapshots.Snapshot, image, boot: BootFiles, choice, steps: Steps, started: float,
+                 port_hint: int, cold_boot_seconds: float | None = None) -> dict:
+        """Run this lab from `snap`; SnapshotError (and nothing left running) when it cannot."""
+        manifest = snap.manifest
+        uri = self.uri()
+        with ports_lock():
+            port = self._pick_port(port_hint)
+            with steps.step(f"restore snapshot {snap.key}"):
+                restore_start = time.monotonic()
+                self._prepare_restore(snap, image, port)
+                xml = self.domain_xml(boot, choice.accel, port, uuid=manifest.get("uuid"))
+                (self.dir / "domain.xml").write_text(xml)
+                source = snap.memory
+                if manifest.get("domain") == self.domain_name:
+                    digest = _digest_async(snap)  # read beside QEMU's own read of the file: no wall time
+                else:
+                    source = self.dir / "restore.save"  # removed once QEMU has read it
+                    digest = Future()
+                    try:
+                        digest.set_result(snap.renamed_copy(source, self.domain_name))
+                    except (OSError, SnapshotError) as e:
+                        source.unlink(missing_ok=True)
+                        self._remove_runtime_files()
+                        raise SnapshotError(getattr(e, "message", str(e))) from None
+                try:
+                    conn.restoreFlags(str(source), xml, virt.save_running_flag())
+                except virt.error_class() as e:
                     self._remove_runtime_files()
-                    raise
-                qemu_pid = self._qemu_pid()
-            ready = time.monotonic()
-            info = {
-                "name": self.name,
-                "uri": uri,
-                "domain": self.domain_name,
-                "ssh_port": port,
-                "image_id": image.id,
-                "versions": versions.versions(),
-                "boot": boot.to_dict(),
-                "accel": choice.accel,
-                "accel_reason": choice.reason,
-                "cpu": "host" if choice.accel == "kvm" else self.cfg.cpu,
-                "qemu_pid": qemu_pid,
-                "started_at": time.time() - (ready - boot_start),
-                "boot_seconds": round(ready - boot_start, 2),
-                "up_seconds": round(ready - started, 2),
-                "timings": steps.timings,
-                "serial_log": str(self.serial_log),
-                "state_dir": str(self.dir),
-                "config": self.cfg.to_dict(),
-            }
-            _write_json(self.info_file, info)
-            self.boot_marker.unlink(missing_ok=True)
-            return info
+                    raise SnapshotError(f"libvirt could not restore it: {e}") from None
+                finally:
+                    if source != snap.memory:
+                        source.unlink(missing_ok=True)
+                self._mark_started(uri, port)
+        try:
+            with steps.step("dom0 answers (clock set)"):
+                clock_offset = self._check_restored(image, port)
+            with steps.step("snapshot digest"):
+                if digest.result() != manifest.get("memory_sha256"):
+                    raise SnapshotError("its memory file does not match its digest (corrupt)")
+        except BaseException as e:
+            dom = virt.lookup(conn, self.domain_name)
+            if dom is not None:
+                virt.destroy(dom)
+            self._remove_runtime_files()
+            if isinstance(e, (SSHError, BootError)):
+                raise SnapshotError(f"the restored lab did not become ready: {e.message}") from None
+            raise
+        ready = time.monotonic()
+        detail = {"key": snap.key, "path": str(snap.path), "clock_offset_seconds": clock_offset,
+                  "saved_now": cold_boot_seconds is not None,
+                  "cold_boot_seconds": round(cold_boot_seconds or manifest.get("cold_boot_seconds") or 0, 2)}
+        info = self._info(image, boot, choice, port, steps, started, restore_start, ready, snapshot=detail)
+        return self._publish_info(info)
+
+    def _prepare_restore(self, snap: snapshots.Snapshot, image, port: int) -> None:
+        # dom0 in the snapshot trusts the key that was on its boot command line.
+        for name in ("id_ed25519", "id_ed25519.pub"):
+            dest = self.dir / name
+            dest.unlink(missing_ok=True)
+            shutil.copyfile(snap.path / name, dest)
+            dest.chmod(0o600)
+        self.known_hosts.write_text(known_hosts_line(port, image.host_key))
+        if self.serial_log.exists():
+            self.serial_log.replace(self.dir / "serial.log.old")
+        # The cold boot's console first, so the log tells the whole story.
+        shutil.copyfile(snap.serial_log, self.serial_log)
+        with open(self.serial_log, "a") as f:
+            f.write(f"\n--- xenlab: lab {self.name} restored from snapshot {snap.key} at {time.strftime('%Y-%m-%d %H:%M:%S')} ---\n")
+        self.disk.unlink(missing_ok=True)
+        run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", snap.disk, self.disk])
+
+    def _check_restored(self, image, port: int) -> float:
+        """dom0 answers SSH and its services run; its clock (stopped at the
+        save) set to the host's. Returns dom0's clock offset after setting it."""
+        with SSHSession(port, self.key_file, image.host_key).connect(timeout=RESTORE_READY_SECONDS) as ssh:
+            # dom0's monotonic clock read last, just before the output comes
+            # back: host time at the answer ~ dom0 uptime then. dom0 then sets
+            # its clock from that map at the instant `date` runs, so the exec
+            # latency of `date` does not count.
+            out = ssh.check(f"{READY_CHECK}; read -r up _ < /proc/uptime; echo uptime:$up", timeout=RESTORE_READY_SECONDS)
+            delta = time.time() - float(out.rsplit("uptime:", 1)[1])
+            missing = REQUIRED_READY - set(out.split())
+            if missing:
+                raise BootError(f"dom0 answers SSH but is missing: {', '.join(sorted(missing))}", f"see {self.serial_log}")
+            dom0_now = float(ssh.check(
+                f"""date -u -s "$(awk -v d={delta:.3f} '{{printf "@%.3f", $1 + d}}' /proc/uptime)" >/dev/null; date +%s.%N""",
+                timeout=RESTORE_READY_SECONDS))
+            return round(dom0_now - time.time(), 3)
 
     def _refuse_if_running(self) -> None:
         with self._connect() as conn:
@@ -298,7 +525,10 @@ class Lab:
                 virt.destroy(dom)  # a stopped leftover definition
         self._remove_runtime_files()
 
-    def _pick_port(self) -> int:
+    def _pick_port(self, hint: int = 0) -> int:
+        """The configured port, else `hint` (a reset keeps its port) while free, else a free one."""
+        if hint and not self.cfg.ssh_port and not port_in_use(hint):
+            return hint
         if self.cfg.ssh_port:
             if port_in_use(self.cfg.ssh_port):
                 raise LabError(
@@ -316,8 +546,8 @@ class Lab:
         self.serial_log.touch()
         run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b", image.rootfs, self.disk])
 
-    def domain_xml(self, boot: BootFiles, accel: str, port: int) -> str:
-        pub = self.key_file.with_suffix(".pub").read_text().split()[1]
+    def _cmdlines(self, authkey: str) -> tuple[str, str]:
+        """Xen's and dom0's command lines (dom0's carries the key SSH trusts)."""
         d0 = self.cfg.dom0
         xen_cmdline = (
             f"console=com1 com1=115200,8n1 dom0_mem={d0.memory}M,max:{d0.memory}M dom0_max_vcpus={d0.vcpus} "
@@ -329,13 +559,22 @@ class Lab:
         xen_cmdline = f"{xen_cmdline} {self.cfg.xen_args}".strip()
         # loglevel=4: every console byte is an emulated UART write under TCG;
         # the full kernel log stays available through dmesg in dom0.
-        dom0_cmdline = f"root=/dev/vda rw console=hvc0 loglevel=4 xenlab.authkey={pub} {d0.kernel_args}".strip()
+        dom0_cmdline = f"root=/dev/vda rw console=hvc0 loglevel=4 xenlab.authkey={authkey} {d0.kernel_args}".strip()
+        return xen_cmdline, dom0_cmdline
+
+    @staticmethod
+    def _emulator() -> str:
+        return shutil.which("qemu-system-x86_64") or "/usr/bin/qemu-system-x86_64"
+
+    def domain_xml(self, boot: BootFiles, accel: str, port: int, uuid: str | None = None) -> str:
+        pub = self.key_file.with_suffix(".pub").read_text().split()[1]
+        xen_cmdline, dom0_cmdline = self._cmdlines(authkey=pub)
         # QEMU's -initrd list: "file args,file"; a comma inside args is written ",,".
         modules_arg = f"{boot.dom0_kernel} {dom0_cmdline.replace(',', ',,')},{boot.initramfs}"
         return templates.render(
             "domain.xml.j2",
-            domain_name=self.domain_name, lab_name=self.name, memory=self.cfg.memory, vcpus=self.cfg.vcpus,
-            accel=accel, cpu=self.cfg.cpu, emulator=shutil.which("qemu-system-x86_64") or "/usr/bin/qemu-system-x86_64",
+            domain_name=self.domain_name, lab_name=self.name, uuid=uuid, memory=self.cfg.memory, vcpus=self.cfg.vcpus,
+            accel=accel, cpu=self.cfg.cpu, emulator=self._emulator(),
             disk=self.disk, serial_log=self.serial_log, xen=boot.xen, xen_cmdline=xen_cmdline,
             modules_arg=modules_arg, ssh_port=port,
         )
@@ -434,10 +673,18 @@ class Lab:
         """Destroy the lab's libvirt domain if there is one; (was it running, QEMU pid)."""
         pid = self._qemu_pid() or (self.info() or {}).get("qemu_pid")
         stopped = False
+        if pid and self.qemu_alive():
+            # The lab's state is thrown away anyway: SIGKILL ends QEMU at once,
+            # where libvirt's SIGTERM-and-poll takes about 2 s under TCG.
+            try:
+                os.kill(pid, signal.SIGKILL)
+                stopped = True
+            except (ProcessLookupError, PermissionError):
+                pass  # gone already, or another user's QEMU (a system daemon's): libvirt stops it
         with self._connect() as conn:
             dom = virt.lookup(conn, self.domain_name)
             if dom is not None:
-                stopped = virt.is_running(dom)
+                stopped = virt.is_running(dom) or stopped
                 virt.destroy(dom)
         if pid and _alive(pid):
             _wait_gone(pid, timeout=10)
@@ -563,14 +810,43 @@ def _write_json(path: Path, data: dict) -> None:
     part.replace(path)
 
 
+def _move(src: Path, dest: Path) -> None:
+    try:
+        os.replace(src, dest)
+    except OSError as e:
+        if e.errno != errno.EXDEV:
+            raise
+        shutil.copyfile(src, dest)  # the cache and the state directory on different filesystems
+        src.unlink()
+
+
+def _digest_async(snap: "snapshots.Snapshot") -> Future:
+    future: Future = Future()
+
+    def work() -> None:
+        try:
+            future.set_result(snapshots.file_digest(snap.memory))
+        except BaseException as e:  # noqa: BLE001 - handed to the waiting caller
+            future.set_exception(e)
+
+    threading.Thread(target=work, name="snapshot-digest", daemon=True).start()
+    return future
+
+
 def _alive(pid: int) -> bool:
+    """Whether `pid` runs (a zombie does not: a daemonized QEMU's parent is
+    init, which may take seconds to reap it)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    return True
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True  # no procfs: the signal's answer stands
+    return stat.rsplit(")", 1)[-1].split()[0] not in ("Z", "X")
 
 
 def _wait_gone(pid: int, timeout: float) -> None:

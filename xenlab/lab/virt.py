@@ -67,6 +67,11 @@ def error_class() -> type[Exception]:
     return _libvirt().libvirtError
 
 
+def save_running_flag() -> int:
+    """For save and restore: the domain runs (not paused) once restored."""
+    return _libvirt().VIR_DOMAIN_SAVE_RUNNING
+
+
 def embed_uri(root: Path) -> str:
     return f"qemu:///embed?root={root}"
 

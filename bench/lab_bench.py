@@ -1,8 +1,13 @@
-"""Benchmark the foundation: cold image build, warm `up` to ready, `down`.
+"""Benchmark the lab itself, side by side in one run on one host:
 
-Prints one JSON document. `--cold` rebuilds the dom0 image (about 80 s);
-without it the cold figure comes from the cached image's manifest.
-Usage: .venv/bin/python bench/lab_bench.py [--runs N] [--cold]"""
+- `up` booting cold (snapshots off), `up` restoring the snapshot, `reset`
+  and `down`, interleaved run by run; ratios restore/cold and reset/cold;
+- what a process start costs in dom0 against the host: a fork+exec of
+  /bin/true, `xl list`, `xenstore-read`, `python3 -c pass` (each timed by
+  dom0's own clock over a loop), and an SSH connection plus its first command.
+
+Prints one JSON document. `--build` also rebuilds the dom0 image (~90 s).
+Usage: .venv/bin/python bench/lab_bench.py [--runs N] [--build]"""
 
 from __future__ import annotations
 
@@ -13,6 +18,7 @@ import platform
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 XENLAB = [sys.executable, "-m", "xenlab"]
@@ -39,36 +45,101 @@ def summary(values: list[float]) -> dict:
     return {"min": round(min(values), 2), "median": round(statistics.median(values), 2), "max": round(max(values), 2), "runs": len(values)}
 
 
+def per_start_ms(run, command: str, count: int) -> float:
+    """Milliseconds per run of `command`, from a loop timed by the clock of where it runs."""
+    script = f'a=$(date +%s%N); i=0; while [ $i -lt {count} ]; do {command} >/dev/null 2>&1; i=$((i+1)); done; b=$(date +%s%N); echo $((b-a))'
+    return int(run(script).strip()) / count / 1e6
+
+
+def process_costs(count: int) -> dict:
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+    from xenlab.lab import Lab
+
+    lab = Lab.open(NAME)
+
+    def on_host(script: str) -> str:
+        return subprocess.run(["sh", "-c", script], capture_output=True, text=True, check=True).stdout
+
+    connects = []
+    for _ in range(5):
+        start = time.monotonic()
+        with lab.ssh() as ssh:
+            ssh.check("true")
+        connects.append(time.monotonic() - start)
+    with lab.ssh() as ssh:
+        def in_dom0(script: str) -> str:
+            return ssh.check(script, timeout=600)
+
+        dom0 = {
+            "true": per_start_ms(in_dom0, "/bin/true", count),
+            "xl_list": per_start_ms(in_dom0, "xl list", max(count // 10, 3)),
+            "xenstore_read": per_start_ms(in_dom0, "xenstore-read domid", max(count // 5, 3)),
+            "python3": per_start_ms(in_dom0, "python3 -c pass", max(count // 20, 3)),
+        }
+    host_ms = {"true": per_start_ms(on_host, "/bin/true", count * 10), "python3": per_start_ms(on_host, f"{sys.executable} -I -c pass", count)}
+    return {
+        "dom0_ms": {k: round(v, 2) for k, v in dom0.items()},
+        "host_ms": {k: round(v, 3) for k, v in host_ms.items()},
+        "ratio_dom0_true_to_host_true": round(dom0["true"] / host_ms["true"], 1),
+        "ratio_dom0_xl_list_to_host_true": round(dom0["xl_list"] / host_ms["true"], 1),
+        "ssh_connect_and_first_command_seconds": summary(connects),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--cold", action="store_true", help="rebuild the dom0 image and time it")
+    parser.add_argument("--count", type=int, default=100, help="/bin/true starts per loop (fewer of the slower commands)")
+    parser.add_argument("--build", action="store_true", help="rebuild the dom0 image and time it")
     args = parser.parse_args()
-    if args.cold:
-        cold, out = timed("build", "--force", "--json")
-        build = {"seconds": round(cold, 1), "measured": "now"}
+    if args.build:
+        took, out = timed("build", "--force", "--json")
+        build = {"seconds": round(took, 1), "measured": "now"}
     else:
         _, out = timed("build", "--json")
         build = {"seconds": json.loads(out)["build_seconds"], "measured": "cached image manifest"}
-    ups, boots, downs, accel = [], [], [], None
-    subprocess.run(XENLAB + ["down", "--name", NAME], capture_output=True)
-    for _ in range(args.runs):
-        took, out = timed("up", "--name", NAME, "--json")
-        info = json.loads(out)
-        ups.append(took)
-        boots.append(info["boot_seconds"])
-        accel = info["accel"]
-        took, _ = timed("down", "--name", NAME)
-        downs.append(took)
+    with tempfile.NamedTemporaryFile("w", suffix=".toml", delete=False) as f:
+        f.write("[lab]\nsnapshots = false\n")
+        no_snapshots = f.name
+    colds, restores, resets, downs, accel = [], [], [], [], None
+    subprocess.run(XENLAB + ["down", "--lab", NAME], capture_output=True)
+    try:
+        timed("up", "--lab", NAME, "--cold")  # makes sure this configuration has its snapshot
+        timed("down", "--lab", NAME)
+        for _ in range(args.runs):
+            took, out = timed("--config", no_snapshots, "up", "--lab", NAME, "--json")
+            colds.append(took)
+            accel = json.loads(out)["accel"]
+            timed("down", "--lab", NAME)
+            took, out = timed("up", "--lab", NAME, "--json")
+            if not json.loads(out)["restored"]:
+                sys.exit("`up` did not restore the snapshot")
+            restores.append(took)
+            took, out = timed("reset", "--lab", NAME, "--json")
+            if not json.loads(out)["restored"]:
+                sys.exit("`reset` did not restore the snapshot")
+            resets.append(took)
+            took, _ = timed("down", "--lab", NAME)
+            downs.append(took)
+        timed("up", "--lab", NAME)
+        costs = process_costs(args.count)
+    finally:
+        subprocess.run(XENLAB + ["down", "--lab", NAME], capture_output=True)
+        os.unlink(no_snapshots)
+    cold = statistics.median(colds)
     print(json.dumps({
         "benchmark": "lab",
         "host": host(),
         "accel": accel,
-        "cold_build_seconds": build,
-        "warm_up_to_ready_seconds": summary(ups),
-        "domain_start_to_ready_seconds": summary(boots),
+        "dom0_image_build_seconds": build,
+        "cold_up_seconds": summary(colds),
+        "restore_up_seconds": summary(restores),
+        "reset_seconds": summary(resets),
         "down_seconds": summary(downs),
-        "target_warm_up_seconds": 15,
+        "ratio_restore_to_cold": round(statistics.median(restores) / cold, 3),
+        "ratio_reset_to_cold": round(statistics.median(resets) / cold, 3),
+        "target_ratio": 0.2,
+        "process_starts": costs,
     }, indent=2))
 
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -101,3 +103,45 @@ def test_plugin_on_the_real_lab(lab_info, pytester, dom0, monkeypatch):
     for g in guests:
         assert g["name"] not in xl_list and g["name"] not in left, (g, xl_list, left)
     dom0("xenstore-rm /local/domain/0/data/plugin-marker", check=False)
+
+
+RESET_FIRST = '''
+import json
+from pathlib import Path
+
+
+def test_leaves_marks(xenlab_lab, xenlab_dom0, xenlab_guest_factory):
+    xenlab_guest_factory("pt-reset-left")
+    xenlab_dom0.check("touch /root/reset-mark")
+    Path(__file__).with_name("first.json").write_text(json.dumps({"booted": xenlab_lab.booted, "qemu": xenlab_lab.info()["qemu_pid"]}))
+'''
+
+RESET_SECOND = '''
+import json
+from pathlib import Path
+
+
+def test_sees_the_lab_as_after_boot(xenlab_lab, xenlab_dom0):
+    assert xenlab_dom0.run("test -e /root/reset-mark").exit_status == 1
+    domains = [line.split()[0] for line in xenlab_dom0.check("xl list").splitlines()[1:]]
+    Path(__file__).with_name("second.json").write_text(json.dumps({"domains": domains, "qemu": xenlab_lab.info()["qemu_pid"],
+                                                                    "restored": xenlab_lab.info()["restored"]}))
+'''
+
+
+def test_reset_per_module_gives_each_module_a_fresh_lab(lab_info, pytester, monkeypatch):
+    """--xenlab-reset module on a lab of its own (restored from the session
+    lab's snapshot): the second module finds no trace of the first."""
+    monkeypatch.setenv("HOME", REAL_HOME)
+    name = "e2e-plugin-reset"
+    pytester.makepyfile(test_a_first=RESET_FIRST, test_b_second=RESET_SECOND)
+    try:
+        result = pytester.runpytest_subprocess("--xenlab-name", name, "--xenlab-reset", "module", "-p", "no:cacheprovider", "-p",
+                                               "no:randomly", "-rA", timeout=900)
+        result.assert_outcomes(passed=2)
+        first = json.loads((pytester.path / "first.json").read_text())
+        second = json.loads((pytester.path / "second.json").read_text())
+        assert first["booted"] is True  # this session brought it up: the first module needed no reset
+        assert second["domains"] == ["Domain-0"] and second["restored"] and second["qemu"] != first["qemu"], (first, second)
+    finally:
+        subprocess.run([sys.executable, "-m", "xenlab", "down", "--lab", name], capture_output=True)

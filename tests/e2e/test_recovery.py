@@ -35,7 +35,8 @@ def wait_for(predicate, seconds: float, what: str):
 def test_up_killed_while_booting_leaves_an_orphan_the_next_up_recovers():
     lab_prerequisites()
     xenlab("down", "--lab", LAB)
-    up = subprocess.Popen([sys.executable, "-m", "xenlab", "up", "--lab", LAB], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # --cold: a restore is ready too soon after its VM starts to be caught booting.
+    up = subprocess.Popen([sys.executable, "-m", "xenlab", "up", "--lab", LAB, "--cold"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         marker = os.path.expanduser(f"~/.local/state/xenlab/labs/{LAB}/booting.json")
         assert status()["state"] in ("booting", "down")

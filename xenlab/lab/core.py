@@ -260,8 +260,12 @@ class Lab:
             steps.note(f"{choice.accel}: {choice.reason}")
         identity = self._identity(image, boot, choice.accel)
         key = snapshots.key_of(identity)
+        # Snapshots live in this user's cache: only the embedded driver (QEMU
+        # as this user, on this host) can save and restore them.
+        embedded = self.uri().startswith("qemu:///embed")
+        use_snapshots = self.cfg.snapshots and embedded
         with self._connect() as conn:
-            if self.cfg.snapshots and not cold:
+            if use_snapshots and not cold:
                 snap, reason = self._usable_snapshot(key, identity)
                 if snap is not None:
                     try:
@@ -271,8 +275,10 @@ class Lab:
                         reason = f"snapshot {snap.key} was removed: {e.message}"
                 steps.note(f"booting cold: {reason}")
             else:
-                steps.note("booting cold: " + ("--cold" if cold else "snapshots are off ([lab] snapshots = false)"))
-            return self._cold_boot(conn, image, boot, choice, steps, started, port_hint, identity if self.cfg.snapshots else None)
+                why = ("--cold" if cold else "snapshots are off ([lab] snapshots = false)" if not self.cfg.snapshots
+                       else f"snapshots need the embedded driver, not {self.uri()}")
+                steps.note(f"booting cold: {why}")
+            return self._cold_boot(conn, image, boot, choice, steps, started, port_hint, identity if use_snapshots else None)
 
     def _cold_boot(self, conn, image, boot, choice, steps: Steps, started: float, port_hint: int, identity: dict | None) -> dict:
         uri = self.uri()
@@ -457,11 +463,12 @@ class Lab:
                         source.unlink(missing_ok=True)
                 self._mark_started(uri, port)
         try:
-            with steps.step("dom0 answers (clock set)"):
-                clock_offset = self._check_restored(image, port)
+            # The digest first: a corrupt image may leave a dom0 that never answers.
             with steps.step("snapshot digest"):
                 if digest.result() != manifest.get("memory_sha256"):
                     raise SnapshotError("its memory file does not match its digest (corrupt)")
+            with steps.step("dom0 answers (clock set)"):
+                clock_offset = self._check_restored(image, port)
         except BaseException as e:
             dom = virt.lookup(conn, self.domain_name)
             if dom is not None:

@@ -61,7 +61,9 @@ class SnapshotError(LabError):
 
 
 def snapshots_dir() -> Path:
-    return cache_dir() / "snapshots"
+    """<cache>/snapshots, or $XENLAB_SNAPSHOTS (e.g. a faster or larger disk)."""
+    override = os.environ.get("XENLAB_SNAPSHOTS")
+    return Path(override) if override else cache_dir() / "snapshots"
 
 
 def key_of(identity: dict) -> str:

@@ -266,7 +266,7 @@ class Lab:
         use_snapshots = self.cfg.snapshots and embedded
         with self._connect() as conn:
             if use_snapshots and not cold:
-                snap, reason = self._usable_snapshot(key, identity)
+                snap, reason = self._usable_snapshot(key, identity, steps)
                 if snap is not None:
                     try:
                         return self._restore(conn, snap, image, boot, choice, steps, started, port_hint)
@@ -379,7 +379,7 @@ class Lab:
             "emulator": self._emulator(),
         }
 
-    def _usable_snapshot(self, key: str, identity: dict) -> tuple[snapshots.Snapshot | None, str]:
+    def _usable_snapshot(self, key: str, identity: dict, steps: Steps) -> tuple[snapshots.Snapshot | None, str]:
         """(the snapshot to restore, "") or (None, why there is none)."""
         notes = []
         for other in snapshots.all_snapshots():
@@ -388,7 +388,7 @@ class Lab:
             if other.key != key and stale and not other.users():
                 # Made by another QEMU or libvirt: it can never load here again.
                 other.remove()
-                notes.append(f"removed snapshot {other.key} ({'; '.join(snapshots.differences(old, identity))})")
+                steps.note(f"removed snapshot {other.key} ({'; '.join(snapshots.differences(old, identity))})")
         snap = snapshots.find(key)
         if snap is not None:
             problem = snap.problem()

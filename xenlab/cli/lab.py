@@ -187,6 +187,8 @@ def status(ctx, lab, as_json, all_labs):
         for key in ("xen_version", "xen_build_id", "dom0_kernel_release", "accel", "cpu", "ssh_port", "image_id", "uptime_seconds",
                     "boot_seconds", "uri", "serial_log"):
             table.add_row(key, str(report[key]))
+        if report["snapshot"]:
+            table.add_row("snapshot", f"{report['snapshot']} ({'restored from it' if report['restored'] else 'saved'})")
         own = {k: v for k, v in report["boot"].items() if k.startswith("user_") and v}
         if own:
             table.add_row("your files", ", ".join(f"{k.removeprefix('user_')}: {v}" for k, v in own.items()))

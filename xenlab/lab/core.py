@@ -795,6 +795,8 @@ class Lab:
             "qemu_pid": info.get("qemu_pid"),
             "uptime_seconds": round(time.time() - info["started_at"], 1),
             "boot_seconds": info["boot_seconds"],
+            "restored": info.get("restored", False),
+            "snapshot": (info.get("snapshot") or {}).get("key"),
             "serial_log": info["serial_log"],
         }
 

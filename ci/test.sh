@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite: host set-up (idempotent), the wheel check, the dom0 image and the guest
 # kernel and roots (cached; the first guest kernel build takes ~4 min), unit
-# tests, then the e2e tests on the real lab (Xen under QEMU; TCG here).
+# tests, then the e2e tests on the real lab (Xen under QEMU; TCG here) on the
+# stock QEMU, then `xenlab verify` on the backports QEMU (docs/versions.md).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash ci/setup-host.sh
@@ -11,3 +12,12 @@ bash ci/wheel-check.sh
 "$venv/bin/xenlab" build
 "$venv/bin/xenlab" guest build
 "$venv/bin/python" -m pytest tests -v -p no:cacheprovider "$@"
+# The other stack (docs/versions.md): QEMU from bookworm-backports beside the
+# stock one, checked end to end by `xenlab verify`; its reports are kept.
+qemu=$(bash ci/qemu-backports.sh)
+reports=${XENLAB_REPORTS:-artifacts}
+mkdir -p "$reports"
+other_config="$reports/qemu-backports.toml"
+printf '[lab]\nqemu = "%s"\n' "$qemu" >"$other_config"
+"$venv/bin/xenlab" --config "$other_config" verify --lab ci-qemu-backports --down \
+  --json "$reports/verify-qemu-backports.json" --junit "$reports/verify-qemu-backports.xml"

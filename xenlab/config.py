@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import re
 import tomllib
 from dataclasses import dataclass, field, fields
@@ -67,6 +68,7 @@ class LabConfig:
     boot_timeout: float = 240.0
     xen_args: str = ""  # appended to Xen's command line
     xen: str = ""  # a Xen of the user's (xen.gz or xen); "": the image's
+    qemu: str = ""  # the qemu-system-x86_64 to run; "": the one on PATH
     snapshots: bool = True  # save a booted lab once and restore it instead of booting cold
     dom0: Dom0Config = field(default_factory=Dom0Config)
 
@@ -146,6 +148,9 @@ def _check(cfg: LabConfig) -> LabConfig:
         raise ConfigError(f"[dom0] disk_size {cfg.dom0.disk_size}M is too small", "use at least 1024M")
     if cfg.boot_timeout <= 0:
         raise ConfigError(f"[lab] boot_timeout must be positive, got {cfg.boot_timeout}")
+    if cfg.qemu and not (Path(cfg.qemu).is_file() and os.access(cfg.qemu, os.X_OK)):
+        raise ConfigError(f"[lab] qemu {cfg.qemu!r} is not an executable file",
+                          "give the path of a qemu-system-x86_64 (ci/qemu-backports.sh prints one), or \"\" for the one on PATH")
     if cfg.connect and "://" not in cfg.connect:
         raise ConfigError(
             f"bad libvirt URI {cfg.connect!r}", "write a URI such as qemu:///system or qemu+ssh://host/system"

@@ -338,7 +338,7 @@ class Lab:
             "domain": self.domain_name,
             "ssh_port": port,
             "image_id": image.id,
-            "versions": versions.versions(),
+            "versions": versions.versions(self.cfg.qemu),
             "boot": boot.to_dict(),
             "accel": choice.accel,
             "accel_reason": choice.reason,
@@ -374,7 +374,7 @@ class Lab:
             "vcpus": self.cfg.vcpus,
             "cpu": self.cfg.cpu,
             "accel": accel,
-            "qemu": versions.qemu_version(),
+            "qemu": versions.qemu_version(self.cfg.qemu),
             "libvirt": versions.libvirt_version(),
             "emulator": self._emulator(),
         }
@@ -569,9 +569,8 @@ class Lab:
         dom0_cmdline = f"root=/dev/vda rw console=hvc0 loglevel=4 xenlab.authkey={authkey} {d0.kernel_args}".strip()
         return xen_cmdline, dom0_cmdline
 
-    @staticmethod
-    def _emulator() -> str:
-        return shutil.which("qemu-system-x86_64") or "/usr/bin/qemu-system-x86_64"
+    def _emulator(self) -> str:
+        return versions.qemu_binary(self.cfg.qemu)
 
     def domain_xml(self, boot: BootFiles, accel: str, port: int, uuid: str | None = None) -> str:
         pub = self.key_file.with_suffix(".pub").read_text().split()[1]

@@ -13,13 +13,19 @@ from functools import cache
 QEMU_FIXED = (8, 0)  # the first QEMU whose TCG gets that error code right
 
 
+def qemu_binary(configured: str = "") -> str:
+    """The qemu-system-x86_64 a lab runs: `[lab] qemu` when set, else the one on PATH."""
+    return configured or shutil.which("qemu-system-x86_64") or "/usr/bin/qemu-system-x86_64"
+
+
 @cache
-def qemu_version() -> str:
+def qemu_version(binary: str = "") -> str:
     """'7.2.19' (from `qemu-system-x86_64 --version`), or '' when QEMU is missing."""
-    binary = shutil.which("qemu-system-x86_64")
-    if not binary:
+    binary = qemu_binary(binary)
+    try:
+        out = subprocess.run([binary, "--version"], capture_output=True, text=True, timeout=30).stdout
+    except OSError:
         return ""
-    out = subprocess.run([binary, "--version"], capture_output=True, text=True, timeout=30).stdout
     m = re.search(r"version (\d+\.\d+(?:\.\d+)?)", out)
     return m.group(1) if m else ""
 
@@ -37,5 +43,5 @@ def qemu_too_old(version: str) -> bool:
     return bool(parts) and parts < QEMU_FIXED
 
 
-def versions() -> dict:
-    return {"qemu": qemu_version(), "libvirt": libvirt_version()}
+def versions(binary: str = "") -> dict:
+    return {"qemu": qemu_version(binary), "libvirt": libvirt_version(), "qemu_binary": qemu_binary(binary)}

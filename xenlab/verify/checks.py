@@ -34,8 +34,11 @@ def boot(ctx: Context):
         raise CheckFailed(f"lab {lab.name} is {st['state']}", st.get("hint", ""))
     if not st["xen_version"].startswith("4.17"):
         raise CheckFailed(f"Xen {st['xen_version']} answers, not 4.17")
-    how = f"booted now in {st['boot_seconds']:.1f} s" if ctx.booted_here else f"already up {st['uptime_seconds']:.0f} s (boot {st['boot_seconds']:.1f} s)"
-    return (f"Xen {st['xen_version']} ({st['accel'].upper()}, {st['cpu']}), dom0 {st['dom0']['memory_mib']} MiB/{st['dom0']['vcpus']} vCPUs, "
+    boot = (f"restored from snapshot {st['snapshot']} in {st['boot_seconds']:.1f} s" if st.get("restored")
+            else f"booted in {st['boot_seconds']:.1f} s")
+    how = f"{boot} now" if ctx.booted_here else f"already up {st['uptime_seconds']:.0f} s ({boot})"
+    qemu = st.get("versions", {}).get("qemu")
+    return (f"Xen {st['xen_version']} ({st['accel'].upper()}, {st['cpu']}, QEMU {qemu}), dom0 {st['dom0']['memory_mib']} MiB/{st['dom0']['vcpus']} vCPUs, "
             f"{how}, SSH 127.0.0.1:{st['ssh_port']}")
 
 

@@ -1,0 +1,131 @@
+"""Commands killed with SIGKILL (no cleanup at all) at several points, on a
+lab of their own restored from the session's snapshot: the next command
+recovers, and nothing is left in dom0 after `guest destroy` (no domain, loop
+device, vif, backend node or guest directory), nor a usable half-snapshot."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from xenlab.lab import snapshot as snapshots
+
+from .conftest import pid_alive, xenlab
+
+LAB = "e2e-kill"
+XENLAB = [sys.executable, "-m", "xenlab"]
+
+
+def killed_at(args: list[str], marker: str | None, delay: float, timeout: float = 300) -> str:
+    """Start `xenlab ARGS`, SIGKILL it `delay` s after `marker` appears in its
+    progress output (stderr; None: after the start); returns what it printed.
+    Fails if it finished first."""
+    proc = subprocess.Popen(XENLAB + args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    seen = threading.Event()
+    lines: list[str] = []
+
+    def read() -> None:
+        for line in proc.stderr:
+            lines.append(line)
+            if marker is not None and marker in line:
+                seen.set()
+
+    if marker is None:
+        seen.set()
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+        assert seen.wait(timeout), f"{marker!r} never appeared: {''.join(lines)}"
+        time.sleep(delay)
+        assert proc.poll() is None, f"xenlab {' '.join(args)} finished before the kill: {''.join(lines)}"
+        proc.kill()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+    reader.join(timeout=10)
+    return "".join(lines)
+
+
+def dom0(command: str, check: bool = True) -> subprocess.CompletedProcess:
+    return xenlab("ssh", "--lab", LAB, "--", command, check=check)
+
+
+def assert_nothing_left(name: str) -> None:
+    assert name not in dom0("xl list").stdout
+    assert f"guests/{name}/" not in dom0("losetup -a").stdout
+    assert dom0(f"test -e /var/lib/xenlab/guests/{name}", check=False).returncode != 0
+    domids = dom0("xenstore-list /local/domain").stdout.split()
+    assert domids == ["0"], domids  # no domain, half-made or not, is left
+    for kind in ("vbd", "vif"):
+        left = dom0(f"xenstore-list /local/domain/0/backend/{kind} 2>/dev/null || true").stdout.split()
+        assert left == [], (kind, left)
+    assert "vif" not in dom0("ls /sys/class/net").stdout
+
+
+@pytest.fixture(scope="module")
+def kill_lab(lab_info):
+    xenlab("down", "--lab", LAB, check=False)
+    xenlab("up", "--lab", LAB)
+    try:
+        yield LAB
+    finally:
+        xenlab("down", "--lab", LAB, check=False)
+
+
+@pytest.mark.parametrize("delay", [0.0, 1.0, 2.5])
+def test_guest_create_killed_then_destroy_leaves_nothing(kill_lab, delay):
+    name = "gk"
+    out = killed_at(["guest", "create", "--lab", LAB, name, "--disk", "8M", "--net"], "xl create, wait for Connected", delay)
+    # The next command sees whatever the kill left, and destroy removes it.
+    listed = xenlab("guest", "list", "--lab", LAB, "--json").stdout
+    result = xenlab("guest", "destroy", "--lab", LAB, name, check=False)
+    assert result.returncode == 0 or "no guest named" in result.stderr, (out, listed, result.stderr)
+    assert_nothing_left(name)
+    # And the name and its address are free again.
+    info = json.loads(xenlab("guest", "create", "--lab", LAB, name, "--disk", "8M", "--net", "--json").stdout)
+    assert info["name"] == name and info["domid"] > 0
+    xenlab("guest", "destroy", "--lab", LAB, name)
+    assert_nothing_left(name)
+
+
+@pytest.mark.parametrize("delay", [0.2, 1.0])
+def test_guest_destroy_killed_then_destroy_again_leaves_nothing(kill_lab, delay):
+    name = "gd"
+    xenlab("guest", "create", "--lab", LAB, name, "--disk", "8M", "--net")
+    killed_at(["guest", "destroy", "--lab", LAB, name], None, delay)
+    result = xenlab("guest", "destroy", "--lab", LAB, name, check=False)
+    assert result.returncode == 0 or "no guest named" in result.stderr, result.stderr
+    assert_nothing_left(name)
+
+
+@pytest.mark.parametrize("marker,delay", [("stop lab", 0.0), ("restore snapshot", 0.3), ("dom0 answers", 0.2)])
+def test_reset_killed_then_up_recovers(kill_lab, marker, delay):
+    killed_at(["reset", "--lab", LAB], marker, delay)
+    state = json.loads(xenlab("status", "--lab", LAB, "--json").stdout)["state"]
+    assert state in ("down", "orphaned", "gone", "up"), state
+    info = json.loads(xenlab("up", "--lab", LAB, "--json").stdout) if state != "up" else None
+    status = json.loads(xenlab("status", "--lab", LAB, "--json").stdout)
+    assert status["state"] == "up", status
+    if info:
+        assert pid_alive(info["qemu_pid"])
+    assert "Domain-0" in dom0("xl list").stdout
+
+
+def test_up_killed_while_saving_its_snapshot_leaves_none_half_made(kill_lab):
+    """A cold boot killed while it saves: no usable half-snapshot, and the next
+    `up` works (restoring the snapshot that was there, or booting cold)."""
+    xenlab("down", "--lab", LAB)
+    before = {s["key"]: s for s in json.loads(xenlab("snapshot", "ls", "--json").stdout)}
+    killed_at(["up", "--lab", LAB, "--cold"], "save snapshot", 0.5)
+    after = json.loads(xenlab("snapshot", "ls", "--json").stdout)
+    assert all(s["problem"] is None for s in after), after
+    for snap in after:  # whatever is listed is whole: what was there, or the new one, published complete
+        assert snap["key"] in before or snapshots.find(snap["key"]).problem() is None
+    info = json.loads(xenlab("up", "--lab", LAB, "--json").stdout)
+    assert pid_alive(info["qemu_pid"]) and "Domain-0" in dom0("xl list").stdout

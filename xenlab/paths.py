@@ -3,6 +3,8 @@ resources (default config, templates, guest kernel fragment) are: inside
 the package, so a wheel installed anywhere finds them."""
 
 import os
+import shutil
+import tempfile
 from importlib import resources
 from pathlib import Path
 
@@ -49,3 +51,49 @@ def state_root() -> Path:
 
 def lab_dir(name: str) -> Path:
     return state_root() / name
+
+
+OWNER_FILE = ".owner"
+
+
+def work_dir(parent: Path, prefix: str) -> Path:
+    """A new private scratch directory in `parent` for an entry being built,
+    marked with this process's pid so that a later build can tell it is
+    stale once that process is gone (killed with SIGKILL, say)."""
+    parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+    (work / OWNER_FILE).write_text(f"{os.getpid()}\n")
+    return work
+
+
+def sweep_stale_work(parent: Path, prefix: str) -> list[str]:
+    """Remove the scratch directories in `parent` whose builder is gone;
+    returns one line per directory removed or, when something is still
+    mounted below it, left alone."""
+    from xenlab.run import pid_alive
+
+    said = []
+    mounts = _mount_points()
+    for work in sorted(parent.glob(f"{prefix}*")):
+        try:
+            pid = int((work / OWNER_FILE).read_text())
+        except (OSError, ValueError):
+            continue  # not ours, or still being made
+        if pid_alive(pid):
+            continue
+        inside = [m for m in mounts if m.startswith(f"{work}/")]
+        if inside:
+            said.append(f"left {work}: its builder (pid {pid}) is gone but {inside[0]} is still mounted; unmount it and remove the directory")
+            continue
+        shutil.rmtree(work, ignore_errors=True)
+        said.append(f"removed {work}, left by an interrupted build (pid {pid})")
+    return said
+
+
+def _mount_points() -> list[str]:
+    try:
+        lines = Path("/proc/self/mounts").read_text().splitlines()
+    except OSError:
+        return []
+    # Mount points escape spaces and the like as octal (\040).
+    return [line.split()[1].encode().decode("unicode_escape") for line in lines if len(line.split()) > 1]

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import ctypes
 import io
 import logging
+import os
 import shlex
+import signal
 import subprocess
 import threading
 import time
@@ -17,6 +20,22 @@ from xenlab.errors import CommandError
 log = logging.getLogger("xenlab.run")
 
 LineCallback = Callable[[str], None]
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether `pid` runs (a zombie does not: a daemonized QEMU's parent is
+    init, which may take seconds to reap it)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True  # no procfs: the signal's answer stands
+    return stat.rsplit(")", 1)[-1].split()[0] not in ("Z", "X")
 
 
 def tail(text: str, lines: int = 20) -> str:
@@ -49,14 +68,9 @@ def run(
             with open(log_file, "ab") as out:
                 out.write(f"\n$ {shlex.join(args)}\n".encode())
                 out.flush()
-                if on_line is None:
-                    proc = subprocess.run(args, stdout=out, stderr=subprocess.STDOUT, input=input, cwd=cwd, timeout=timeout)
-                else:
-                    proc = _stream(args, input, cwd, timeout, on_line, log_to=out)
+                proc = _stream(args, input, cwd, timeout, on_line, log_to=out)
             proc.stdout = b""
             proc.stderr = Path(log_file).read_bytes()[-8192:]
-        elif on_line is None:
-            proc = subprocess.run(args, capture_output=True, input=input, cwd=cwd, timeout=timeout)
         else:
             proc = _stream(args, input, cwd, timeout, on_line)
     except FileNotFoundError:
@@ -79,7 +93,7 @@ def run(
 class _LineSink:
     """Hands lines to on_line from one or two reader threads, one at a time."""
 
-    def __init__(self, on_line: LineCallback):
+    def __init__(self, on_line: LineCallback | None):
         self._on_line: LineCallback | None = on_line
         self._lock = threading.Lock()
 
@@ -108,12 +122,38 @@ def _pump(pipe: IO[bytes], keep: IO[bytes], sink: _LineSink) -> None:
         sink.deliver(raw)
 
 
+_PR_SET_PDEATHSIG = 1
+# Looked up here: after fork, in a process that had threads, only
+# async-signal-safe work is safe (no dlopen/dlsym).
+_prctl = ctypes.CDLL(None, use_errno=True).prctl
+# A child stopped on interruption gets this long to clean up (mmdebstrap
+# unmounts its chroot's /proc and /sys) before it is killed.
+STOP_GRACE_S = 20
+
+
+def _term_when_parent_dies() -> None:
+    # Without it a child outlives a SIGKILLed xenlab: mmdebstrap, make or
+    # mkfs would go on writing into a work directory nobody owns any more.
+    # SIGTERM, not SIGKILL, so that it cleans up as on Ctrl-C.
+    _prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(STOP_GRACE_S)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    proc.wait()
+
+
 def _stream(
     args: list[str],
     input: bytes | None,
     cwd: Path | None,
     timeout: float | None,
-    on_line: LineCallback,
+    on_line: LineCallback | None,
     log_to: IO[bytes] | None = None,
 ) -> subprocess.CompletedProcess:
     """subprocess.run, reading the output line by line as it comes.
@@ -123,7 +163,7 @@ def _stream(
     merged = log_to is not None
     stderr = subprocess.STDOUT if merged else subprocess.PIPE
     stdin = subprocess.PIPE if input is not None else None
-    proc = subprocess.Popen(args, stdin=stdin, stdout=subprocess.PIPE, stderr=stderr, cwd=cwd)
+    proc = subprocess.Popen(args, stdin=stdin, stdout=subprocess.PIPE, stderr=stderr, cwd=cwd, preexec_fn=_term_when_parent_dies)
     pipes = [proc.stdout] if merged else [proc.stdout, proc.stderr]
     outputs = [log_to] if merged else [io.BytesIO(), io.BytesIO()]
     sink = _LineSink(on_line)
@@ -137,9 +177,8 @@ def _stream(
     try:
         _wait(proc, threads, timeout)
     except BaseException:
-        # As subprocess.run: a timeout or Ctrl-C does not leave the child running.
-        proc.kill()
-        proc.wait()
+        # A timeout or Ctrl-C does not leave the child running; it may clean up first.
+        _stop(proc)
         for t in threads:
             t.join(timeout=5)
         raise

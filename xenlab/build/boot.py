@@ -10,7 +10,6 @@ import gzip
 import hashlib
 import shutil
 import struct
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -19,7 +18,7 @@ from xenlab.build.dom0 import DOM0_MODULES, Dom0Image
 from xenlab.build.elf import build_id, is_elf, is_elf64
 from xenlab.config import LabConfig
 from xenlab.errors import ConfigError
-from xenlab.paths import cache_dir
+from xenlab.paths import cache_dir, sweep_stale_work, work_dir
 
 BOOT_VERSION = "1"  # bump when what is cached here changes shape
 MULTIBOOT1_MAGIC = 0x1BADB002
@@ -48,8 +47,8 @@ def _publish(final: Path, fill) -> Path:
     """Build an entry in a temporary directory beside it and rename it into place (never half-made)."""
     if final.exists():
         return final
-    final.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+    sweep_stale_work(final.parent, ".")
+    work = work_dir(final.parent, f".{final.name}.")
     try:
         fill(work)
         work.rename(final)

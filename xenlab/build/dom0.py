@@ -10,7 +10,6 @@ import json
 import os
 import re
 import shutil
-import tempfile
 import threading
 import time
 from contextlib import contextmanager
@@ -23,7 +22,7 @@ from xenlab.config import LabConfig
 from xenlab.errors import HostError
 from xenlab.build import initramfs, kit
 from xenlab.build.kernel import decompress_bzimage
-from xenlab.paths import cache_dir
+from xenlab.paths import cache_dir, sweep_stale_work, work_dir
 from xenlab.progress import Steps
 from xenlab.run import run
 
@@ -188,8 +187,10 @@ def build(cfg: LabConfig, steps: Steps, force: bool = False) -> Dom0Image:
         raise HostError("building the dom0 image needs root (mmdebstrap --mode=root, mkfs.ext4 -d)", "run `sudo xenlab build`")
     final = images_dir() / recipe_id(cfg)
     images_dir().mkdir(parents=True, exist_ok=True)
+    for line in sweep_stale_work(images_dir(), "."):
+        steps.note(line)
     _check_space(images_dir(), need_mib=cfg.dom0.disk_size + 1024)
-    work = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=images_dir()))
+    work = work_dir(images_dir(), f".{final.name}.")
     log_file = work / "build.log"
     started = time.monotonic()
     try:

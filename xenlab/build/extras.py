@@ -6,6 +6,7 @@ appended to the guest's cached root (the kernel unpacks both)."""
 from __future__ import annotations
 
 import gzip
+import os
 import shutil
 import struct
 import tempfile
@@ -144,4 +145,8 @@ def overlay(modules: dict[str, Path], load_lines: list[str], adds: list[tuple[Pa
                 shutil.copytree(src, target, symlinks=True, dirs_exist_ok=True)
             else:
                 shutil.copy2(src, target)
-        return gzip.compress(cpio_archive(tree, "-R", "0:0"), compresslevel=6, mtime=0)
+        # Same input, same bytes (the overlay is cached by its hash): no
+        # build-time mtimes or inode numbers in the archive.
+        for path in [tree, *tree.rglob("*")]:
+            os.utime(path, (0, 0), follow_symlinks=False)
+        return gzip.compress(cpio_archive(tree, "-R", "0:0", "--reproducible"), compresslevel=6, mtime=0)

@@ -15,7 +15,6 @@ import os
 import re
 import shutil
 import struct
-import tempfile
 import time
 import zlib
 from dataclasses import dataclass
@@ -23,7 +22,7 @@ from pathlib import Path
 
 from xenlab import progress
 from xenlab.errors import ConfigError, HostError, XenlabError
-from xenlab.paths import GUEST_KERNEL_DIR
+from xenlab.paths import GUEST_KERNEL_DIR, sweep_stale_work, work_dir
 from xenlab.run import run
 
 # Bump when the build steps change in a way that changes the output.
@@ -218,8 +217,8 @@ def minimal_source(cache: Path) -> Path:
     final = cache / f"src-{tarball.name.removesuffix('.tar.xz')}-{tag}"
     if (final / ".complete").exists():
         return final / "linux"
-    cache.mkdir(parents=True, exist_ok=True)
-    scratch = Path(tempfile.mkdtemp(prefix=".src-", dir=cache))
+    sweep_stale_work(cache, ".src-")
+    scratch = work_dir(cache, ".src-")
     try:
         progress.current().status(f"extracting {tarball.name}")
         run(["tar", "-xaf", tarball, "-C", scratch])

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import hashlib
 import json
 import os
 import shutil
@@ -25,7 +26,7 @@ from xenlab.config import LabConfig, validate_name
 from xenlab.errors import BootError, LabError, SSHError
 from xenlab.paths import cache_dir, lab_dir, private, state_root
 from xenlab.progress import Steps
-from xenlab.run import run
+from xenlab.run import pid_alive, run
 from xenlab.build import dom0 as images
 from xenlab.build.boot import BootFiles, boot_files
 from xenlab.lab import accel as accel_mod, serial, snapshot as snapshots, versions, virt
@@ -109,8 +110,30 @@ class Lab:
     known_hosts = property(lambda self: self.dir / "known_hosts")
     serial_log = property(lambda self: self.dir / "serial.log")
     disk = property(lambda self: self.dir / "dom0.qcow2")
-    embed_root = property(lambda self: self.dir / "libvirt")
     boot_marker = property(lambda self: self.dir / "booting.json")  # from domain start until ready
+
+    @property
+    def embed_root(self) -> Path:
+        """libvirt's embed root: the lab's libvirt/ directory, or a short alias
+        (a symlink beside the labs, made by _connect) when that path is too long
+        for libvirt's sockets."""
+        root = self.dir / "libvirt"
+        if virt.embed_root_fits(root):
+            return root
+        return state_root().parent / "r" / hashlib.sha256(self.name.encode()).hexdigest()[:12]
+
+    def _link_embed_root(self) -> None:
+        root, target = self.embed_root, self.dir / "libvirt"
+        if root == target:
+            return
+        if not virt.embed_root_fits(root):
+            raise LabError(f"the lab's state path {target} is too long for libvirt's monitor socket "
+                           f"(UNIX socket paths hold 107 bytes)",
+                           hint="set XENLAB_STATE (or XDG_STATE_HOME) to a shorter directory")
+        if not root.is_symlink() or os.readlink(root) != str(target):
+            private(root.parent)
+            root.unlink(missing_ok=True)
+            root.symlink_to(target)
 
     @classmethod
     def open(cls, name: str | None = None, config: str | Path | None = None, **overrides) -> "Lab":
@@ -182,7 +205,7 @@ class Lab:
             qemu = self.running()
         if marker and not info:
             pid = marker.get("pid", 0)
-            if _alive(pid) and (holder := self.lock_holder()) and holder[0] == pid:
+            if pid_alive(pid) and (holder := self.lock_holder()) and holder[0] == pid:
                 return "booting", f"`xenlab up` (pid {pid}) is booting it, for {time.time() - marker.get('started_at', time.time()):.0f} s so far"
             if qemu:
                 return "orphaned", f"its `xenlab up` (pid {pid}) ended before the lab was ready; the VM still runs"
@@ -197,6 +220,7 @@ class Lab:
 
     def _connect(self):
         if self.uri().startswith("qemu:///embed"):
+            self._link_embed_root()
             virt.prepare_embed_root(self.embed_root, cache_dir() / "libvirt-qemu-cache")
         return virt.connect(self.uri())
 
@@ -692,7 +716,7 @@ class Lab:
             if dom is not None:
                 stopped = virt.is_running(dom) or stopped
                 virt.destroy(dom)
-        if pid and _alive(pid):
+        if pid and pid_alive(pid):
             _wait_gone(pid, timeout=10)
         self._remove_runtime_files()
         return stopped, pid
@@ -701,7 +725,7 @@ class Lab:
     def down(self) -> dict:
         """Stop the lab whatever its state; an `up` still booting it is interrupted first."""
         holder = self.lock_holder()
-        if holder and holder[1] == "up" and _alive(holder[0]):
+        if holder and holder[1] == "up" and pid_alive(holder[0]):
             # That `up` cleans up after itself when interrupted (destroys its domain).
             os.kill(holder[0], signal.SIGINT)
         with self.locked("down"):
@@ -841,23 +865,7 @@ def _digest_async(snap: "snapshots.Snapshot") -> Future:
     return future
 
 
-def _alive(pid: int) -> bool:
-    """Whether `pid` runs (a zombie does not: a daemonized QEMU's parent is
-    init, which may take seconds to reap it)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return True  # no procfs: the signal's answer stands
-    return stat.rsplit(")", 1)[-1].split()[0] not in ("Z", "X")
-
-
 def _wait_gone(pid: int, timeout: float) -> None:
     deadline = time.monotonic() + timeout
-    while _alive(pid) and time.monotonic() < deadline:
+    while pid_alive(pid) and time.monotonic() < deadline:
         time.sleep(0.1)

@@ -31,6 +31,7 @@ from pathlib import Path
 
 from xenlab.errors import LabError
 from xenlab.paths import cache_dir, state_root
+from xenlab.run import pid_alive
 
 SNAPSHOT_FORMAT = 1  # bump when what a snapshot holds changes shape
 # libvirt's save image (qemu_saveimage.h): magic, then version, XML length,
@@ -270,7 +271,7 @@ def prune(lab: str | None = None) -> list[str]:
     if root.is_dir():
         for leftover in root.glob(".*"):
             pid = leftover.name.rsplit(".", 1)[-1]
-            if not (pid.isdigit() and _alive(int(pid))):
+            if not (pid.isdigit() and pid_alive(int(pid))):
                 shutil.rmtree(leftover, ignore_errors=True)
     newest: dict[str, str] = {}
     every = all_snapshots()  # oldest first
@@ -285,11 +286,3 @@ def prune(lab: str | None = None) -> list[str]:
     return removed
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

@@ -72,6 +72,18 @@ def save_running_flag() -> int:
     return _libvirt().VIR_DOMAIN_SAVE_RUNNING
 
 
+# A UNIX socket path holds at most 107 bytes (sun_path, with its NUL), and
+# libvirt puts QEMU's monitor at ROOT/lib/qemu/domain-ID-NAME/monitor.sock,
+# NAME being the domain name cut to 20 characters.
+_UNIX_PATH_MAX = 107
+_MONITOR_TAIL = len("/lib/qemu/domain-99999-") + 20 + len("/monitor.sock")
+
+
+def embed_root_fits(root: Path) -> bool:
+    """Whether libvirt can bind its monitor sockets below the embed root `root`."""
+    return len(str(root)) + _MONITOR_TAIL <= _UNIX_PATH_MAX
+
+
 def embed_uri(root: Path) -> str:
     return f"qemu:///embed?root={root}"
 

@@ -19,8 +19,8 @@ XENLAB = [sys.executable, "-m", "xenlab"]
 LAB = os.environ.get("XENLAB_E2E_LAB", "e2e")
 
 
-def xenlab(*args: str, check: bool = True, timeout: float = 900) -> subprocess.CompletedProcess:
-    proc = subprocess.run(XENLAB + list(args), capture_output=True, text=True, timeout=timeout)
+def xenlab(*args: str, check: bool = True, timeout: float = 900, env: dict | None = None) -> subprocess.CompletedProcess:
+    proc = subprocess.run(XENLAB + list(args), capture_output=True, text=True, timeout=timeout, env=env)
     if check and proc.returncode != 0:
         raise AssertionError(f"xenlab {' '.join(args)} exited {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
     return proc

@@ -6,6 +6,8 @@ device, vif, backend node or guest directory), nor a usable half-snapshot."""
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 import threading
@@ -15,17 +17,20 @@ import pytest
 
 from xenlab.lab import snapshot as snapshots
 
+from xenlab.agent.facts import DOM0_AGENT_ROOT
+
 from .conftest import pid_alive, xenlab
 
 LAB = "e2e-kill"
 XENLAB = [sys.executable, "-m", "xenlab"]
 
 
-def killed_at(args: list[str], marker: str | None, delay: float, timeout: float = 300) -> str:
-    """Start `xenlab ARGS`, SIGKILL it `delay` s after `marker` appears in its
-    progress output (stderr; None: after the start); returns what it printed.
-    Fails if it finished first."""
-    proc = subprocess.Popen(XENLAB + args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+def killed_at(args: list[str], marker: str | None, delay: float, timeout: float = 300,
+              sig: int = signal.SIGKILL, env: dict | None = None) -> str:
+    """Start `xenlab ARGS`, send it `sig` `delay` s after `marker` appears in its
+    progress output (stderr; None: after the start) and wait for it to end;
+    returns what it printed. Fails if it finished first."""
+    proc = subprocess.Popen(XENLAB + args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     seen = threading.Event()
     lines: list[str] = []
 
@@ -43,7 +48,8 @@ def killed_at(args: list[str], marker: str | None, delay: float, timeout: float 
         assert seen.wait(timeout), f"{marker!r} never appeared: {''.join(lines)}"
         time.sleep(delay)
         assert proc.poll() is None, f"xenlab {' '.join(args)} finished before the kill: {''.join(lines)}"
-        proc.kill()
+        proc.send_signal(sig)
+        proc.wait(timeout=120)  # after SIGINT/SIGTERM it cleans up first
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -129,3 +135,49 @@ def test_up_killed_while_saving_its_snapshot_leaves_none_half_made(kill_lab):
         assert snap["key"] in before or snapshots.find(snap["key"]).problem() is None
     info = json.loads(xenlab("up", "--lab", LAB, "--json").stdout)
     assert pid_alive(info["qemu_pid"]) and "Domain-0" in dom0("xl list").stdout
+
+
+def dom0_agents() -> list[str]:
+    """xenlab's own processes in dom0 (agents, device channel backends)."""
+    out = dom0(f"ps -eo pid=,args= | grep -F {DOM0_AGENT_ROOT} | grep -v grep || true").stdout
+    return [line for line in out.splitlines() if line.strip()]
+
+
+@pytest.mark.parametrize("check,delay", [("guest.create", 2.0), ("devchan.echo", 1.5)])
+def test_verify_killed_then_verify_again_passes_leaving_nothing(kill_lab, check, delay):
+    killed_at(["verify", "--lab", LAB], f"> {check}", delay)
+    # The next verify finds what the killed one left (its guest, a device
+    # channel backend in dom0) and still passes.
+    again = xenlab("verify", "--lab", LAB, check=False)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert_nothing_left("verify")
+    assert dom0_agents() == []
+
+
+def test_build_killed_leaves_no_entry_and_the_next_build_sweeps_its_scratch(tmp_path):
+    """`xenlab build` of the dom0 image, in a cache of its own: SIGTERM (as
+    Ctrl-C) cleans up at once; SIGKILL leaves its scratch directory, and its
+    mmdebstrap is stopped (it gets SIGTERM when xenlab dies) and unmounts the
+    chroot; the next build removes the scratch and builds a whole image."""
+    env = {**os.environ, "XENLAB_CACHE": str(tmp_path / "cache")}
+    images = tmp_path / "cache" / "images"
+
+    def scratch() -> list:
+        return sorted(p.name for p in images.iterdir()) if images.exists() else []
+
+    def mounts_below() -> list[str]:
+        return [line for line in open("/proc/self/mounts") if str(tmp_path) in line]
+
+    out = killed_at(["build"], "mmdebstrap", 10, sig=signal.SIGTERM, env=env)
+    assert scratch() == [] and mounts_below() == [], out
+    killed_at(["build"], "mmdebstrap", 20, env=env)
+    left = scratch()
+    assert len(left) == 1 and left[0].startswith("."), left  # only the scratch, no entry
+    deadline = time.monotonic() + 60
+    while mounts_below() and time.monotonic() < deadline:  # mmdebstrap cleaning up
+        time.sleep(1)
+    assert mounts_below() == []
+    built = xenlab("build", env=env)
+    assert f"removed {images / left[0]}, left by an interrupted build" in built.stderr
+    assert [p for p in scratch() if p.startswith(".")] == []
+    assert len(scratch()) == 1

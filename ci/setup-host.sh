@@ -12,7 +12,7 @@ packages=(
   libvirt-daemon libvirt-daemon-driver-qemu libvirt-dev pkg-config
   mmdebstrap e2fsprogs cpio busybox-static kmod
   linux-source-6.1 bc bison flex libelf-dev libssl-dev build-essential
-  openssh-client python3-venv python3-dev
+  openssh-client python3-venv python3-dev uidmap
 )
 
 missing=()
@@ -33,6 +33,19 @@ fi
 if ! getent group libvirt-qemu >/dev/null; then "${sudo_cmd[@]}" groupadd --system libvirt-qemu; fi
 if ! getent passwd libvirt-qemu >/dev/null; then
   "${sudo_cmd[@]}" useradd --system --no-create-home --shell /usr/sbin/nologin -g libvirt-qemu libvirt-qemu
+fi
+
+# An ordinary user builds the dom0 image in a user namespace, which maps the
+# image's owners (root, _apt, ...) to the user's subordinate ids.
+user=${SUDO_USER:-$(id -un)}
+if [ "$user" != root ]; then
+  for table in /etc/subuid /etc/subgid; do
+    if ! grep -q "^$user:" "$table" 2>/dev/null; then
+      start=$(awk -F: '{ end = $2 + $3; if (end > top) top = end } END { print (top > 100000 ? top : 100000) }' "$table" 2>/dev/null || echo 100000)
+      flag=--add-subuids; [ "$table" = /etc/subgid ] && flag=--add-subgids
+      "${sudo_cmd[@]}" usermod "$flag" "$start-$((start + 65535))" "$user"
+    fi
+  done
 fi
 
 if [ ! -x "$venv/bin/python" ]; then

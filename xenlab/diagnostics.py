@@ -8,7 +8,7 @@ import re
 import shutil
 from pathlib import Path
 
-from xenlab.agent.facts import CONSOLE_LOG, EXEC_REPLY_TAG, GUEST_PANIC_PATTERNS
+from xenlab.agent.facts import CONSOLE_LOG, EXEC_CHUNK_TAG, EXEC_REPLY_TAG, GUEST_PANIC_PATTERNS
 from xenlab.lab.serial import CRASH_PATTERNS
 from xenlab.run import tail
 
@@ -86,5 +86,5 @@ def save_artifacts(lab, folder: Path, lab_up: bool = True) -> list[str]:
         for log in sorted(n for n in names if n.startswith(prefix) and n.endswith(suffix)):
             name = log[len(prefix):-len(suffix)]
             # Lines of the console exec protocol are noise to a reader.
-            save(f"console-{name}.log", cmd(f"tail -c 1000000 {console_dir}/{log} | grep -av '^{EXEC_REPLY_TAG} '"))
+            save(f"console-{name}.log", cmd(f"tail -c 1000000 {console_dir}/{log} | grep -av -e '^{EXEC_REPLY_TAG} ' -e '^{EXEC_CHUNK_TAG} '"))
     return written

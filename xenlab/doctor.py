@@ -67,9 +67,19 @@ def checks(probe_kvm: bool = True) -> list[Check]:
     out.append(Check("disk space", free >= MIN_FREE_MIB, f"{free} MiB free under {cache}", f"free space or set XENLAB_CACHE (need {MIN_FREE_MIB} MiB)"))
     mem = _meminfo_mib("MemAvailable")
     out.append(Check("memory", mem >= MIN_MEM_MIB, f"{mem} MiB available", f"a lab needs about {MIN_MEM_MIB} MiB"))
-    out.append(Check("root", os.geteuid() == 0, f"uid {os.geteuid()}", "image builds need root: run with sudo"))
+    out.append(_image_build_check())
     out.append(_accel_check(probe_kvm))
     return out
+
+
+def _image_build_check() -> Check:
+    if os.geteuid() == 0:
+        return Check("image builds", True, "as root")
+    problem = images.user_namespace_problem()
+    if problem:
+        return Check("image builds", False, f"uid {os.geteuid()}: {problem}",
+                     "as root once: apt-get install uidmap; usermod --add-subuids 100000-165535 --add-subgids 100000-165535 USER")
+    return Check("image builds", True, f"uid {os.geteuid()}, in a user namespace (subordinate ids)")
 
 
 def _qemu_check() -> Check:

@@ -70,7 +70,7 @@ def sweep_stale_work(parent: Path, prefix: str) -> list[str]:
     """Remove the scratch directories in `parent` whose builder is gone;
     returns one line per directory removed or, when something is still
     mounted below it, left alone."""
-    from xenlab.run import pid_alive
+    from xenlab.run import pid_alive, pids_using
 
     said = []
     mounts = _mount_points()
@@ -80,6 +80,10 @@ def sweep_stale_work(parent: Path, prefix: str) -> list[str]:
         except (OSError, ValueError):
             continue  # not ours, or still being made
         if pid_alive(pid):
+            continue
+        users = pids_using(work)
+        if users:  # a child of the killed build, still finishing or cleaning up
+            said.append(f"left {work}: its builder (pid {pid}) is gone but pid {users[0]} still works in it")
             continue
         inside = [m for m in mounts if m.startswith(f"{work}/")]
         if inside:

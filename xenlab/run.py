@@ -38,6 +38,37 @@ def pid_alive(pid: int) -> bool:
     return stat.rsplit(")", 1)[-1].split()[0] not in ("Z", "X")
 
 
+def pids_using(path: Path) -> list[int]:
+    """Processes working in `path`: their command line names it, or their
+    root or working directory is in it (a chrooted dpkg, say)."""
+    inside = str(path).rstrip("/")
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            places = [os.readlink(f"/proc/{entry}/{link}") for link in ("root", "cwd")]
+        except OSError:
+            places = []
+        try:
+            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes().decode(errors="replace")
+        except OSError:
+            continue
+        if inside in cmdline or any(p == inside or p.startswith(inside + "/") for p in places):
+            found.append(int(entry))
+    return found
+
+
+def process_age(pid: int) -> float:
+    """Seconds since `pid` started (0 when it is gone)."""
+    try:
+        start_ticks = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[-1].split()[19])
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 0.0
+    return uptime - start_ticks / os.sysconf("SC_CLK_TCK")
+
+
 def tail(text: str, lines: int = 20) -> str:
     return "\n".join(text.rstrip().splitlines()[-lines:])
 
@@ -116,6 +147,8 @@ class _LineSink:
 
 def _pump(pipe: IO[bytes], keep: IO[bytes], sink: _LineSink) -> None:
     for raw in iter(pipe.readline, b""):
+        if keep.closed:  # the command was stopped and its log closed; a straggler still writes
+            return
         keep.write(raw)
         # Write each line through: a build log is read live (tail -f).
         keep.flush()
@@ -131,7 +164,7 @@ _prctl = ctypes.CDLL(None, use_errno=True).prctl
 STOP_GRACE_S = 20
 
 
-def _term_when_parent_dies() -> None:
+def term_when_parent_dies() -> None:
     # Without it a child outlives a SIGKILLed xenlab: mmdebstrap, make or
     # mkfs would go on writing into a work directory nobody owns any more.
     # SIGTERM, not SIGKILL, so that it cleans up as on Ctrl-C.
@@ -139,13 +172,22 @@ def _term_when_parent_dies() -> None:
 
 
 def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(STOP_GRACE_S)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+    """SIGTERM to the child's whole process group (mmdebstrap only defers it
+    while apt and dpkg, its children, go on), then SIGKILL what is left."""
+    _signal_group(proc, signal.SIGTERM)
+    try:
+        proc.wait(STOP_GRACE_S)
+    except subprocess.TimeoutExpired:
+        pass
+    _signal_group(proc, signal.SIGKILL)
     proc.wait()
+
+
+def _signal_group(proc: subprocess.Popen, sig: int) -> None:
+    try:
+        os.killpg(proc.pid, sig)  # its own group, led by it (process_group=0)
+    except (ProcessLookupError, PermissionError):
+        pass
 
 
 def _stream(
@@ -162,8 +204,12 @@ def _stream(
     otherwise they are captured apart, as subprocess.run(capture_output=True)."""
     merged = log_to is not None
     stderr = subprocess.STDOUT if merged else subprocess.PIPE
-    stdin = subprocess.PIPE if input is not None else None
-    proc = subprocess.Popen(args, stdin=stdin, stdout=subprocess.PIPE, stderr=stderr, cwd=cwd, preexec_fn=_term_when_parent_dies)
+    # No terminal input: a command in a process group of its own would be
+    # stopped (SIGTTIN) reading it.
+    stdin = subprocess.PIPE if input is not None else subprocess.DEVNULL
+    # A group of its own, so that stopping it reaches its children too.
+    proc = subprocess.Popen(args, stdin=stdin, stdout=subprocess.PIPE, stderr=stderr, cwd=cwd,
+                            process_group=0, preexec_fn=term_when_parent_dies)
     pipes = [proc.stdout] if merged else [proc.stdout, proc.stderr]
     outputs = [log_to] if merged else [io.BytesIO(), io.BytesIO()]
     sink = _LineSink(on_line)

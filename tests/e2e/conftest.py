@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from xenlab.build import dom0 as images
+
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 XENLAB = [sys.executable, "-m", "xenlab"]
 LAB = os.environ.get("XENLAB_E2E_LAB", "e2e")
@@ -28,8 +30,8 @@ def xenlab(*args: str, check: bool = True, timeout: float = 900, env: dict | Non
 
 def _missing_prerequisites() -> list[str]:
     missing = [t for t in ("qemu-system-x86_64", "qemu-img", "mmdebstrap", "mkfs.ext4") if not shutil.which(t, path=os.environ.get("PATH", "") + ":/usr/sbin:/sbin")]
-    if os.geteuid() != 0:
-        missing.append("root (image builds need it)")
+    if os.geteuid() != 0 and (problem := images.user_namespace_problem()):
+        missing.append(f"root or a user namespace for image builds ({problem})")
     return missing
 
 

@@ -129,3 +129,22 @@ def test_agent_tarball_layout():
         assert tar.extractfile("xenlab_agent/VERSION").read().decode() == deploy.agent_version()
         assert tar.getmember("hotplug/block").mode == 0o755
     assert deploy.agent_command("domctl", "list") == "PYTHONPATH=/usr/local/lib/xenlab python3 -m xenlab_agent.domctl list"
+
+
+def test_streamed_exec_frames_go_through_as_they_come():
+    import base64
+    import io
+
+    from xenlab.guest.manager import _OutputFrames
+
+    out, err = io.BytesIO(), io.BytesIO()
+    frames = _OutputFrames(out, err)
+    stream = (b"O " + base64.b64encode(b"first\n") + b"\nE " + base64.b64encode(b"\0\377 oops") + b"\n"
+              + b"O " + base64.b64encode(b"second") + b"\n" + b'{"rc": 7}')
+    frames.write(stream[:5])  # a frame cut in two arrives whole
+    assert out.getvalue() == b""
+    frames.write(stream[5:30])
+    assert out.getvalue() == b"first\n"
+    frames.write(stream[30:])
+    assert out.getvalue() == b"first\nsecond" and err.getvalue() == b"\0\377 oops"
+    assert frames.rest() == '{"rc": 7}'

@@ -25,7 +25,7 @@ import tty
 
 from . import facts
 from .errors import AgentError, report
-from .facts import CONSOLE_LOG, EXEC_END_TAG, EXEC_REPLY_TAG, EXEC_REQUEST_TAG, GUEST_PANIC_PATTERNS as CRASH_PATTERNS, GUEST_READY_MARK as READY_MARK, GUESTS_DIR, state_name
+from .facts import CONSOLE_LOG, EXEC_CHUNK_TAG, EXEC_END_TAG, EXEC_REPLY_TAG, EXEC_REQUEST_TAG, GUEST_PANIC_PATTERNS as CRASH_PATTERNS, GUEST_READY_MARK as READY_MARK, GUESTS_DIR, state_name
 from .xl import parse_xl_list
 from .xs import XenStore
 
@@ -88,7 +88,7 @@ def console_text(name: str) -> str:
 
 
 def console_tail(name: str, lines: int = 25) -> str:
-    text = [l for l in console_text(name).splitlines() if not l.startswith(EXEC_REPLY_TAG + " ")]
+    text = [l for l in console_text(name).splitlines() if not l.startswith((EXEC_REPLY_TAG + " ", EXEC_CHUNK_TAG + " "))]
     return "\n".join(text[-lines:])
 
 
@@ -287,8 +287,10 @@ def list_guests() -> list[dict]:
 
 # -- exec over the console ---------------------------------------------------
 
-def exec_in(name: str, script: str, stdin: bytes, timeout: float) -> dict:
-    """Send one request to the guest's exec agent on hvc0 and wait for its reply."""
+def exec_in(name: str, script: str, stdin: bytes, timeout: float, on_chunk=None) -> dict:
+    """Send one request to the guest's exec agent on hvc0 and wait for its reply.
+    Output comes in pieces while the command runs; each goes to
+    on_chunk(fd, bytes) when given, and all of it into the result."""
     domid = domid_of(name)
     if domid is None:
         raise Refused(f"no running guest named {name!r}", "see `xenlab guest list`")
@@ -307,10 +309,31 @@ def exec_in(name: str, script: str, stdin: bytes, timeout: float) -> dict:
             stdin_field = base64.b64encode(stdin).decode() if stdin else "-"
             frame = f"\n{EXEC_REQUEST_TAG} {req_id} {base64.b64encode(script.encode()).decode()} {stdin_field}\n".encode()
             _write_all(fd, frame, timeout)
-            reply = re.compile(rf"{EXEC_REPLY_TAG} {req_id} (\d+) ([A-Za-z0-9+/=]*) ([A-Za-z0-9+/=]*) {EXEC_END_TAG}".encode())
+            # A piece is whole once its line ends; the final reply (from older
+            # agents with all the output in it) closes the request.
+            answer = re.compile(rf"{EXEC_CHUNK_TAG} {req_id} ([12]) ([A-Za-z0-9+/=]*)[\r\n]|"
+                                rf"{EXEC_REPLY_TAG} {req_id} (\d+) ([A-Za-z0-9+/=-]*) ([A-Za-z0-9+/=-]*) {EXEC_END_TAG}".encode())
+            output = {1: bytearray(), 2: bytearray()}
             buf = bytearray()
             deadline = time.monotonic() + timeout
-            while (m := reply.search(buf)) is None:
+            while True:
+                consumed = 0
+                for m in answer.finditer(buf):
+                    consumed = m.end()
+                    if m.group(1):
+                        piece = base64.b64decode(m.group(2))
+                        output[int(m.group(1))] += piece
+                        if on_chunk is not None:
+                            on_chunk(int(m.group(1)), piece)
+                        continue
+                    for fdno, field in ((1, m.group(4)), (2, m.group(5))):
+                        if field != b"-" and field:
+                            piece = base64.b64decode(field)
+                            output[fdno] += piece
+                            if on_chunk is not None:
+                                on_chunk(fdno, piece)
+                    return {"rc": int(m.group(3)), "stdout": base64.b64encode(output[1]).decode(), "stderr": base64.b64encode(output[2]).decode()}
+                del buf[:consumed]
                 left = deadline - time.monotonic()
                 if left <= 0:
                     raise Refused(f"guest {name!r} did not answer within {timeout:.0f} s", "the command may still run; see `xenlab guest console`")
@@ -319,9 +342,14 @@ def exec_in(name: str, script: str, stdin: bytes, timeout: float) -> dict:
                         buf += os.read(fd, 1 << 16)
                     except BlockingIOError:
                         pass
-            return {"rc": int(m.group(1)), "stdout": m.group(2).decode(), "stderr": m.group(3).decode()}
         finally:
             os.close(fd)
+
+
+def stream_frame(fd: int, piece: bytes) -> None:
+    """`exec` with "stream": a piece of output as one line on stdout (O or E, base64)."""
+    sys.stdout.write(f"{'O' if fd == 1 else 'E'} {base64.b64encode(piece).decode()}\n")
+    sys.stdout.flush()
 
 
 def _write_all(fd: int, data: bytes, timeout: float) -> None:
@@ -366,7 +394,11 @@ def main(argv: list[str] | None = None) -> int:
             result = list_guests()
         elif args.verb == "exec":
             req = json.load(sys.stdin)
-            result = exec_in(args.name, req["script"], base64.b64decode(req.get("stdin_b64", "")), req.get("timeout", 120))
+            streamed = bool(req.get("stream"))
+            result = exec_in(args.name, req["script"], base64.b64decode(req.get("stdin_b64", "")), req.get("timeout", 120),
+                             on_chunk=stream_frame if streamed else None)
+            if streamed:  # the output went out as it came: only the exit code is left to say
+                result = {"rc": result["rc"]}
         elif args.verb == "console":
             if domid_of(args.name) is None and read_meta(args.name) is None and not console_text(args.name):
                 raise Refused(f"no guest named {args.name!r}", "see `xenlab guest list`")

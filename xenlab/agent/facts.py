@@ -48,6 +48,8 @@ def state_name(state: int | str | None) -> str:
 # The console exec protocol (xenlab's exec agent in the guest, domctl in dom0):
 # REQUEST id script stdin, answered by REPLY id rc stdout stderr END, fields base64.
 EXEC_REQUEST_TAG, EXEC_REPLY_TAG, EXEC_END_TAG = "XLX1", "XLR1", "XLE1"
+EXEC_CHUNK_TAG = "XLO1"  # a piece of a running command's output
+EXEC_CHUNK_BYTES = 12288  # at most, per piece (one pipe read in the guest)
 
 # Lines on a guest's console: its init says it is ready, or that it panicked.
 GUEST_READY_MARK = "XENLAB-GUEST-READY"

@@ -8,8 +8,12 @@ import gzip
 import hashlib
 import json
 import os
+import pwd
 import re
 import shutil
+import signal
+import subprocess
+import sys
 import threading
 import time
 from contextlib import contextmanager
@@ -24,7 +28,7 @@ from xenlab.build import initramfs, kit
 from xenlab.build.kernel import decompress_bzimage
 from xenlab.paths import cache_dir, sweep_stale_work, work_dir
 from xenlab.progress import Steps
-from xenlab.run import run
+from xenlab.run import STOP_GRACE_S, run, term_when_parent_dies
 
 BUILD_VERSION = 6
 DOM0_PACKAGES = (
@@ -184,7 +188,7 @@ def build(cfg: LabConfig, steps: Steps, force: bool = False) -> Dom0Image:
         steps.note(f"dom0 image {image.id} is cached")
         return image
     if os.geteuid() != 0:
-        raise HostError("building the dom0 image needs root (mmdebstrap --mode=root, mkfs.ext4 -d)", "run `sudo xenlab build`")
+        return _build_in_user_namespace(cfg, steps, force)
     final = images_dir() / recipe_id(cfg)
     images_dir().mkdir(parents=True, exist_ok=True)
     for line in sweep_stale_work(images_dir(), "."):
@@ -237,12 +241,92 @@ def _check_space(where: Path, need_mib: int) -> None:
         raise HostError(f"only {free} MiB free under {where}, the build needs about {need_mib} MiB", "free some disk space or set XENLAB_CACHE to a bigger filesystem")
 
 
+def in_user_namespace() -> bool:
+    """Whether this process is root only in a user namespace (uid 0 not the host's)."""
+    try:
+        first = Path("/proc/self/uid_map").read_text().split()
+    except OSError:
+        return False
+    return first[:3] != ["0", "0", "4294967295"]
+
+
+def user_namespace_problem() -> str | None:
+    """Why an ordinary user cannot build the image here (None: it can)."""
+    for tool, package in (("unshare", "util-linux"), ("newuidmap", "uidmap"), ("newgidmap", "uidmap")):
+        if not shutil.which(tool, path=_SBIN_PATH):
+            return f"{tool} is missing (package {package})"
+    user = pwd.getpwuid(os.getuid()).pw_name
+    for table in ("/etc/subuid", "/etc/subgid"):
+        try:
+            owners = {line.split(":")[0] for line in Path(table).read_text().splitlines() if ":" in line}
+        except OSError:
+            owners = set()
+        if user not in owners and str(os.getuid()) not in owners:
+            return f"{table} gives {user} no subordinate ids"
+    return None
+
+
+_SBIN_PATH = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/sbin"])
+
+
+def _build_in_user_namespace(cfg: LabConfig, steps: Steps, force: bool) -> Dom0Image:
+    """The same build, run as root of a user namespace: mmdebstrap, chroot and
+    mkfs.ext4 -d see the image's owners (root, _apt, ...) as they are, mapped
+    to this user's subordinate ids on the host. Only that namespace can
+    remove what it made, so the child also sweeps and cleans up itself."""
+    problem = user_namespace_problem()
+    if problem:
+        user = pwd.getpwuid(os.getuid()).pw_name
+        raise HostError(f"building the dom0 image as {user} (not root) needs a user namespace with subordinate ids: {problem}",
+                        f"once, as root: apt-get install uidmap; usermod --add-subuids 100000-165535 --add-subgids 100000-165535 {user} "
+                        f"(ci/setup-host.sh does this); or run `sudo xenlab build`")
+    argv = [shutil.which("unshare", path=_SBIN_PATH), "--user", "--map-root-user", "--map-auto", "--mount", "--",
+            sys.executable, "-m", "xenlab.build.dom0", json.dumps({"config": cfg.to_dict(), "force": force, "quiet": steps.quiet})]
+    child = subprocess.Popen(argv, stdout=subprocess.PIPE, env={**os.environ, "PATH": _SBIN_PATH}, preexec_fn=term_when_parent_dies)
+    try:
+        out, _ = child.communicate()
+    except BaseException:
+        # It stops its own mmdebstrap and removes its scratch (SIGINT reached it too from a terminal).
+        child.send_signal(signal.SIGINT)
+        try:
+            child.wait(STOP_GRACE_S * 2)
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.wait()
+        raise
+    if child.returncode != 0:
+        raise HostError(f"the dom0 image build in a user namespace failed (exit {child.returncode}); its error is above",
+                        "see the build log it names")
+    return Dom0Image(Path(json.loads(out)["path"]))
+
+
+def _namespace_main(request: str) -> int:
+    """The child of _build_in_user_namespace: build, print the image's path."""
+    from xenlab.errors import XenlabError
+
+    args = json.loads(request)
+    # SIGTERM (from the parent, or when it dies) as Ctrl-C: the build cleans up.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        image = build(LabConfig.from_dict(args["config"]), Steps(quiet=args["quiet"]), force=args["force"])
+    except XenlabError as e:
+        print(f"error: {e.message}" + (f"\nhint: {e.hint}" if e.hint else ""), file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    print(json.dumps({"path": str(image.path)}))
+    return 0
+
+
 def _mmdebstrap(cfg: LabConfig, rootfs: Path, log_file: Path, steps: Steps) -> None:
     packages = ",".join(DOM0_PACKAGES + tuple(cfg.dom0.extra_packages))
+    # In a user namespace mknod and mounting /proc and /sys fail; unshare mode
+    # bind-mounts them instead (dev nodes are left out: dom0's init mounts devtmpfs).
+    mode = "unshare" if in_user_namespace() else "root"
     # --verbose: only then does mmdebstrap pass on apt's and dpkg's per-package
     # lines (off a terminal it otherwise prints just its few "I:" lines).
     run(
-        ["mmdebstrap", "--verbose", "--mode=root", "--variant=minbase", f"--include={packages}", cfg.dom0.suite, rootfs, apt_sources()],
+        ["mmdebstrap", "--verbose", f"--mode={mode}", "--variant=minbase", f"--include={packages}", cfg.dom0.suite, rootfs, apt_sources()],
         log_file=log_file,
         on_line=PackageProgress(steps),
         hint="check that the host's apt sources work (`apt-get update`) and that every extra package exists",
@@ -401,3 +485,7 @@ def _extract_boot(rootfs: Path, kver: str, out: Path) -> str:
     return f"{pub[0]} {pub[1]}"
 
 
+
+
+if __name__ == "__main__":
+    sys.exit(_namespace_main(sys.argv[1]))

@@ -16,7 +16,7 @@ import tempfile
 from pathlib import Path
 
 from xenlab import templates
-from xenlab.agent.facts import DOMU_AGENT_ROOT, EXEC_END_TAG, EXEC_REPLY_TAG, EXEC_REQUEST_TAG, GUEST_PANIC_MARK, GUEST_READY_MARK
+from xenlab.agent.facts import DOMU_AGENT_ROOT, EXEC_CHUNK_BYTES, EXEC_CHUNK_TAG, EXEC_END_TAG, EXEC_REPLY_TAG, EXEC_REQUEST_TAG, GUEST_PANIC_MARK, GUEST_READY_MARK
 from xenlab.errors import HostError
 from xenlab.build import extras
 from xenlab.build.dom0 import Dom0Image
@@ -31,7 +31,8 @@ TEMPLATES = ("domu-init.sh.j2", "domu-exec-agent.sh.j2")
 
 def exec_facts() -> dict:
     """The console exec protocol's tags, as the agent in dom0 speaks it."""
-    return {"request_tag": EXEC_REQUEST_TAG, "reply_tag": EXEC_REPLY_TAG, "end_tag": EXEC_END_TAG}
+    return {"request_tag": EXEC_REQUEST_TAG, "reply_tag": EXEC_REPLY_TAG, "end_tag": EXEC_END_TAG,
+            "chunk_tag": EXEC_CHUNK_TAG, "chunk_bytes": EXEC_CHUNK_BYTES}
 
 
 def init_facts() -> dict:

@@ -210,9 +210,8 @@ def exec_cmd(ctx, lab, timeout, use_stdin, as_shell, name, command):
         raise XenlabError("no command given", f"e.g. xenlab guest exec {name} -- uname -a")
     data = sys.stdin.buffer.read() if use_stdin else b""
     with open_lab(ctx, lab).guests() as guests:
-        rc, out, err = guests.exec_bytes(name, " ".join(command) if as_shell else list(command), input=data, timeout=timeout)
-    sys.stdout.buffer.write(out)
-    sys.stderr.buffer.write(err)
+        rc = guests.exec_stream(name, " ".join(command) if as_shell else list(command), sys.stdout.buffer, sys.stderr.buffer,
+                                input=data, timeout=timeout)
     ctx.exit(rc)
 
 

@@ -7,11 +7,13 @@ from __future__ import annotations
 import base64
 import gzip
 import hashlib
+import io
 import json
 import shlex
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 from xenlab import templates
 from xenlab.agent.facts import BRIDGE, GUEST_SUBNET as SUBNET, HOTPLUG_DIR, GUESTS_DIR as REMOTE_GUESTS, IMAGES_DIR as REMOTE_IMAGES
@@ -246,6 +248,21 @@ class Guests:
         reply = self.domctl("exec", name, request=request, timeout=timeout + 30)
         return reply["rc"], base64.b64decode(reply["stdout"]), base64.b64decode(reply["stderr"])
 
+    def exec_stream(self, name: str, command: str | Sequence[str], stdout: BinaryIO, stderr: BinaryIO,
+                    input: bytes = b"", timeout: float = 120) -> int:
+        """exec_bytes(), with the command's output written to stdout and stderr
+        as it comes (piece by piece, as the guest's pipes deliver it); its exit code."""
+        validate_name(name, "guest name")
+        script = command if isinstance(command, str) else shlex.join(command)
+        request = {"script": script, "stdin_b64": base64.b64encode(input).decode(), "timeout": timeout, "stream": True}
+        self._agent()
+        frames = _OutputFrames(stdout, stderr)
+        agent_stderr = io.BytesIO()
+        status = self.ssh().stream(deploy.agent_command("domctl", "exec", name), io.BytesIO(json.dumps(request).encode()), frames, agent_stderr)
+        reply = deploy.agent_reply(frames.rest(), agent_stderr.getvalue().decode(errors="replace"), status,
+                                   f"the dom0 agent (domctl exec {name})", GuestError)
+        return reply["rc"]
+
     def exec(self, name: str, command: str | Sequence[str], input: bytes = b"", timeout: float = 120) -> CommandResult:
         """exec_bytes(), with the output as text."""
         rc, out, err = self.exec_bytes(name, command, input, timeout)
@@ -256,3 +273,29 @@ class Guests:
         """Block and network ring I/O checks on the real frontends/backends (run in dom0)."""
         validate_name(name, "guest name")
         return self.agent("iocheck", name, timeout=timeout)
+
+
+class _OutputFrames:
+    """The dom0 agent's streamed exec output ("O base64" and "E base64" lines)
+    written through to stdout and stderr; its other lines (the final JSON) kept."""
+
+    def __init__(self, stdout: BinaryIO, stderr: BinaryIO):
+        self._sinks = {b"O": stdout, b"E": stderr}
+        self._partial = b""
+        self._other: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        *lines, self._partial = (self._partial + data).split(b"\n")
+        for line in lines:
+            sink = self._sinks.get(line[:1]) if line[1:2] == b" " else None
+            if sink is None:
+                self._other.append(line)
+                continue
+            sink.write(base64.b64decode(line[2:]))
+            sink.flush()
+
+    def flush(self) -> None:
+        pass
+
+    def rest(self) -> str:
+        return b"\n".join(self._other + [self._partial]).decode(errors="replace")

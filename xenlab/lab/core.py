@@ -26,7 +26,7 @@ from xenlab.config import LabConfig, validate_name
 from xenlab.errors import BootError, LabError, SSHError
 from xenlab.paths import cache_dir, lab_dir, private, state_root
 from xenlab.progress import Steps
-from xenlab.run import pid_alive, run
+from xenlab.run import pid_alive, process_age, run
 from xenlab.build import dom0 as images
 from xenlab.build.boot import BootFiles, boot_files
 from xenlab.lab import accel as accel_mod, serial, snapshot as snapshots, versions, virt
@@ -699,8 +699,30 @@ class Lab:
         for path in (self.info_file, self.disk, self.boot_marker):
             path.unlink(missing_ok=True)
 
+    def _end_stray_probes(self) -> list[int]:
+        """End QEMU capability probes that libvirt started for this lab's embed
+        root and then lost: a xenlab process killed with SIGKILL while libvirt
+        probed leaves the probe (daemonized, waiting on its QMP socket) for good."""
+        ended = []
+        for pidfile in self.embed_root.glob("lib/qemu/qmp-*/qmp.pid"):
+            try:
+                pid = int(pidfile.read_text().split()[0])
+                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+            except (OSError, ValueError, IndexError):
+                continue
+            # A live probe takes seconds; another process may be probing right now.
+            if str(pidfile.parent).encode() in cmdline and process_age(pid) > STRAY_PROBE_AGE_S:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                    ended.append(pid)
+                except ProcessLookupError:
+                    pass
+                shutil.rmtree(pidfile.parent, ignore_errors=True)
+        return ended
+
     def _stop_domain(self) -> tuple[bool, int | None]:
         """Destroy the lab's libvirt domain if there is one; (was it running, QEMU pid)."""
+        self._end_stray_probes()
         pid = self._qemu_pid() or (self.info() or {}).get("qemu_pid")
         stopped = False
         if pid and self.qemu_alive():
@@ -863,6 +885,9 @@ def _digest_async(snap: "snapshots.Snapshot") -> Future:
 
     threading.Thread(target=work, name="snapshot-digest", daemon=True).start()
     return future
+
+
+STRAY_PROBE_AGE_S = 120
 
 
 def _wait_gone(pid: int, timeout: float) -> None:

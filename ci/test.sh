@@ -2,7 +2,8 @@
 # The whole test suite: host set-up (idempotent), the wheel check, the dom0 image and the guest
 # kernel and roots (cached; the first guest kernel build takes ~4 min), unit
 # tests, then the e2e tests on the real lab (Xen under QEMU; TCG here) on the
-# stock QEMU, then `xenlab verify` on the backports QEMU (docs/versions.md).
+# stock QEMU, then `xenlab verify` on the backports QEMU (docs/versions.md),
+# then the lab and guest e2e tests and verify again as an ordinary user.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash ci/setup-host.sh
@@ -21,3 +22,5 @@ other_config="$reports/qemu-backports.toml"
 printf '[lab]\nqemu = "%s"\n' "$qemu" >"$other_config"
 "$venv/bin/xenlab" --config "$other_config" verify --lab ci-qemu-backports --down \
   --json "$reports/verify-qemu-backports.json" --junit "$reports/verify-qemu-backports.xml"
+# Without root (docs/reliability.md#running-as-an-ordinary-user).
+XENLAB_REPORTS=$(cd "$reports" && pwd) bash ci/as-user.sh

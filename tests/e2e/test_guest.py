@@ -55,6 +55,29 @@ def test_exec_passes_output_and_exit_code(main_guest):
     assert main_guest["ip"] in ok.stdout
 
 
+def test_exec_streams_output_as_it_comes(main_guest):
+    import subprocess
+    import sys
+    import time
+
+    started = time.monotonic()
+    p = subprocess.Popen([sys.executable, "-m", "xenlab", "guest", "exec", "--lab", LAB, "--shell", GUEST, "--",
+                          "echo first; echo warn >&2; sleep 12; echo second; exit 5"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
+    try:
+        assert p.stdout.readline() == b"first\n"
+        first_at = time.monotonic() - started
+        assert p.poll() is None  # the line came while the command still ran
+        rest, err = p.communicate(timeout=120)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    ended_at = time.monotonic() - started
+    assert (p.returncode, rest, err) == (5, b"second\n", b"warn\n")
+    assert ended_at - first_at > 10, (first_at, ended_at)  # not all at the end
+
+
 def test_exec_stdin_round_trip(main_guest):
     import subprocess
     import sys

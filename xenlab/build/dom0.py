@@ -323,10 +323,13 @@ def _mmdebstrap(cfg: LabConfig, rootfs: Path, log_file: Path, steps: Steps) -> N
     # In a user namespace mknod and mounting /proc and /sys fail; unshare mode
     # bind-mounts them instead (dev nodes are left out: dom0's init mounts devtmpfs).
     mode = "unshare" if in_user_namespace() else "root"
+    # As real root, in a mount namespace of its own: the chroot's /proc, /sys
+    # and /dev/pts mounts go with it even when it is killed mid-way.
+    private_mounts = [] if in_user_namespace() else ["unshare", "--mount", "--propagation", "private", "--"]
     # --verbose: only then does mmdebstrap pass on apt's and dpkg's per-package
     # lines (off a terminal it otherwise prints just its few "I:" lines).
     run(
-        ["mmdebstrap", "--verbose", f"--mode={mode}", "--variant=minbase", f"--include={packages}", cfg.dom0.suite, rootfs, apt_sources()],
+        [*private_mounts, "mmdebstrap", "--verbose", f"--mode={mode}", "--variant=minbase", f"--include={packages}", cfg.dom0.suite, rootfs, apt_sources()],
         log_file=log_file,
         on_line=PackageProgress(steps),
         hint="check that the host's apt sources work (`apt-get update`) and that every extra package exists",

@@ -201,3 +201,35 @@ def test_build_killed_leaves_no_entry_and_the_next_build_sweeps_its_scratch(tmp_
     assert f"removed {images / left[0]}, left by an interrupted build" in built.stderr
     assert [p for p in scratch() if p.startswith(".")] == []
     assert len(scratch()) == 1
+
+
+def finished(proc: subprocess.Popen) -> tuple[int, str, str]:
+    out, err = proc.communicate(timeout=600)
+    return proc.returncode, out, err
+
+
+def test_two_commands_on_one_lab_at_once_both_work(kill_lab):
+    """Two `up`s of one lab at once: one boots, the other waits, says so, and
+    returns the same lab; two `guest create`s at once both make their guest."""
+    xenlab("down", "--lab", LAB)
+    ups = [subprocess.Popen(XENLAB + ["up", "--lab", LAB, "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+           for _ in range(2)]
+    results = [finished(p) for p in ups]
+    assert [rc for rc, _, _ in results] == [0, 0], results
+    infos = [json.loads(out) for _, out, _ in results]
+    assert infos[0]["qemu_pid"] == infos[1]["qemu_pid"] and pid_alive(infos[0]["qemu_pid"])
+    assert any("waiting for another xenlab command" in err for _, _, err in results), results
+    assert json.loads(xenlab("status", "--lab", LAB, "--json").stdout)["state"] == "up"
+    creates = [subprocess.Popen(XENLAB + ["guest", "create", "--lab", LAB, name, "--disk", "8M", "--net", "--json"],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for name in ("c1", "c2")]
+    made = [finished(p) for p in creates]
+    try:
+        assert [rc for rc, _, _ in made] == [0, 0], made
+        guests = {g["name"]: g for g in json.loads(xenlab("guest", "list", "--lab", LAB, "--json").stdout)}
+        assert guests["c1"]["state"] == guests["c2"]["state"] == "running"
+        assert guests["c1"]["ip"] != guests["c2"]["ip"]
+    finally:
+        for name in ("c1", "c2"):
+            xenlab("guest", "destroy", "--lab", LAB, name, check=False)
+    for name in ("c1", "c2"):
+        assert_nothing_left(name)

@@ -71,8 +71,12 @@ def agent_check_command() -> str:
 
 
 def install_agent(ssh) -> None:
+    # Under a lock, and only if still needed: two commands at once (two guest
+    # creates, say) may both find the agent missing.
     target = f"{AGENT_ROOT}/{AGENT_PACKAGE}"
-    ssh.check(f"rm -rf {target} && mkdir -p {AGENT_ROOT} && tar -x -C {AGENT_ROOT}", input=agent_tarball())
+    ssh.check(f"mkdir -p {AGENT_ROOT} && exec 9> {AGENT_ROOT}/.install.lock && flock 9 && "
+              f"if {{ {agent_check_command()}; }} | grep -q agent-current; then cat > /dev/null; "
+              f"else rm -rf {target} && tar -x -C {AGENT_ROOT}; fi", input=agent_tarball())
 
 
 def ensure_agent(ssh) -> None:

@@ -9,6 +9,7 @@ import gzip
 import hashlib
 import io
 import json
+import secrets
 import shlex
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -110,7 +111,8 @@ class Guests:
         gzipped (a PV vmlinux is mostly alignment padding)."""
         data = local.read_bytes()
         packed = local.suffix == ".gz"
-        part = shlex.quote(remote + ".part")
+        # A part file of its own: two creates at once may ship the same file.
+        part = shlex.quote(f"{remote}.part-{secrets.token_hex(4)}")
         unpack = f"cat > {part}" if packed else f"gzip -dc > {part}"
         self.ssh().check(
             f"mkdir -p {REMOTE_IMAGES} && {unpack} && mv {part} {shlex.quote(remote)}",

@@ -44,6 +44,7 @@ def test_long_lab_paths_get_a_short_embed_root(monkeypatch):
         root = lab.embed_root
         assert not embed_root_fits(lab.dir / "libvirt")
         lab._link_embed_root()
+        (root / "cache").mkdir()  # as libvirt does, through the link
         assert root.is_symlink() and root.resolve() == (lab.dir / "libvirt").resolve()
         assert embed_root_fits(root) and lab.embed_root == root  # stable on the next call
         monkeypatch.setenv("XENLAB_STATE", str(Path(base) / ("d" * 60)))

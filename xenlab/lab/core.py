@@ -130,6 +130,7 @@ class Lab:
             raise LabError(f"the lab's state path {target} is too long for libvirt's monitor socket "
                            f"(UNIX socket paths hold 107 bytes)",
                            hint="set XENLAB_STATE (or XDG_STATE_HOME) to a shorter directory")
+        private(target)  # libvirt makes its directories through the link
         if not root.is_symlink() or os.readlink(root) != str(target):
             private(root.parent)
             root.unlink(missing_ok=True)

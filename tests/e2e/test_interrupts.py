@@ -102,10 +102,14 @@ def kill_lab(lab_info):
     assert processes_of_lab(LAB) == []
 
 
-@pytest.mark.parametrize("delay", [0.0, 1.0, 2.5])
-def test_guest_create_killed_then_destroy_leaves_nothing(kill_lab, delay):
+@pytest.mark.parametrize("sig,delay", [(signal.SIGKILL, 0.0), (signal.SIGKILL, 1.0), (signal.SIGKILL, 2.5),
+                                       (signal.SIGINT, 1.0), (signal.SIGTERM, 2.5)])
+def test_guest_create_killed_then_destroy_leaves_nothing(kill_lab, sig, delay):
     name = "gk"
-    out = killed_at(["guest", "create", "--lab", LAB, name, "--disk", "8M", "--net"], "xl create, wait for Connected", delay)
+    out = killed_at(["guest", "create", "--lab", LAB, name, "--disk", "8M", "--net"], "xl create, wait for Connected", delay, sig=sig)
+    if sig != signal.SIGKILL:  # as Ctrl-C: the create undoes itself before it exits
+        assert "interrupted" in out, out
+        assert_nothing_left(name)
     # The next command sees whatever the kill left, and destroy removes it.
     listed = xenlab("guest", "list", "--lab", LAB, "--json").stdout
     result = xenlab("guest", "destroy", "--lab", LAB, name, check=False)
@@ -128,9 +132,10 @@ def test_guest_destroy_killed_then_destroy_again_leaves_nothing(kill_lab, delay)
     assert_nothing_left(name)
 
 
-@pytest.mark.parametrize("marker,delay", [("stop lab", 0.0), ("restore snapshot", 0.3), ("dom0 answers", 0.2)])
-def test_reset_killed_then_up_recovers(kill_lab, marker, delay):
-    killed_at(["reset", "--lab", LAB], marker, delay)
+@pytest.mark.parametrize("marker,delay,sig", [("stop lab", 0.0, signal.SIGKILL), ("restore snapshot", 0.3, signal.SIGKILL),
+                                              ("dom0 answers", 0.2, signal.SIGKILL), ("restore snapshot", 0.3, signal.SIGTERM)])
+def test_reset_killed_then_up_recovers(kill_lab, marker, delay, sig):
+    killed_at(["reset", "--lab", LAB], marker, delay, sig=sig)
     state = json.loads(xenlab("status", "--lab", LAB, "--json").stdout)["state"]
     assert state in ("down", "orphaned", "gone", "up"), state
     info = json.loads(xenlab("up", "--lab", LAB, "--json").stdout) if state != "up" else None

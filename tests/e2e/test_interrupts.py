@@ -146,6 +146,17 @@ def test_reset_killed_then_up_recovers(kill_lab, marker, delay, sig):
     assert "Domain-0" in dom0("xl list").stdout
 
 
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_up_interrupted_while_booting_stops_its_vm_and_the_next_up_works(kill_lab, sig):
+    xenlab("down", "--lab", LAB)
+    out = killed_at(["up", "--lab", LAB, "--cold"], "boot Xen and dom0", 2.0, sig=sig)
+    assert "interrupted" in out, out
+    assert json.loads(xenlab("status", "--lab", LAB, "--json").stdout)["state"] == "down"
+    assert processes_of_lab(LAB) == []  # its QEMU is gone, nothing left running
+    info = json.loads(xenlab("up", "--lab", LAB, "--json").stdout)
+    assert pid_alive(info["qemu_pid"]) and "Domain-0" in dom0("xl list").stdout
+
+
 def test_up_killed_while_saving_its_snapshot_leaves_none_half_made(kill_lab):
     """A cold boot killed while it saves: no usable half-snapshot, and the next
     `up` works (restoring the snapshot that was there, or booting cold)."""

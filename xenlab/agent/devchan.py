@@ -419,7 +419,8 @@ class Frontend:
 
     def _wait_backend_closed(self, state: int = CLOSING) -> int:
         try:
-            self.xs.wait_for(f"{self.be}/state", lambda v: int(v) >= state, self.timeout, "the backend to close")
+            # Its directory gone counts: a backend removes its nodes once Closed.
+            self.xs.wait_for(f"{self.be}/state", lambda v: int(v) >= state, self.timeout, "the backend to close", gone_ok=True)
         except XsError:
             pass
         return state_of(self.xs, self.be)

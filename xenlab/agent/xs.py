@@ -185,8 +185,10 @@ class XenStore:
                 if ok:
                     raise
 
-    def wait_for(self, path: str, accept, timeout: float, what: str = "") -> str:
-        """Watch `path` until accept(value) is true; returns the value."""
+    def wait_for(self, path: str, accept, timeout: float, what: str = "", gone_ok: bool = False) -> str | None:
+        """Watch `path` until accept(value) is true; returns the value (None
+        when `gone_ok` and the node is removed, e.g. a backend that closed and
+        cleaned up before we looked)."""
         token = f"wait-{os.getpid()}-{time.monotonic_ns()}"
         self.watch(path, token)
         deadline = time.monotonic() + timeout
@@ -195,6 +197,8 @@ class XenStore:
                 value = self.try_read(path)
                 if value is not None and accept(value):
                     return value
+                if value is None and gone_ok:
+                    return None
                 left = deadline - time.monotonic()
                 if left <= 0:
                     raise XsError(f"timed out after {timeout:.0f} s waiting for {what or path} (last value {value!r})")

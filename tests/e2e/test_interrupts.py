@@ -26,6 +26,10 @@ LAB = "e2e-kill"
 XENLAB = [sys.executable, "-m", "xenlab"]
 
 
+def signal_id(value) -> str | None:
+    return value.name if isinstance(value, signal.Signals) else None
+
+
 def killed_at(args: list[str], marker: str | None, delay: float, timeout: float = 300,
               sig: int = signal.SIGKILL, env: dict | None = None) -> str:
     """Start `xenlab ARGS`, send it `sig` `delay` s after `marker` appears in its
@@ -103,7 +107,7 @@ def kill_lab(lab_info):
 
 
 @pytest.mark.parametrize("sig,delay", [(signal.SIGKILL, 0.0), (signal.SIGKILL, 1.0), (signal.SIGKILL, 2.5),
-                                       (signal.SIGINT, 1.0), (signal.SIGTERM, 2.5)])
+                                       (signal.SIGINT, 1.0), (signal.SIGTERM, 2.5)], ids=signal_id)
 def test_guest_create_killed_then_destroy_leaves_nothing(kill_lab, sig, delay):
     name = "gk"
     out = killed_at(["guest", "create", "--lab", LAB, name, "--disk", "8M", "--net"], "xl create, wait for Connected", delay, sig=sig)
@@ -133,7 +137,8 @@ def test_guest_destroy_killed_then_destroy_again_leaves_nothing(kill_lab, delay)
 
 
 @pytest.mark.parametrize("marker,delay,sig", [("stop lab", 0.0, signal.SIGKILL), ("restore snapshot", 0.3, signal.SIGKILL),
-                                              ("dom0 answers", 0.2, signal.SIGKILL), ("restore snapshot", 0.3, signal.SIGTERM)])
+                                              ("dom0 answers", 0.2, signal.SIGKILL), ("restore snapshot", 0.3, signal.SIGTERM)],
+                         ids=signal_id)
 def test_reset_killed_then_up_recovers(kill_lab, marker, delay, sig):
     killed_at(["reset", "--lab", LAB], marker, delay, sig=sig)
     state = json.loads(xenlab("status", "--lab", LAB, "--json").stdout)["state"]
@@ -146,7 +151,7 @@ def test_reset_killed_then_up_recovers(kill_lab, marker, delay, sig):
     assert "Domain-0" in dom0("xl list").stdout
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=signal_id)
 def test_up_interrupted_while_booting_stops_its_vm_and_the_next_up_works(kill_lab, sig):
     xenlab("down", "--lab", LAB)
     out = killed_at(["up", "--lab", LAB, "--cold"], "boot Xen and dom0", 2.0, sig=sig)

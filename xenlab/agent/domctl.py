@@ -17,6 +17,7 @@ import re
 import secrets
 import select
 import shutil
+import signal
 import subprocess
 import sys
 import termios
@@ -94,7 +95,58 @@ def console_tail(name: str, lines: int = 25) -> str:
 
 # -- create ----------------------------------------------------------------
 
+def _creating_lock(name: str, blocking: bool):
+    """The file a create of NAME holds locked (with its pid in it) while it runs."""
+    os.makedirs("/run/xenlab", exist_ok=True)
+    f = open(f"/run/xenlab/create-{name}.lock", "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+    except BlockingIOError:
+        f.close()
+        return None
+    return f
+
+
+def _stop_create(name: str, timeout: float) -> None:
+    """A create of NAME still running (its caller was interrupted, or killed)
+    is told to stop, and undoes itself, before a destroy goes on: otherwise
+    its hotplug scripts could attach a loop device after the destroy looked."""
+    held = _creating_lock(name, blocking=False)
+    if held is not None:
+        held.close()
+        return
+    try:
+        with open(f"/run/xenlab/create-{name}.lock") as f:
+            os.kill(int(f.read().split()[0]), signal.SIGTERM)
+    except (OSError, ValueError, IndexError):
+        pass
+    deadline = time.monotonic() + timeout
+    while (held := _creating_lock(name, blocking=False)) is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    if held is not None:
+        held.close()
+
+
+def _interrupted(signum, frame):
+    raise Refused("interrupted (a destroy of this guest, or SIGTERM)")
+
+
 def create(spec: dict) -> dict:
+    name = spec["name"]
+    lock = _creating_lock(name, blocking=True)
+    lock.seek(0)
+    lock.truncate()
+    lock.write(f"{os.getpid()}\n")
+    lock.flush()
+    # Stopped as by a failure: the domain, its devices and files are removed.
+    signal.signal(signal.SIGTERM, _interrupted)
+    try:
+        return _create(spec)
+    finally:
+        lock.close()
+
+
+def _create(spec: dict) -> dict:
     name = spec["name"]
     if domid_of(name) is not None:
         raise Refused(f"guest {name!r} is already running", f"destroy it first (`xenlab guest destroy {name}`) or pick another name")
@@ -206,6 +258,7 @@ def leftovers(store: XenStore, domid: int, name: str) -> dict:
 
 
 def destroy(name: str, timeout: float) -> dict:
+    _stop_create(name, timeout)
     domid = domid_of(name)
     meta = read_meta(name)
     if domid is None and meta is None:
@@ -228,6 +281,12 @@ def _remove(name: str, domid: int | None, timeout: float) -> dict:
             left = leftovers(store, domid, name)
             while any(left.values()) and time.monotonic() < deadline:
                 time.sleep(0.05)
+                left = leftovers(store, domid, name)
+            if left["loop_devices"]:
+                # A block hotplug script stopped between losetup and telling
+                # XenStore: no backend will ever detach these.
+                for loop in left["loop_devices"]:
+                    subprocess.run(["losetup", "-d", loop.split()[0]], capture_output=True)
                 left = leftovers(store, domid, name)
     shutil.rmtree(guest_dir(name), ignore_errors=True)
     release_addresses(name)

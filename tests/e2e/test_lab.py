@@ -12,7 +12,7 @@ import pytest
 
 from xenlab.agent.xl import parse_xl_info
 
-from .conftest import LAB, XENLAB, pid_alive, xenlab
+from .conftest import LAB, XENLAB, lab_prerequisites, pid_alive, xenlab
 
 
 def test_up_reports_ready_lab(lab_info):
@@ -129,3 +129,15 @@ def test_down_leaves_nothing_and_is_idempotent(lab_info):
     assert json.loads(xenlab("status", "--name", LAB, "--json").stdout)["state"] == "down"
     second = json.loads(xenlab("down", "--name", LAB, "--json").stdout)
     assert second["was_running"] is False
+
+
+def test_one_process_uses_libvirt_many_times():
+    """libvirt registers its embedded QEMU driver at every open and a process
+    has about 20 slots: a long session (a soak, a reset per test) must reuse
+    one connection, not run out ("Too many drivers")."""
+    from xenlab.lab import Lab
+
+    lab_prerequisites()
+    lab = Lab.open("e2e-conn")
+    for _ in range(40):
+        assert lab.running() is False

@@ -110,15 +110,55 @@ def prepare_embed_root(root: Path, shared_cache: Path) -> None:
     conf.write_text("\n".join(lines) + "\n")
 
 
+# One connection per URI for the life of the process. libvirt registers the
+# embedded QEMU driver again at every open and never gives the slot back: a
+# process can open an embed URI only about 20 times ("Too many drivers, cannot
+# register QEMU"), which a pytest session resetting its lab per test, or a
+# soak, reaches. The cost: while a process holds a lab's embed root, other
+# processes wait for it (see connect).
+_connections: dict[tuple[str, int], object] = {}
+_connections_lock = threading.Lock()
+
+
+def _root_identity(uri: str) -> int:
+    """For an embed URI, the inode of its root (a root removed and made again is
+    another driver's state); 0 otherwise."""
+    if not uri.startswith("qemu:///embed?root="):
+        return 0
+    try:
+        return os.stat(uri.split("root=", 1)[1]).st_ino
+    except OSError:
+        return 0
+
+
 @contextmanager
 def connect(uri: str, lock_wait: float = 30.0):
-    """Open a libvirt connection; yields virConnect and closes it after."""
+    """A libvirt connection to `uri` (kept open for the next caller in this process)."""
     _ensure_event_loop()
+    key = (uri, _root_identity(uri))
+    with _connections_lock:
+        conn = _connections.get(key)
+        if conn is not None and not _alive_connection(conn):
+            del _connections[key]
+            conn = None
+        if conn is None:
+            conn = _open(uri, lock_wait)
+            _connections[key] = conn
+    yield conn
+
+
+def _alive_connection(conn) -> bool:
+    try:
+        return conn.isAlive() == 1
+    except _libvirt().libvirtError:
+        return False
+
+
+def _open(uri: str, lock_wait: float):
     deadline = time.monotonic() + lock_wait
     while True:
         try:
-            conn = _libvirt().open(uri)
-            break
+            return _libvirt().open(uri)
         except _libvirt().libvirtError as e:
             msg = str(e)
             if "Failed to acquire pid file" in msg and time.monotonic() < deadline:
@@ -128,15 +168,9 @@ def connect(uri: str, lock_wait: float = 30.0):
                 f"cannot connect to libvirt at {uri}: {msg}",
                 "check the URI (e.g. qemu:///system, qemu+ssh://host/system) and that libvirtd runs there"
                 if "embed" not in uri
-                else "another xenlab command may be using this lab; retry when it has finished",
+                else "another xenlab process holds this lab's libvirt (a long-running one keeps it until it exits); "
+                     "retry when it has finished",
             ) from None
-    try:
-        yield conn
-    finally:
-        try:
-            conn.close()
-        except _libvirt().libvirtError:
-            pass
 
 
 def lookup(conn, name: str):

@@ -488,7 +488,5 @@ def _extract_boot(rootfs: Path, kver: str, out: Path) -> str:
     return f"{pub[0]} {pub[1]}"
 
 
-
-
 if __name__ == "__main__":
     sys.exit(_namespace_main(sys.argv[1]))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import pwd
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -78,7 +79,7 @@ def _image_build_check() -> Check:
     problem = images.user_namespace_problem()
     if problem:
         return Check("image builds", False, f"uid {os.geteuid()}: {problem}",
-                     "as root once: apt-get install uidmap; usermod --add-subuids 100000-165535 --add-subgids 100000-165535 USER")
+                     images.subid_setup_hint(pwd.getpwuid(os.getuid()).pw_name))
     return Check("image builds", True, f"uid {os.geteuid()}, in a user namespace (subordinate ids)")
 
 

@@ -8,6 +8,8 @@ import tempfile
 from importlib import resources
 from pathlib import Path
 
+from xenlab.run import pid_alive, pids_using
+
 # setuptools installs packages as plain directories (no zip), so the
 # package's data folder is a real path that jinja2 and file APIs can use.
 DATA_DIR = Path(str(resources.files("xenlab") / "data"))
@@ -70,8 +72,6 @@ def sweep_stale_work(parent: Path, prefix: str) -> list[str]:
     """Remove the scratch directories in `parent` whose builder is gone;
     returns one line per directory removed or, when something is still
     mounted below it, left alone."""
-    from xenlab.run import pid_alive, pids_using
-
     said = []
     mounts = _mount_points()
     for work in sorted(parent.glob(f"{prefix}*")):

@@ -95,10 +95,14 @@ def console_tail(name: str, lines: int = 25) -> str:
 
 # -- create ----------------------------------------------------------------
 
+def _create_lock_path(name: str) -> str:
+    return f"/run/xenlab/create-{name}.lock"
+
+
 def _creating_lock(name: str, blocking: bool):
     """The file a create of NAME holds locked (with its pid in it) while it runs."""
     os.makedirs("/run/xenlab", exist_ok=True)
-    f = open(f"/run/xenlab/create-{name}.lock", "a+")
+    f = open(_create_lock_path(name), "a+")
     try:
         fcntl.flock(f, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
     except BlockingIOError:
@@ -116,7 +120,7 @@ def _stop_create(name: str, timeout: float) -> None:
         held.close()
         return
     try:
-        with open(f"/run/xenlab/create-{name}.lock") as f:
+        with open(_create_lock_path(name)) as f:
             os.kill(int(f.read().split()[0]), signal.SIGTERM)
     except (OSError, ValueError, IndexError):
         pass
@@ -373,6 +377,12 @@ def exec_in(name: str, script: str, stdin: bytes, timeout: float, on_chunk=None)
             answer = re.compile(rf"{EXEC_CHUNK_TAG} {req_id} ([12]) ([A-Za-z0-9+/=]*)[\r\n]|"
                                 rf"{EXEC_REPLY_TAG} {req_id} (\d+) ([A-Za-z0-9+/=-]*) ([A-Za-z0-9+/=-]*) {EXEC_END_TAG}".encode())
             output = {1: bytearray(), 2: bytearray()}
+
+            def take(fdno: int, piece: bytes) -> None:
+                output[fdno] += piece
+                if on_chunk is not None:
+                    on_chunk(fdno, piece)
+
             buf = bytearray()
             deadline = time.monotonic() + timeout
             while True:
@@ -380,17 +390,11 @@ def exec_in(name: str, script: str, stdin: bytes, timeout: float, on_chunk=None)
                 for m in answer.finditer(buf):
                     consumed = m.end()
                     if m.group(1):
-                        piece = base64.b64decode(m.group(2))
-                        output[int(m.group(1))] += piece
-                        if on_chunk is not None:
-                            on_chunk(int(m.group(1)), piece)
+                        take(int(m.group(1)), base64.b64decode(m.group(2)))
                         continue
                     for fdno, field in ((1, m.group(4)), (2, m.group(5))):
                         if field != b"-" and field:
-                            piece = base64.b64decode(field)
-                            output[fdno] += piece
-                            if on_chunk is not None:
-                                on_chunk(fdno, piece)
+                            take(fdno, base64.b64decode(field))
                     return {"rc": int(m.group(3)), "stdout": base64.b64encode(output[1]).decode(), "stderr": base64.b64encode(output[2]).decode()}
                 del buf[:consumed]
                 left = deadline - time.monotonic()

@@ -250,6 +250,15 @@ def in_user_namespace() -> bool:
     return first[:3] != ["0", "0", "4294967295"]
 
 
+_SBIN_PATH = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/sbin"])
+
+
+def subid_setup_hint(user: str) -> str:
+    """What root does once so that `user` can build images in a user namespace."""
+    return (f"once, as root: apt-get install uidmap; usermod --add-subuids 100000-165535 --add-subgids 100000-165535 {user} "
+            f"(ci/setup-host.sh does this)")
+
+
 def user_namespace_problem() -> str | None:
     """Why an ordinary user cannot build the image here (None: it can)."""
     for tool, package in (("unshare", "util-linux"), ("newuidmap", "uidmap"), ("newgidmap", "uidmap")):
@@ -266,9 +275,6 @@ def user_namespace_problem() -> str | None:
     return None
 
 
-_SBIN_PATH = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/sbin"])
-
-
 def _build_in_user_namespace(cfg: LabConfig, steps: Steps, force: bool) -> Dom0Image:
     """The same build, run as root of a user namespace: mmdebstrap, chroot and
     mkfs.ext4 -d see the image's owners (root, _apt, ...) as they are, mapped
@@ -278,8 +284,7 @@ def _build_in_user_namespace(cfg: LabConfig, steps: Steps, force: bool) -> Dom0I
     if problem:
         user = pwd.getpwuid(os.getuid()).pw_name
         raise HostError(f"building the dom0 image as {user} (not root) needs a user namespace with subordinate ids: {problem}",
-                        f"once, as root: apt-get install uidmap; usermod --add-subuids 100000-165535 --add-subgids 100000-165535 {user} "
-                        f"(ci/setup-host.sh does this); or run `sudo xenlab build`")
+                        f"{subid_setup_hint(user)}; or run `sudo xenlab build`")
     argv = [shutil.which("unshare", path=_SBIN_PATH), "--user", "--map-root-user", "--map-auto", "--mount", "--",
             sys.executable, "-m", "xenlab.build.dom0", json.dumps({"config": cfg.to_dict(), "force": force, "quiet": steps.quiet})]
     child = subprocess.Popen(argv, stdout=subprocess.PIPE, env={**os.environ, "PATH": _SBIN_PATH}, preexec_fn=term_when_parent_dies)
@@ -322,10 +327,11 @@ def _mmdebstrap(cfg: LabConfig, rootfs: Path, log_file: Path, steps: Steps) -> N
     packages = ",".join(DOM0_PACKAGES + tuple(cfg.dom0.extra_packages))
     # In a user namespace mknod and mounting /proc and /sys fail; unshare mode
     # bind-mounts them instead (dev nodes are left out: dom0's init mounts devtmpfs).
-    mode = "unshare" if in_user_namespace() else "root"
+    namespaced = in_user_namespace()
+    mode = "unshare" if namespaced else "root"
     # As real root, in a mount namespace of its own: the chroot's /proc, /sys
     # and /dev/pts mounts go with it even when it is killed mid-way.
-    private_mounts = [] if in_user_namespace() else ["unshare", "--mount", "--propagation", "private", "--"]
+    private_mounts = [] if namespaced else ["unshare", "--mount", "--propagation", "private", "--"]
     # --verbose: only then does mmdebstrap pass on apt's and dpkg's per-package
     # lines (off a terminal it otherwise prints just its few "I:" lines).
     run(

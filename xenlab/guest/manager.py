@@ -245,9 +245,7 @@ class Guests:
         """Run a command in the guest over its Xen console: (exit code, stdout, stderr) as bytes.
         A string is a shell command line; a list is an argv, run exactly as given."""
         validate_name(name, "guest name")
-        script = command if isinstance(command, str) else shlex.join(command)
-        request = {"script": script, "stdin_b64": base64.b64encode(input).decode(), "timeout": timeout}
-        reply = self.domctl("exec", name, request=request, timeout=timeout + 30)
+        reply = self.domctl("exec", name, request=_exec_request(command, input, timeout), timeout=timeout + 30)
         return reply["rc"], base64.b64decode(reply["stdout"]), base64.b64decode(reply["stderr"])
 
     def exec_stream(self, name: str, command: str | Sequence[str], stdout: BinaryIO, stderr: BinaryIO,
@@ -255,8 +253,7 @@ class Guests:
         """exec_bytes(), with the command's output written to stdout and stderr
         as it comes (piece by piece, as the guest's pipes deliver it); its exit code."""
         validate_name(name, "guest name")
-        script = command if isinstance(command, str) else shlex.join(command)
-        request = {"script": script, "stdin_b64": base64.b64encode(input).decode(), "timeout": timeout, "stream": True}
+        request = {**_exec_request(command, input, timeout), "stream": True}
         self._agent()
         frames = _OutputFrames(stdout, stderr)
         agent_stderr = io.BytesIO()
@@ -275,6 +272,12 @@ class Guests:
         """Block and network ring I/O checks on the real frontends/backends (run in dom0)."""
         validate_name(name, "guest name")
         return self.agent("iocheck", name, timeout=timeout)
+
+
+def _exec_request(command: str | Sequence[str], input: bytes, timeout: float) -> dict:
+    """The dom0 agent's exec request: a string is a shell command line, a list an argv kept exactly."""
+    script = command if isinstance(command, str) else shlex.join(command)
+    return {"script": script, "stdin_b64": base64.b64encode(input).decode(), "timeout": timeout}
 
 
 class _OutputFrames:

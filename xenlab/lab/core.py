@@ -700,11 +700,10 @@ class Lab:
         for path in (self.info_file, self.disk, self.boot_marker):
             path.unlink(missing_ok=True)
 
-    def _end_stray_probes(self) -> list[int]:
+    def _end_stray_probes(self) -> None:
         """End QEMU capability probes that libvirt started for this lab's embed
         root and then lost: a xenlab process killed with SIGKILL while libvirt
         probed leaves the probe (daemonized, waiting on its QMP socket) for good."""
-        ended = []
         for pidfile in self.embed_root.glob("lib/qemu/qmp-*/qmp.pid"):
             try:
                 pid = int(pidfile.read_text().split()[0])
@@ -715,11 +714,9 @@ class Lab:
             if str(pidfile.parent).encode() in cmdline and process_age(pid) > STRAY_PROBE_AGE_S:
                 try:
                     os.kill(pid, signal.SIGKILL)
-                    ended.append(pid)
                 except ProcessLookupError:
                     pass
                 shutil.rmtree(pidfile.parent, ignore_errors=True)
-        return ended
 
     def _stop_domain(self) -> tuple[bool, int | None]:
         """Destroy the lab's libvirt domain if there is one; (was it running, QEMU pid)."""

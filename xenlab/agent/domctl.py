@@ -95,13 +95,16 @@ def console_tail(name: str, lines: int = 25) -> str:
 
 # -- create ----------------------------------------------------------------
 
+LOCK_DIR = "/run/xenlab"  # dom0's per-guest locks: one create, one console request at a time
+
+
 def _create_lock_path(name: str) -> str:
-    return f"/run/xenlab/create-{name}.lock"
+    return f"{LOCK_DIR}/create-{name}.lock"
 
 
 def _creating_lock(name: str, blocking: bool):
     """The file a create of NAME holds locked (with its pid in it) while it runs."""
-    os.makedirs("/run/xenlab", exist_ok=True)
+    os.makedirs(LOCK_DIR, exist_ok=True)
     f = open(_create_lock_path(name), "a+")
     try:
         fcntl.flock(f, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
@@ -361,8 +364,8 @@ def exec_in(name: str, script: str, stdin: bytes, timeout: float, on_chunk=None)
         tty_path = store.try_read(f"/local/domain/{domid}/console/tty")
     if not tty_path:
         raise Refused(f"guest {name!r} has no console pty (xenconsoled not attached)")
-    os.makedirs("/run/xenlab", exist_ok=True)
-    with open(f"/run/xenlab/console-{name}.lock", "w") as lock:
+    os.makedirs(LOCK_DIR, exist_ok=True)
+    with open(f"{LOCK_DIR}/console-{name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # one request at a time on a console
         fd = os.open(tty_path, os.O_RDWR | os.O_NOCTTY | os.O_NONBLOCK)
         try:

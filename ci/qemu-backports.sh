@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # QEMU from Debian's bookworm-backports, unpacked beside the stock QEMU (which
-# stays installed and is the default until chosen otherwise): prints the path
-# of its qemu-system-x86_64, for `xenlab up --qemu PATH` or `[lab] qemu`. That
-# path is a wrapper: the unpacked QEMU must load its own modules and firmware,
+# stays installed, selectable as `[lab] qemu = "stock"`): prints the path of
+# its qemu-system-x86_64, which labs then run by default. As root it goes to
+# /opt/xenlab/stacks (ci/setup-host.sh does this), for every user; otherwise to
+# the user's xenlab cache. That path is a wrapper: the unpacked QEMU must load its own modules and firmware,
 # not the stock QEMU's (a 7.2 module loaded into 10.0 crashes it when libvirt
 # probes it), and libvirt runs emulators with a cleared environment.
 #
@@ -13,8 +14,10 @@
 # Idempotent; on any failure nothing is left and the stock QEMU is kept.
 set -euo pipefail
 
-cache=${XENLAB_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/xenlab}
-dest=$cache/stacks/qemu-backports
+# Where it goes: one of xenlab.paths.stack_dirs().
+stacks=${XENLAB_STACKS:-${XENLAB_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/xenlab}/stacks}
+[ -n "${XENLAB_STACKS:-}" ] || [ "$(id -u)" -ne 0 ] || stacks=/opt/xenlab/stacks
+dest=$stacks/qemu-backports
 binary=$dest/qemu-system-x86_64
 if [ -x "$binary" ] && "$binary" --version >/dev/null 2>&1; then
   echo "$binary"
@@ -23,8 +26,8 @@ fi
 
 sources=${XENLAB_APT_SOURCES:-/etc/apt/sources.list.d/debian.sources}
 [ -f "$sources" ] || { echo "qemu-backports: no apt sources at $sources (set XENLAB_APT_SOURCES to a deb822 .sources file)" >&2; exit 1; }
-mkdir -p "$cache/stacks"
-work=$(mktemp -d "$cache/stacks/.qemu-backports.XXXXXX")
+mkdir -p "$stacks"
+work=$(mktemp -d "$stacks/.qemu-backports.XXXXXX")
 trap 'rm -rf "$work"' EXIT
 
 # The host's stanza for the release itself, with the suite renamed.
@@ -55,13 +58,19 @@ fi
 for deb in "$work"/debs/*.deb; do dpkg-deb -x "$deb" "$work/root"; done
 # QEMU looks for each module in QEMU_MODULE_DIR, then in the stock QEMU's
 # directory: an empty file here for every stock module this build lacks makes
-# its load fail cleanly instead of loading a foreign build (an abort).
+# its load fail cleanly instead of loading a foreign build (an abort). Made
+# now, and again by the wrapper (where it may write) for modules a later
+# stock QEMU brings.
+mods=$work/root/usr/lib/x86_64-linux-gnu/qemu
+for stock in /usr/lib/x86_64-linux-gnu/qemu/*.so; do
+  [ -e "$stock" ] && [ ! -e "$mods/${stock##*/}" ] && : > "$mods/${stock##*/}"
+done
 cat >"$work/root/qemu-system-x86_64" <<WRAPPER
 #!/bin/sh
 # The QEMU unpacked here, with its own modules and firmware.
 mods=$dest/usr/lib/x86_64-linux-gnu/qemu
 for stock in /usr/lib/x86_64-linux-gnu/qemu/*.so; do
-  [ -e "\$stock" ] && [ ! -e "\$mods/\${stock##*/}" ] && : > "\$mods/\${stock##*/}"
+  [ -e "\$stock" ] && [ ! -e "\$mods/\${stock##*/}" ] && : 2>/dev/null > "\$mods/\${stock##*/}"
 done
 QEMU_MODULE_DIR=\$mods exec $dest/usr/bin/qemu-system-x86_64 -L $dest/usr/share/qemu "\$@"
 WRAPPER
@@ -72,6 +81,7 @@ if ! version=$(QEMU_MODULE_DIR="$work/root/usr/lib/x86_64-linux-gnu/qemu" "$work
   exit 1
 fi
 rm -rf "$dest"
+chmod 755 "$work/root"
 mv "$work/root" "$dest"
 echo "qemu-backports: $version in $dest" >&2
 echo "$binary"

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from xenlab.errors import ConfigError
-from xenlab.paths import DEFAULT_CONFIG
+from xenlab.paths import BACKPORTS_INSTALL, DEFAULT_CONFIG, QEMU_STACKS, backports_qemu
 
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,31}$")
 ACCELS = ("auto", "kvm", "tcg")
@@ -68,7 +68,7 @@ class LabConfig:
     boot_timeout: float = 240.0
     xen_args: str = ""  # appended to Xen's command line
     xen: str = ""  # a Xen of the user's (xen.gz or xen); "": the image's
-    qemu: str = ""  # the qemu-system-x86_64 to run; "": the one on PATH
+    qemu: str = ""  # "stock", "backports", or a qemu-system-x86_64's path; "": backports when installed, else stock
     snapshots: bool = True  # save a booted lab once and restore it instead of booting cold
     dom0: Dom0Config = field(default_factory=Dom0Config)
 
@@ -148,9 +148,13 @@ def _check(cfg: LabConfig) -> LabConfig:
         raise ConfigError(f"[dom0] disk_size {cfg.dom0.disk_size}M is too small", "use at least 1024M")
     if cfg.boot_timeout <= 0:
         raise ConfigError(f"[lab] boot_timeout must be positive, got {cfg.boot_timeout}")
-    if cfg.qemu and not (Path(cfg.qemu).is_file() and os.access(cfg.qemu, os.X_OK)):
+    if cfg.qemu == "backports" and not backports_qemu():
+        raise ConfigError("[lab] qemu \"backports\": the QEMU from bookworm-backports is not installed",
+                          f"install it with {BACKPORTS_INSTALL}, or use qemu = \"stock\"")
+    if cfg.qemu and cfg.qemu not in QEMU_STACKS and not (Path(cfg.qemu).is_file() and os.access(cfg.qemu, os.X_OK)):
         raise ConfigError(f"[lab] qemu {cfg.qemu!r} is not an executable file",
-                          "give the path of a qemu-system-x86_64 (ci/qemu-backports.sh prints one), or \"\" for the one on PATH")
+                          "give \"stock\" (Debian's QEMU), \"backports\" (docs/versions.md), the path of a "
+                          "qemu-system-x86_64, or \"\" for the default")
     if cfg.connect and "://" not in cfg.connect:
         raise ConfigError(
             f"bad libvirt URI {cfg.connect!r}", "write a URI such as qemu:///system or qemu+ssh://host/system"

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from xenlab.lab import accel, versions
 from xenlab.build import dom0 as images
-from xenlab.paths import cache_base, cache_dir, state_base
+from xenlab.paths import BACKPORTS_INSTALL, cache_base, cache_dir, state_base
 
 SETUP = "run ci/setup-host.sh (or apt-get install {pkg})"
 TOOLS = {
@@ -84,14 +84,17 @@ def _image_build_check() -> Check:
 
 
 def _qemu_check() -> Check:
-    version = versions.qemu_version()
+    binary = versions.qemu_binary()
+    version = versions.qemu_version(binary)
     if not version:
-        return Check("QEMU version", False, "qemu-system-x86_64 not found", SETUP.format(pkg="qemu-system-x86"))
+        return Check("QEMU version", False, f"{binary} not found", SETUP.format(pkg="qemu-system-x86"))
+    shown = f"{version} ({versions.stack_name(binary)}: {binary})"
     if versions.qemu_too_old(version):
         # A warning, not a failure: the lab works, but one thing Xen sees differs from hardware.
-        return Check("QEMU version", True, f"{version}: WARNING: before 8.0, TCG gives Xen a wrong #GP error code for a guest's "
-                     "`int $N` through a DPL-0 gate (QEMU issue 1382); Debian's bookworm-backports has a newer QEMU")
-    return Check("QEMU version", True, version)
+        return Check("QEMU version", True, f"{shown}: WARNING: before 8.0, TCG gives Xen a wrong #GP error code for a guest's "
+                     f"`int $N` through a DPL-0 gate (QEMU issue 1382); install QEMU 10 from bookworm-backports with "
+                     f"{BACKPORTS_INSTALL}")
+    return Check("QEMU version", True, shown)
 
 
 def _private_check() -> Check:

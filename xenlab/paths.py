@@ -42,6 +42,30 @@ def state_base() -> Path:
     return Path(os.environ.get("XENLAB_STATE") or Path(os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state") / "xenlab")
 
 
+SYSTEM_STACKS = Path("/opt/xenlab/stacks")
+
+
+def stack_dirs() -> list[Path]:
+    """Where QEMU stacks installed beside Debian's are found, in order:
+    $XENLAB_STACKS, the user's cache, and the place for every user that
+    ci/setup-host.sh installs to as root (ci/qemu-backports.sh uses these)."""
+    given = os.environ.get("XENLAB_STACKS")
+    return ([Path(given)] if given else []) + [cache_base() / "stacks", SYSTEM_STACKS]
+
+
+QEMU_STACKS = ("stock", "backports")  # the names `[lab] qemu` takes besides a path
+BACKPORTS_INSTALL = "bash ci/qemu-backports.sh (ci/setup-host.sh runs it)"
+
+
+def backports_qemu() -> str:
+    """The QEMU from bookworm-backports that ci/qemu-backports.sh installed (its wrapper), or ''."""
+    for stacks in stack_dirs():
+        wrapper = stacks / "qemu-backports" / "qemu-system-x86_64"
+        if wrapper.is_file() and os.access(wrapper, os.X_OK):
+            return str(wrapper)
+    return ""
+
+
 def cache_dir() -> Path:
     return private(cache_base())
 

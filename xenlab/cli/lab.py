@@ -17,6 +17,7 @@ from xenlab.cli.common import emit, json_option, lab_option, load_config, open_l
 from xenlab.doctor import checks
 from xenlab.errors import XenlabError
 from xenlab.lab import Lab, list_labs, snapshot as snapshots
+from xenlab.paths import QEMU_STACKS
 from xenlab.progress import Steps, console
 from xenlab.transfer import copy
 
@@ -74,7 +75,7 @@ def build(ctx, force, as_json):
 @click.option("--xen", default=None, metavar="FILE", help="boot your own Xen (xen.gz or xen from your build)")
 @click.option("--dom0-kernel", default=None, metavar="FILE", help="boot your own dom0 kernel (bzImage or vmlinux)")
 @click.option("--dom0-modules", default=None, metavar="DIR", help="with --dom0-kernel: its modules_install tree")
-@click.option("--qemu", default=None, metavar="FILE", help="the qemu-system-x86_64 to run the lab (default: [lab] qemu, else the one on PATH)")
+@click.option("--qemu", default=None, metavar="FILE", help="stock, backports, or a qemu-system-x86_64's path (default: [lab] qemu, else backports when installed; docs/versions.md)")
 @click.option("--cold", is_flag=True, help="boot from scratch even if a matching snapshot exists (a new one replaces it)")
 @click.option("--json", "as_json", is_flag=True, help="print the ready report as JSON")
 @click.pass_context
@@ -84,7 +85,7 @@ def up(ctx, lab, connect, accel, memory, dom0_memory, vcpus, cpu, ssh_port, xen,
     The first boot of a configuration is saved as a snapshot; later `up`s
     of the same configuration restore it in seconds ("restored")."""
     cfg = load_config(ctx, name=lab, connect=connect, accel=accel, memory=memory, vcpus=vcpus, cpu=cpu, ssh_port=ssh_port,
-                      xen=_absolute(xen), qemu=_absolute(qemu), **{"dom0.memory": dom0_memory, "dom0.kernel": _absolute(dom0_kernel), "dom0.modules": _absolute(dom0_modules)})
+                      xen=_absolute(xen), qemu=qemu if qemu in QEMU_STACKS else _absolute(qemu), **{"dom0.memory": dom0_memory, "dom0.kernel": _absolute(dom0_kernel), "dom0.modules": _absolute(dom0_modules)})
     info = Lab(cfg).up(Steps(), cold=cold)
     emit(info, as_json, _print_ready)
 

@@ -10,12 +10,33 @@ import shutil
 import subprocess
 from functools import cache
 
+from xenlab.paths import backports_qemu
+
 QEMU_FIXED = (8, 0)  # the first QEMU whose TCG gets that error code right
 
 
+def stock_qemu() -> str:
+    """Debian's own QEMU: the qemu-system-x86_64 on PATH."""
+    return shutil.which("qemu-system-x86_64") or "/usr/bin/qemu-system-x86_64"
+
+
 def qemu_binary(configured: str = "") -> str:
-    """The qemu-system-x86_64 a lab runs: `[lab] qemu` when set, else the one on PATH."""
-    return configured or shutil.which("qemu-system-x86_64") or "/usr/bin/qemu-system-x86_64"
+    """The qemu-system-x86_64 a lab runs for `[lab] qemu`: "" (the default) is
+    the backports QEMU when installed (the faster stack, without the #GP bug;
+    docs/versions.md) and else the stock one; "stock" and "backports" name
+    one of them; anything else is a path."""
+    if configured == "stock":
+        return stock_qemu()
+    if configured == "backports":
+        return backports_qemu()
+    return configured or backports_qemu() or stock_qemu()
+
+
+def stack_name(binary: str) -> str:
+    """'backports', 'stock' or 'own' for a QEMU binary path."""
+    if binary and binary == backports_qemu():
+        return "backports"
+    return "stock" if binary == stock_qemu() else "own"
 
 
 @cache
@@ -44,4 +65,5 @@ def qemu_too_old(version: str) -> bool:
 
 
 def versions(binary: str = "") -> dict:
-    return {"qemu": qemu_version(binary), "libvirt": libvirt_version(), "qemu_binary": qemu_binary(binary)}
+    path = qemu_binary(binary)
+    return {"qemu": qemu_version(binary), "libvirt": libvirt_version(), "qemu_binary": path, "qemu_stack": stack_name(path)}

@@ -75,7 +75,7 @@ def build(ctx, force, as_json):
 @click.option("--xen", default=None, metavar="FILE", help="boot your own Xen (xen.gz or xen from your build)")
 @click.option("--dom0-kernel", default=None, metavar="FILE", help="boot your own dom0 kernel (bzImage or vmlinux)")
 @click.option("--dom0-modules", default=None, metavar="DIR", help="with --dom0-kernel: its modules_install tree")
-@click.option("--qemu", default=None, metavar="FILE", help="stock, backports, or a qemu-system-x86_64's path (default: [lab] qemu, else backports when installed; docs/versions.md)")
+@click.option("--qemu", default=None, metavar="STACK|FILE", help="stock, backports, or a qemu-system-x86_64's path (default: [lab] qemu, else backports when installed; docs/versions.md)")
 @click.option("--cold", is_flag=True, help="boot from scratch even if a matching snapshot exists (a new one replaces it)")
 @click.option("--json", "as_json", is_flag=True, help="print the ready report as JSON")
 @click.pass_context

@@ -1,7 +1,8 @@
 """XenStore through pyxs over SSH against dom0's real xenstored: round trips,
 `xs ls -f` equal to xenstore-ls -f, transactions that conflict and retry,
 watches, permissions (set/get, and from inside a domU: the real EACCES),
-the seed-003 layout of a guest's vbd and vif, bad input and dead connections."""
+`xs dump --diff` showing a guest's device nodes come and go, the seed-003
+layout of a guest's vbd and vif, bad input and dead connections."""
 
 from __future__ import annotations
 
@@ -12,11 +13,12 @@ import time
 import pytest
 
 from xenlab.guest.manager import Guests
+from xenlab.guest.spec import DiskSpec, GuestSpec
 from xenlab.xenstore.client import XenStore, XenStoreConnectionError, XenStoreRequestError
 from xenlab.xenstore.layout import check_domain
 from xenlab.xenstore.perms import check_guest
 
-from .conftest import xenlab
+from .conftest import fresh_guest, xenlab
 
 ROOT = "/xenlab-e2e"
 
@@ -165,9 +167,52 @@ def test_perms_set_and_get(lab, xs):
 
 def test_dump_json(lab, xs):
     xs.write(f"{ROOT}/dump/a", "1")
-    tree = json.loads(cli(lab, "dump", f"{ROOT}/dump", "--json").stdout)
-    assert tree["path"] == f"{ROOT}/dump" and tree["children"]["a"]["value"] == "1"
-    assert tree["children"]["a"]["perms"] == ["n0"]
+    doc = json.loads(cli(lab, "dump", f"{ROOT}/dump", "--json").stdout)
+    assert doc["format"] == 1 and doc["lab"] == lab.name and doc["path"] == f"{ROOT}/dump"
+    assert doc["nodes"][f"{ROOT}/dump/a"] == {"value": "1", "perms": ["n0"]}
+
+
+def test_dump_diff_shows_a_guests_devices_come_and_go(lab, tmp_path):
+    """What did the driver write: a dump, a guest with a disk, and --diff shows
+    its real frontend and backend nodes added; destroyed, --diff shows them removed."""
+    name = "xs-dump"
+    xenlab("guest", "destroy", name, "--lab", lab.name, check=False)
+    before, during = tmp_path / "before.json", tmp_path / "during.json"
+    cli(lab, "dump", "--out", str(before))
+    with fresh_guest(lab, GuestSpec(name=name, disks=(DiskSpec(16),))) as info:
+        n = info["domid"]
+        fe, be = f"/local/domain/{n}/device/vbd/51712", f"/local/domain/0/backend/vbd/{n}/51712"
+        changes = json.loads(cli(lab, "dump", "--diff", str(before), "--out", str(during), "--json").stdout)
+        added = {c["path"]: c for c in changes["added"]}
+        for node in (f"/local/domain/{n}/name", fe, f"{fe}/state", f"{fe}/backend",
+                     be, f"{be}/state", f"{be}/frontend", f"{be}/sectors"):
+            assert node in added, f"{node} not in the diff's added nodes"
+        # Written by blkfront itself (flat, or under queue-N/ with several queues).
+        assert any(p.startswith(fe + "/") and "ring-ref" in p for p in added)
+        assert any(p.startswith(fe + "/") and p.endswith("/event-channel") for p in added)
+        assert added[f"{fe}/state"]["value"] == added[f"{be}/state"]["value"] == "4"  # Connected
+        assert added[f"{fe}/backend"]["value"] == be and added[f"{be}/frontend"]["value"] == fe
+        # Each end owned by its domain and readable by the other.
+        assert added[f"{fe}/state"]["perms"][0] == f"n{n}" and "r0" in added[f"{fe}/state"]["perms"]
+        assert added[f"{be}/state"]["perms"][0] == "n0" and f"r{n}" in added[f"{be}/state"]["perms"]
+        assert not any(c["path"].startswith((fe, be)) for c in changes["removed"])
+        text = cli(lab, "dump", "--diff", str(before)).stdout.splitlines()
+        assert f'+ {fe}/state = "4"' in text and f'+ {be}/state = "4"' in text and f"+ {be}/frontend = \"{fe}\"" in text
+    changes = json.loads(cli(lab, "dump", "--diff", str(during), "--json").stdout)
+    removed = {c["path"] for c in changes["removed"]}
+    assert {f"/local/domain/{n}", fe, f"{fe}/state", be, f"{be}/state"} <= removed
+    assert not any(c["path"].startswith((f"/local/domain/{n}/", be)) for c in changes["added"])
+    assert f"- {be}/state" in cli(lab, "dump", "--diff", str(during)).stdout.splitlines()
+    # A dump of a subtree that is gone now: all of it removed.
+    sub = cli(lab, "dump", be, "--diff", str(during), "--json")
+    assert {c["path"] for c in json.loads(sub.stdout)["removed"]} == {p for p in removed if p == be or p.startswith(be + "/")}
+
+
+def test_dump_diff_of_a_bad_file_is_a_clear_error(lab, tmp_path):
+    (tmp_path / "not.json").write_text("xenstore-ls output, perhaps")
+    for file, message in ((tmp_path / "missing.json", "does not exist"), (tmp_path / "not.json", "is not JSON")):
+        proc = cli(lab, "dump", "--diff", str(file), check=False)
+        assert proc.returncode == 2 and str(file) in proc.stdout + proc.stderr and message in proc.stdout + proc.stderr
 
 
 @pytest.mark.parametrize("args, message", [

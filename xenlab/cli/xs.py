@@ -8,17 +8,19 @@ import json
 import sys
 import time
 from contextlib import contextmanager
+from pathlib import Path
 
 import click
 
 from xenlab.cli.common import lab_option, open_lab, print_json
-from xenlab.errors import XenlabError
+from xenlab.errors import ConfigError, XenlabError
 from xenlab.guest.spec import DiskSpec, GuestSpec
+from xenlab.xenstore import dumps
 from xenlab.xenstore.client import DEFAULT_TIMEOUT, XenStore, XenStoreRequestError
 from xenlab.xenstore.paths import check_path, parse_perms
 from xenlab.xenstore.recorder import trace_guest
 from xenlab.xenstore.tracer import format_reports, violation_summary
-from xenlab.xenstore.tree import dump, ls_lines
+from xenlab.xenstore.tree import ls_lines
 
 
 def _timeout_option(f):
@@ -175,18 +177,50 @@ def watch_cmd(ctx, paths, count, duration, as_json, lab, timeout):
 
 
 @xs.command("dump")
-@click.argument("path", default="/")
-@click.option("--json", "as_json", is_flag=True, help="nested JSON: value, perms, children")
+@click.argument("path", required=False)
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), metavar="FILE", help="save the dump to FILE (JSON, for --diff later)")
+@click.option("--diff", "since", type=click.Path(path_type=Path), metavar="FILE", help="print what changed since the dump in FILE")
+@click.option("--ignore", multiple=True, metavar="GLOB", help="with --diff: leave out paths matching GLOB (repeatable; * crosses '/')")
+@click.option("--json", "as_json", is_flag=True, help="the dump, or with --diff the changes, as JSON")
 @_lab_cmd
-def dump_cmd(ctx, path, as_json, lab, timeout):
-    """The whole tree under PATH with values and permissions."""
+def dump_cmd(ctx, path, out, since, ignore, as_json, lab, timeout):
+    """The whole tree under PATH (default /) with values and permissions;
+    --out FILE saves it, --diff FILE prints what changed since FILE's dump
+    (+ added, - removed, ~ value or permissions changed).
+
+    With --diff, PATH defaults to the path FILE was dumped from."""
+    before = dumps.load(since) if since else None  # a bad FILE fails before connecting
+    if ignore and not before:
+        raise ConfigError("--ignore goes with --diff", "e.g. xenlab xs dump --diff before.json --ignore '/vm/*'")
+    ignore = dumps.check_ignore(ignore)
+    path = path or (before["path"] if before else "/")
     _paths([path])
-    with _store(ctx, lab, timeout) as store:
-        if as_json:
-            print_json(dump(store, path))
-        else:
+    if before:
+        dumps.check_covers(before, path, str(since))
+    _check_timeout(timeout)
+    the_lab = open_lab(ctx, lab)
+    with XenStore.for_lab(the_lab, timeout=timeout) as store:
+        if not (out or before or as_json):
             for line in ls_lines(store, path, full=True, perms=True):
                 click.echo(line)
+            return
+        # With --diff a PATH that is gone now is an empty tree: all of it was removed.
+        now = dumps.take(store, path, lab=the_lab.name, missing_ok=before is not None)
+    if out:
+        dumps.save(now, out)
+        click.echo(f"{len(now['nodes'])} nodes under {path} saved to {out}", err=True)
+    if before:
+        changes = dumps.diff(before["nodes"], now["nodes"], under=path, ignore=ignore)
+        was = f"the dump in {since} (lab {before.get('lab') or '?'}, taken {before.get('taken') or '?'})"
+        if as_json:
+            print_json({"format": dumps.FORMAT, "lab": now["lab"], "path": path, "taken": now["taken"],
+                        "since": {"file": str(since), "lab": before.get("lab"), "taken": before.get("taken")}, **changes})
+        else:
+            for line in dumps.format_diff(changes):
+                click.echo(line)
+        click.echo(f"{path} since {was}: {dumps.summary(changes)}", err=True)
+    elif as_json:
+        print_json(now)
 
 
 # -- trace ---------------------------------------------------------------------

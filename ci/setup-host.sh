@@ -13,6 +13,7 @@ packages=(
   mmdebstrap e2fsprogs cpio busybox-static kmod
   linux-source-6.1 bc bison flex libelf-dev libssl-dev build-essential
   openssh-client python3-venv python3-dev uidmap
+  chromium
 )
 
 missing=()

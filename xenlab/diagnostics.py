@@ -38,6 +38,20 @@ def guest_crash(console_text: str, xl_state: str | None) -> str | None:
     return None
 
 
+def xenbus_states_page(lab) -> str:
+    """Every domain's XenBus device states as they are now, drawn as the
+    tracer's timeline page: a handshake stuck half-way shows as flagged lanes."""
+    from xenlab.xenstore.client import XenStore
+    from xenlab.xenstore.recorder import traced
+    from xenlab.xenstore.timeline_html import render_html
+    from xenlab.xenstore.tracer import check
+
+    with XenStore.for_lab(lab, timeout=10) as store, traced(store, None) as recorder:
+        pass  # the states already there are all it records
+    timeline = recorder.timeline
+    return render_html(timeline, check(timeline), f"XenBus states in lab {lab.name} when the artifacts were saved")
+
+
 SERIAL_MAX = 4 << 20  # bytes of the serial log's end kept per failed test
 
 
@@ -80,6 +94,7 @@ def save_artifacts(lab, folder: Path, lab_up: bool = True) -> list[str]:
         save("xl-list.txt", cmd("xl list -v"))
         save("dom0-dmesg.txt", cmd("dmesg | tail -n 400"))
         save("xenstore.txt", cmd("xenstore-ls -f -p"))
+        save("xenbus-timeline.html", lambda: xenbus_states_page(lab))
         console_dir, pattern = CONSOLE_LOG.rsplit("/", 1)
         prefix, suffix = pattern.split("{name}")
         names = ssh.run(f"ls {console_dir}/ 2>/dev/null").stdout.split()

@@ -12,7 +12,8 @@ Fixtures:
 Marker: @pytest.mark.xenlab makes a test use the lab without naming a fixture.
 
 When a test that uses the lab fails, the serial log, `xl dmesg`, `xl list`,
-dom0's dmesg, every guest console and a XenStore dump are saved in
+dom0's dmesg, every guest console, a XenStore dump and a page drawing every
+device's XenBus states (xenbus-timeline.html) are saved in
 <--xenlab-artifacts>/<test id>/ and the folder is named in the report.
 
 The plugin is inert for tests that use neither a fixture nor the marker:

@@ -1,20 +1,24 @@
 """The XenBus state machine traced live on the real lab (seed 003): a real
 `xl create` and `xl destroy` through `xenlab trace`, an orderly backend-first
 closedown (xl block-detach), a frontend-initiated closedown (the guest
-writes its own frontend state), and XenStore watches firing for a domU's
-create and destroy."""
+writes its own frontend state), XenStore watches firing for a domU's
+create and destroy, and the timeline page of `xenlab trace --html` in
+Chromium."""
 
 from __future__ import annotations
 
 import json
+import re
 import time
 
 import pytest
 
+from tests.browser import parse_dom, png_colours, render_in_chromium
 from xenlab.guest.manager import Guests
 from xenlab.xenstore.client import XenStore
 from xenlab.xenstore.perms import run_in_guest
 from xenlab.xenstore.recorder import XenBusRecorder
+from xenlab.xenstore.timeline_html import state_colour
 from xenlab.xenstore.tracer import CLOSED, CLOSING, CONNECTED, check, format_reports
 
 from .conftest import xenlab
@@ -137,3 +141,41 @@ def test_trace_cli_prints_named_states(lab):
     # A guest that does not exist: no devices, a clear line, exit 0.
     proc = xenlab("trace", "xb-nobody", "--lab", lab.name, "--for", "1")
     assert "no XenBus device state of guest 'xb-nobody' seen" in proc.stdout
+
+
+def test_trace_html_page_shows_the_real_devices_in_chromium(lab, tmp_path):
+    """`xenlab trace --html` on a guest of its own: the page Chromium draws has
+    a lane per side of each real device, each ending Connected (create), then
+    removed (destroy)."""
+    guest = "xb-html"
+    created, destroyed = tmp_path / "create.html", tmp_path / "destroy.html"
+    xenlab("guest", "destroy", guest, "--lab", lab.name, check=False)
+    try:
+        proc = xenlab("trace", guest, "--lab", lab.name, "--create", "--disk", "16M", "--net", "--html", str(created), timeout=900)
+        assert f"timeline page: {created}" in proc.stdout and "vbd/51712" in proc.stdout  # the text timeline is still printed
+        domid = int(re.search(r"d(\d+) vbd/51712: ok", proc.stdout).group(1))
+        root = parse_dom(render_in_chromium(created, tmp_path / "create.png"))
+        lanes = {g.attrs["data-lane"]: g for g in root.find_all("g", "lane")}
+        assert set(lanes) == {f"{d} {side}" for d in ("vbd/51712", "vif/0") for side in ("frontend", "backend")}, set(lanes)
+        for name, lane in lanes.items():
+            segs = lane.find_all("g", "seg")
+            assert segs[-1].attrs["data-state"] == "Connected" and segs[-1].attrs["data-to"] == "end", name
+            assert lane.attrs["data-connected"] == "true" and "stuck" not in lane.classes, name
+            side = name.split()[-1]
+            label = lane.find_all("text", "lane-label")[0].text
+            assert label == f"{name} (d{domid if side == 'frontend' else 0})", label
+        assert {s.attrs["data-verdict"] for s in root.find_all("section", "device")} == {"ok"}
+        colours = png_colours(tmp_path / "create.png")
+        assert colours[state_colour(CONNECTED)] > 2000, colours.most_common(12)
+
+        proc = xenlab("trace", guest, "--lab", lab.name, "--destroy", "--json", "--html", str(destroyed), timeout=600)
+        assert json.loads(proc.stdout)["ok"] and f"timeline page: {destroyed}" in proc.stderr
+        root = parse_dom(render_in_chromium(destroyed, tmp_path / "destroy.png"))
+        lanes = {g.attrs["data-lane"]: g for g in root.find_all("g", "lane")}
+        assert set(lanes) == {f"{d} {side}" for d in ("vbd/51712", "vif/0") for side in ("frontend", "backend")}, set(lanes)
+        for name, lane in lanes.items():
+            assert lane.find_all("g", "seg")[0].attrs["data-state"] == "Connected", name  # as found at the start
+            assert lane.find_all("path", "removed"), name
+        assert root.find_all("line", "release")
+    finally:
+        xenlab("guest", "destroy", guest, "--lab", lab.name, check=False)

@@ -15,10 +15,12 @@ import click
 from xenlab.cli.common import lab_option, open_lab, print_json
 from xenlab.errors import ConfigError, XenlabError
 from xenlab.guest.spec import DiskSpec, GuestSpec
+from xenlab.verify.reports import check_output_path
 from xenlab.xenstore import dumps
 from xenlab.xenstore.client import DEFAULT_TIMEOUT, XenStore, XenStoreRequestError
 from xenlab.xenstore.paths import check_path, parse_perms
 from xenlab.xenstore.recorder import trace_guest
+from xenlab.xenstore.timeline_html import write_html
 from xenlab.xenstore.tracer import format_reports, violation_summary
 from xenlab.xenstore.tree import ls_lines
 
@@ -236,15 +238,18 @@ def dump_cmd(ctx, path, out, since, ignore, as_json, lab, timeout):
 @click.option("--for", "duration", type=float, default=0, help="without --create/--destroy: trace this many seconds (0: until Ctrl-C)")
 @click.option("--settle", type=float, default=15, show_default=True, help="seconds to wait for the last state changes after the action")
 @click.option("--json", "as_json", is_flag=True, help="timeline and per-device verdicts as JSON")
+@click.option("--html", "html_path", type=click.Path(path_type=Path), default=None, metavar="FILE",
+              help="also write the timeline as a picture: one HTML page, a lane per frontend and backend")
 @_timeout_option
 @click.pass_context
-def trace(ctx, guest, lab, do_create, disks, net, root, do_destroy, duration, settle, as_json, timeout):
+def trace(ctx, guest, lab, do_create, disks, net, root, do_destroy, duration, settle, as_json, html_path, timeout):
     """Trace GUEST's XenBus states: every change of each vbd/vif frontend and
     backend `state` node, timestamped, checked against the split-driver
     protocol. Exits non-zero on a protocol violation."""
     if do_create and do_destroy:
         raise XenlabError("--create and --destroy trace different things", "run `xenlab trace GUEST --create`, then `--destroy`")
     _check_timeout(timeout)
+    check_output_path(html_path, "--html")
     spec = None
     if do_create:
         spec = GuestSpec(
@@ -252,8 +257,11 @@ def trace(ctx, guest, lab, do_create, disks, net, root, do_destroy, duration, se
             net=net, root=root,
         ).validate()
     action = "create" if do_create else "destroy" if do_destroy else "watch"
-    run = trace_guest(open_lab(ctx, lab), guest, action, spec, duration, settle, timeout, echo=None if as_json else click.echo)
+    the_lab = open_lab(ctx, lab)
+    run = trace_guest(the_lab, guest, action, spec, duration, settle, timeout, echo=None if as_json else click.echo)
     reports, timeline = run["devices"], run["timeline"]
+    if html_path is not None:
+        write_html(html_path, timeline, reports, f"XenBus states of guest {guest} ({action}, lab {the_lab.name})")
     if as_json:
         print_json({**run, "timeline": [c.to_dict() for c in timeline], "devices": [r.to_dict() for r in reports]})
     else:
@@ -262,6 +270,8 @@ def trace(ctx, guest, lab, do_create, disks, net, root, do_destroy, duration, se
         click.echo("")
         for line in format_reports(reports):
             click.echo(line)
+    if html_path is not None:
+        click.echo(f"timeline page: {html_path}", err=as_json)
     problem = violation_summary(reports)
     if problem:
         raise XenlabError(problem, "the timeline above shows the offending transition")

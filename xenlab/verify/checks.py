@@ -62,6 +62,7 @@ def guest_create(ctx: Context):
     spec = ctx.spec()
     prepared = ctx.guests.prepare(spec)  # kernel and root built/shipped before the trace starts
     with traced(ctx.store(), ctx.guest) as recorder:
+        ctx.traces["create"] = recorder.timeline  # the live list: kept when the create fails half-way
         ctx.created = ctx.guests.create(spec, prepared)
         recorder.wait(settled(False), 15)
     ctx.timeline = list(recorder.timeline)
@@ -191,6 +192,7 @@ def device_channel(ctx: Context):
 def guest_destroy(ctx: Context):
     """xl destroy, traced; dom0 keeps no backend node, loop device or vif of the guest."""
     with traced(ctx.store(), ctx.guest) as recorder:
+        ctx.traces["destroy"] = recorder.timeline  # the live list: kept when the destroy fails half-way
         result = ctx.guests.destroy(ctx.guest)
         recorder.wait(settled(True), 15)
     ctx.timeline = list(recorder.timeline)

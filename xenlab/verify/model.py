@@ -101,6 +101,7 @@ class Context:
     domid: int | None = None
     created: dict | None = None
     timeline: list = field(default_factory=list)
+    traces: dict = field(default_factory=dict)  # "create"/"destroy" -> its XenBus timeline, for the HTML pages
     lab_crashed: str | None = None  # set once Xen/dom0/the VM is gone: later checks are not tried
     guest_crashed: str | None = None  # set once the guest crashed: only its destroy is still tried
     booted_here: bool = False

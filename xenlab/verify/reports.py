@@ -8,6 +8,8 @@ from pathlib import Path
 
 from xenlab.errors import ConfigError
 from xenlab.verify.model import Result, exit_code, one_line, summary
+from xenlab.xenstore.timeline_html import write_html
+from xenlab.xenstore.tracer import check
 
 
 def report_dict(lab_name: str, results: list[Result], seconds: float, started_at: float, guest: str, versions: dict | None = None) -> dict:
@@ -56,6 +58,16 @@ def write_reports(results: list[Result], report: dict, json_path: Path | None, j
         json_path.write_text(json.dumps(report, indent=2, default=str) + "\n")
     if junit_path is not None:
         junit_path.write_text(junit_xml(results, report["seconds"]))
+
+
+def write_timelines(traces: dict, beside: Path, guest: str) -> list[str]:
+    """The run's XenBus traces as HTML pages next to its report: <report stem>-xenbus-<create|destroy>.html."""
+    written = []
+    for action, timeline in traces.items():
+        path = beside.with_name(f"{beside.stem}-xenbus-{action}.html")
+        write_html(path, timeline, check(timeline), f"xenlab verify: XenBus states of guest {guest} ({action})")
+        written.append(str(path))
+    return written
 
 
 def table_lines(results, seconds: float, width: int = 200) -> list[str]:

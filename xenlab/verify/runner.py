@@ -30,7 +30,7 @@ from xenlab.verify.crash import detect_crash
 from xenlab.verify.model import (
     STATES, CheckFailed, Context, Result, VerifyError, exit_code, failure_message, one_line, skip_matches, summary, validate_skips,
 )
-from xenlab.verify.reports import check_output_path, report_dict, write_reports
+from xenlab.verify.reports import check_output_path, report_dict, write_reports, write_timelines
 
 
 def run_one(ctx: Context, results: list[Result], name: str, fn: Callable[[Context], object], needs: tuple[str, ...], skips: tuple[str, ...]) -> None:
@@ -140,7 +140,8 @@ class Outcome:
         if not self.exit_code:
             return None
         where = self.report.get("json_path") or self.report.get("junit_path") or "rerun with --json FILE"
-        err = VerifyError(failure_message(self.results), f"details: {where}; serial log: {lab.serial_log}")
+        pages = "".join(f"; XenBus timeline: {p}" for p in self.report.get("xenbus_timelines") or ())
+        err = VerifyError(failure_message(self.results), f"details: {where}; serial log: {lab.serial_log}{pages}")
         err.exit_code = self.exit_code
         return err
 
@@ -155,6 +156,8 @@ def run(lab, guest: str = "verify", skips: tuple[str, ...] = (), guest_extra: st
     results, ctx = verify(lab, guest=guest, skips=skips, guest_extra=guest_extra, log=log)
     seconds = time.monotonic() - t0
     report = report_dict(lab.name, results, seconds, started_at, guest, (lab.info() or {}).get("versions"))
+    if json_path or junit_path:
+        report["xenbus_timelines"] = write_timelines(ctx.traces, json_path or junit_path, guest)
     write_reports(results, report, json_path, junit_path)
     report.update(json_path=str(json_path) if json_path else None, junit_path=str(junit_path) if junit_path else None)
     stopped = bool(down_after and ctx.booted_here)

@@ -102,4 +102,21 @@ def save_artifacts(lab, folder: Path, lab_up: bool = True) -> list[str]:
             name = log[len(prefix):-len(suffix)]
             # Lines of the console exec protocol are noise to a reader.
             save(f"console-{name}.log", cmd(f"tail -c 1000000 {console_dir}/{log} | grep -av -e '^{EXEC_REPLY_TAG} ' -e '^{EXEC_CHUNK_TAG} '"))
+    written += _crashed_guest_cores(lab, folder)
+    return written
+
+
+def _crashed_guest_cores(lab, folder: Path) -> list[str]:
+    """A core (with kernel and System.map) of each guest found crashed: the
+    panic is then readable after the guest is gone (`xenlab debug core-log`)."""
+    written = []
+    try:
+        with lab.guests() as guests:
+            for row in guests.list():
+                if row.get("state") == "crashed":
+                    taken = guests.dump_core(row["name"], folder / "cores")
+                    written.append(str(Path(taken["core_dir"]).relative_to(folder)))
+    except Exception as e:  # noqa: BLE001 - the rest of the artifacts matter more
+        (folder / "cores.error").write_text(f"could not take crashed guests' cores: {type(e).__name__}: {e}\n")
+        written.append("cores.error")
     return written

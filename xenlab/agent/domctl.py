@@ -26,7 +26,7 @@ import tty
 
 from . import facts
 from .errors import AgentError, report
-from .facts import CONSOLE_LOG, EXEC_CHUNK_TAG, EXEC_END_TAG, EXEC_REPLY_TAG, EXEC_REQUEST_TAG, GUEST_PANIC_PATTERNS as CRASH_PATTERNS, GUEST_READY_MARK as READY_MARK, GUESTS_DIR, state_name
+from .facts import CONSOLE_LOG, CORES_DIR, EXEC_CHUNK_TAG, EXEC_END_TAG, EXEC_REPLY_TAG, EXEC_REQUEST_TAG, GUEST_PANIC_PATTERNS as CRASH_PATTERNS, GUEST_READY_MARK as READY_MARK, GUESTS_DIR, state_name
 from .xl import parse_xl_list
 from .xs import XenStore
 
@@ -191,6 +191,7 @@ def _create(spec: dict) -> dict:
         if domid is None:
             raise Refused(f"guest {name!r} died right after `xl create`\n--- console ---\n{console_tail(name)}")
         meta = {k: spec[k] for k in ("name", "memory", "vcpus", "root", "kernel", "ip", "mac", "disks", "net", "hotplug")}
+        meta.update(kernel_file=spec.get("kernel_file", ""), symbol_map=spec.get("symbol_map", ""))
         meta.update(domid=domid, created_at=time.time())
         with open(os.path.join(gdir, "meta.json"), "w") as f:
             json.dump(meta, f)
@@ -270,11 +271,34 @@ def destroy(name: str, timeout: float) -> dict:
     meta = read_meta(name)
     if domid is None and meta is None:
         raise Refused(f"no guest named {name!r}", "see `xenlab guest list`")
+    # A crashed guest is kept (on_crash = "preserve") for this: its core, before it goes.
+    core = dump_core(name) if domid is not None and _crashed(domid) else None
     if domid is None:
         domid = meta["domid"]
     t0 = time.monotonic()
     left = _remove(name, domid, timeout)
-    return {"name": name, "domid": domid, "seconds": round(time.monotonic() - t0, 2), "leftovers": left}
+    return {"name": name, "domid": domid, "seconds": round(time.monotonic() - t0, 2), "leftovers": left,
+            **({"core": core} if core else {})}
+
+
+def _crashed(domid: int) -> bool:
+    return any(d["id"] == domid and "c" in d["state"] for d in parse_xl_list(xl("list").stdout))
+
+
+def dump_core(name: str) -> dict:
+    """`xl dump-core` of a guest (running ones are paused meanwhile), with
+    what the host needs to read it: the kernel it runs and its System.map."""
+    domid = domid_of(name)
+    if domid is None:
+        raise Refused(f"no running guest named {name!r}", "see `xenlab guest list`")
+    os.makedirs(CORES_DIR, exist_ok=True)
+    path = os.path.join(CORES_DIR, f"{name}-{domid}-{int(time.time())}.core")
+    t0 = time.monotonic()
+    xl("dump-core", name, path, timeout=600)
+    meta = read_meta(name) or {}
+    return {"name": name, "domid": domid, "core": path, "bytes": os.path.getsize(path),
+            "seconds": round(time.monotonic() - t0, 2), "crashed": _crashed(domid),
+            "kernel_file": meta.get("kernel_file", ""), "symbol_map": meta.get("symbol_map", "")}
 
 
 def _remove(name: str, domid: int | None, timeout: float) -> dict:
@@ -447,6 +471,8 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("console")
     p.add_argument("name")
     p.add_argument("-n", "--lines", type=int, default=40)
+    p = sub.add_parser("dump-core")
+    p.add_argument("name")
     p = sub.add_parser("leftovers")
     p.add_argument("domid", type=int)
     p.add_argument("name")
@@ -458,6 +484,8 @@ def main(argv: list[str] | None = None) -> int:
             result = destroy(args.name, args.timeout)
         elif args.verb == "list":
             result = list_guests()
+        elif args.verb == "dump-core":
+            result = dump_core(args.name)
         elif args.verb == "exec":
             req = json.load(sys.stdin)
             streamed = bool(req.get("stream"))

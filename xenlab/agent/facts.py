@@ -21,6 +21,7 @@ HOTPLUG_DIR = f"{DOM0_AGENT_ROOT}/hotplug"
 # Guest files in dom0: shipped kernels and roots, and one directory per guest.
 IMAGES_DIR = "/var/lib/xenlab/images"
 GUESTS_DIR = "/var/lib/xenlab/guests"
+CORES_DIR = "/var/lib/xenlab/cores"  # `xl dump-core` files until the host fetched them
 CONSOLE_LOG = "/var/log/xen/console/guest-{name}.log"
 
 # Networks: QEMU's user network outside dom0, and dom0's bridge for guests (no uplink).

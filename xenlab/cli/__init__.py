@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from xenlab.cli import evtchn, guest, lab, verify, xs
+from xenlab.cli import debug, evtchn, guest, lab, verify, xs
 from xenlab.cli.common import XenlabGroup
 
 
@@ -34,6 +34,6 @@ def _interrupted(signum, frame):
 
 
 for command in (lab.config_cmd, lab.doctor, lab.build, lab.up, lab.reset, lab.down, lab.snapshot, lab.status, lab.ssh, lab.cp, lab.console_cmd,
-                guest.guest, xs.xs, xs.trace, evtchn.evtchn, evtchn.ring, verify.verify):
+                guest.guest, xs.xs, xs.trace, evtchn.evtchn, evtchn.ring, verify.verify, debug.debug):
     main.add_command(command)
 main.add_command(lab.console_cmd, "logs")

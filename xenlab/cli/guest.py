@@ -167,7 +167,9 @@ def destroy(ctx, lab, name, timeout, trace, as_json):
     """Destroy a guest and remove its disks; reports anything left in dom0."""
     with open_lab(ctx, lab).guests() as guests, _traced(ctx, lab, name, trace, True, as_json):
         result = guests.destroy(name, timeout=timeout)
-    emit(result, as_json, lambda r: console.print(f"guest {name} (domid {r['domid']}) destroyed in {r['seconds']:.1f} s"))
+    emit(result, as_json, lambda r: console.print(
+        f"guest {name} (domid {r['domid']}) destroyed in {r['seconds']:.1f} s"
+        + (f"; it had crashed: its core is in {r['core_dir']} (`xenlab debug core-log DIR --panic`)" if "core_dir" in r else "")))
     left = {k: v for k, v in result["leftovers"].items() if v}
     if left:
         raise XenlabError(f"guest {name} left things behind in dom0: {left}", "see `xenlab ssh -- xenstore-ls -f /local/domain/0/backend`")

@@ -11,6 +11,8 @@ import io
 import json
 import secrets
 import shlex
+import shutil
+import subprocess
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +22,7 @@ from xenlab import templates
 from xenlab.agent.facts import BRIDGE, GUEST_SUBNET as SUBNET, HOTPLUG_DIR, GUESTS_DIR as REMOTE_GUESTS, IMAGES_DIR as REMOTE_IMAGES
 from xenlab.build.kernel import minimal_vmlinux
 from xenlab.config import validate_name
+from xenlab.debug import coredump
 from xenlab.errors import GuestError
 from xenlab.guest.handle import Guest
 from xenlab.guest.spec import GuestSpec, vdev
@@ -34,6 +37,31 @@ from xenlab.paths import cache_dir
 
 
 
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """What prepare() shipped: dom0 paths of the kernel, root and System.map
+    ("" when none), and the guest addresses in use."""
+
+    kernel: str
+    ramdisk: str
+    used: set[str]
+    symbol_map: str = ""
+
+
+def _system_map_of(elf: Path) -> Path | None:
+    """A System.map beside a user's kernel ELF, written from its symbols (None when stripped)."""
+    target = elf.with_suffix(".map")
+    if target.exists():
+        return target
+    listed = subprocess.run(["nm", "-n", str(elf)], capture_output=True, text=True) if shutil.which("nm") else None
+    if listed is None or listed.returncode != 0 or not listed.stdout.strip():
+        return None
+    part = target.with_suffix(".map.part")
+    part.write_text(listed.stdout)
+    part.rename(target)
+    return target
 
 
 def render_xl_config(spec: GuestSpec, kernel: str, ramdisk: str, ip: str, mac: str) -> str:
@@ -119,16 +147,21 @@ class Guests:
             input=data if packed else gzip.compress(data, compresslevel=1), timeout=600,
         )
 
-    def prepare(self, spec: GuestSpec) -> tuple[str, str, set[str]]:
+    def prepare(self, spec: GuestSpec) -> Prepared:
         """Build (cached) the kernel and root, and in one round trip learn
         whether dom0 has them and the agent, and which addresses are taken;
         ship what is missing. Returns their dom0 paths and the used addresses."""
         image = self._image()
-        local_kernel, kernel_name, release = self._kernel(spec, image)
+        local_kernel, kernel_name, release, local_map = self._kernel(spec, image)
         ramdisk = rootfs.build(image, spec.root, spec.root_flavour, cache_dir() / "guest")
         if spec.modules or spec.add:
             ramdisk = self._with_extras(spec, ramdisk, release)
         files = {f"{REMOTE_IMAGES}/{kernel_name}": local_kernel, f"{REMOTE_IMAGES}/{ramdisk.name}": ramdisk}
+        # Debian's kernel is dom0's own: its System.map is already in dom0's /boot.
+        symbol_map = f"/boot/System.map-{release}" if spec.kernel == "debian" else ""
+        if local_map:
+            symbol_map = f"{REMOTE_IMAGES}/{kernel_name}.map"
+            files[symbol_map] = local_map
         probe = "; ".join(
             [deploy.agent_check_command()]
             + [f"test -s {shlex.quote(remote)} && echo have:{shlex.quote(remote)}" for remote in files]
@@ -143,19 +176,21 @@ class Guests:
             if f"have:{remote}" not in lines:
                 self._upload(local, remote)
         used = {line[3:] for line in lines if line.startswith("ip:")}
-        return f"{REMOTE_IMAGES}/{kernel_name}", f"{REMOTE_IMAGES}/{ramdisk.name}", used
+        return Prepared(f"{REMOTE_IMAGES}/{kernel_name}", f"{REMOTE_IMAGES}/{ramdisk.name}", used, symbol_map)
 
-    def _kernel(self, spec: GuestSpec, image: images.Dom0Image) -> tuple[Path, str, str]:
-        """The guest kernel as a local ELF file, its name in dom0, and its release.
+    def _kernel(self, spec: GuestSpec, image: images.Dom0Image) -> tuple[Path, str, str, Path | None]:
+        """The guest kernel as a local ELF file, its name in dom0, its release,
+        and its System.map when one exists here (for xenctx and cores).
         Every kernel goes over as plain ELF: dom0's domain builder would
         otherwise decompress a bzImage at every create (seconds under TCG)."""
         if spec.kernel == "minimal":
             built = kernel_mod.build_minimal(cache_dir() / "guest", trust_stamp=True)
             elf = minimal_vmlinux(built.bzimage)
+            system_map = built.build_dir / "System.map"
             # Named by content: a rebuilt kernel must not meet its predecessor's copy in dom0.
-            return elf, f"minimal-{_file_digest(built.bzimage)}.vmlinux", built.release
+            return elf, f"minimal-{_file_digest(built.bzimage)}.vmlinux", built.release, system_map if system_map.is_file() else None
         if spec.kernel == "debian":
-            return image.dom0_kernel, f"debian-{image.id}.vmlinux", image.manifest["kernel_version"]
+            return image.dom0_kernel, f"debian-{image.id}.vmlinux", image.manifest["kernel_version"], None
         kernel = extras.read_kernel(spec.kernel)
         digest = hashlib.sha256(kernel.elf).hexdigest()[:16]
         local = cache_dir() / "guest" / "user-kernels" / f"{digest}.vmlinux"
@@ -164,7 +199,7 @@ class Guests:
             part = local.with_suffix(".part")
             part.write_bytes(kernel.elf)
             part.rename(local)
-        return local, f"user-{digest}.vmlinux", kernel.release
+        return local, f"user-{digest}.vmlinux", kernel.release, _system_map_of(local)
 
     def _with_extras(self, spec: GuestSpec, base: Path, release: str) -> Path:
         """The guest's root with the user's modules, load list and files appended (checked first)."""
@@ -180,28 +215,30 @@ class Guests:
         return target
 
     # -- lifecycle -------------------------------------------------------
-    def create(self, spec: GuestSpec, prepared: tuple[str, str, set[str]] | None = None) -> dict:
+    def create(self, spec: GuestSpec, prepared: Prepared | None = None) -> dict:
         """Start the guest; `prepared` is prepare()'s result when the caller already ran it."""
         spec.validate()
-        kernel, ramdisk, used = prepared or self.prepare(spec)
+        prepared = prepared or self.prepare(spec)
+        used = prepared.used
         for attempt in range(3):
             try:
-                return self._create(spec, kernel, ramdisk, used)
+                return self._create(spec, prepared, used)
             except GuestError as e:
                 if "is taken by guest" not in e.message or attempt == 2:
                     raise
                 used = set(used) | {e.message.split()[1]}  # taken meanwhile by a create running at the same time
 
-    def _create(self, spec: GuestSpec, kernel: str, ramdisk: str, used: set[str]) -> dict:
+    def _create(self, spec: GuestSpec, prepared: Prepared, used: set[str]) -> dict:
         ip, mac = pick_address(used)
         request = {
             "name": spec.name, "memory": spec.memory, "vcpus": spec.vcpus, "root": spec.root, "kernel": spec.kernel,
+            "kernel_file": prepared.kernel, "symbol_map": prepared.symbol_map,
             "ip": ip, "mac": mac, "net": spec.net, "timeout": spec.timeout, "hotplug": spec.hotplug,
             "disks": [
                 {"path": f"{REMOTE_GUESTS}/{spec.name}/{vdev(i)}.img", "vdev": vdev(i), "size_mib": d.size_mib, "readonly": d.readonly}
                 for i, d in enumerate(spec.disks)
             ],
-            "config": render_xl_config(spec, kernel, ramdisk, ip, mac),
+            "config": render_xl_config(spec, prepared.kernel, prepared.ramdisk, ip, mac),
         }
         try:
             return self.domctl("create", request=request, timeout=spec.timeout + 60)
@@ -231,8 +268,20 @@ class Guests:
         raise GuestError(f"no running guest named {name!r} in lab {self.lab.name}", "list them with `xenlab guest list`")
 
     def destroy(self, name: str, timeout: float = 30) -> dict:
+        """Destroy the guest; a crashed one's core is taken first and fetched
+        into the lab's cores/ folder (`core_dir` in the result)."""
         validate_name(name, "guest name")
-        return self.domctl("destroy", name, "--timeout", str(timeout), timeout=timeout + 60)
+        result = self.domctl("destroy", name, "--timeout", str(timeout), timeout=timeout + 660)
+        if "core" in result:
+            result["core_dir"] = str(coredump.fetch(self.ssh(), result["core"], self.lab.dir / "cores"))
+        return result
+
+    def dump_core(self, name: str, dest: Path | None = None) -> dict:
+        """`xl dump-core` of a running or crashed guest, fetched with its kernel
+        and System.map into `dest` (default: the lab's cores/ folder)."""
+        validate_name(name, "guest name")
+        taken = self.domctl("dump-core", name, timeout=660)
+        return {**taken, "core_dir": str(coredump.fetch(self.ssh(), taken, dest or self.lab.dir / "cores"))}
 
     def list(self) -> list[dict]:
         return self.domctl("list")

@@ -803,6 +803,15 @@ class Lab:
             "root@127.0.0.1", *command,
         ]
 
+    def monitor(self, command: str) -> str:
+        """A QEMU human-monitor command run in the lab's VM (through libvirt); its output."""
+        self.require_up()
+        with self.locked("QEMU monitor"), self._connect() as conn:
+            dom = virt.lookup(conn, self.domain_name)
+            if dom is None or not virt.is_running(dom):
+                raise LabError(f"lab {self.name!r} has no running VM", f"start it with `xenlab up --lab {self.name}`")
+            return virt.monitor(dom, command)
+
     def running(self) -> bool:
         with self.locked(), self._connect() as conn:
             dom = virt.lookup(conn, self.domain_name)

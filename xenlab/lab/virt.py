@@ -182,6 +182,14 @@ def lookup(conn, name: str):
         raise
 
 
+def monitor(dom, command: str) -> str:
+    """Run a QEMU human-monitor command in the domain (e.g. `gdbserver ...`); its output."""
+    _libvirt()
+    import libvirt_qemu
+
+    return libvirt_qemu.qemuMonitorCommand(dom, command, libvirt_qemu.VIR_DOMAIN_QEMU_MONITOR_COMMAND_HMP)
+
+
 def is_running(dom) -> bool:
     try:
         return bool(dom.isActive())

@@ -1,0 +1,139 @@
+"""The debug tools' own logic: symbol files (loaded by the host's real gdb),
+Xen's debug key output, xenctx output and dump-core files."""
+
+import struct
+import subprocess
+
+import pytest
+
+from xenlab.debug import coredump, keys, stack, symbols
+
+SYSTEM_MAP = """\
+0000000000000000 D __per_cpu_start
+ffffffff81000000 T _stext
+ffffffff81000000 T startup_64
+ffffffff81001000 T xen_hypercall_sched_op
+ffffffff81001020 t xen_safe_halt
+ffffffff81002000 D some_data
+ffffffff81003000 B __log_buf
+ffffffff81004000 B after_log_buf
+"""
+
+
+def test_map_parsing_skips_non_addresses_and_looks_up():
+    table = symbols.parse_map(SYSTEM_MAP)
+    assert [s.name for s in table][:2] == ["_stext", "startup_64"] and all(s.address >= symbols.KERNEL_SPACE for s in table)
+    assert symbols.lookup(table, 0xFFFFFFFF81001024) == "xen_safe_halt+0x4"
+    assert symbols.lookup(table, 0xFFFFFFFF81001000) == "xen_hypercall_sched_op"
+    assert symbols.lookup(table, 0xFFFFFFFF80000000) is None
+
+
+def test_symbol_elf_is_read_by_gdb(tmp_path):
+    elf = symbols.symbol_elf(symbols.parse_map(SYSTEM_MAP), tmp_path / "k.elf")
+    out = subprocess.run(["gdb", "-q", "-batch", "-ex", f"add-symbol-file {elf}", "-ex", "info symbol 0xffffffff81001024",
+                          "-ex", "p/x &xen_safe_halt"], capture_output=True, text=True, timeout=60).stdout
+    assert "xen_safe_halt + 4 in section .text" in out and "0xffffffff81001020" in out
+
+
+XEN_H = """\
+(XEN) 'h' pressed -> showing installed handlers
+(XEN)  key '%' (ascii '25') => trap to xendbg
+(XEN)  key 'e' (ascii '65') => dump evtchn info
+(XEN)  key 'q' (ascii '71') => dump domain (and guest debug) info
+"""
+XEN_E = """\
+(XEN) some earlier line
+(XEN) 'e' pressed -> dumping event-channel info
+(XEN) 'e' pressed -> dumping event-channel info
+(XEN) Event channel information for domain 0:
+(XEN) Polling vCPUs: {}
+(XEN)     port [p/m/s]
+(XEN)        1 [0/0/1]: s=5 n=0 x=0 v=0
+(XEN)        7 [1/0/1]: s=3 n=1 x=0 d=1 p=3
+(XEN) Event channel information for domain 1:
+(XEN) Polling vCPUs: {}
+(XEN)     port [p/m/s]
+(XEN)        3 [0/1/1]: s=3 n=0 x=0 d=0 p=7
+"""
+
+
+def test_debug_key_output_is_cut_at_the_last_press_and_parsed():
+    assert keys.parse_handlers(XEN_H) == {"%": "trap to xendbg", "e": "dump evtchn info", "q": "dump domain (and guest debug) info"}
+    lines, complete = keys.after_press(XEN_E, "e")
+    assert complete and lines[0].startswith("'e' pressed") and lines.count("'e' pressed -> dumping event-channel info") == 1
+    parsed = keys.parse_evtchn(lines)["domains"]
+    assert parsed["0"][1] == {"port": 7, "pending": 1, "masked": 0, "s": 3, "n": 1, "x": 0, "d": 1, "p": 3, "state": "interdomain"}
+    assert parsed["0"][0]["state"] == "virq" and parsed["1"] == [
+        {"port": 3, "pending": 0, "masked": 1, "s": 3, "n": 0, "x": 0, "d": 0, "p": 7, "state": "interdomain"}]
+    _, complete = keys.after_press("(XEN) nothing of it\n", "e")
+    assert not complete
+
+
+XENCTX = """\
+VCPU0:
+rip: ffffffff810013aa xen_hypercall_sched_op+0xa
+flags: 00000246 i z p
+rsp: ffffc90000083ea8
+Stack:
+ ffffffff8100ad1e 0000000000000000
+
+Call Trace:
+  [<ffffffff810013aa>] xen_hypercall_sched_op+0xa  <--
+  [<ffffffff8100ad1e>] xen_safe_halt+0xe
+VCPU1:
+rip: ffffffff810013aa xen_hypercall_sched_op+0xa
+
+Call Trace:
+  [<ffffffff810013aa>] xen_hypercall_sched_op+0xa  <--
+"""
+
+
+def test_xenctx_output_is_split_per_vcpu():
+    vcpus = stack.parse_xenctx(XENCTX)
+    assert [v.vcpu for v in vcpus] == [0, 1]
+    assert vcpus[0].rip_symbol == "xen_hypercall_sched_op+0xa"
+    assert [f["symbol"] for f in vcpus[0].frames] == ["xen_hypercall_sched_op+0xa", "xen_safe_halt+0xe"]
+    assert stack.parse_xenctx(XENCTX.split("VCPU1:")[0].replace("VCPU0:\n", ""), first_vcpu=3)[0].vcpu == 3
+
+
+def _fake_core(path, pages: dict[int, bytes]) -> None:
+    """A dump-core ELF of the layout xl writes: .xen_p2m (pfn, gmfn pairs) and .xen_pages in that order."""
+    pfns = sorted(pages)
+    p2m = b"".join(struct.pack("<QQ", pfn, 1000 + pfn) for pfn in pfns)
+    data = b"".join(pages[pfn].ljust(coredump.PAGE, b"\0") for pfn in pfns)
+    names = b"\0.xen_p2m\0.xen_pages\0.shstrtab\0"
+    p2m_at = 64
+    pages_at = (p2m_at + len(p2m) + coredump.PAGE - 1) // coredump.PAGE * coredump.PAGE
+    names_at = pages_at + len(data)
+    sh_at = names_at + len(names)
+
+    def sh(name, offset, size):
+        return struct.pack("<IIQQQQIIQQ", name, 1, 0, 0, offset, size, 0, 0, 1, 0)
+
+    header = b"\x7fELF" + bytes([2, 1, 1, 0]) + bytes(8) + struct.pack(
+        "<HHIQQQIHHHHHH", 4, 62, 1, 0, 0, sh_at, 0, 64, 0, 0, 64, 4, 3)
+    blob = bytearray(header.ljust(p2m_at, b"\0") + p2m)
+    blob = blob.ljust(pages_at, b"\0") + data + names
+    blob += bytes(64) + sh(1, p2m_at, len(p2m)) + sh(10, pages_at, len(data)) + sh(21, names_at, len(names))
+    path.write_bytes(bytes(blob))
+
+
+def test_kernel_log_is_read_from_log_buf_by_its_pfn(tmp_path):
+    log_pfn = (0xFFFFFFFF81003000 - coredump.START_KERNEL_MAP) // coredump.PAGE
+    ring = (struct.pack("<Q", 0x101) + b"sysrq: Trigger a crash" + struct.pack("<Q", 0x102) + b"Call Trace:"
+            + struct.pack("<Q", 0x103) + b" sysrq_handle_crash+0x12/0x20"
+            + struct.pack("<Q", 0x104) + b"Kernel panic - not syncing: sysrq triggered crash")
+    _fake_core(tmp_path / "core", {7: b"elsewhere: Kernel panic - not syncing: decoy", log_pfn: ring})
+    (tmp_path / "System.map").write_text(SYSTEM_MAP)
+    lines = coredump.kernel_log(tmp_path / "core", tmp_path / "System.map")
+    assert lines == ["sysrq: Trigger a crash", "Call Trace:", " sysrq_handle_crash+0x12/0x20",
+                     "Kernel panic - not syncing: sysrq triggered crash"]
+    assert coredump.panic_report(["boot", "more", *lines])[-1].startswith("Kernel panic")
+    # Without a System.map: found around the panic text anywhere in the core.
+    assert any("decoy" in line for line in coredump.kernel_log(tmp_path / "core", None))
+
+
+def test_a_file_that_is_not_a_core_is_refused(tmp_path):
+    (tmp_path / "x").write_bytes(b"not an elf at all" * 10)
+    with pytest.raises(ValueError, match="not a 64-bit ELF"):
+        coredump.CoreFile(tmp_path / "x")

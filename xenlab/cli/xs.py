@@ -20,7 +20,6 @@ from xenlab.xenstore import dumps
 from xenlab.xenstore.client import DEFAULT_TIMEOUT, XenStore, XenStoreRequestError
 from xenlab.xenstore.paths import check_path, parse_perms
 from xenlab.xenstore.recorder import trace_guest
-from xenlab.xenstore.timeline_html import write_html
 from xenlab.xenstore.tracer import format_reports, violation_summary
 from xenlab.xenstore.tree import ls_lines
 
@@ -258,10 +257,8 @@ def trace(ctx, guest, lab, do_create, disks, net, root, do_destroy, duration, se
         ).validate()
     action = "create" if do_create else "destroy" if do_destroy else "watch"
     the_lab = open_lab(ctx, lab)
-    run = trace_guest(the_lab, guest, action, spec, duration, settle, timeout, echo=None if as_json else click.echo)
+    run = trace_guest(the_lab, guest, action, spec, duration, settle, timeout, echo=None if as_json else click.echo, html=html_path)
     reports, timeline = run["devices"], run["timeline"]
-    if html_path is not None:
-        write_html(html_path, timeline, reports, f"XenBus states of guest {guest} ({action}, lab {the_lab.name})")
     if as_json:
         print_json({**run, "timeline": [c.to_dict() for c in timeline], "devices": [r.to_dict() for r in reports]})
     else:

@@ -14,6 +14,10 @@ PAYLOAD_MAX = 4096
 ABS_PATH_MAX = 3072
 REL_PATH_MAX = 2048
 SPECIAL_WATCHES = ("@introduceDomain", "@releaseDomain")
+# A device's state nodes (xenstore-paths.pandoc): the backend's under its
+# domain, the frontend's under the guest's.
+BACKEND_STATE = re.compile(r"^/local/domain/(\d+)/backend/([\w-]+)/(\d+)/([\w-]+)/state$")
+FRONTEND_STATE = re.compile(r"^/local/domain/(\d+)/device/([\w-]+)/([\w-]+)/state$")
 
 _NAME = re.compile(r"^[A-Za-z0-9_@/-]+$")
 _PERM = re.compile(r"^([nrwb])(\d+)$")

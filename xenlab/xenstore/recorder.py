@@ -15,13 +15,14 @@ import time
 from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import replace
+from pathlib import Path
 
 from xenlab.errors import XenStoreError
 from xenlab.xenstore.client import XenStore
+from xenlab.xenstore.paths import BACKEND_STATE, FRONTEND_STATE
+from xenlab.xenstore.timeline_html import write_html
 from xenlab.xenstore.tracer import CONNECTED, Change, TimelineFormatter, check, format_reports, violation_summary
 
-BACKEND_STATE = re.compile(r"^/local/domain/(\d+)/backend/([\w-]+)/(\d+)/([\w-]+)/state$")
-FRONTEND_STATE = re.compile(r"^/local/domain/(\d+)/device/([\w-]+)/([\w-]+)/state$")
 # Backend classes whose frontend is another class name (qdisk serves vbd frontends).
 FRONTEND_KIND = {"qdisk": "vbd", "vbd3": "vbd", "qnic": "vif"}
 # The PV console's backend is xenconsoled and its frontend lives at
@@ -260,11 +261,13 @@ def trace_action(lab, guest: str, destroying: bool, echo: Callable[[str], None] 
 
 
 def trace_guest(lab, guest: str, action: str = "watch", spec=None, duration: float = 0, settle: float = 15,
-                timeout: float = 10, echo: Callable[[str], None] | None = None) -> dict:
+                timeout: float = 10, echo: Callable[[str], None] | None = None, html: Path | None = None) -> dict:
     """Trace GUEST's devices while creating it (action "create", with its
     GuestSpec), destroying it ("destroy"), or for `duration` seconds ("watch";
     0: until Ctrl-C). Returns the timeline, the per-device verdicts and what
-    the action reported; `ok` is False on a protocol violation."""
+    the action reported; `ok` is False on a protocol violation. With `html`,
+    the timeline page is written there, also when the action fails (a create
+    that never connects is the stuck handshake the page is for)."""
     from xenlab.guest.manager import Guests
 
     if action not in ("create", "destroy", "watch"):
@@ -280,9 +283,17 @@ def trace_guest(lab, guest: str, action: str = "watch", spec=None, duration: flo
                 except KeyboardInterrupt:
                     pass
             else:
-                result = guests.create(spec) if action == "create" else guests.destroy(guest)
+                try:
+                    result = guests.create(spec) if action == "create" else guests.destroy(guest)
+                except BaseException:
+                    if html is not None:
+                        failed = list(recorder.timeline)
+                        write_html(html, failed, check(failed), f"XenBus states of guest {guest} ({action} FAILED, lab {lab.name})")
+                    raise
                 recorder.wait(settled(action == "destroy"), settle)
         timeline = list(recorder.timeline)
     reports = check(timeline)
+    if html is not None:
+        write_html(html, timeline, reports, f"XenBus states of guest {guest} ({action}, lab {lab.name})")
     return {"guest": guest, "action": action, "ok": violation_summary(reports) is None, "timeline": timeline,
             "devices": reports, "action_result": result}

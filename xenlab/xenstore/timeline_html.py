@@ -14,7 +14,7 @@ from pathlib import Path
 
 from xenlab.agent.facts import CONNECTED, STATE_NAMES, state_name
 from xenlab.templates import render
-from xenlab.xenstore.recorder import BACKEND_STATE
+from xenlab.xenstore.paths import BACKEND_STATE
 from xenlab.xenstore.tracer import Change, DeviceReport, format_timeline
 
 TEMPLATE = "xenbus-timeline.html.j2"

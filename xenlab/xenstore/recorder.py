@@ -9,7 +9,6 @@ Reads are sent the moment their events arrive and answered in order
 
 from __future__ import annotations
 
-import re
 import threading
 import time
 from collections.abc import Callable

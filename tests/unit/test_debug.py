@@ -137,3 +137,16 @@ def test_a_file_that_is_not_a_core_is_refused(tmp_path):
     (tmp_path / "x").write_bytes(b"not an elf at all" * 10)
     with pytest.raises(ValueError, match="not a 64-bit ELF"):
         coredump.CoreFile(tmp_path / "x")
+
+
+def test_trace_classes_make_xentrace_masks_and_unknown_ones_are_refused():
+    from xenlab.debug import xentrace
+    from xenlab.errors import LabError
+
+    assert xentrace.event_mask(["evtchn"]) == 0x0020F000 | 0x0002F000 == xentrace.event_mask(["pv", "sched"])
+    assert xentrace.event_mask(["all"]) == 0xFFFFF000
+    with pytest.raises(LabError, match="unknown trace event class 'irq'") as e:
+        xentrace.event_mask(["sched", "irq"])
+    assert "evtchn" in e.value.hint
+    counts = xentrace.count_events([" 0.000012 -- d0v1 hypercall event_channel_op", "0.1 d0v1 hypercall x", "0.2 d32767v0 runstate_change"])
+    assert counts == {"hypercall": 2, "runstate_change": 1}

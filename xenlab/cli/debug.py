@@ -10,7 +10,7 @@ from pathlib import Path
 import click
 
 from xenlab.cli.common import emit, json_option, lab_option, open_lab
-from xenlab.debug import coredump, gdb, keys as debug_keys, stack as debug_stack
+from xenlab.debug import coredump, gdb, keys as debug_keys, stack as debug_stack, xentrace
 
 
 @click.group()
@@ -104,3 +104,28 @@ def core_log_cmd(folder, panic, as_json):
     if panic:
         lines = coredump.panic_report(lines)
     emit({"core": str(core), "lines": lines}, as_json, lambda d: click.echo("\n".join(d["lines"])))
+
+
+@debug.command("xentrace", context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
+@lab_option
+@click.option("--events", default="evtchn", show_default=True,
+              help=f"comma-separated Xen trace classes: {', '.join([*xentrace.GROUPS, *xentrace.CLASSES])}")
+@click.option("--max-lines", default=2000, show_default=True, help="decoded lines to print at most")
+@json_option
+@click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
+@click.pass_context
+def xentrace_cmd(ctx, lab, events, max_lines, as_json, command):
+    """Record Xen trace events while COMMAND runs in dom0 (after `--`) and
+    print them decoded (xentrace, xenalyze --dump-all)."""
+    run = xentrace.record(open_lab(ctx, lab), " ".join(command), [e.strip() for e in events.split(",") if e.strip()], max_lines)
+
+    def text(r):
+        click.echo(r.output.rstrip())
+        top = ", ".join(f"{name} {n}" for name, n in list(r.counts.items())[:8])
+        click.echo(f"== trace ({','.join(r.classes)}, mask {r.mask:#010x}): {r.trace_bytes} bytes, {r.decoded_total} decoded lines"
+                   + (f" (first {len(r.decoded)} below)" if len(r.decoded) < r.decoded_total else "") + (f"; most: {top}" if top else ""))
+        click.echo("\n".join(r.decoded))
+
+    emit(run.to_dict() if as_json else run, as_json, text)
+    if run.rc:
+        sys.exit(run.rc)

@@ -49,7 +49,7 @@ XEN_E = """\
 (XEN) Polling vCPUs: {}
 (XEN)     port [p/m/s]
 (XEN)        1 [0/0/1]: s=5 n=0 x=0 v=0
-(XEN)        7 [1/0/1]: s=3 n=1 x=0 d=1 p=3
+(XEN)        7 [1/0/  -   ]: s=3 n=1 x=0 d=1 p=3
 (XEN) Event channel information for domain 1:
 (XEN) Polling vCPUs: {}
 (XEN)     port [p/m/s]
@@ -70,30 +70,32 @@ def test_debug_key_output_is_cut_at_the_last_press_and_parsed():
 
 
 XENCTX = """\
-VCPU0:
-rip: ffffffff810013aa xen_hypercall_sched_op+0xa
-flags: 00000246 i z p
-rsp: ffffc90000083ea8
+vcpu0:
+rip: ffffffff812907b5 xen_hypercall_pv+0x5
+flags: 00001246 i z p
+rsp: ffffffff81a03e18
 Stack:
- ffffffff8100ad1e 0000000000000000
+ ffff888007a20480 000000000001e000 ffffffff81017866 ffffffff81a03e40
 
-Call Trace:
-  [<ffffffff810013aa>] xen_hypercall_sched_op+0xa  <--
-  [<ffffffff8100ad1e>] xen_safe_halt+0xe
-VCPU1:
-rip: ffffffff810013aa xen_hypercall_sched_op+0xa
+Stack Trace:
+                  * [<ffffffff812907b5>] xen_hypercall_pv+0x5 <--
+ffffffff81a03e18:     ffff888007a20480
+ffffffff81a03e28:   [<ffffffff81017866>] xen_safe_halt+0x15
+ffffffff81a03e30:     ffffffff81a03e40
+vcpu1:
+rip: ffffffff812907b5 xen_hypercall_pv+0x5
 
-Call Trace:
-  [<ffffffff810013aa>] xen_hypercall_sched_op+0xa  <--
+Stack Trace:
+                  * [<ffffffff812907b5>] xen_hypercall_pv+0x5 <--
 """
 
 
 def test_xenctx_output_is_split_per_vcpu():
     vcpus = stack.parse_xenctx(XENCTX)
     assert [v.vcpu for v in vcpus] == [0, 1]
-    assert vcpus[0].rip_symbol == "xen_hypercall_sched_op+0xa"
-    assert [f["symbol"] for f in vcpus[0].frames] == ["xen_hypercall_sched_op+0xa", "xen_safe_halt+0xe"]
-    assert stack.parse_xenctx(XENCTX.split("VCPU1:")[0].replace("VCPU0:\n", ""), first_vcpu=3)[0].vcpu == 3
+    assert vcpus[0].rip_symbol == "xen_hypercall_pv+0x5"
+    assert [f["symbol"] for f in vcpus[0].frames] == ["xen_hypercall_pv+0x5", "xen_safe_halt+0x15"]
+    assert stack.parse_xenctx(XENCTX.split("vcpu1:")[0].replace("vcpu0:\n", ""), first_vcpu=3)[0].vcpu == 3
 
 
 def _fake_core(path, pages: dict[int, bytes]) -> None:
@@ -118,18 +120,47 @@ def _fake_core(path, pages: dict[int, bytes]) -> None:
     path.write_bytes(bytes(blob))
 
 
-def test_kernel_log_is_read_from_log_buf_by_its_pfn(tmp_path):
-    log_pfn = (0xFFFFFFFF81003000 - coredump.START_KERNEL_MAP) // coredump.PAGE
-    ring = (struct.pack("<Q", 0x101) + b"sysrq: Trigger a crash" + struct.pack("<Q", 0x102) + b"Call Trace:"
-            + struct.pack("<Q", 0x103) + b" sysrq_handle_crash+0x12/0x20"
-            + struct.pack("<Q", 0x104) + b"Kernel panic - not syncing: sysrq triggered crash")
-    _fake_core(tmp_path / "core", {7: b"elsewhere: Kernel panic - not syncing: decoy", log_pfn: ring})
-    (tmp_path / "System.map").write_text(SYSTEM_MAP)
+RING_MAP = """\
+ffffffff81a25120 d _printk_rb_static_infos
+ffffffff81a25120 d _printk_rb_static_infos
+ffffffff81a25400 d _printk_rb_static_descs
+ffffffff81a25500 d log_buf_len
+ffffffff81a26000 b __log_buf
+ffffffff81a27008 b clear_seq
+"""
+
+
+def _ring_pages(records: list[tuple[int, str]]) -> dict[int, bytes]:
+    """The three printk ring arrays laid out as the map above says, records
+    written out of order (seq tells the order) and with stale bytes after each
+    text, as a reused ring has."""
+    infos, descs, text = bytearray(0x2E0), bytearray(0x100), bytearray(0x1000)
+    at = 0
+    for slot, (seq, body) in enumerate(records):
+        raw = body.encode()
+        text[at:at + 8 + len(raw) + 4] = struct.pack("<Q", seq) + raw + b"JUNK"
+        struct.pack_into("<QQQ", descs, slot * 24, coredump.DESC_FINALIZED << 62, at, at + 8 + len(raw) + 4)
+        struct.pack_into("<QQH", infos, slot * 88, seq, seq * 1_500_000, len(raw))
+        at += (8 + len(raw) + 4 + 7) // 8 * 8
+    base = 0xFFFFFFFF81A25000
+    image = bytearray(0x2000)
+    image[0x120:0x120 + len(infos)] = infos
+    image[0x400:0x400 + len(descs)] = descs
+    image[0x1000:0x2000] = text
+    first = (base - coredump.START_KERNEL_MAP) // coredump.PAGE
+    return {first: bytes(image[:0x1000]), first + 1: bytes(image[0x1000:])}
+
+
+def test_kernel_log_is_read_from_the_printk_ring_in_seq_order(tmp_path):
+    records = [(3, "Call Trace:"), (1, "sysrq: Trigger a crash"), (4, " sysrq_handle_crash+0x10/0x10"),
+               (2, "Kernel panic - not syncing: sysrq triggered crash")]
+    _fake_core(tmp_path / "core", {7: b"elsewhere: Kernel panic - not syncing: decoy", **_ring_pages(records)})
+    (tmp_path / "System.map").write_text(RING_MAP)
     lines = coredump.kernel_log(tmp_path / "core", tmp_path / "System.map")
-    assert lines == ["sysrq: Trigger a crash", "Call Trace:", " sysrq_handle_crash+0x12/0x20",
-                     "Kernel panic - not syncing: sysrq triggered crash"]
-    assert coredump.panic_report(["boot", "more", *lines])[-1].startswith("Kernel panic")
-    # Without a System.map: found around the panic text anywhere in the core.
+    assert lines == ["[    0.001500] sysrq: Trigger a crash", "[    0.003000] Kernel panic - not syncing: sysrq triggered crash",
+                     "[    0.004500] Call Trace:", "[    0.006000]  sysrq_handle_crash+0x10/0x10"]
+    assert coredump.panic_report(["[0] boot", *lines]) == lines
+    # Without a System.map: printable text around a panic message anywhere in the core.
     assert any("decoy" in line for line in coredump.kernel_log(tmp_path / "core", None))
 
 
@@ -148,5 +179,5 @@ def test_trace_classes_make_xentrace_masks_and_unknown_ones_are_refused():
     with pytest.raises(LabError, match="unknown trace event class 'irq'") as e:
         xentrace.event_mask(["sched", "irq"])
     assert "evtchn" in e.value.hint
-    counts = xentrace.count_events([" 0.000012 -- d0v1 hypercall event_channel_op", "0.1 d0v1 hypercall x", "0.2 d32767v0 runstate_change"])
-    assert counts == {"hypercall": 2, "runstate_change": 1}
+    assert xentrace.parse_counts("3 vcpu_block\n12 hypercall:event_channel_op\nnoise\n") == {
+        "hypercall:event_channel_op": 12, "vcpu_block": 3}

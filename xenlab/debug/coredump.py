@@ -9,12 +9,16 @@ a symbol of the image (the printk buffer, __log_buf) is found by its pfn."""
 
 from __future__ import annotations
 
+import io
 import re
+import shlex
 import struct
 import time
+import zlib
 from pathlib import Path
 
 from xenlab.debug import symbols
+from xenlab.errors import GuestError
 
 START_KERNEL_MAP = 0xFFFFFFFF80000000
 PAGE = 4096
@@ -93,20 +97,63 @@ class CoreFile:
 
 
 def text_runs(blob: bytes) -> list[str]:
-    """Printable runs: the printk ring stores each record's text after an 8-byte id."""
+    """Printable runs: what is left to read when the ring's index is not known."""
     return [m.group(0).decode("ascii", "replace").rstrip() for m in _PRINTABLE.finditer(blob)]
 
 
+# Linux 6.x printk ring (kernel/printk/printk_ringbuffer.h): descriptors
+# {state_var; text_blk_lpos {begin, next}} and infos {seq, ts_nsec, text_len,
+# facility, flags/level, caller_id, dev_info[64]}, one each per record; the
+# text lives in __log_buf as blocks of {unsigned long id; char text[]}.
+DESCS, INFOS = "_printk_rb_static_descs", "_printk_rb_static_infos"
+DESC_SIZE, INFO_SIZE = 24, 88
+DESC_COMMITTED, DESC_FINALIZED = 1, 2
+
+
+def _extent(table: list, name: str) -> tuple[int, int] | None:
+    at = next((i for i, s in enumerate(table) if s.name == name), None)
+    if at is None:
+        return None
+    following = next((s.address for s in table[at + 1:] if s.address > table[at].address), None)
+    return (table[at].address, following - table[at].address) if following else None
+
+
+def printk_records(core: CoreFile, table: list) -> list[str] | None:
+    """The log as dmesg prints it ("[   1.234567] text"), in sequence order,
+    or None when the map lacks the ring's symbols."""
+    extents = [_extent(table, name) for name in (LOG_BUFFER, DESCS, INFOS)]
+    if None in extents:
+        return None
+    (text_at, text_room), (descs_at, descs_room), (infos_at, infos_room) = extents
+    ring_size = 1 << (text_room.bit_length() - 1)  # a power of two; the symbol gap may hold padding
+    count = min(descs_room // DESC_SIZE, infos_room // INFO_SIZE)
+    text = core.read_kernel(text_at, ring_size)
+    descs = core.read_kernel(descs_at, count * DESC_SIZE)
+    infos = core.read_kernel(infos_at, count * INFO_SIZE)
+    records = []
+    for i in range(count):
+        state_var, begin, following = struct.unpack_from("<QQQ", descs, i * DESC_SIZE)
+        seq, ts_nsec, text_len = struct.unpack_from("<QQH", infos, i * INFO_SIZE)
+        if (state_var >> 62) not in (DESC_COMMITTED, DESC_FINALIZED) or begin == following or following - begin > ring_size:
+            continue
+        block = begin & (ring_size - 1)
+        if (begin // ring_size) != ((following - 1) // ring_size):
+            block = 0  # a block that would wrap is placed at the ring's start
+        raw = text[block + 8:block + 8 + text_len]
+        records.append((seq, ts_nsec, raw.decode("utf-8", "replace")))
+    records.sort()
+    return [f"[{ts // 1_000_000_000:5d}.{ts % 1_000_000_000 // 1000:06d}] {line}"
+            for _seq, ts, body in records for line in body.split("\n")]
+
+
 def kernel_log(core_path: Path, system_map: Path | None) -> list[str]:
-    """The guest kernel's log messages found in its core: from __log_buf when
-    the System.map names it, else from around a panic message anywhere."""
+    """The guest kernel's log read out of its core: the printk ring's records
+    when the System.map names it, else printable text around a panic message."""
     core = CoreFile(core_path)
     if system_map and Path(system_map).is_file():
-        table = symbols.parse_map(Path(system_map).read_text())
-        start = next((s for s in table if s.name == LOG_BUFFER), None)
-        if start is not None:
-            following = next((s.address for s in table if s.address > start.address), start.address + (1 << 17))
-            return text_runs(core.read_kernel(start.address, following - start.address))
+        records = printk_records(core, symbols.parse_map(Path(system_map).read_text()))
+        if records is not None:
+            return records
     raw = Path(core_path).read_bytes()
     at = raw.find(b"Kernel panic - not syncing")
     if at < 0:
@@ -115,18 +162,51 @@ def kernel_log(core_path: Path, system_map: Path | None) -> list[str]:
 
 
 def panic_report(lines: list[str]) -> list[str]:
-    """From a kernel log: the lines of the last oops/panic (the call trace and the panic line)."""
-    starts = [i for i, line in enumerate(lines) if re.search(r"(BUG:|Oops|Call Trace:|sysrq: Trigger a crash|Kernel panic)", line)]
+    """The last crash in a kernel log: from what set it off (an oops, a BUG,
+    a sysrq crash, or the panic line itself) to the end of the log, which
+    holds the panic message and the call trace printed after it."""
+    starts = [i for i, line in enumerate(lines) if _CRASH_START.search(line)]
     if not starts:
         return []
-    first = starts[0]
-    for i in starts:
-        if "Call Trace" in lines[i] or "sysrq" in lines[i] or "BUG:" in lines[i] or "Oops" in lines[i]:
-            first = i
-            break
-    ends = [i for i, line in enumerate(lines) if "Kernel panic - not syncing" in line]
-    last = ends[-1] if ends else len(lines) - 1
-    return lines[max(0, first - 2):last + 3]
+    # An oops comes a few dozen lines before the panic it ends in: start there.
+    near = [i for i in starts if starts[-1] - CRASH_LINES <= i]
+    return lines[near[0]:]
+
+
+CRASH_LINES = 80  # an oops report is shorter than this
+_CRASH_START = re.compile(r"(BUG: |Oops|sysrq: Trigger a crash|general protection fault|Kernel panic - not syncing)")
+
+
+class _Gunzip:
+    """A file-like sink that un-gzips into `path` as the bytes arrive."""
+
+    def __init__(self, path: Path):
+        self.file = open(path, "wb")
+        self.inflate = zlib.decompressobj(16 + zlib.MAX_WBITS)
+
+    def write(self, data: bytes) -> None:
+        self.file.write(self.inflate.decompress(data))
+
+    def flush(self) -> None:
+        self.file.flush()
+
+    def close(self) -> None:
+        self.file.write(self.inflate.flush())
+        self.file.close()
+
+
+def _copy_gzipped(ssh, remote: str, local: Path) -> None:
+    """A file of dom0's, gzipped on the way (a guest core is mostly zero pages:
+    128 MiB travel as ~5 MiB, where SFTP took a minute and a half under TCG)."""
+    sink, errors = _Gunzip(local), io.BytesIO()
+    try:
+        status = ssh.stream(f"gzip -1 -c {shlex.quote(remote)}", None, sink, errors)
+    finally:
+        sink.close()
+    if status != 0:
+        local.unlink(missing_ok=True)
+        raise GuestError(f"copying {remote} from dom0 failed: {errors.getvalue().decode(errors='replace').strip()}",
+                         "is there space on this host? see `xenlab ssh -- ls -la " + str(Path(remote).parent) + "`")
 
 
 def fetch(ssh, taken: dict, dest: Path) -> Path:
@@ -135,10 +215,10 @@ def fetch(ssh, taken: dict, dest: Path) -> Path:
     folder = dest / f"{taken['name']}-{time.strftime('%Y%m%d-%H%M%S')}"
     folder.mkdir(parents=True, exist_ok=True)
     try:
-        (folder / CORE_FILE).write_bytes(ssh.get(taken["core"]))
+        _copy_gzipped(ssh, taken["core"], folder / CORE_FILE)
         for remote, local in ((taken.get("kernel_file"), KERNEL_FILE), (taken.get("symbol_map"), MAP_FILE)):
             if remote:
-                (folder / local).write_bytes(ssh.get(remote))
+                _copy_gzipped(ssh, remote, folder / local)
     finally:
-        ssh.run(f"rm -f {taken['core']}")
+        ssh.run(f"rm -f {shlex.quote(taken['core'])}")
     return folder

@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -45,11 +44,14 @@ def gdb_binary() -> str:
 
 
 def _listening(port: int) -> bool:
+    """Whether something listens on 127.0.0.1:port, read from /proc/net/tcp:
+    connecting would count as gdb attaching, and the stub stops the VM then."""
     try:
-        with socket.create_connection(("127.0.0.1", port), timeout=1):
-            return True
+        lines = Path("/proc/net/tcp").read_text().splitlines()[1:]
     except OSError:
         return False
+    wanted = f"0100007F:{port:04X}"
+    return any(fields[1] == wanted and fields[3] == "0A" for fields in (line.split() for line in lines))
 
 
 def ensure_stub(lab) -> int:
@@ -63,15 +65,15 @@ def ensure_stub(lab) -> int:
         known = json.loads(state_file.read_text())
     except (OSError, ValueError):
         known = {}
-    # A gdb already attached holds the stub's only connection; probing it would
-    # take that, so trust the record while the same VM runs.
+    # QEMU starts one stub per run (a second `gdbserver` fails): the record
+    # holds while the same VM runs.
     if known.get("qemu_pid") == info.get("qemu_pid") and known.get("port"):
         return known["port"]
     port = free_port()
     reply = lab.monitor(f"gdbserver tcp:127.0.0.1:{port}").strip()
     if not _listening(port):
         raise LabError(f"QEMU did not start its gdbstub on 127.0.0.1:{port}: {reply or 'no reply'}",
-                       "see the lab's QEMU log; another debugger may hold the stub")
+                       f"QEMU runs one gdbstub per VM; `xenlab down --lab {lab.name}` and `up` give a fresh one")
     state_file.write_text(json.dumps({"port": port, "qemu_pid": info.get("qemu_pid")}))
     return port
 

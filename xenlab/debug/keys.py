@@ -13,7 +13,8 @@ from xenlab.errors import LabError
 
 _PREFIX = re.compile(r"^\(XEN\)\s?(\[[^\]]*\]\s?)?")  # "(XEN) " and an optional console timestamp
 _HANDLER = re.compile(r"^\s*key '(.)' \(ascii '[0-9a-f]+'\) => (.*)$")
-_PORT = re.compile(r"^\s*(\d+) \[(\d+)/(\d+)/(\d+)\]:\s*(.*)$")
+# "  13 [0/0/  -   ]: s=3 n=1 x=0 d=0 p=28": pending/masked/(2-level selector bit, or "-")
+_PORT = re.compile(r"^\s*(\d+) \[(\d+)/(\d+)/([^\]]*)\]:\s*(.*)$")
 _DOMAIN = re.compile(r"^Event channel information for (?:domain|d)\s*(\d+)")
 _SEPARATOR = "@@xenlab-debug-key"
 # Xen's evtchn states (xen/include/xen/sched.h, ECS_*), as the 'e' dump numbers them.

@@ -48,7 +48,7 @@ def parse_xenctx(text: str, first_vcpu: int = 0) -> list[VcpuStack]:
     out = []
     for vcpu, block in blocks:
         rip = _RIP.search(block)
-        trace = block.split("Call Trace:", 1)[1] if "Call Trace:" in block else ""
+        trace = re.split(r"(?:Stack|Call) Trace:", block, maxsplit=1)[1] if re.search(r"(?:Stack|Call) Trace:", block) else ""
         frames = [{"address": m.group(1), "symbol": m.group(2) or ""} for m in _FRAME.finditer(trace)]
         out.append(VcpuStack(vcpu, rip.group(1) if rip else "", (rip.group(2) or "") if rip else "", frames))
     return out

@@ -6,7 +6,6 @@ wake-ups a notification causes."""
 
 from __future__ import annotations
 
-import re
 import shlex
 from dataclasses import dataclass, field
 
@@ -52,14 +51,20 @@ def event_mask(names: list[str]) -> int:
     return mask
 
 
-def count_events(lines: list[str]) -> dict[str, int]:
-    """Records per event name in xenalyze --dump-all lines (the word after the dNvM column)."""
-    counts: dict[str, int] = {}
-    for line in lines:
-        m = re.search(r"\bd\d+v\d+\s+([A-Za-z_][\w:-]*)", line)
-        if m:
-            counts[m.group(1)] = counts.get(m.group(1), 0) + 1
-    return dict(sorted(counts.items(), key=lambda kv: -kv[1]))
+# Records per event in xenalyze's lines: the word after the dNvM column, and
+# for hypercalls their name ("hypercall 20 (event_channel_op)").
+COUNT_AWK = r"""{ for (i = 1; i < NF; i++) if ($i ~ /^d[0-9]+v[0-9]+$/) { e = $(i + 1);
+  if (e == "hypercall" && match($0, /\(([a-z_0-9]+)\)/)) e = e ":" substr($0, RSTART + 1, RLENGTH - 2);
+  sub(/[^A-Za-z0-9_:].*$/, "", e); n[e]++; break } } END { for (e in n) print n[e], e }"""
+
+
+def parse_counts(text: str) -> dict[str, int]:
+    counts = {}
+    for line in text.splitlines():
+        n, _, name = line.strip().partition(" ")
+        if n.isdigit() and name:
+            counts[name] = int(n)
+    return dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
 
 
 def record(lab, command: str, classes: list[str], max_lines: int = 2000, timeout: float = 600) -> TraceRun:
@@ -80,7 +85,10 @@ sleep 0.5
 kill -INT $tracer; wait $tracer
 echo "{_MARK} rc $rc bytes $(stat -c %s "$d/trace.bin")"
 cat "$d/out"
-echo "{_MARK} decoded $(xenalyze --dump-all "$d/trace.bin" 2>&1 | tee "$d/decoded" | wc -l)"
+xenalyze --dump-all "$d/trace.bin" >"$d/decoded" 2>&1
+echo "{_MARK} counts"
+awk {shlex.quote(COUNT_AWK)} "$d/decoded"
+echo "{_MARK} decoded $(wc -l <"$d/decoded")"
 head -n {int(max_lines)} "$d/decoded"
 """
     with lab.dom0() as dom0:
@@ -90,7 +98,7 @@ head -n {int(max_lines)} "$d/decoded"
                        "is another xentrace running? see `xenlab ssh -- ps -C xentrace`")
     head, rest = result.stdout.split(f"{_MARK} rc ", 1)[1].split("\n", 1)
     rc, _, size = head.split()
-    output, decoded_part = rest.split(f"{_MARK} decoded ", 1)
+    output, _, rest = rest.rpartition(f"{_MARK} counts\n")
+    counts, _, decoded_part = rest.partition(f"{_MARK} decoded ")
     total, _, decoded = decoded_part.partition("\n")
-    lines = decoded.splitlines()
-    return TraceRun(command, classes, mask, int(rc), output, int(size), lines, int(total), count_events(lines))
+    return TraceRun(command, classes, mask, int(rc), output, int(size), decoded.splitlines(), int(total), parse_counts(counts))

@@ -24,7 +24,7 @@ GUEST = "dbg-peer"
 
 @pytest.fixture(scope="module")
 def peer(lab):
-    with fresh_guest(lab, GuestSpec(name=GUEST)) as info:
+    with fresh_guest(lab, GuestSpec(name=GUEST, net=True)) as info:
         yield info
 
 
@@ -115,3 +115,16 @@ def test_a_panicked_guest_leaves_a_core_that_shows_the_panic(lab, dom0, request)
     report = xenlab("debug", "core-log", folder, "--panic").stdout
     assert "Kernel panic - not syncing" in report and "sysrq" in report.lower(), report
     assert re.search(r"sysrq_handle_crash\+0x", report), report  # a frame of the backtrace, by name
+
+
+def test_xentrace_records_the_event_channel_work_of_a_ping(lab, peer):
+    data = json.loads(xenlab("debug", "xentrace", "--lab", LAB, "--events", "evtchn", "--max-lines", "50", "--json", "--",
+                             f"busybox ping -c 3 -W 5 {peer['ip']}").stdout)
+    assert data["rc"] == 0 and "3 packets received" in data["output"], data["output"]
+    assert data["mask"] == "0x0022f000" and data["trace_bytes"] > 0 and data["decoded_total"] > len(data["decoded"]) > 0
+    # netback tells netfront of each packet through an event channel: EVTCHNOP_send is a hypercall.
+    assert data["counts"].get("hypercall:evtchn_op", 0) >= 3, data["counts"]  # xenalyze names it so
+    bad = xenlab("debug", "xentrace", "--lab", LAB, "--events", "irq", "--", "true", check=False)
+    assert bad.returncode != 0 and "unknown trace event class 'irq'" in bad.stdout + bad.stderr
+    failing = xenlab("debug", "xentrace", "--lab", LAB, "--", "exit 3", check=False)
+    assert failing.returncode == 3  # the command's own exit code

@@ -181,3 +181,11 @@ def test_trace_classes_make_xentrace_masks_and_unknown_ones_are_refused():
     assert "evtchn" in e.value.hint
     assert xentrace.parse_counts("3 vcpu_block\n12 hypercall:event_channel_op\nnoise\n") == {
         "hypercall:event_channel_op": 12, "vcpu_block": 3}
+
+
+def test_keys_that_take_the_lab_down_need_force():
+    from xenlab.errors import LabError
+
+    with pytest.raises(LabError, match="'R' reboots the machine") as e:
+        keys.press(object(), "eR")  # refused before the lab is touched
+    assert "--force" in e.value.hint

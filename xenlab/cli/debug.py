@@ -58,13 +58,14 @@ def stack_cmd(ctx, lab, guest, vcpu, as_json):
 @debug.command("keys")
 @lab_option
 @click.argument("keys")
+@click.option("--force", is_flag=True, help="also press keys that take the lab down (R reboots, %% traps into xendbg)")
 @json_option
 @click.pass_context
-def keys_cmd(ctx, lab, keys, as_json):
+def keys_cmd(ctx, lab, keys, force, as_json):
     """Press Xen debug KEYS and print just what each printed: `e` event
     channels, `g` grant tables, `q` domains, ...; `h` lists this Xen's keys."""
     lab_obj = open_lab(ctx, lab)
-    outputs = debug_keys.press(lab_obj, keys)
+    outputs = debug_keys.press(lab_obj, keys, force)
 
     def text(outs):
         for out in outs:

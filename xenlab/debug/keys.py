@@ -86,6 +86,8 @@ def _number(value: str):
 
 
 PARSERS = {"e": parse_evtchn}
+# Keys that take the lab down rather than print something: refused unless forced.
+DANGEROUS = {"R": "reboots the machine: Xen and dom0 go down", "%": "traps into Xen's debugger, which waits on a serial console nobody reads"}
 
 
 def handlers(dom0) -> dict[str, str]:
@@ -97,10 +99,13 @@ def handlers(dom0) -> dict[str, str]:
     return found
 
 
-def press(lab, keys: str) -> list[KeyOutput]:
+def press(lab, keys: str, force: bool = False) -> list[KeyOutput]:
     """Press each of `keys` in the lab's Xen, in order; what each printed."""
     if not keys:
         raise LabError("no debug key given", "give one or more keys, e.g. `xenlab debug keys e` (`h` lists them)")
+    risky = [k for k in keys if k in DANGEROUS]
+    if risky and not force:
+        raise LabError(f"debug key {risky[0]!r} {DANGEROUS[risky[0]]}", "press it anyway with --force")
     with lab.dom0() as dom0:
         known = handlers(dom0)
         unknown = [k for k in keys if k not in known]

@@ -128,3 +128,13 @@ def test_xentrace_records_the_event_channel_work_of_a_ping(lab, peer):
     assert bad.returncode != 0 and "unknown trace event class 'irq'" in bad.stdout + bad.stderr
     failing = xenlab("debug", "xentrace", "--lab", LAB, "--", "exit 3", check=False)
     assert failing.returncode == 3  # the command's own exit code
+
+
+def test_core_of_a_running_guest_holds_its_boot_log(lab, peer, request):
+    data = json.loads(xenlab("debug", "core", GUEST, "--lab", LAB, "--json").stdout)
+    request.addfinalizer(lambda: shutil.rmtree(data["core_dir"], ignore_errors=True))
+    assert data["domid"] == peer["domid"] and not data["crashed"] and data["bytes"] >= 64 << 20
+    log = json.loads(xenlab("debug", "core-log", data["core_dir"], "--json").stdout)["lines"]
+    assert any("Linux version" in line for line in log) and any(f"xenlab.name={GUEST}" in line for line in log), log[:5]
+    # The guest runs on after its core was taken.
+    assert xenlab("guest", "exec", "--lab", LAB, GUEST, "--", "echo", "alive").stdout.strip() == "alive"

@@ -198,6 +198,8 @@ def guest_destroy(ctx: Context):
     ctx.timeline = list(recorder.timeline)
     ctx.created = None  # gone: cleanup has nothing left to do
     left = {k: v for k, v in result["leftovers"].items() if v}
+    if "core_dir" in result:
+        raise CheckFailed(f"the guest had crashed; its core is in {result['core_dir']} (`xenlab debug core-log DIR --panic`)")
     if left:
         raise CheckFailed(f"left behind in dom0: {left}")
     return f"domid {result['domid']} destroyed in {result['seconds']:.1f} s; no backend node, loop device or vif left"
@@ -228,7 +230,10 @@ def cleanup(ctx: Context) -> None:
         if ctx.guests is not None and (ctx.created is not None or ctx.domid is None):
             if any(g["name"] == ctx.guest for g in ctx.guests.list()):
                 ctx.log(f"  destroying guest {ctx.guest}")
-                ctx.guests.destroy(ctx.guest)
+                result = ctx.guests.destroy(ctx.guest)
+                if "core_dir" in result:
+                    ctx.log(f"  guest {ctx.guest} had crashed: its core is in {result['core_dir']} "
+                            "(`xenlab debug core-log DIR --panic`)")
     except XenlabError as e:
         ctx.log(f"  could not destroy guest {ctx.guest}: {e.message}")
     finally:

@@ -138,3 +138,12 @@ def test_core_of_a_running_guest_holds_its_boot_log(lab, peer, request):
     assert any("Linux version" in line for line in log) and any(f"xenlab.name={GUEST}" in line for line in log), log[:5]
     # The guest runs on after its core was taken.
     assert xenlab("guest", "exec", "--lab", LAB, GUEST, "--", "echo", "alive").stdout.strip() == "alive"
+
+
+def test_stack_of_a_debian_kernel_guest_is_named_too(lab, dom0):
+    # Debian's /boot/System.map is a stub: the map comes from dom0's kallsyms (the same kernel).
+    with fresh_guest(lab, GuestSpec(name="dbg-debian", kernel="debian")):
+        data = json.loads(xenlab("debug", "stack", "dbg-debian", "--lab", LAB, "--json").stdout)
+    frames = [f["symbol"].split("+")[0] for f in data["vcpus"][0]["frames"] if f["symbol"]]
+    assert frames and "The real System.map" not in data["text"], data["text"]
+    assert set(frames) <= set(dom0("awk '{print $3}' /proc/kallsyms").stdout.split())

@@ -157,10 +157,8 @@ class Guests:
         if spec.modules or spec.add:
             ramdisk = self._with_extras(spec, ramdisk, release)
         files = {f"{REMOTE_IMAGES}/{kernel_name}": local_kernel, f"{REMOTE_IMAGES}/{ramdisk.name}": ramdisk}
-        # Debian's kernel is dom0's own: its System.map is already in dom0's /boot.
-        symbol_map = f"/boot/System.map-{release}" if spec.kernel == "debian" else ""
+        symbol_map = f"{REMOTE_IMAGES}/{kernel_name}.map" if local_map or spec.kernel == "debian" else ""
         if local_map:
-            symbol_map = f"{REMOTE_IMAGES}/{kernel_name}.map"
             files[symbol_map] = local_map
         probe = "; ".join(
             [deploy.agent_check_command()]
@@ -175,6 +173,11 @@ class Guests:
         for remote, local in files.items():
             if f"have:{remote}" not in lines:
                 self._upload(local, remote)
+        if spec.kernel == "debian":
+            # Debian's /boot/System.map is a stub; this kernel is dom0's own, so
+            # dom0's kallsyms (without module symbols) is its map.
+            part = shlex.quote(f"{symbol_map}.part-{secrets.token_hex(4)}")
+            self.ssh().check(f"test -s {symbol_map} || {{ grep -v ']$' /proc/kallsyms > {part} && mv {part} {symbol_map}; }}")
         used = {line[3:] for line in lines if line.startswith("ip:")}
         return Prepared(f"{REMOTE_IMAGES}/{kernel_name}", f"{REMOTE_IMAGES}/{ramdisk.name}", used, symbol_map)
 

@@ -64,7 +64,7 @@ stamp="$venv/.xenlab-installed"
 if [ ! -f "$stamp" ] || [ "$repo/pyproject.toml" -nt "$stamp" ]; then
   echo "setup: installing xenlab into $venv"
   "$venv/bin/pip" install -q --upgrade pip
-  "$venv/bin/pip" install -q -e "$repo"
+  "$venv/bin/pip" install -q -e "$repo[test]"
   touch "$stamp"
 fi
 echo "setup: ready ($venv/bin/xenlab)"

@@ -21,9 +21,11 @@ nothing from the lab side is even imported."""
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
 import re
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -96,22 +98,54 @@ def _quiet_steps():
 
 # -- fixtures --------------------------------------------------------------------------
 
+def xdist_worker(config) -> str:
+    """The pytest-xdist worker id ('gw0', ...), or '' outside a `-n N` run."""
+    return getattr(config, "workerinput", {}).get("workerid", "")
+
+
+def lab_name(config) -> str:
+    """The session's lab: --xenlab-name, with the xdist worker's id appended
+    under `pytest -n N` (each worker boots and owns a lab of its own)."""
+    worker = xdist_worker(config)
+    name = config.getoption("--xenlab-name")
+    return f"{name}-{worker}" if worker else name
+
+
 def _lab_from_options(config):
     from xenlab.lab import Lab
 
     opt = config.getoption
     own = {"xen": opt("--xenlab-xen"), "dom0.kernel": opt("--xenlab-dom0-kernel"), "dom0.modules": opt("--xenlab-dom0-modules")}
-    return Lab.open(opt("--xenlab-name"), opt("--xenlab-config") or None, connect=opt("--xenlab-connect") or None,
+    return Lab.open(lab_name(config), opt("--xenlab-config") or None, connect=opt("--xenlab-connect") or None,
                     **{key: str(Path(value).absolute()) for key, value in own.items() if value})
+
+
+@contextmanager
+def _first_boot_lock(config):
+    """Under xdist, workers boot one at a time: the first builds what is
+    missing and saves the booted lab's snapshot, the others then restore it
+    (a few seconds) instead of each building and booting cold."""
+    if not xdist_worker(config):
+        yield
+        return
+    from xenlab.paths import state_root
+
+    with open(state_root() / ".xdist-boot.lock", "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 @pytest.fixture(scope="session")
 def xenlab_lab(request):
-    """The lab (xenlab.Lab) for the whole session; `.booted` says whether this
-    session booted it. A failure to boot is an error of every test using it
-    (never a skip), with the serial log's tail."""
+    """The lab (xenlab.Lab) for the whole session (for each xdist worker: its
+    own); `.booted` says whether this session booted it. A failure to boot is
+    an error of every test using it (never a skip), with the serial log's tail."""
     lab = _lab_from_options(request.config)
-    lab.ensure_up()
+    with _first_boot_lock(request.config):
+        lab.ensure_up()
     lab.require_up()
     setattr(request.config, _LAB, lab)
     yield lab
@@ -193,6 +227,11 @@ def artifacts_dir(config, nodeid: str) -> Path:
     return base / re.sub(r"[^A-Za-z0-9._-]+", "_", nodeid).strip("_")[:150]
 
 
+def _where(config) -> str:
+    worker = xdist_worker(config)
+    return f"lab {lab_name(config)}" + (f", xdist worker {worker}" if worker else "")
+
+
 
 
 @pytest.hookimpl(wrapper=True)
@@ -205,7 +244,8 @@ def pytest_runtest_makereport(item, call):
         try:
             folder = artifacts_dir(item.config, item.nodeid)
             files = save_artifacts(lab or _lab_from_options(item.config), folder, lab_up=lab is not None)
-            text = f"saved in {folder}: {', '.join(files)}"
+            (folder / "where.txt").write_text(f"{_where(item.config)}\ntest {item.nodeid}\n")
+            text = f"{_where(item.config)}: saved in {folder}: {', '.join(files + ['where.txt'])}"
             item.user_properties.append((ARTIFACTS_KEY, str(folder)))
             if report.user_properties is not item.user_properties:
                 report.user_properties.append((ARTIFACTS_KEY, str(folder)))

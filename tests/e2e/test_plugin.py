@@ -145,3 +145,55 @@ def test_reset_per_module_gives_each_module_a_fresh_lab(lab_info, pytester, monk
         assert second["domains"] == ["Domain-0"] and second["restored"] and second["qemu"] != first["qemu"], (first, second)
     finally:
         subprocess.run([sys.executable, "-m", "xenlab", "down", "--lab", name], capture_output=True)
+
+
+XDIST = '''
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+
+@pytest.mark.parametrize("n", range(4))
+def test_each_worker_has_a_lab_of_its_own(xenlab_lab, xenlab_dom0, xenlab_guest_factory, n):
+    guest = xenlab_guest_factory(memory="64M")
+    assert guest.exec("echo up").stdout.strip() == "up"
+    record = {"worker": os.environ.get("PYTEST_XDIST_WORKER"), "lab": xenlab_lab.name,
+              "port": xenlab_lab.info()["ssh_port"], "qemu": xenlab_lab.info()["qemu_pid"]}
+    Path(__file__).with_name(f"seen-{n}.json").write_text(json.dumps(record))
+    assert n != 3, "this test fails on purpose"
+'''
+
+
+def test_xdist_workers_get_labs_of_their_own(lab_info, pytester, dom0, monkeypatch):
+    """`pytest -n 2`: each worker boots (restores) a lab named after it, on its
+    own port and QEMU; a failure's artifacts name the worker and the lab; the
+    session stops both labs at the end."""
+    monkeypatch.setenv("HOME", REAL_HOME)
+    name = "e2e-xd"
+    pytester.makepyfile(test_parallel=XDIST)
+    try:
+        result = pytester.runpytest_subprocess("-n", "2", "--xenlab-name", name, "-p", "no:cacheprovider", "-p", "no:randomly",
+                                               "-rA", timeout=1200)
+        result.assert_outcomes(passed=3, failed=1)
+        seen = [json.loads((pytester.path / f"seen-{n}.json").read_text()) for n in range(4)]
+        workers = {s["worker"] for s in seen}
+        assert workers == {"gw0", "gw1"}, seen
+        for s in seen:
+            assert s["lab"] == f"{name}-{s['worker']}", s
+        by_worker = {s["worker"]: (s["port"], s["qemu"]) for s in seen}
+        assert len(set(by_worker.values())) == 2, by_worker  # two labs: two ports, two QEMUs
+        failed = next(s for s in seen if s is seen[3])
+        folder = pytester.path / "xenlab-artifacts" / "test_parallel.py_test_each_worker_has_a_lab_of_its_own_3_"
+        where = (folder / "where.txt").read_text()
+        assert f"lab {failed['lab']}, xdist worker {failed['worker']}" in where, where
+        assert f"lab {failed['lab']}, xdist worker {failed['worker']}: saved in" in result.stdout.str()
+        # The session booted both labs, so it stopped both.
+        for worker in workers:
+            status = json.loads(subprocess.run([sys.executable, "-m", "xenlab", "status", "--lab", f"{name}-{worker}", "--json"],
+                                               capture_output=True, text=True).stdout)
+            assert status["state"] == "down", status
+    finally:
+        for worker in ("gw0", "gw1"):
+            subprocess.run([sys.executable, "-m", "xenlab", "down", "--lab", f"{name}-{worker}"], capture_output=True)

@@ -238,8 +238,13 @@ def publish(stage: Path, key: str, lab: str, identity: dict, extra: dict) -> Sna
         os.fsync(f.fileno())
     part.replace(stage / MANIFEST)
     final = snapshots_dir() / key
+    if final.exists() and Snapshot(final).problem() is None:
+        # A lab racing us saved the same state, and labs may already run on
+        # its disk layer: keep it, drop ours.
+        shutil.rmtree(stage, ignore_errors=True)
+        return Snapshot(final)
     if final.exists():
-        Snapshot(final).remove()  # a lab racing us saved the same state; ours is as good
+        Snapshot(final).remove()
     stage.rename(final)
     prune(lab)  # this lab's older snapshots, unless a lab runs from them
     return Snapshot(final)

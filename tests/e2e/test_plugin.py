@@ -184,8 +184,8 @@ def test_xdist_workers_get_labs_of_their_own(lab_info, pytester, dom0, monkeypat
             assert s["lab"] == f"{name}-{s['worker']}", s
         by_worker = {s["worker"]: (s["port"], s["qemu"]) for s in seen}
         assert len(set(by_worker.values())) == 2, by_worker  # two labs: two ports, two QEMUs
-        failed = next(s for s in seen if s is seen[3])
-        folder = pytester.path / "xenlab-artifacts" / "test_parallel.py_test_each_worker_has_a_lab_of_its_own_3_"
+        failed = seen[3]
+        folder = pytester.path / "xenlab-artifacts" / "test_parallel.py_test_each_worker_has_a_lab_of_its_own_3"
         where = (folder / "where.txt").read_text()
         assert f"lab {failed['lab']}, xdist worker {failed['worker']}" in where, where
         assert f"lab {failed['lab']}, xdist worker {failed['worker']}: saved in" in result.stdout.str()

@@ -37,7 +37,9 @@ def timed(*args: str) -> tuple[float, str]:
 def host() -> dict:
     cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
     mem = next(int(l.split()[1]) // 1024 for l in open("/proc/meminfo") if l.startswith("MemTotal"))
-    qemu = subprocess.run(["qemu-system-x86_64", "--version"], capture_output=True, text=True).stdout.splitlines()[0]
+    from xenlab.lab.versions import qemu_binary  # the QEMU labs run by default, not just the one on PATH
+
+    qemu = subprocess.run([qemu_binary(), "--version"], capture_output=True, text=True).stdout.splitlines()[0]
     return {"cpu": cpu, "cores": os.cpu_count(), "memory_mib": mem, "kernel": platform.release(), "qemu": qemu}
 
 

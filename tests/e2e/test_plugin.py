@@ -155,7 +155,7 @@ from pathlib import Path
 import pytest
 
 
-@pytest.mark.parametrize("n", range(4))
+@pytest.mark.parametrize("n", NUMBERS)
 def test_each_worker_has_a_lab_of_its_own(xenlab_lab, xenlab_dom0, xenlab_guest_factory, n):
     guest = xenlab_guest_factory(memory="64M")
     assert guest.exec("echo up").stdout.strip() == "up"
@@ -163,6 +163,26 @@ def test_each_worker_has_a_lab_of_its_own(xenlab_lab, xenlab_dom0, xenlab_guest_
               "port": xenlab_lab.info()["ssh_port"], "qemu": xenlab_lab.info()["qemu_pid"]}
     Path(__file__).with_name(f"seen-{n}.json").write_text(json.dumps(record))
     assert n != 3, "this test fails on purpose"
+
+
+'''
+
+SHARED = '''
+import json
+from pathlib import Path
+
+
+class TestSharedLab:
+    """--dist loadscope sends a class's tests to one worker, so to one lab."""
+
+    def test_write(self, xenlab_lab, xenlab_dom0):
+        xenlab_dom0.check("echo grouped > /root/xdist-group-mark")
+        Path(__file__).with_name("group-write.json").write_text(json.dumps({"lab": xenlab_lab.name}))
+
+    def test_read(self, xenlab_lab, xenlab_dom0):
+        # Reads what test_write wrote: only true on the same lab.
+        assert xenlab_dom0.check("cat /root/xdist-group-mark").strip() == "grouped"
+        Path(__file__).with_name("group-read.json").write_text(json.dumps({"lab": xenlab_lab.name}))
 '''
 
 
@@ -172,11 +192,15 @@ def test_xdist_workers_get_labs_of_their_own(lab_info, pytester, dom0, monkeypat
     session stops both labs at the end."""
     monkeypatch.setenv("HOME", REAL_HOME)
     name = "e2e-xd"
-    pytester.makepyfile(test_parallel=XDIST)
+    # --dist loadscope: a module's functions (or a class's tests) go to one worker.
+    pytester.makepyfile(test_parallel_a=XDIST.replace("NUMBERS", "[0, 1]"), test_parallel_b=XDIST.replace("NUMBERS", "[2, 3]"),
+                        test_shared=SHARED)
     try:
-        result = pytester.runpytest_subprocess("-n", "2", "--xenlab-name", name, "-p", "no:cacheprovider", "-p", "no:randomly",
-                                               "-rA", timeout=1200)
-        result.assert_outcomes(passed=3, failed=1)
+        result = pytester.runpytest_subprocess("-n", "2", "--dist", "loadscope", "--xenlab-name", name, "-p", "no:cacheprovider",
+                                               "-p", "no:randomly", "-rA", timeout=1200)
+        result.assert_outcomes(passed=5, failed=1)
+        grouped = [json.loads((pytester.path / f"group-{step}.json").read_text())["lab"] for step in ("write", "read")]
+        assert grouped[0] == grouped[1], grouped
         seen = [json.loads((pytester.path / f"seen-{n}.json").read_text()) for n in range(4)]
         workers = {s["worker"] for s in seen}
         assert workers == {"gw0", "gw1"}, seen
@@ -185,7 +209,7 @@ def test_xdist_workers_get_labs_of_their_own(lab_info, pytester, dom0, monkeypat
         by_worker = {s["worker"]: (s["port"], s["qemu"]) for s in seen}
         assert len(set(by_worker.values())) == 2, by_worker  # two labs: two ports, two QEMUs
         failed = seen[3]
-        folder = pytester.path / "xenlab-artifacts" / "test_parallel.py_test_each_worker_has_a_lab_of_its_own_3"
+        folder = pytester.path / "xenlab-artifacts" / "test_parallel_b.py_test_each_worker_has_a_lab_of_its_own_3"
         where = (folder / "where.txt").read_text()
         assert f"lab {failed['lab']}, xdist worker {failed['worker']}" in where, where
         assert f"lab {failed['lab']}, xdist worker {failed['worker']}: saved in" in result.stdout.str()

@@ -24,7 +24,7 @@ from xenlab import config as config_mod, templates
 from xenlab.agent.xl import parse_xl_info, parse_xl_list
 from xenlab.config import LabConfig, validate_name
 from xenlab.errors import BootError, LabError, SSHError
-from xenlab.paths import cache_dir, lab_dir, private, state_root
+from xenlab.paths import TEMPLATES_DIR, cache_dir, lab_dir, private, state_root
 from xenlab.progress import Steps
 from xenlab.run import pid_alive, process_age, run
 from xenlab.build import dom0 as images
@@ -402,6 +402,9 @@ class Lab:
             "qemu": versions.qemu_version(self.cfg.qemu),
             "libvirt": versions.libvirt_version(),
             "emulator": self._emulator(),
+            # The VM's hardware (CPU features, devices) is the template's: a
+            # snapshot must not stand in for a VM defined otherwise.
+            "domain_template": hashlib.sha256((TEMPLATES_DIR / "domain.xml.j2").read_bytes()).hexdigest()[:16],
         }
 
     def _usable_snapshot(self, key: str, identity: dict, steps: Steps) -> tuple[snapshots.Snapshot | None, str]:

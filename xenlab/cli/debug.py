@@ -58,7 +58,7 @@ def stack_cmd(ctx, lab, guest, vcpu, as_json):
 @debug.command("keys")
 @lab_option
 @click.argument("keys")
-@click.option("--force", is_flag=True, help="also press keys that take the lab down (R reboots, %% traps into xendbg)")
+@click.option("--force", is_flag=True, help="also press keys that take the lab down (R reboots, % traps into xendbg)")
 @json_option
 @click.pass_context
 def keys_cmd(ctx, lab, keys, force, as_json):

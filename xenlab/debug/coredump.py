@@ -17,6 +17,7 @@ import time
 import zlib
 from pathlib import Path
 
+from xenlab.agent.facts import KERNEL_PANIC
 from xenlab.debug import symbols
 from xenlab.errors import GuestError
 
@@ -155,7 +156,7 @@ def kernel_log(core_path: Path, system_map: Path | None) -> list[str]:
         if records is not None:
             return records
     raw = Path(core_path).read_bytes()
-    at = raw.find(b"Kernel panic - not syncing")
+    at = raw.find(KERNEL_PANIC.encode())
     if at < 0:
         return []
     return text_runs(raw[max(0, at - 16384):at + 4096])
@@ -174,7 +175,7 @@ def panic_report(lines: list[str]) -> list[str]:
 
 
 CRASH_LINES = 80  # an oops report is shorter than this
-_CRASH_START = re.compile(r"(BUG: |Oops|sysrq: Trigger a crash|general protection fault|Kernel panic - not syncing)")
+_CRASH_START = re.compile(r"(BUG: |Oops|sysrq: Trigger a crash|general protection fault|" + re.escape(KERNEL_PANIC) + ")")
 
 
 class _Gunzip:

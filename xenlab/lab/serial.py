@@ -6,6 +6,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from xenlab.agent.facts import KERNEL_PANIC
 from xenlab.run import tail
 
 READY_MARK = "XENLAB-READY"
@@ -13,7 +14,7 @@ CRASH_PATTERNS = (
     re.compile(r"XENLAB-PANIC: .*"),
     re.compile(r"\(XEN\) Panic on CPU \d+.*"),
     re.compile(r"\(XEN\) \*+ .*(?:PANIC|panic).*"),
-    re.compile(r"Kernel panic - not syncing.*"),
+    re.compile(re.escape(KERNEL_PANIC) + ".*"),
     re.compile(r"\(XEN\) d0v\d+ Unhandled: .*"),
     re.compile(r"\(XEN\) FATAL .*"),
     re.compile(r"\(XEN\) Domain 0 crashed.*"),

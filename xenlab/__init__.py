@@ -23,6 +23,7 @@ _PUBLIC = {
     "Lab": "xenlab.lab.core",
     "Dom0": "xenlab.lab.dom0",
     "Guest": "xenlab.guest.handle",
+    "AttachedDisk": "xenlab.guest.handle",
     "Guests": "xenlab.guest.manager",
     "GuestSpec": "xenlab.guest.spec",
     "DiskSpec": "xenlab.guest.spec",

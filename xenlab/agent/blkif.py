@@ -1,6 +1,6 @@
 """The blkif wire format (Xen's public/io/blkif.h) for the x86_64 ABI, and
 the XenStore keys a block backend and frontend exchange. Pure encoding: no
-grants, no event channels; the backend built on it is not written yet.
+grants, no event channels; the backend is blkback.py.
 
 Layouts on x86_64 (byte offsets). Xen's header declares naturally aligned
 structs; Linux's copy (include/xen/interface/io/blkif.h) declares them
@@ -131,6 +131,16 @@ PROTOCOL_X86_64 = "x86_64-abi"  # io/protocols.h; the x86_32-abi layout differs 
 def ring_ref_keys(order: int) -> list[str]:
     """The frontend's grant ref keys for a ring of 2**order pages."""
     return [RING_REF] if order == 0 else [f"{RING_REF}{i}" for i in range(1 << order)]
+
+
+XVD_MAJOR = 202  # Xen's vbd numbering (xen/docs/misc/vbd-interface.txt): xvd disks 0..15 are (202 << 8) | (disk << 4)
+
+
+def xvd_devid(name: str) -> int:
+    """The vbd device id (XenStore devid, `virtual-device`) of xvda..xvdp."""
+    if len(name) != 4 or not name.startswith("xvd") or not "a" <= name[3] <= "p":
+        raise BlkifError(f"{name!r} is not a whole-disk xvd name", "use xvdb .. xvdp")
+    return (XVD_MAJOR << 8) | ((ord(name[3]) - ord("a")) << 4)
 
 
 # -- requests and responses ------------------------------------------------------------

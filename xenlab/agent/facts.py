@@ -21,6 +21,8 @@ HOTPLUG_DIR = f"{DOM0_AGENT_ROOT}/hotplug"
 # Guest files in dom0: shipped kernels and roots, and one directory per guest.
 IMAGES_DIR = "/var/lib/xenlab/images"
 GUESTS_DIR = "/var/lib/xenlab/guests"
+ATTACHED_DIR = "attached"  # in a guest's directory: disks attached after create (blkback.py)
+PY_BLOCK_BACKEND = "pyblk"  # backend type of the Python block backend: kernel blkback serves only "vbd"
 CORES_DIR = "/var/lib/xenlab/cores"  # `xl dump-core` files until the host fetched them
 CONSOLE_LOG = "/var/log/xen/console/guest-{name}.log"
 

@@ -1,6 +1,5 @@
 """Fault plans: what a misbehaving block backend does to test how hardened a
-frontend is. Parsing only; the backend that carries the faults out is not
-written yet.
+frontend is. Parsing only; blkback.py carries the faults out.
 
 Grammar (`--faults PLAN`):
 

@@ -179,6 +179,52 @@ class MappedPages:
         self.close()
 
 
+class GrantMapper:
+    """One gntdev handle for many mappings: a backend maps and unmaps a
+    request's grants in one ioctl and one mmap each, without opening the
+    device per request."""
+
+    def __init__(self):
+        self.fd = _open(GNTDEV)
+        self.live = 0  # pages mapped now
+
+    def map(self, domid: int, refs: list[int], writable: bool) -> tuple[int, mmap.mmap]:
+        """Map `refs` of `domid`, one page each, in order: (index, mapping); unmap() it."""
+        arg = pack_map_grant_ref(domid, refs)
+        try:
+            fcntl.ioctl(self.fd, IOCTL_GNTDEV_MAP_GRANT_REF, arg)
+        except OSError as e:
+            raise GrantError(f"gntdev refused grant refs {refs[:8]} of domain {domid}: {e.strerror}", errno_=e.errno) from None
+        index = struct.unpack_from("=Q", arg, 8)[0]
+        prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
+        try:
+            m = mmap.mmap(self.fd, len(refs) * PAGE, mmap.MAP_SHARED, prot, offset=index)
+        except OSError as e:
+            self._unmap_ref(index, len(refs))
+            raise GrantError(
+                f"cannot map grant ref(s) {refs[:8]} of domain {domid} {'read-write' if writable else 'read-only'}: "
+                f"{errno.errorcode.get(e.errno, e.errno)} ({e.strerror})", errno_=e.errno) from None
+        self.live += len(refs)
+        return index, m
+
+    def unmap(self, index: int, m: mmap.mmap) -> None:
+        count = len(m) // PAGE
+        m.close()
+        self._unmap_ref(index, count)
+        self.live -= count
+
+    def _unmap_ref(self, index: int, count: int) -> None:
+        try:
+            fcntl.ioctl(self.fd, IOCTL_GNTDEV_UNMAP_GRANT_REF, bytearray(struct.pack(UNMAP_GRANT_REF_FMT, index, count, 0)))
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)  # releases whatever is still mapped
+            self.fd = -1
+
+
 def _set_unmap_notify(fd: int, request: int, index: int, offset: int | None, port: int | None) -> None:
     action = (UNMAP_NOTIFY_CLEAR_BYTE if offset is not None else 0) | (UNMAP_NOTIFY_SEND_EVENT if port is not None else 0)
     arg = bytearray(struct.pack(UNMAP_NOTIFY_FMT, index + (offset or 0), action, port or 0))

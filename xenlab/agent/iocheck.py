@@ -20,7 +20,7 @@ import sys
 import threading
 import time
 
-from . import domctl, facts
+from . import blkback, domctl, facts
 from .errors import AgentError, report
 
 RECORD = 32
@@ -87,7 +87,7 @@ class Check:
                         bad.append(f"offset {off + d}: got {got[d:d + 32]!r}")
         where = ", ".join(f"{n >> 10} KiB at {off}" for off, n in places)
         self.record(
-            f"block {disk['vdev']}: guest writes, dom0 backing file matches", rc == 0 and not bad,
+            f"block {disk.get('label', disk['vdev'])}: guest writes, dom0 backing file matches", rc == 0 and not bad,
             f"{total >> 10} KiB ({where}) byte-exact in {path}" if rc == 0 and not bad else (f"guest write failed: {err.strip()}" if rc else "; ".join(bad[:3])),
             started, bytes=total, write_mb_s=round(total / wrote / 1e6, 2),
         )
@@ -108,7 +108,7 @@ class Check:
         )
         rc, out, err = self.guest(script)
         self.record(
-            f"block {disk['vdev']}: dom0 writes backing file, guest reads it", rc == 0,
+            f"block {disk.get('label', disk['vdev'])}: dom0 writes backing file, guest reads it", rc == 0,
             f"{total >> 10} KiB read back byte-exact through blkfront (sha256 {' '.join(out.split())})" if rc == 0 else f"mismatch in the guest: {(out + err).strip()[-300:]}",
             started, bytes=total,
         )
@@ -123,7 +123,7 @@ class Check:
         after = _sha256_file(path)
         refused = "dd=0" not in out and "ro=1" in out
         self.record(
-            f"block {disk['vdev']}: read-only disk refuses writes", refused and before == after,
+            f"block {disk.get('label', disk['vdev'])}: read-only disk refuses writes", refused and before == after,
             f"guest sees ro=1, dd refused: {next((l for l in err.splitlines() if l.startswith('dd:')), err.strip()[-80:])}; backing file unchanged" if refused and before == after
             else f"write was not refused or file changed (guest: {out.strip()} {err.strip()}; file {'unchanged' if before == after else 'CHANGED'})",
             started,
@@ -229,6 +229,9 @@ def run(name: str) -> list[dict]:
         check.block(rw[0])
     if ro:
         check.readonly(ro[0])
+    for disk in blkback.list_attached(name):  # every disk attached later, whichever backend serves it
+        label = {**disk, "label": f"{disk['vdev']} ({disk['backend']} backend)"}
+        (check.readonly if disk["readonly"] else check.block)(label)
     if meta["net"]:
         check.network(meta["ip"])
     if not check.results:

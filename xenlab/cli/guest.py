@@ -237,3 +237,59 @@ def check(ctx, lab, name, as_json):
     failed = [r["check"] for r in results if not r["ok"]]
     if failed:
         raise XenlabError(f"guest {name}: {len(failed)} check(s) failed: {', '.join(failed)}")
+
+
+def _faults_help() -> str:
+    from xenlab.agent.faultplan import describe_faults
+    return "\b\nFault plans (Python backend), comma-separated, KEY=VALUE parameters after ':' joined by ';':\n" + "\n".join(f"  {line}" for line in describe_faults())
+
+
+@guest.command(epilog=_faults_help())
+@lab_option
+@click.argument("name")
+@click.option("--disk", "size", default="16M", show_default=True, metavar="SIZE", help="size of the new, empty disk")
+@click.option("--backend", type=click.Choice(("kernel", "python")), default="kernel", show_default=True,
+              help="kernel blkback, or xenlab's block backend in Python (dom0 userspace)")
+@click.option("--faults", default="", metavar="PLAN|FILE", help="a fault plan for the Python backend, e.g. 'io-error:sectors=0-7,slow:ms=50', or a file of one")
+@click.option("--readonly", is_flag=True, help="attach read-only")
+@click.option("--vdev", default="", metavar="xvdX", help="the guest's device name (default: the first free)")
+@click.option("--timeout", type=float, default=60, show_default=True, help="seconds to wait until blkfront is Connected")
+@json_option
+@click.pass_context
+def attach(ctx, lab, name, size, backend, faults, readonly, vdev, timeout, as_json):
+    """Attach a new disk to a running guest; its blkfront connects before this returns."""
+    with open_lab(ctx, lab).guests() as guests:
+        info = guests.attach(name, size, backend=backend, readonly=readonly, faults=faults, vdev=vdev, timeout=timeout)
+    emit(info, as_json, lambda r: console.print(
+        f"{r['vdev']} attached to {name}: {r['size_mib']} MiB{' read-only' if r['readonly'] else ''}, {r['backend']} backend"
+        + (f" (pid {r['pid']} in dom0, faults: {r['faults'] or 'none'})" if r["backend"] == "python" else "")
+        + f", connected in {r['seconds']:.1f} s"))
+
+
+@guest.command()
+@lab_option
+@click.argument("name")
+@click.argument("device")
+@click.option("--timeout", type=float, default=30, show_default=True, help="seconds to wait for the closedown")
+@json_option
+@click.pass_context
+def detach(ctx, lab, name, device, timeout, as_json):
+    """Detach a disk attached with `guest attach` (DEVICE: xvdb or /dev/xvdb); prints the backend's report."""
+    vdev = device.removeprefix("/dev/")
+    with open_lab(ctx, lab).guests() as guests:
+        result = guests.detach(name, vdev, timeout=timeout)
+
+    def text(r):
+        rep = r["report"]
+        line = f"{vdev} detached from {name} in {r['seconds']:.1f} s ({rep.get('ended')})"
+        if r["backend"] == "python":
+            line += f"; {rep.get('requests', 0)} requests, {rep.get('errors', 0)} answered with an error"
+            if rep.get("faults_fired"):
+                line += "; faults fired: " + ", ".join(f"{k} x{v}" for k, v in rep["faults_fired"].items())
+        console.print(line)
+
+    emit(result, as_json, text)
+    if result["xenstore_left"]:
+        raise XenlabError(f"detaching {vdev} left XenStore nodes: {', '.join(result['xenstore_left'])}", "see `xenlab xs ls` on them")
+    if "error" in result["report"]:
+        raise XenlabError(f"the backend of {vdev} failed: {result['report']['error']}")

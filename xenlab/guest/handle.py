@@ -51,8 +51,42 @@ class Guest:
         """The block/network ring I/O checks of `xenlab guest check`."""
         return self._guests.check(self.name)
 
+    def attach_disk(self, size: str | int = "16M", backend: str = "kernel", readonly: bool = False,
+                    faults: str = "", vdev: str = "", timeout: float = 60) -> "AttachedDisk":
+        """A new empty disk, Connected in the guest when this returns (see Guests.attach);
+        use it as a context manager to detach it at the end."""
+        return AttachedDisk(self, self._guests.attach(self.name, size, backend, readonly, faults, vdev, timeout))
+
     def destroy(self, timeout: float = 30) -> dict:
         return self._guests.destroy(self.name, timeout=timeout)
 
     def __repr__(self) -> str:
         return f"Guest({self.name!r}, domid {self.domid})"
+
+
+class AttachedDisk:
+    """A disk attached to a running guest: `device` in the guest (/dev/xvdb),
+    `path` of its file in dom0, `backend` (kernel or python). detach() returns
+    the backend's report; leaving a `with` block detaches too."""
+
+    def __init__(self, guest: Guest, info: dict):
+        self.guest, self.info = guest, info
+        self.vdev: str = info["vdev"]
+        self.device = f"/dev/{self.vdev}"
+        self.path: str = info["path"]
+        self.backend: str = info["backend"]
+        self.report: dict | None = None
+
+    def detach(self, timeout: float = 30) -> dict:
+        if self.report is None:
+            self.report = self.guest._guests.detach(self.guest.name, self.vdev, timeout)
+        return self.report
+
+    def __enter__(self) -> "AttachedDisk":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.detach()
+
+    def __repr__(self) -> str:
+        return f"AttachedDisk({self.guest.name!r}, {self.vdev}, {self.backend})"

@@ -21,9 +21,10 @@ from typing import BinaryIO
 from xenlab import templates
 from xenlab.agent.facts import BRIDGE, GUEST_SUBNET as SUBNET, HOTPLUG_DIR, GUESTS_DIR as REMOTE_GUESTS, IMAGES_DIR as REMOTE_IMAGES
 from xenlab.build.kernel import minimal_vmlinux
-from xenlab.config import validate_name
+from xenlab.agent.faultplan import FaultPlanError, format_plan, load_plan
+from xenlab.config import parse_mib, validate_name
 from xenlab.debug import coredump
-from xenlab.errors import GuestError
+from xenlab.errors import ConfigError, GuestError
 from xenlab.guest.handle import Guest
 from xenlab.guest.spec import GuestSpec, vdev
 from xenlab.build import dom0 as images, extras, kernel as kernel_mod, rootfs
@@ -37,6 +38,9 @@ from xenlab.paths import cache_dir
 
 
 
+
+
+BACKENDS = ("kernel", "python")  # who serves a disk attached to a running guest
 
 
 @dataclass(frozen=True)
@@ -319,6 +323,40 @@ class Guests:
         rc, out, err = self.exec_bytes(name, command, input, timeout)
         shown = command if isinstance(command, str) else shlex.join(command)
         return CommandResult(shown, rc, out.decode(errors="replace"), err.decode(errors="replace"))
+
+    # -- disks attached to a running guest ------------------------------------
+    def attach(self, name: str, size: str | int, backend: str = "kernel", readonly: bool = False, faults: str = "",
+               vdev: str = "", timeout: float = 60) -> dict:
+        """Attach a new, empty disk of `size` (e.g. "16M") to a running guest,
+        served by kernel blkback or by the Python backend in dom0 (`faults`: a
+        fault plan, or the path of a plan file, for the Python backend).
+        Returns when blkfront in the guest is Connected: {vdev, devid, backend, path, ...}."""
+        validate_name(name, "guest name")
+        if backend not in BACKENDS:
+            raise ConfigError(f"unknown disk backend {backend!r}", f"use one of: {', '.join(BACKENDS)}")
+        size_mib = size if isinstance(size, int) else parse_mib(size, f"--disk {size!r}")
+        plan = ""
+        if faults:
+            if backend != "python":
+                raise ConfigError("a fault plan needs the Python backend", "add --backend python")
+            try:
+                plan = format_plan(load_plan(faults))
+            except FaultPlanError as e:
+                raise ConfigError(str(e), "fault names and parameters: `xenlab guest attach --help`") from None
+        args = ["attach", name, "--size-mib", str(size_mib), "--backend", backend, "--timeout", str(timeout)]
+        args += (["--readonly"] if readonly else []) + (["--faults", plan] if plan else []) + (["--vdev", vdev] if vdev else [])
+        return self.agent("blkback", *args, timeout=timeout + 60)
+
+    def detach(self, name: str, vdev: str, timeout: float = 30) -> dict:
+        """Detach a disk attached with attach(): the backend closes it down, both
+        XenStore directories and the disk file go. Returns the backend's report
+        (for the Python backend: requests, errors, faults_fired, ...)."""
+        validate_name(name, "guest name")
+        return self.agent("blkback", "detach", name, vdev, "--timeout", str(timeout), timeout=timeout + 90)
+
+    def attached(self, name: str) -> list[dict]:
+        validate_name(name, "guest name")
+        return self.agent("blkback", "list", name)
 
     def check(self, name: str, timeout: float = 600) -> list[dict]:
         """Block and network ring I/O checks on the real frontends/backends (run in dom0)."""

@@ -1,0 +1,802 @@
+"""A block backend in Python, in dom0 userspace, and the attaching and
+detaching of extra disks to a running domU through it or through the
+kernel's blkback. Run in dom0 as `python3 -m xenlab_agent.blkback VERB`:
+
+  attach NAME --size-mib N [--backend python|kernel] [--readonly] [--faults PLAN] [--vdev xvdX]
+  detach NAME VDEV [--timeout S]
+  list NAME
+  serve SPEC          the backend process itself (attach starts it, detached)
+
+The Python backend speaks blkif (blkif.py) over a file: read, write,
+flush (with or without data), discard; up to 11 segments a request, or
+indirect pages; persistent grants when the frontend offers them; rings of
+up to 2**4 pages. It writes the XenStore nodes a toolstack writes, under
+backend type `pyblk` (facts.PY_BLOCK_BACKEND) so kernel blkback, which
+serves only `vbd`, leaves the device alone; the guest's own blkfront sees
+a vbd like any other.
+
+A fault plan (faultplan.py) makes it misbehave on purpose. What it did is
+in its report (`faults_fired`), which `detach` returns.
+
+Closedown: detach (SIGTERM to the backend) moves the backend to Closing
+and keeps answering requests until the frontend is Closed (or the timeout),
+then unmaps, unbinds, moves to Closed and removes both directories. A
+frontend that closes on its own, or a domain that goes away, ends it too."""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import os
+import select
+import signal
+import subprocess
+import sys
+import time
+
+from . import facts, faultplan
+from .blkif import (
+    BLKIF_OP_DISCARD, BLKIF_OP_FLUSH_DISKCACHE, BLKIF_OP_READ, BLKIF_OP_WRITE, BLKIF_RSP_EOPNOTSUPP,
+    BLKIF_RSP_ERROR, BLKIF_RSP_OKAY, DISCARD_ALIGNMENT, DISCARD_GRANULARITY, DISCARD_SECURE, EVENT_CHANNEL,
+    FEATURE_DISCARD, FEATURE_FLUSH_CACHE, FEATURE_MAX_INDIRECT_SEGMENTS, FEATURE_PERSISTENT, INFO,
+    LINUX_MAX_RING_PAGE_ORDER, MAX_RING_PAGE_ORDER, MODE, MULTI_QUEUE_NUM_QUEUES, OP_NAMES, PARAMS,
+    PHYSICAL_SECTOR_SIZE, PROTOCOL, PROTOCOL_X86_64, RING_ENTRY_SIZE, RING_PAGE_ORDER, SECTOR_SIZE, SECTOR_SIZE_KEY,
+    SECTORS, SECTORS_PER_PAGE, VDISK_READONLY, VIRTUAL_DEVICE, DEVICE_TYPE,
+    BadRequest, DiscardRequest, IndirectRequest, ReadWriteRequest, Response, ring_ref_keys, unpack_indirect_segments,
+    unpack_request, xvd_devid,
+)
+from .domctl import domid_of, guest_dir, xl
+from .errors import AgentError, report
+from .evtchn import EventChannel
+from .facts import CLOSED, CLOSING, CONNECTED, INITIALISED, INITIALISING, INITWAIT, PY_BLOCK_BACKEND, STATE_NAMES
+from .grant import PAGE, GrantError, GrantMapper
+from .ring import RSP_PROD, BackRing, RingError, SharedRing, mb
+from .xs import XenStore, XsError
+
+MAX_INDIRECT_SEGMENTS = 256  # what we offer (kernel blkback's default); blkfront caps it at its own 32
+MAX_PERSISTENT_GRANTS = 1056  # kernel blkback's default: beyond it, grants are mapped per request
+FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE = 0x01, 0x02
+LATE_EVENT_SECONDS = 2.0  # lost-notify: the event a skipped one is made up by, when no request comes
+
+
+class BlkbackError(AgentError):
+    pass
+
+
+class _Stop(Exception):
+    pass
+
+
+def _on_term(signum, frame):
+    raise _Stop()
+
+
+def paths(domid: int, devid: int) -> tuple[str, str]:
+    return (f"/local/domain/0/backend/{PY_BLOCK_BACKEND}/{domid}/{devid}", f"/local/domain/{domid}/device/vbd/{devid}")
+
+
+def _state(xs: XenStore, path: str) -> int | None:
+    value = xs.try_read(f"{path}/state")
+    return int(value) if value is not None and value.isdigit() else None
+
+
+class BlockBackend:
+    def __init__(self, spec: dict):
+        self.domid, self.devid, self.vdev = spec["domid"], spec["devid"], spec["vdev"]
+        self.path, self.readonly = spec["path"], spec["readonly"]
+        self.plan = faultplan.parse_plan(spec["faults"]) if spec.get("faults") else []
+        self.faults = {f.name: f for f in self.plan if f.name != "io-error"}
+        self.io_errors = [f for f in self.plan if f.name == "io-error"]
+        self.timeout = spec.get("timeout", 60)
+        self.be, self.fe = paths(self.domid, self.devid)
+        self.xs = XenStore()
+        self.fd = os.open(self.path, os.O_RDONLY if self.readonly else os.O_RDWR)
+        self.sectors = os.fstat(self.fd).st_size // SECTOR_SIZE
+        self.mapper = GrantMapper()
+        self.ring_map = None
+        self.ev: EventChannel | None = None
+        self.persistent: dict[int, tuple[int, object]] = {}  # gref -> (index, mapping)
+        self.use_persistent = False
+        self.poisoned = ""  # set once a fault broke the ring on purpose: nothing more is consumed
+        self.jumped = False
+        self.closing_since: float | None = None
+        self.owed_event: float | None = None  # lost-notify: when the skipped event was due
+        self.states: list[str] = []
+        self.fired: dict[str, int] = {}
+        self.stats = {"requests": 0, "responses": 0, "errors": 0, "bytes_read": 0, "bytes_written": 0, "flushes": 0,
+                      "discards": 0, "indirect": 0, "notifies_sent": 0, "wakeups": 0, "grants_mapped": 0,
+                      "persistent_grants": 0, "ops": {}}
+        self.counts = {"data_requests": 0, "batches": 0, "events": 0}
+
+    # -- XenStore: the toolstack's part and the handshake ------------------------
+    def log(self, event: str, **data) -> None:
+        print(json.dumps({"t": round(time.time(), 3), "event": event, **data}), flush=True)
+
+    def fire(self, name: str, **data) -> None:
+        self.fired[name] = self.fired.get(name, 0) + 1
+        self.log("fault", fault=name, **data)
+
+    def set_state(self, state: int) -> None:
+        self.xs.write(f"{self.be}/state", state)
+        self.states.append(STATE_NAMES[state])
+        self.log("state", state=STATE_NAMES[state])
+
+    def create_nodes(self) -> None:
+        if self.xs.try_read(f"{self.fe}/state") is not None:
+            raise BlkbackError(f"domain {self.domid} already has a vbd {self.devid} ({self.fe})", "pick another --vdev")
+        order = self.faults["bad-ring-page-order"]["value"] if "bad-ring-page-order" in self.faults else LINUX_MAX_RING_PAGE_ORDER
+        indirect = self.faults["bad-max-indirect-segments"]["value"] if "bad-max-indirect-segments" in self.faults else MAX_INDIRECT_SEGMENTS
+        back = {
+            "frontend": self.fe, "frontend-id": self.domid, "online": 1, "state": INITIALISING,
+            PARAMS: self.path, MODE: "r" if self.readonly else "w", "dev": self.vdev, "type": "file",
+            MAX_RING_PAGE_ORDER: order, FEATURE_MAX_INDIRECT_SEGMENTS: indirect, FEATURE_PERSISTENT: 1,
+            FEATURE_FLUSH_CACHE: 1, FEATURE_DISCARD: 0 if self.readonly else 1,
+            DISCARD_GRANULARITY: PAGE, DISCARD_ALIGNMENT: 0, DISCARD_SECURE: 0,
+        }
+        front = {"backend": self.be, "backend-id": 0, "state": INITIALISING, VIRTUAL_DEVICE: self.devid, DEVICE_TYPE: "disk"}
+        with self.xs.transaction() as tx:
+            for key, value in back.items():
+                self.xs.write(f"{self.be}/{key}", value, tx)
+            for key, value in front.items():
+                self.xs.write(f"{self.fe}/{key}", value, tx)
+            # Nodes written before set_perms keep dom0-only permissions: set each.
+            for key in ("", *(f"/{k}" for k in back)):
+                self.xs.set_perms(f"{self.be}{key}", ["n0", f"r{self.domid}"], tx)
+            for key in ("", *(f"/{k}" for k in front)):
+                self.xs.set_perms(f"{self.fe}{key}", [f"n{self.domid}", "r0"], tx)
+        self.log("nodes", backend=self.be, frontend=self.fe, plan=faultplan.format_plan(self.plan))
+
+    def connect(self) -> None:
+        self.set_state(INITWAIT)
+        deadline = time.monotonic() + self.timeout
+        while (state := _state(self.xs, self.fe)) is not None and state < INITIALISED:
+            if time.monotonic() > deadline:
+                raise BlkbackError(f"the frontend {self.fe} stayed {STATE_NAMES[state]} for {self.timeout:.0f} s",
+                                   "is the guest's blkfront loaded? see the guest's console")
+            self.xs.wait_for(f"{self.fe}/state", lambda v: v.isdigit() and int(v) >= INITIALISED, max(0.1, deadline - time.monotonic()),
+                             "the frontend to reach Initialised", gone_ok=True)
+        if state != INITIALISED:
+            raise BlkbackError(f"frontend moved to {facts.state_name(state)} instead of Initialised")
+        read = lambda key, default=None: self.xs.try_read(f"{self.fe}/{key}", default)  # noqa: E731
+        protocol = read(PROTOCOL, PROTOCOL_X86_64)
+        if protocol != PROTOCOL_X86_64:
+            self._refuse(f"frontend protocol {protocol!r}; only {PROTOCOL_X86_64} is handled")
+        if int(read(MULTI_QUEUE_NUM_QUEUES, "1")) != 1:
+            self._refuse("frontend asked for several queues; none were offered")
+        order = int(read(RING_PAGE_ORDER, "0"))
+        if not 0 <= order <= LINUX_MAX_RING_PAGE_ORDER:
+            self._refuse(f"frontend ring-page-order {order} is beyond the {LINUX_MAX_RING_PAGE_ORDER} this backend maps")
+        try:
+            refs = [int(read(key)) for key in ring_ref_keys(order)]
+            port = int(read(EVENT_CHANNEL))
+        except (TypeError, ValueError):
+            self._refuse(f"frontend published no usable {', '.join(ring_ref_keys(order))} / {EVENT_CHANNEL}")
+        self.use_persistent = read(FEATURE_PERSISTENT, "0") == "1"
+        try:
+            self.ring_index, self.ring_map = self.mapper.map(self.domid, refs, writable=True)
+        except GrantError as e:
+            self._refuse(f"cannot map the ring: {e.message}")
+        self.sring = SharedRing(self.ring_map, RING_ENTRY_SIZE, PAGE << order)
+        self.ring = BackRing(self.sring)
+        self.ev = EventChannel()
+        self.port = self.ev.bind_interdomain(self.domid, port)
+        with self.xs.transaction() as tx:
+            for key, value in ((SECTORS, self.sectors), (INFO, VDISK_READONLY if self.readonly else 0),
+                               (SECTOR_SIZE_KEY, SECTOR_SIZE), (PHYSICAL_SECTOR_SIZE, SECTOR_SIZE)):
+                self.xs.write(f"{self.be}/{key}", value, tx)
+                self.xs.set_perms(f"{self.be}/{key}", ["n0", f"r{self.domid}"], tx)
+        self.set_state(CONNECTED)
+        self.log("connected", ring_pages=1 << order, ring_slots=self.ring.size, port=self.port, persistent=self.use_persistent)
+
+    def _refuse(self, why: str) -> None:
+        self.xs.write(f"{self.be}/error", why)
+        raise BlkbackError(why, "the frontend's request cannot be served; the device is closed")
+
+    # -- requests -------------------------------------------------------------------
+    def handle(self, raw: bytes) -> list[bytes]:
+        """The responses (0, 1 or 2 of them, packed) to one request slot."""
+        self.stats["requests"] += 1
+        try:
+            req = unpack_request(raw)
+        except BadRequest as e:
+            self.log("bad-request", error=e.message)
+            return [self._respond(e.request_id, e.operation, BLKIF_RSP_ERROR)]
+        rsp_op = req.indirect_op if isinstance(req, IndirectRequest) else req.operation
+        name = OP_NAMES.get(rsp_op, str(rsp_op))
+        self.stats["ops"][name] = self.stats["ops"].get(name, 0) + 1
+        try:
+            status = self._serve(req)
+        except (BlkbackError, GrantError) as e:
+            self.log("request-failed", id=req.id, op=name, error=e.message)
+            status = BLKIF_RSP_ERROR
+        if "slow" in self.faults:
+            time.sleep(self.faults["slow"]["ms"] / 1000)
+            self.fired["slow"] = self.fired.get("slow", 0) + 1
+        n = self.stats["requests"]
+        fault = self.faults.get("unknown-id")
+        if fault and fault.fires(n):
+            self.fire("unknown-id", id=req.id, sent=self.ring.size + n)
+            self.poisoned = "unknown-id"
+            return [self._respond(self.ring.size + n, rsp_op, status)]
+        out = [self._respond(req.id, rsp_op, status)]
+        fault = self.faults.get("duplicate-response")
+        if fault and fault.fires(n):
+            self.fire("duplicate-response", id=req.id)
+            self.poisoned = "duplicate-response"
+            out.append(out[0])
+        return out
+
+    def _respond(self, rid: int, op: int, status: int) -> bytes:
+        if status != BLKIF_RSP_OKAY:
+            self.stats["errors"] += 1
+        return Response(rid & 0xFFFFFFFFFFFFFFFF, op & 0xFF, status).pack()
+
+    def _serve(self, req) -> int:
+        if isinstance(req, DiscardRequest):
+            return self._discard(req)
+        if isinstance(req, IndirectRequest):
+            self.stats["indirect"] += 1
+            if req.indirect_op not in (BLKIF_OP_READ, BLKIF_OP_WRITE):
+                raise BlkbackError(f"indirect request with operation {req.indirect_op}")
+            if not 0 < req.nr_segments <= MAX_INDIRECT_SEGMENTS:
+                raise BlkbackError(f"indirect request with {req.nr_segments} segments (1..{MAX_INDIRECT_SEGMENTS})")
+            segments = self._indirect_segments(req)
+            return self._rw(req.indirect_op, req.sector_number, segments)
+        if isinstance(req, ReadWriteRequest):
+            if req.operation == BLKIF_OP_FLUSH_DISKCACHE:
+                status = self._rw(BLKIF_OP_WRITE, req.sector_number, req.segments) if req.segments else BLKIF_RSP_OKAY
+                if status == BLKIF_RSP_OKAY:
+                    os.fsync(self.fd)
+                    self.stats["flushes"] += 1
+                return status
+            if req.operation in (BLKIF_OP_READ, BLKIF_OP_WRITE):
+                if not req.segments:
+                    raise BlkbackError(f"{OP_NAMES[req.operation]} with no segments")
+                return self._rw(req.operation, req.sector_number, req.segments)
+        return BLKIF_RSP_EOPNOTSUPP  # write-barrier (not offered), reserved-1, unknown operations
+
+    def _check_range(self, sector: int, count: int, what: str) -> None:
+        if sector < 0 or count < 0 or sector + count > self.sectors:
+            raise BlkbackError(f"{what} of sectors {sector}..{sector + count - 1} beyond the disk's {self.sectors}")
+
+    def _rw(self, op: int, sector: int, segments) -> int:
+        write = op == BLKIF_OP_WRITE
+        if write and self.readonly:
+            raise BlkbackError("write to a read-only disk")
+        for seg in segments:
+            if not seg.valid():
+                raise BlkbackError(f"segment sectors {seg.first_sect}..{seg.last_sect} outside a page (0..{SECTORS_PER_PAGE - 1})")
+        count = sum(seg.sectors for seg in segments)
+        self._check_range(sector, count, OP_NAMES[op])
+        self.counts["data_requests"] += 1
+        for fault in self.io_errors:
+            if fault.matches(op, sector, count):
+                self.fire("io-error", op=OP_NAMES[op], sector=sector, sectors=count)
+                return BLKIF_RSP_ERROR
+        fault = self.faults.get("unmappable-grant")
+        if fault and fault.fires(self.counts["data_requests"]):
+            self.fire("unmappable-grant", grefs=[s.gref for s in segments][:4])
+            return BLKIF_RSP_ERROR
+        views, release = self._map_segments(segments, writable=not write)
+        try:
+            offset = sector * SECTOR_SIZE
+            if write:
+                done = os.pwritev(self.fd, views, offset)
+                self.stats["bytes_written"] += done
+            else:
+                done = os.preadv(self.fd, views, offset)
+                self.stats["bytes_read"] += done
+            if done != count * SECTOR_SIZE:
+                raise BlkbackError(f"short {OP_NAMES[op]}: {done} of {count * SECTOR_SIZE} bytes")
+        finally:
+            for view in views:
+                view.release()
+            release()
+        return BLKIF_RSP_OKAY
+
+    def _map_segments(self, segments, writable: bool):
+        """Memoryviews of each segment's sectors, and what unmaps them."""
+        pages, release = self._pages([seg.gref for seg in segments], writable)
+        try:
+            views = [pages[seg.gref][seg.first_sect * SECTOR_SIZE:(seg.last_sect + 1) * SECTOR_SIZE] for seg in segments]
+        except BaseException:
+            release()
+            raise
+        return views, release
+
+    def _pages(self, grefs: list[int], writable: bool):
+        """gref -> memoryview of its page: persistent ones from the cache
+        (mapped on first use), the rest mapped now in one call; and what
+        releases them (unmapping the non-persistent ones)."""
+        pages: dict[int, memoryview] = {}
+        mapping = whole = None
+
+        def release() -> None:
+            for page in pages.values():
+                page.release()
+            if whole is not None:
+                whole.release()
+            if mapping is not None:
+                self.mapper.unmap(*mapping)
+        try:
+            if self.use_persistent:
+                for gref in grefs:
+                    if gref not in self.persistent and len(self.persistent) < MAX_PERSISTENT_GRANTS:
+                        # blkfront's persistent grants are always read-write.
+                        self.persistent[gref] = self.mapper.map(self.domid, [gref], writable=True)
+                        self.stats["persistent_grants"] = len(self.persistent)
+                    if gref in self.persistent and gref not in pages:
+                        pages[gref] = memoryview(self.persistent[gref][1])
+            rest = [g for g in dict.fromkeys(grefs) if g not in pages]
+            if rest:
+                mapping = self.mapper.map(self.domid, rest, writable=writable)
+                self.stats["grants_mapped"] += len(rest)
+                whole = memoryview(mapping[1])
+                for i, gref in enumerate(rest):
+                    pages[gref] = whole[i * PAGE:(i + 1) * PAGE]
+        except BaseException:
+            release()
+            raise
+        return pages, release
+
+    def _indirect_segments(self, req: IndirectRequest):
+        pages, release = self._pages(list(req.indirect_grefs), writable=False)
+        try:
+            copies = [bytes(pages[g]) for g in req.indirect_grefs]  # private copies: the frontend may change them
+        finally:
+            release()
+        return unpack_indirect_segments(copies, req.nr_segments)
+
+    def _discard(self, req: DiscardRequest) -> int:
+        if self.readonly:
+            raise BlkbackError("discard on a read-only disk")
+        self._check_range(req.sector_number, req.nr_sectors, "discard")
+        for fault in self.io_errors:
+            if fault.matches(BLKIF_OP_DISCARD, req.sector_number, req.nr_sectors):
+                self.fire("io-error", op="discard", sector=req.sector_number, sectors=req.nr_sectors)
+                return BLKIF_RSP_ERROR
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.fallocate.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
+        if libc.fallocate(self.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, req.sector_number * SECTOR_SIZE, req.nr_sectors * SECTOR_SIZE):
+            raise BlkbackError(f"discard (punch hole) failed: {os.strerror(ctypes.get_errno())}")
+        self.stats["discards"] += 1
+        return BLKIF_RSP_OKAY
+
+    # -- the ring loop ------------------------------------------------------------------
+    def serve(self) -> str:
+        token = "pyblk-fe-state"
+        self.xs.watch(f"{self.fe}/state", token)
+        try:
+            while True:
+                if not self.poisoned and not (self.jumped and "state-jump" in self.faults and self.faults["state-jump"]["to"] == "closed"):
+                    self._drain()
+                fe_state = _state(self.xs, self.fe)
+                if fe_state is None:
+                    return "frontend-gone"
+                if fe_state == CLOSED or (fe_state == CLOSING and self.closing_since is None):
+                    return "frontend-closed"
+                if self.closing_since is not None and time.monotonic() - self.closing_since > self.timeout:
+                    return "frontend-never-closed"
+                wait = 1.0
+                if self.owed_event is not None:
+                    wait = max(0.0, self.owed_event + LATE_EVENT_SECONDS - time.monotonic())
+                    if wait == 0.0:
+                        self.owed_event = None
+                        self._notify()
+                        continue
+                ready, _, _ = select.select([self.ev.fd, self.xs._fd], [], [], wait)
+                if self.ev.fd in ready:
+                    self.stats["wakeups"] += 1
+                    for fired in self.ev.pending(0):
+                        self.ev.unmask(fired)
+                if self.xs._fd in ready or self.xs.events:
+                    while self.xs.wait_watch(0) is not None:
+                        pass
+                mb()
+        finally:
+            try:
+                self.xs.unwatch(f"{self.fe}/state", token)
+            except XsError:
+                pass
+
+    def _drain(self) -> None:
+        while True:
+            answered = 0
+            while not self.poisoned and self.ring.unconsumed_requests():
+                for rsp in self.handle(self.ring.get_request()):
+                    self._put(rsp)
+                answered += 1
+                self._after_request()
+                if answered % 16 == 0:
+                    self._push()  # let the frontend refill early
+            if answered:
+                self._push()
+            if self.poisoned or not self.ring.final_check_for_requests():
+                return
+
+    def _put(self, rsp: bytes) -> None:
+        # Written by hand so a fault may answer a slot twice (ring.put_response refuses).
+        self.sring.write(self.ring.rsp_prod_pvt, rsp)
+        self.ring.rsp_prod_pvt = (self.ring.rsp_prod_pvt + 1) & 0xFFFFFFFF
+        self.stats["responses"] += 1
+
+    def _after_request(self) -> None:
+        n = self.stats["requests"]
+        fault = self.faults.get("rsp-prod-past-req-prod")
+        if fault and fault.fires(n):
+            self._push()
+            lie = (self.sring.idx[RSP_PROD] + self.ring.size + 1) & 0xFFFFFFFF
+            self.sring.idx[RSP_PROD] = lie
+            self.fire("rsp-prod-past-req-prod", rsp_prod=lie, req_prod=self.sring.idx[0])
+            self.poisoned = "rsp-prod-past-req-prod"
+            self._notify()
+        fault = self.faults.get("state-jump")
+        if fault and not self.jumped and fault.fires(n):
+            self.jumped = True
+            self._push()
+            self.fire("state-jump", to=fault["to"], after=n)
+            self.set_state(faultplan.STATE_JUMP_TARGETS[fault["to"]])
+
+    def _push(self) -> None:
+        if self.poisoned == "rsp-prod-past-req-prod":
+            return
+        notify = self.ring.push_responses()
+        self.counts["batches"] += 1
+        fault = self.faults.get("extra-notify")
+        if fault and fault.fires(self.counts["batches"]):
+            self.fire("extra-notify", batch=self.counts["batches"])
+            self._notify()
+        if notify:
+            self.counts["events"] += 1
+            fault = self.faults.get("lost-notify")
+            if fault and fault.fires(self.counts["events"]):
+                self.fire("lost-notify", event=self.counts["events"])
+                self.owed_event = self.owed_event or time.monotonic()
+                return
+            self.owed_event = None  # this event makes up for a skipped one
+            self._notify()
+
+    def _notify(self) -> None:
+        self.ev.notify(self.port)
+        self.stats["notifies_sent"] += 1
+
+    # -- closedown -----------------------------------------------------------------------
+    def start_closing(self) -> None:
+        if self.closing_since is None:
+            self.closing_since = time.monotonic()
+            self.xs.write(f"{self.be}/online", 0)
+            self.set_state(CLOSING)
+
+    def disconnect(self) -> None:
+        if getattr(self, "sring", None) is not None:
+            self.sring.release()
+            self.sring = None
+        for index, mapping in self.persistent.values():
+            self.mapper.unmap(index, mapping)
+        self.persistent.clear()
+        if self.ring_map is not None:
+            self.mapper.unmap(self.ring_index, self.ring_map)
+            self.ring_map = None
+        if self.ev is not None:
+            self.ev.close()
+            self.ev = None
+        self.mapper.close()
+
+    def remove_nodes(self) -> None:
+        for path in (self.fe, self.be):
+            try:
+                self.xs.rm(path)
+            except XsError:
+                pass
+        parent = self.be.rsplit("/", 1)[0]  # .../pyblk/DOMID, then .../pyblk, once empty
+        for _ in range(2):
+            try:
+                if self.xs.directory(parent):
+                    break
+                self.xs.rm(parent)
+            except XsError:
+                break
+            parent = parent.rsplit("/", 1)[0]
+
+
+def serve(spec: dict) -> dict:
+    """The backend process: create the nodes, connect, serve until detach or the frontend goes."""
+    signal.signal(signal.SIGTERM, _on_term)
+    b = BlockBackend(spec)
+    ended, error = "error", None
+    t0 = time.monotonic()
+    try:
+        b.create_nodes()
+        b.connect()
+        t0 = time.monotonic()
+        try:
+            ended = b.serve()
+        except _Stop:
+            b.start_closing()
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            ended = "detached"
+            outcome = b.serve()  # answer what is in flight until the frontend is Closed
+            if outcome != "frontend-closed" and outcome != "frontend-gone":
+                ended = f"detached/{outcome}"
+    except _Stop:
+        ended = "detached"
+    except RingError as e:
+        ended, error = "rejected-garbage", e
+    except (AgentError, OSError) as e:
+        error = e
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the closedown runs to its end
+        b.disconnect()
+        if _state(b.xs, b.fe) not in (None, CLOSED):
+            b.start_closing()
+            try:
+                b.xs.wait_for(f"{b.fe}/state", lambda v: v == str(CLOSED), 10, "the frontend to reach Closed", gone_ok=True)
+            except XsError:
+                ended += "/frontend-never-closed"
+        b.set_state(CLOSED)
+        b.remove_nodes()
+        os.close(b.fd)
+    result = {
+        "ended": ended, "domid": b.domid, "devid": b.devid, "vdev": b.vdev, "states": b.states,
+        "seconds": round(time.monotonic() - t0, 3), "faults_fired": b.fired, "poisoned": b.poisoned,
+        "ring_slots": b.ring.size if getattr(b, "ring", None) else 0, "persistent": b.use_persistent, **b.stats,
+    }
+    if error is not None:
+        result["error"] = str(error)
+    return result
+
+
+# -- attach / detach: the toolstack's part, run per command ------------------------------
+def _attach_dir(name: str) -> str:
+    return os.path.join(guest_dir(name), facts.ATTACHED_DIR)
+
+
+def _record(name: str, vdev: str) -> str:
+    return os.path.join(_attach_dir(name), f"{vdev}.json")
+
+
+def _vbds(xs: XenStore, domid: int) -> list[int]:
+    return [int(d) for d in xs.try_directory(f"/local/domain/{domid}/device/vbd") if d.isdigit()]
+
+
+def _pick_vdev(xs: XenStore, domid: int, wanted: str) -> str:
+    used = set(_vbds(xs, domid))
+    if wanted:
+        devid = xvd_devid(wanted)  # raises on a bad name
+        if devid in used:
+            raise BlkbackError(f"the guest already has {wanted}", "pick another --vdev, or detach it first")
+        return wanted
+    for letter in "bcdefghijklmnopqrstuvwxyz":
+        if xvd_devid(f"xvd{letter}") not in used:
+            return f"xvd{letter}"
+    raise BlkbackError("the guest has no free xvd name left")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ", 1)[1][0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def _wait_connected(xs: XenStore, back: str, front: str, timeout: float, alive=lambda: True) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        fe, be = _state(xs, front), _state(xs, back)
+        if fe == CONNECTED and be == CONNECTED:
+            return
+        if not alive():
+            break
+        time.sleep(0.1)
+    raise BlkbackError(
+        f"the disk did not connect in {timeout:.0f} s (frontend {facts.state_name(_state(xs, front))}, backend {facts.state_name(_state(xs, back))})",
+        "see the guest's console (`xenlab guest console`) and the backend's log")
+
+
+def attach(name: str, size_mib: int, backend: str, readonly: bool, faults: str, vdev: str, timeout: float) -> dict:
+    domid = domid_of(name)
+    if domid is None:
+        raise BlkbackError(f"no running guest named {name!r}", "see `xenlab guest list`")
+    if not os.path.isdir(guest_dir(name)):
+        raise BlkbackError(f"guest {name!r} was not made by xenlab", "attach disks to guests made with `xenlab guest create`")
+    if faults and backend != "python":
+        raise BlkbackError("--faults needs --backend python", "kernel blkback carries out no fault plan")
+    plan = faultplan.format_plan(faultplan.parse_plan(faults)) if faults else ""
+    os.makedirs(_attach_dir(name), exist_ok=True)
+    xs = XenStore()
+    try:
+        vdev = _pick_vdev(xs, domid, vdev)
+        devid = xvd_devid(vdev)
+        image = os.path.join(_attach_dir(name), f"{vdev}.img")
+        with open(image, "wb") as f:
+            f.truncate(size_mib << 20)
+        record = {"name": name, "domid": domid, "vdev": vdev, "devid": devid, "backend": backend, "path": image,
+                  "size_mib": size_mib, "readonly": readonly, "faults": plan}
+        t0 = time.monotonic()
+        try:
+            if backend == "python":
+                record.update(_start_python(record, timeout))
+            else:
+                spec = f"format=raw,vdev={vdev},access={'ro' if readonly else 'rw'},target={image}"
+                xl("block-attach", name, spec, timeout=timeout)
+                record["backend_path"] = f"/local/domain/0/backend/vbd/{domid}/{devid}"
+                record["frontend_path"] = f"/local/domain/{domid}/device/vbd/{devid}"
+                _wait_connected(xs, record["backend_path"], record["frontend_path"], timeout)
+        except BaseException:
+            _undo(xs, record)
+            raise
+        record["seconds"] = round(time.monotonic() - t0, 2)
+        with open(_record(name, vdev), "w") as f:
+            json.dump(record, f)
+        return record
+    finally:
+        xs.close()
+
+
+def _start_python(record: dict, timeout: float) -> dict:
+    base = os.path.join(_attach_dir(record["name"]), record["vdev"])
+    spec = {k: record[k] for k in ("domid", "devid", "vdev", "path", "readonly", "faults")}
+    spec.update(timeout=timeout, result=f"{base}.result.json")
+    if os.path.exists(spec["result"]):
+        os.unlink(spec["result"])  # an earlier attach's report
+    with open(f"{base}.log", "ab") as log:
+        proc = subprocess.Popen([sys.executable, "-m", f"{facts.AGENT_PACKAGE}.blkback", "serve", json.dumps(spec)],
+                                stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True, env=os.environ.copy())
+    back, front = paths(record["domid"], record["devid"])
+    record.update(pid=proc.pid, backend_path=back, frontend_path=front, log=f"{base}.log", result=f"{base}.result.json")
+    xs = XenStore()
+    try:
+        _wait_connected(xs, back, front, timeout, alive=lambda: proc.poll() is None)
+    except BlkbackError as e:
+        if proc.poll() is not None:
+            raise BlkbackError(f"the Python backend ended before the disk connected: {_result_error(record)}", e.hint) from None
+        raise
+    finally:
+        xs.close()
+    return {"pid": proc.pid}
+
+
+def _result_error(record: dict) -> str:
+    try:
+        with open(record["result"]) as f:
+            return json.load(f).get("error", "no error recorded")
+    except (OSError, ValueError):
+        try:
+            with open(record["log"]) as f:
+                return f.read()[-800:]
+        except OSError:
+            return "(no log)"
+
+
+def _stop_python(record: dict, timeout: float) -> dict:
+    pid = record["pid"]
+    if _pid_alive(pid) and _is_our_backend(pid, record):
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout + 15
+        while _pid_alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if _pid_alive(pid):
+            os.kill(pid, signal.SIGKILL)
+    try:
+        with open(record["result"]) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return {"ended": "killed", "error": "the backend wrote no report"}
+
+
+def _is_our_backend(pid: int, record: dict) -> bool:
+    """The pid is still this disk's backend (not a process that reused the number)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return record["result"].encode() in f.read()
+    except OSError:
+        return False
+
+
+def _undo(xs: XenStore, record: dict) -> None:
+    """Whatever an attach or detach left: the backend process, both directories, the image."""
+    if record.get("pid"):
+        _stop_python(record, 5)
+    for path in (record.get("frontend_path"), record.get("backend_path")):
+        if path and record["backend"] == "python":
+            try:
+                xs.rm(path)
+            except XsError:
+                pass
+    for suffix in (".img",):
+        try:
+            os.unlink(record["path"].removesuffix(".img") + suffix)
+        except OSError:
+            pass
+
+
+def detach(name: str, vdev: str, timeout: float) -> dict:
+    try:
+        with open(_record(name, vdev)) as f:
+            record = json.load(f)
+    except FileNotFoundError:
+        attached = [r["vdev"] for r in list_attached(name)]
+        raise BlkbackError(f"guest {name!r} has no attached disk {vdev!r}",
+                           f"attached: {', '.join(attached) or 'none'} (disks given at create go with the guest)") from None
+    t0 = time.monotonic()
+    xs = XenStore()
+    try:
+        if record["backend"] == "python":
+            report_ = _stop_python(record, timeout)
+        else:
+            proc = xl("block-detach", name, vdev, check=False, timeout=timeout + 30)
+            report_ = {"ended": "detached" if proc.returncode == 0 else f"xl block-detach failed: {proc.stderr.strip()[-400:]}"}
+        deadline = time.monotonic() + timeout
+        left = [p for p in (record["frontend_path"], record["backend_path"]) if xs.try_read(p) is not None]
+        while left and time.monotonic() < deadline:
+            time.sleep(0.1)
+            left = [p for p in (record["frontend_path"], record["backend_path"]) if xs.try_read(p) is not None]
+        for suffix in (".img", ".json"):
+            try:
+                os.unlink(os.path.join(_attach_dir(name), vdev + suffix))
+            except OSError:
+                pass
+        return {"name": name, "vdev": vdev, "backend": record["backend"], "seconds": round(time.monotonic() - t0, 2),
+                "report": report_, "xenstore_left": left}
+    finally:
+        xs.close()
+
+
+def list_attached(name: str) -> list[dict]:
+    out = []
+    folder = _attach_dir(name)
+    for entry in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
+        if entry.endswith(".json") and not entry.endswith(".result.json"):
+            with open(os.path.join(folder, entry)) as f:
+                record = json.load(f)
+            if record["backend"] == "python":
+                record["running"] = _pid_alive(record["pid"])
+            out.append(record)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="xenlab_agent.blkback")
+    sub = parser.add_subparsers(dest="verb", required=True)
+    p = sub.add_parser("attach")
+    p.add_argument("name")
+    p.add_argument("--size-mib", type=int, required=True)
+    p.add_argument("--backend", choices=("python", "kernel"), default="kernel")
+    p.add_argument("--readonly", action="store_true")
+    p.add_argument("--faults", default="")
+    p.add_argument("--vdev", default="")
+    p.add_argument("--timeout", type=float, default=60)
+    p = sub.add_parser("detach")
+    p.add_argument("name")
+    p.add_argument("vdev")
+    p.add_argument("--timeout", type=float, default=30)
+    p = sub.add_parser("list")
+    p.add_argument("name")
+    p = sub.add_parser("serve")
+    p.add_argument("spec")
+    args = parser.parse_args(argv)
+    try:
+        if args.verb == "serve":
+            spec = json.loads(args.spec)
+            result = serve(spec)
+            with open(spec["result"] + ".tmp", "w") as f:
+                json.dump(result, f)
+            os.replace(spec["result"] + ".tmp", spec["result"])
+        elif args.verb == "attach":
+            result = attach(args.name, args.size_mib, args.backend, args.readonly, args.faults, args.vdev, args.timeout)
+        elif args.verb == "detach":
+            result = detach(args.name, args.vdev, args.timeout)
+        else:
+            result = list_attached(args.name)
+    except faultplan.FaultPlanError as e:
+        return report(BlkbackError(str(e), "see `xenlab guest attach --help` for the fault names"))
+    except AgentError as e:
+        return report(e)
+    json.dump(result, sys.stdout)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -34,6 +34,7 @@ import signal
 import subprocess
 import sys
 import time
+import traceback
 
 from . import facts, faultplan
 from .blkif import (
@@ -57,7 +58,7 @@ from .xs import XenStore, XsError
 MAX_INDIRECT_SEGMENTS = 256  # what we offer (kernel blkback's default); blkfront caps it at its own 32
 MAX_PERSISTENT_GRANTS = 1056  # kernel blkback's default: beyond it, grants are mapped per request
 FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE = 0x01, 0x02
-LATE_EVENT_SECONDS = 2.0  # lost-notify: the event a skipped one is made up by, when no request comes
+LATE_EVENT_SECONDS = 0.5  # lost-notify: the event a skipped one is made up by, when no request comes
 
 
 class BlkbackError(AgentError):
@@ -106,12 +107,12 @@ class BlockBackend:
         self.fired: dict[str, int] = {}
         self.stats = {"requests": 0, "responses": 0, "errors": 0, "bytes_read": 0, "bytes_written": 0, "flushes": 0,
                       "discards": 0, "indirect": 0, "notifies_sent": 0, "wakeups": 0, "grants_mapped": 0,
-                      "persistent_grants": 0, "ops": {}}
+                      "persistent_grants": 0, "max_segments": 0, "ops": {}}
         self.counts = {"data_requests": 0, "batches": 0, "events": 0}
 
     # -- XenStore: the toolstack's part and the handshake ------------------------
-    def log(self, event: str, **data) -> None:
-        print(json.dumps({"t": round(time.time(), 3), "event": event, **data}), flush=True)
+    def log(self, what: str, **data) -> None:
+        print(json.dumps({"t": round(time.time(), 3), "what": what, **data}), flush=True)
 
     def fire(self, name: str, **data) -> None:
         self.fired[name] = self.fired.get(name, 0) + 1
@@ -269,6 +270,7 @@ class BlockBackend:
                 raise BlkbackError(f"segment sectors {seg.first_sect}..{seg.last_sect} outside a page (0..{SECTORS_PER_PAGE - 1})")
         count = sum(seg.sectors for seg in segments)
         self._check_range(sector, count, OP_NAMES[op])
+        self.stats["max_segments"] = max(self.stats["max_segments"], len(segments))
         self.counts["data_requests"] += 1
         for fault in self.io_errors:
             if fault.matches(op, sector, count):
@@ -525,6 +527,9 @@ def serve(spec: dict) -> dict:
         ended, error = "rejected-garbage", e
     except (AgentError, OSError) as e:
         error = e
+    except Exception as e:  # noqa: BLE001 - a bug here must still close the device and say what happened
+        error = e
+        traceback.print_exc()
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the closedown runs to its end
         b.disconnect()
@@ -543,7 +548,7 @@ def serve(spec: dict) -> dict:
         "ring_slots": b.ring.size if getattr(b, "ring", None) else 0, "persistent": b.use_persistent, **b.stats,
     }
     if error is not None:
-        result["error"] = str(error)
+        result["error"] = str(error) if isinstance(error, AgentError) else repr(error)
     return result
 
 
@@ -560,17 +565,21 @@ def _vbds(xs: XenStore, domid: int) -> list[int]:
     return [int(d) for d in xs.try_directory(f"/local/domain/{domid}/device/vbd") if d.isdigit()]
 
 
-def _pick_vdev(xs: XenStore, domid: int, wanted: str) -> str:
+def _pick_vdev(xs: XenStore, domid: int, name: str, wanted: str) -> str:
+    """The first xvd name the guest never had: a blkfront may still hold an
+    earlier device of that name (a process stuck in I/O on it), and a new
+    device under the same XenStore path would not be probed afresh."""
     used = set(_vbds(xs, domid))
     if wanted:
         devid = xvd_devid(wanted)  # raises on a bad name
         if devid in used:
             raise BlkbackError(f"the guest already has {wanted}", "pick another --vdev, or detach it first")
         return wanted
-    for letter in "bcdefghijklmnopqrstuvwxyz":
-        if xvd_devid(f"xvd{letter}") not in used:
+    had = {entry.split(".", 1)[0] for entry in os.listdir(_attach_dir(name))}
+    for letter in "bcdefghijklmnop":
+        if xvd_devid(f"xvd{letter}") not in used and f"xvd{letter}" not in had:
             return f"xvd{letter}"
-    raise BlkbackError("the guest has no free xvd name left")
+    raise BlkbackError("the guest has no xvd name left that it never used (xvdb..xvdp)", "name one with --vdev, or use a new guest")
 
 
 def _pid_alive(pid: int) -> bool:
@@ -607,7 +616,7 @@ def attach(name: str, size_mib: int, backend: str, readonly: bool, faults: str, 
     os.makedirs(_attach_dir(name), exist_ok=True)
     xs = XenStore()
     try:
-        vdev = _pick_vdev(xs, domid, vdev)
+        vdev = _pick_vdev(xs, domid, name, vdev)
         devid = xvd_devid(vdev)
         image = os.path.join(_attach_dir(name), f"{vdev}.img")
         with open(image, "wb") as f:
@@ -733,13 +742,16 @@ def detach(name: str, vdev: str, timeout: float) -> dict:
         while left and time.monotonic() < deadline:
             time.sleep(0.1)
             left = [p for p in (record["frontend_path"], record["backend_path"]) if xs.try_read(p) is not None]
-        for suffix in (".img", ".json"):
-            try:
-                os.unlink(os.path.join(_attach_dir(name), vdev + suffix))
-            except OSError:
-                pass
-        return {"name": name, "vdev": vdev, "backend": record["backend"], "seconds": round(time.monotonic() - t0, 2),
-                "report": report_, "xenstore_left": left}
+        try:
+            os.unlink(record["path"])
+        except OSError:
+            pass
+        result = {"name": name, "vdev": vdev, "backend": record["backend"], "seconds": round(time.monotonic() - t0, 2),
+                  "report": report_, "xenstore_left": left}
+        with open(os.path.join(_attach_dir(name), f"{vdev}.detached.json"), "w") as f:
+            json.dump({**record, "detached": result}, f)  # kept until the guest goes: the name stays taken
+        os.unlink(_record(name, vdev))
+        return result
     finally:
         xs.close()
 
@@ -748,7 +760,7 @@ def list_attached(name: str) -> list[dict]:
     out = []
     folder = _attach_dir(name)
     for entry in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
-        if entry.endswith(".json") and not entry.endswith(".result.json"):
+        if entry.endswith(".json") and entry.count(".") == 1:  # not .result.json, .detached.json
             with open(os.path.join(folder, entry)) as f:
                 record = json.load(f)
             if record["backend"] == "python":

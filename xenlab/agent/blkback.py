@@ -47,7 +47,7 @@ from .blkif import (
     BadRequest, DiscardRequest, IndirectRequest, ReadWriteRequest, Response, ring_ref_keys, unpack_indirect_segments,
     unpack_request, xvd_devid,
 )
-from .domctl import domid_of, guest_dir, xl
+from .domctl import domid_of, guest_dir, pid_alive, xl
 from .errors import AgentError, report
 from .evtchn import EventChannel
 from .facts import CLOSED, CLOSING, CONNECTED, INITIALISED, INITIALISING, INITWAIT, PY_BLOCK_BACKEND, STATE_NAMES
@@ -582,14 +582,6 @@ def _pick_vdev(xs: XenStore, domid: int, name: str, wanted: str) -> str:
     raise BlkbackError("the guest has no xvd name left that it never used (xvdb..xvdp)", "name one with --vdev, or use a new guest")
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(") ", 1)[1][0] != "Z"
-    except (OSError, IndexError):
-        return False
-
-
 def _wait_connected(xs: XenStore, back: str, front: str, timeout: float, alive=lambda: True) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -681,12 +673,12 @@ def _result_error(record: dict) -> str:
 
 def _stop_python(record: dict, timeout: float) -> dict:
     pid = record["pid"]
-    if _pid_alive(pid) and _is_our_backend(pid, record):
+    if pid_alive(pid) and _is_our_backend(pid, record):
         os.kill(pid, signal.SIGTERM)
         deadline = time.monotonic() + timeout + 15
-        while _pid_alive(pid) and time.monotonic() < deadline:
+        while pid_alive(pid) and time.monotonic() < deadline:
             time.sleep(0.05)
-        if _pid_alive(pid):
+        if pid_alive(pid):
             os.kill(pid, signal.SIGKILL)
     try:
         with open(record["result"]) as f:
@@ -764,7 +756,7 @@ def list_attached(name: str) -> list[dict]:
             with open(os.path.join(folder, entry)) as f:
                 record = json.load(f)
             if record["backend"] == "python":
-                record["running"] = _pid_alive(record["pid"])
+                record["running"] = pid_alive(record["pid"])
             out.append(record)
     return out
 

@@ -306,6 +306,7 @@ def _remove(name: str, domid: int | None, timeout: float) -> dict:
     remove its files and address; what was still left."""
     deadline = time.monotonic() + timeout
     _teardown(name)
+    _wait_disk_backends(name, deadline)
     left = {}
     if domid is not None:
         with XenStore() as store:
@@ -322,6 +323,37 @@ def _remove(name: str, domid: int | None, timeout: float) -> dict:
     shutil.rmtree(guest_dir(name), ignore_errors=True)
     release_addresses(name)
     return left
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ", 1)[1][0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def _wait_disk_backends(name: str, deadline: float) -> None:
+    """The Python block backends of disks attached to the guest (blkback.py)
+    end by themselves once its domain is gone: wait for that, so a destroy
+    returns with no process of the guest's left; past the deadline, kill them."""
+    folder = os.path.join(guest_dir(name), facts.ATTACHED_DIR)
+    pids = []
+    for record in glob.glob(os.path.join(folder, "xvd?.json")):  # attached now (not .detached.json)
+        try:
+            with open(record) as f:
+                pid = json.load(f).get("pid")
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                ours = b"blkback" in f.read()  # not a process that reused the number
+        except (OSError, ValueError, TypeError):
+            continue
+        if ours and pid_alive(pid):
+            pids.append(pid)
+    while pids and time.monotonic() < deadline:
+        time.sleep(0.05)
+        pids = [p for p in pids if pid_alive(p)]
+    for pid in pids:
+        os.kill(pid, signal.SIGKILL)
 
 
 def claim_address(ip: str, name: str) -> None:

@@ -35,6 +35,7 @@ import subprocess
 import sys
 import time
 import traceback
+from pathlib import Path
 
 from . import facts, faultplan
 from .blkif import (
@@ -44,7 +45,7 @@ from .blkif import (
     LINUX_MAX_RING_PAGE_ORDER, MAX_RING_PAGE_ORDER, MODE, MULTI_QUEUE_NUM_QUEUES, OP_NAMES, PARAMS,
     PHYSICAL_SECTOR_SIZE, PROTOCOL, PROTOCOL_X86_64, RING_ENTRY_SIZE, RING_PAGE_ORDER, SECTOR_SIZE, SECTOR_SIZE_KEY,
     SECTORS, SECTORS_PER_PAGE, VDISK_READONLY, VIRTUAL_DEVICE, DEVICE_TYPE,
-    BadRequest, DiscardRequest, IndirectRequest, ReadWriteRequest, Response, ring_ref_keys, unpack_indirect_segments,
+    SEGMENT, BadRequest, DiscardRequest, IndirectRequest, ReadWriteRequest, Response, ring_ref_keys,
     unpack_request, xvd_devid,
 )
 from .domctl import domid_of, guest_dir, pid_alive, xl
@@ -97,7 +98,7 @@ class BlockBackend:
         self.mapper = GrantMapper()
         self.ring_map = None
         self.ev: EventChannel | None = None
-        self.persistent: dict[int, tuple[int, object]] = {}  # gref -> (index, mapping)
+        self.persistent: dict[int, tuple] = {}  # gref -> (index, mapping, memoryview)
         self.use_persistent = False
         self.poisoned = ""  # set once a fault broke the ring on purpose: nothing more is consumed
         self.jumped = False
@@ -245,8 +246,9 @@ class BlockBackend:
             segments = self._indirect_segments(req)
             return self._rw(req.indirect_op, req.sector_number, segments)
         if isinstance(req, ReadWriteRequest):
+            segments = [(s.gref, s.first_sect, s.last_sect) for s in req.segments]
             if req.operation == BLKIF_OP_FLUSH_DISKCACHE:
-                status = self._rw(BLKIF_OP_WRITE, req.sector_number, req.segments) if req.segments else BLKIF_RSP_OKAY
+                status = self._rw(BLKIF_OP_WRITE, req.sector_number, segments) if segments else BLKIF_RSP_OKAY
                 if status == BLKIF_RSP_OKAY:
                     os.fsync(self.fd)
                     self.stats["flushes"] += 1
@@ -254,21 +256,24 @@ class BlockBackend:
             if req.operation in (BLKIF_OP_READ, BLKIF_OP_WRITE):
                 if not req.segments:
                     raise BlkbackError(f"{OP_NAMES[req.operation]} with no segments")
-                return self._rw(req.operation, req.sector_number, req.segments)
+                return self._rw(req.operation, req.sector_number, segments)
         return BLKIF_RSP_EOPNOTSUPP  # write-barrier (not offered), reserved-1, unknown operations
 
     def _check_range(self, sector: int, count: int, what: str) -> None:
         if sector < 0 or count < 0 or sector + count > self.sectors:
             raise BlkbackError(f"{what} of sectors {sector}..{sector + count - 1} beyond the disk's {self.sectors}")
 
-    def _rw(self, op: int, sector: int, segments) -> int:
+    def _rw(self, op: int, sector: int, segments: list[tuple[int, int, int]]) -> int:
+        """segments: (gref, first_sect, last_sect) each; plain tuples, as an
+        indirect request carries hundreds and this is the hot path."""
         write = op == BLKIF_OP_WRITE
         if write and self.readonly:
             raise BlkbackError("write to a read-only disk")
-        for seg in segments:
-            if not seg.valid():
-                raise BlkbackError(f"segment sectors {seg.first_sect}..{seg.last_sect} outside a page (0..{SECTORS_PER_PAGE - 1})")
-        count = sum(seg.sectors for seg in segments)
+        count = 0
+        for _, first, last in segments:
+            if not 0 <= first <= last < SECTORS_PER_PAGE:
+                raise BlkbackError(f"segment sectors {first}..{last} outside a page (0..{SECTORS_PER_PAGE - 1})")
+            count += last - first + 1
         self._check_range(sector, count, OP_NAMES[op])
         self.stats["max_segments"] = max(self.stats["max_segments"], len(segments))
         self.counts["data_requests"] += 1
@@ -278,9 +283,10 @@ class BlockBackend:
                 return BLKIF_RSP_ERROR
         fault = self.faults.get("unmappable-grant")
         if fault and fault.fires(self.counts["data_requests"]):
-            self.fire("unmappable-grant", grefs=[s.gref for s in segments][:4])
+            self.fire("unmappable-grant", grefs=[s[0] for s in segments][:4])
             return BLKIF_RSP_ERROR
-        views, release = self._map_segments(segments, writable=not write)
+        pages, release = self._pages([s[0] for s in segments], writable=not write)
+        views = [pages[gref][first * SECTOR_SIZE:(last + 1) * SECTOR_SIZE] for gref, first, last in segments]
         try:
             offset = sector * SECTOR_SIZE
             if write:
@@ -297,16 +303,6 @@ class BlockBackend:
             release()
         return BLKIF_RSP_OKAY
 
-    def _map_segments(self, segments, writable: bool):
-        """Memoryviews of each segment's sectors, and what unmaps them."""
-        pages, release = self._pages([seg.gref for seg in segments], writable)
-        try:
-            views = [pages[seg.gref][seg.first_sect * SECTOR_SIZE:(seg.last_sect + 1) * SECTOR_SIZE] for seg in segments]
-        except BaseException:
-            release()
-            raise
-        return views, release
-
     def _pages(self, grefs: list[int], writable: bool):
         """gref -> memoryview of its page: persistent ones from the cache
         (mapped on first use), the rest mapped now in one call; and what
@@ -315,21 +311,23 @@ class BlockBackend:
         mapping = whole = None
 
         def release() -> None:
-            for page in pages.values():
-                page.release()
             if whole is not None:
+                for gref in rest:
+                    pages[gref].release()
                 whole.release()
-            if mapping is not None:
                 self.mapper.unmap(*mapping)
+        rest: list[int] = []
         try:
             if self.use_persistent:
+                cache = self.persistent
                 for gref in grefs:
-                    if gref not in self.persistent and len(self.persistent) < MAX_PERSISTENT_GRANTS:
+                    if gref not in cache and len(cache) < MAX_PERSISTENT_GRANTS:
                         # blkfront's persistent grants are always read-write.
-                        self.persistent[gref] = self.mapper.map(self.domid, [gref], writable=True)
-                        self.stats["persistent_grants"] = len(self.persistent)
-                    if gref in self.persistent and gref not in pages:
-                        pages[gref] = memoryview(self.persistent[gref][1])
+                        index, m = self.mapper.map(self.domid, [gref], writable=True)
+                        cache[gref] = (index, m, memoryview(m))
+                        self.stats["persistent_grants"] = len(cache)
+                    if gref in cache:
+                        pages[gref] = cache[gref][2]
             rest = [g for g in dict.fromkeys(grefs) if g not in pages]
             if rest:
                 mapping = self.mapper.map(self.domid, rest, writable=writable)
@@ -342,13 +340,13 @@ class BlockBackend:
             raise
         return pages, release
 
-    def _indirect_segments(self, req: IndirectRequest):
+    def _indirect_segments(self, req: IndirectRequest) -> list[tuple[int, int, int]]:
         pages, release = self._pages(list(req.indirect_grefs), writable=False)
         try:
-            copies = [bytes(pages[g]) for g in req.indirect_grefs]  # private copies: the frontend may change them
+            raw = b"".join(bytes(pages[g]) for g in req.indirect_grefs)  # a private copy: the frontend may change it
         finally:
             release()
-        return unpack_indirect_segments(copies, req.nr_segments)
+        return list(SEGMENT.iter_unpack(raw[:req.nr_segments * SEGMENT.size]))
 
     def _discard(self, req: DiscardRequest) -> int:
         if self.readonly:
@@ -474,7 +472,8 @@ class BlockBackend:
         if getattr(self, "sring", None) is not None:
             self.sring.release()
             self.sring = None
-        for index, mapping in self.persistent.values():
+        for index, mapping, view in self.persistent.values():
+            view.release()
             self.mapper.unmap(index, mapping)
         self.persistent.clear()
         if self.ring_map is not None:
@@ -552,6 +551,20 @@ def serve(spec: dict) -> dict:
     return result
 
 
+def serve_profiled(spec: dict, top: int = 15) -> dict:
+    """serve() under cProfile; the report gains the functions that took the most time of their own."""
+    import cProfile
+    import pstats
+
+    profiler = cProfile.Profile()
+    result = profiler.runcall(serve, spec)
+    stats = pstats.Stats(profiler)
+    rows = sorted(stats.stats.items(), key=lambda item: item[1][2], reverse=True)[:top]  # (cc, nc, tottime, cumtime, callers)
+    result["profile"] = [{"function": f"{Path(file).name}:{line}:{func}", "calls": nc, "own_s": round(tt, 3), "cumulative_s": round(ct, 3)}
+                         for (file, line, func), (cc, nc, tt, ct, callers) in rows]
+    return result
+
+
 # -- attach / detach: the toolstack's part, run per command ------------------------------
 def _attach_dir(name: str) -> str:
     return os.path.join(guest_dir(name), facts.ATTACHED_DIR)
@@ -596,7 +609,8 @@ def _wait_connected(xs: XenStore, back: str, front: str, timeout: float, alive=l
         "see the guest's console (`xenlab guest console`) and the backend's log")
 
 
-def attach(name: str, size_mib: int, backend: str, readonly: bool, faults: str, vdev: str, timeout: float) -> dict:
+def attach(name: str, size_mib: int, backend: str, readonly: bool, faults: str, vdev: str, timeout: float,
+           profile: bool = False) -> dict:
     domid = domid_of(name)
     if domid is None:
         raise BlkbackError(f"no running guest named {name!r}", "see `xenlab guest list`")
@@ -618,7 +632,7 @@ def attach(name: str, size_mib: int, backend: str, readonly: bool, faults: str, 
         t0 = time.monotonic()
         try:
             if backend == "python":
-                record.update(_start_python(record, timeout))
+                record.update(_start_python(record, timeout, profile))
             else:
                 spec = f"format=raw,vdev={vdev},access={'ro' if readonly else 'rw'},target={image}"
                 xl("block-attach", name, spec, timeout=timeout)
@@ -636,10 +650,10 @@ def attach(name: str, size_mib: int, backend: str, readonly: bool, faults: str, 
         xs.close()
 
 
-def _start_python(record: dict, timeout: float) -> dict:
+def _start_python(record: dict, timeout: float, profile: bool) -> dict:
     base = os.path.join(_attach_dir(record["name"]), record["vdev"])
     spec = {k: record[k] for k in ("domid", "devid", "vdev", "path", "readonly", "faults")}
-    spec.update(timeout=timeout, result=f"{base}.result.json")
+    spec.update(timeout=timeout, result=f"{base}.result.json", profile=profile)
     if os.path.exists(spec["result"]):
         os.unlink(spec["result"])  # an earlier attach's report
     with open(f"{base}.log", "ab") as log:
@@ -772,6 +786,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--faults", default="")
     p.add_argument("--vdev", default="")
     p.add_argument("--timeout", type=float, default=60)
+    p.add_argument("--profile", action="store_true")
     p = sub.add_parser("detach")
     p.add_argument("name")
     p.add_argument("vdev")
@@ -784,12 +799,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.verb == "serve":
             spec = json.loads(args.spec)
-            result = serve(spec)
+            result = serve_profiled(spec) if spec.get("profile") else serve(spec)
             with open(spec["result"] + ".tmp", "w") as f:
                 json.dump(result, f)
             os.replace(spec["result"] + ".tmp", spec["result"])
         elif args.verb == "attach":
-            result = attach(args.name, args.size_mib, args.backend, args.readonly, args.faults, args.vdev, args.timeout)
+            result = attach(args.name, args.size_mib, args.backend, args.readonly, args.faults, args.vdev, args.timeout, args.profile)
         elif args.verb == "detach":
             result = detach(args.name, args.vdev, args.timeout)
         else:

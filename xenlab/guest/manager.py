@@ -326,11 +326,12 @@ class Guests:
 
     # -- disks attached to a running guest ------------------------------------
     def attach(self, name: str, size: str | int, backend: str = "kernel", readonly: bool = False, faults: str = "",
-               vdev: str = "", timeout: float = 60) -> dict:
+               vdev: str = "", timeout: float = 60, profile: bool = False) -> dict:
         """Attach a new, empty disk of `size` (e.g. "16M") to a running guest,
         served by kernel blkback or by the Python backend in dom0 (`faults`: a
         fault plan, or the path of a plan file, for the Python backend).
-        Returns when blkfront in the guest is Connected: {vdev, devid, backend, path, ...}."""
+        Returns when blkfront in the guest is Connected: {vdev, devid, backend, path, ...}.
+        profile: run the Python backend under cProfile (its report at detach lists where the time went)."""
         validate_name(name, "guest name")
         if backend not in BACKENDS:
             raise ConfigError(f"unknown disk backend {backend!r}", f"use one of: {', '.join(BACKENDS)}")
@@ -345,6 +346,7 @@ class Guests:
                 raise ConfigError(str(e), "fault names and parameters: `xenlab guest attach --help`") from None
         args = ["attach", name, "--size-mib", str(size_mib), "--backend", backend, "--timeout", str(timeout)]
         args += (["--readonly"] if readonly else []) + (["--faults", plan] if plan else []) + (["--vdev", vdev] if vdev else [])
+        args += ["--profile"] if profile and backend == "python" else []
         return self.agent("blkback", *args, timeout=timeout + 60)
 
     def detach(self, name: str, vdev: str, timeout: float = 30) -> dict:

@@ -15,15 +15,12 @@ import re
 import pytest
 
 from xenlab.evtchn.catalogue import grants_mapped
+from xenlab.guest.hardening import READ_BYTES, STANDARD_PLANS, WRITE_BLOCKS, probe, run_io
 from xenlab.guest.manager import Guests
 from xenlab.guest.spec import GuestSpec
 from xenlab.errors import XenlabError
 
 from .conftest import LAB, fresh_guest, xenlab
-
-WRITE_BLOCKS = 16  # 4 KiB direct writes: one request each, segments in the request
-READ_BYTES = 65536  # one direct read: 16 segments, more than 11, so an indirect request
-
 
 def _guest_spec(name: str) -> GuestSpec:
     return GuestSpec(name=name)
@@ -35,27 +32,6 @@ def guest(lab, request):
     with fresh_guest(lab, _guest_spec(name)) as info:
         with Guests(lab) as guests:
             yield guests.get(info["name"])
-
-
-def run_io(guest, dev: str, wait: float = 30) -> dict:
-    """Write WRITE_BLOCKS known blocks, then read them back in one indirect
-    request, both in the background (a disabled device hangs them); what
-    finished within `wait` seconds, and the guest's kernel log."""
-    script = (
-        f"dd if=/dev/urandom of=/tmp/want bs=4096 count={WRITE_BLOCKS} 2>/dev/null; rm -f /tmp/got /tmp/io.done; "
-        f"( dd if=/tmp/want of={dev} bs=4096 oflag=direct 2>/tmp/w.err; echo \"wrc=$?\" > /tmp/w.rc; "
-        f"  dd if={dev} of=/tmp/got bs={READ_BYTES} count=1 iflag=direct 2>/tmp/r.err; echo \"rrc=$?\" > /tmp/r.rc; touch /tmp/io.done ) "
-        f">/dev/null 2>&1 &"
-    )
-    assert guest.exec(script).ok
-    done = guest.exec(f"i=0; while [ ! -f /tmp/io.done ] && [ $i -lt {int(wait * 10)} ]; do sleep 0.1; i=$((i+1)); done; "
-                      "cat /tmp/w.rc /tmp/r.rc 2>/dev/null; cat /tmp/w.err /tmp/r.err 2>/dev/null; "
-                      "cmp /tmp/want /tmp/got >/dev/null 2>&1 && echo SAME; echo ---; dmesg", timeout=wait + 60).stdout
-    head, _, dmesg = done.partition("---\n")
-    return {
-        "finished": "wrc=" in head and "rrc=" in head,
-        "write_ok": "wrc=0" in head, "read_ok": "rrc=0" in head, "same": "SAME" in head, "out": head, "dmesg": dmesg,
-    }
 
 
 def assert_survived_and_clean(lab, guest, detached: dict) -> None:
@@ -114,7 +90,8 @@ def test_grants_mapped_per_request_without_persistent_grants(lab, guest):
 
 def _disabled(line: str):
     def check(io: dict, back: dict) -> None:
-        assert line in io["dmesg"] and "disabled for further use" in io["dmesg"], io["dmesg"][-1500:]
+        log = "\n".join(io["kernel_log"])
+        assert line in log and "disabled for further use" in log, log[-1500:]
         assert not io["finished"]  # the I/O in flight stays with the disabled device, the guest goes on
     return check
 
@@ -124,13 +101,14 @@ def _intact(io: dict, back: dict) -> None:
 
 
 def _read_error_on_sector_0(io: dict, back: dict) -> None:
-    assert io["write_ok"] and not io["read_ok"] and "I/O error, dev xvdb, sector 0" in io["dmesg"], io["out"]
+    assert io["write_ok"] and not io["read_ok"] and "I/O error, dev xvdb, sector 0" in "\n".join(io["kernel_log"]), io["out"]
     assert back["faults_fired"]["io-error"] >= 1 and back["errors"] == back["faults_fired"]["io-error"]
 
 
 def _some_io_failed_only(io: dict, back: dict) -> None:
     assert io["finished"] and not (io["write_ok"] and io["read_ok"]), io["out"]
-    assert "I/O error, dev xvdb" in io["dmesg"] and "has not unmapped grant" not in io["dmesg"]
+    log = "\n".join(io["kernel_log"])
+    assert "I/O error, dev xvdb" in log and "has not unmapped grant" not in log
     assert back["errors"] == back["faults_fired"]["unmappable-grant"] >= 1
 
 
@@ -168,19 +146,26 @@ FAULT_CASES = {
 }
 
 
-@pytest.mark.parametrize("plan", list(FAULT_CASES), ids=[p.split(":")[0] + ("-" + p.split("to=")[1].split(";")[0] if "to=" in p else "") for p in FAULT_CASES])
+def test_every_standard_plan_has_an_expected_outcome():
+    assert set(FAULT_CASES) == set(STANDARD_PLANS)
+
+
+def _plan_id(plan: str) -> str:
+    return plan.split(":")[0] + ("-" + plan.split("to=")[1].split(";")[0] if "to=" in plan else "")
+
+
+@pytest.mark.parametrize("plan", STANDARD_PLANS, ids=[_plan_id(p) for p in STANDARD_PLANS])
 def test_fault_plan_against_stock_blkfront(lab, guest, plan):
     _, expect = FAULT_CASES[plan]
-    disk = guest.attach_disk("8M", backend="python", faults=plan)
-    io = run_io(guest, disk.device, wait=20)
-    detached = disk.detach()
-    back = detached["report"]
+    result = probe(guest, plan)
+    back = result["backend"]
     name = plan.split(":")[0]
     if name not in ("bad-ring-page-order", "bad-max-indirect-segments"):  # these lie in XenStore, nothing fires
         assert back["faults_fired"].get(name, 0) >= 1, back
     assert "error" not in back, back
-    expect(io, back)
-    assert_survived_and_clean(lab, guest, detached)
+    assert result["guest_alive"] and not result["guest_trouble"], guest.console(60)
+    expect(result["io"], back)
+    assert_survived_and_clean(lab, guest, result)
 
 
 def test_destroying_the_guest_ends_its_python_backends(lab):
@@ -193,7 +178,8 @@ def test_destroying_the_guest_ends_its_python_backends(lab):
             result = guests.destroy("bb-destroy")
     assert not any(result["leftovers"].values()), result["leftovers"]
     with lab.ssh() as ssh:
-        assert not ssh.run(f"test -d /proc/{pid}").ok  # the backend noticed and ended
+        # The backend noticed and ended (a zombie until dom0's init reaps it counts as ended).
+        assert ssh.run(f"! test -e /proc/{pid}/stat || grep -q ') Z' /proc/{pid}/stat").ok, ssh.run(f"cat /proc/{pid}/stat").stdout
         assert not ssh.run(f"xenstore-exists /local/domain/0/backend/pyblk/{guest.domid}").ok
 
 

@@ -154,7 +154,18 @@ def _plan_id(plan: str) -> str:
     return plan.split(":")[0] + ("-" + plan.split("to=")[1].split(";")[0] if "to=" in plan else "")
 
 
-@pytest.mark.parametrize("plan", STANDARD_PLANS, ids=[_plan_id(p) for p in STANDARD_PLANS])
+# Findings: the hardened behaviour is what the test asks; stock Linux 6.1 does
+# otherwise, so the case is an expected failure until the driver changes
+# (strict: it fails loudly once the frontend does the right thing).
+FINDINGS = {
+    "state-jump:to=closed;after=5": "Linux 6.1 blkfront leaves the request in flight pending forever when the backend "
+                                    "jumps Connected -> Closed (blkfront_closing stops the queue, fails nothing): "
+                                    "the writer hangs in D state; the guest kernel and dom0 survive (docs/hardening.md)",
+}
+
+
+@pytest.mark.parametrize("plan", [pytest.param(p, id=_plan_id(p), marks=[pytest.mark.xfail(strict=True, reason=FINDINGS[p])] if p in FINDINGS else [])
+                                  for p in STANDARD_PLANS])
 def test_fault_plan_against_stock_blkfront(lab, guest, plan):
     _, expect = FAULT_CASES[plan]
     result = probe(guest, plan)
@@ -163,9 +174,10 @@ def test_fault_plan_against_stock_blkfront(lab, guest, plan):
     if name not in ("bad-ring-page-order", "bad-max-indirect-segments"):  # these lie in XenStore, nothing fires
         assert back["faults_fired"].get(name, 0) >= 1, back
     assert "error" not in back, back
+    # Whatever the frontend does about the fault: the guest and dom0 survive and nothing is left.
     assert result["guest_alive"] and not result["guest_trouble"], guest.console(60)
-    expect(result["io"], back)
     assert_survived_and_clean(lab, guest, result)
+    expect(result["io"], back)
 
 
 def test_destroying_the_guest_ends_its_python_backends(lab):

@@ -369,7 +369,7 @@ class BlockBackend:
         self.xs.watch(f"{self.fe}/state", token)
         try:
             while True:
-                if not self.poisoned and not (self.jumped and "state-jump" in self.faults and self.faults["state-jump"]["to"] == "closed"):
+                if not self.poisoned:
                     self._drain()
                 fe_state = _state(self.xs, self.fe)
                 if fe_state is None:
@@ -404,6 +404,8 @@ class BlockBackend:
         while True:
             answered = 0
             while not self.poisoned and self.ring.unconsumed_requests():
+                if self._state_jump():
+                    break
                 for rsp in self.handle(self.ring.get_request()):
                     self._put(rsp)
                 answered += 1
@@ -431,12 +433,19 @@ class BlockBackend:
             self.fire("rsp-prod-past-req-prod", rsp_prod=lie, req_prod=self.sring.idx[0])
             self.poisoned = "rsp-prod-past-req-prod"
             self._notify()
+    def _state_jump(self) -> bool:
+        """state-jump, with request N+1 waiting on the ring; True when the ring
+        is to be left alone from now on (the jump to Closed)."""
         fault = self.faults.get("state-jump")
-        if fault and not self.jumped and fault.fires(n):
-            self.jumped = True
-            self._push()
-            self.fire("state-jump", to=fault["to"], after=n)
-            self.set_state(faultplan.STATE_JUMP_TARGETS[fault["to"]])
+        if not fault or self.jumped or self.stats["requests"] != fault["after"]:
+            return False
+        self.jumped = True
+        self._push()
+        self.fire("state-jump", to=fault["to"], answered=self.stats["requests"])
+        self.set_state(faultplan.STATE_JUMP_TARGETS[fault["to"]])
+        if fault["to"] == "closed":
+            self.poisoned = "state-jump"
+        return self.poisoned != ""
 
     def _push(self) -> None:
         if self.poisoned == "rsp-prod-past-req-prod":

@@ -141,7 +141,7 @@ FAULTS: dict[str, FaultKind] = {
         "fail that I/O only, and still end its grant access",
         {"every": _every()}),
     "state-jump": FaultKind(
-        "jumps its XenBus state to TO after N requests",
+        "jumps its XenBus state to TO once it answered N requests and request N+1 is in flight (closed: never answered)",
         "fail or requeue the I/O in flight and follow the state without hanging or crashing",
         {"to": Param("choice", "closed", choices=("closed", "initwait"), placeholder="TO"), "after": _after()}),
 }

@@ -219,6 +219,32 @@ def xenlab_guest_factory(xenlab_lab, request):
         pytest.fail("xenlab could not destroy the test's guests: " + "; ".join(problems), pytrace=False)
 
 
+@pytest.fixture
+def xenlab_attach():
+    """attach(guest, size="16M", *, backend="python", faults="", readonly=False,
+    vdev="") -> xenlab.AttachedDisk: a new disk Connected in the guest's
+    blkfront, served by xenlab's Python block backend (with a fault plan, to
+    test a frontend's hardening) or by kernel blkback. Disks still attached
+    when the test ends are detached; `disk.detach()` returns the backend's
+    report (requests, errors, faults_fired) for the test to check."""
+    from xenlab.errors import XenlabError
+
+    disks = []
+
+    def attach(guest, size: str = "16M", *, backend: str = "python", faults: str = "", readonly: bool = False, vdev: str = ""):
+        disk = guest.attach_disk(size, backend=backend, readonly=readonly, faults=faults, vdev=vdev)
+        disks.append(disk)
+        return disk
+
+    yield attach
+    for disk in disks:
+        try:
+            disk.detach()
+        except XenlabError as e:
+            if "no running guest" not in e.message and "has no attached disk" not in e.message:
+                raise
+
+
 # -- artifacts of failed tests ----------------------------------------------------------
 
 def artifacts_dir(config, nodeid: str) -> Path:

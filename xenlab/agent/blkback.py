@@ -604,11 +604,13 @@ def _pick_vdev(xs: XenStore, domid: int, name: str, wanted: str) -> str:
     raise BlkbackError("the guest has no xvd name left that it never used (xvdb..xvdp)", "name one with --vdev, or use a new guest")
 
 
-def _wait_connected(xs: XenStore, back: str, front: str, timeout: float, alive=lambda: True) -> None:
+def _wait_connected(xs: XenStore, back: str, front: str, timeout: float, alive=lambda: True, backend_only: bool = False) -> None:
+    """Until both ends are Connected; backend_only: until the backend waits
+    in InitWait for a frontend of the guest's own making."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         fe, be = _state(xs, front), _state(xs, back)
-        if fe == CONNECTED and be == CONNECTED:
+        if (fe == CONNECTED and be == CONNECTED) or (backend_only and be == INITWAIT):
             return
         if not alive():
             break
@@ -619,7 +621,7 @@ def _wait_connected(xs: XenStore, back: str, front: str, timeout: float, alive=l
 
 
 def attach(name: str, size_mib: int, backend: str, readonly: bool, faults: str, vdev: str, timeout: float,
-           profile: bool = False) -> dict:
+           profile: bool = False, own_frontend: bool = False) -> dict:
     domid = domid_of(name)
     if domid is None:
         raise BlkbackError(f"no running guest named {name!r}", "see `xenlab guest list`")
@@ -637,17 +639,17 @@ def attach(name: str, size_mib: int, backend: str, readonly: bool, faults: str, 
         with open(image, "wb") as f:
             f.truncate(size_mib << 20)
         record = {"name": name, "domid": domid, "vdev": vdev, "devid": devid, "backend": backend, "path": image,
-                  "size_mib": size_mib, "readonly": readonly, "faults": plan}
+                  "size_mib": size_mib, "readonly": readonly, "faults": plan, "own_frontend": own_frontend}
         t0 = time.monotonic()
         try:
             if backend == "python":
-                record.update(_start_python(record, timeout, profile))
+                record.update(_start_python(record, timeout, profile, own_frontend))
             else:
                 spec = f"format=raw,vdev={vdev},access={'ro' if readonly else 'rw'},target={image}"
                 xl("block-attach", name, spec, timeout=timeout)
                 record["backend_path"] = f"/local/domain/0/backend/vbd/{domid}/{devid}"
                 record["frontend_path"] = f"/local/domain/{domid}/device/vbd/{devid}"
-                _wait_connected(xs, record["backend_path"], record["frontend_path"], timeout)
+                _wait_connected(xs, record["backend_path"], record["frontend_path"], timeout, backend_only=own_frontend)
         except BaseException:
             _undo(xs, record)
             raise
@@ -659,7 +661,7 @@ def attach(name: str, size_mib: int, backend: str, readonly: bool, faults: str, 
         xs.close()
 
 
-def _start_python(record: dict, timeout: float, profile: bool) -> dict:
+def _start_python(record: dict, timeout: float, profile: bool, own_frontend: bool) -> dict:
     base = os.path.join(_attach_dir(record["name"]), record["vdev"])
     spec = {k: record[k] for k in ("domid", "devid", "vdev", "path", "readonly", "faults")}
     spec.update(timeout=timeout, result=f"{base}.result.json", profile=profile)
@@ -672,7 +674,7 @@ def _start_python(record: dict, timeout: float, profile: bool) -> dict:
     record.update(pid=proc.pid, backend_path=back, frontend_path=front, log=f"{base}.log", result=f"{base}.result.json")
     xs = XenStore()
     try:
-        _wait_connected(xs, back, front, timeout, alive=lambda: proc.poll() is None)
+        _wait_connected(xs, back, front, timeout, alive=lambda: proc.poll() is None, backend_only=own_frontend)
     except BlkbackError as e:
         if proc.poll() is not None:
             raise BlkbackError(f"the Python backend ended before the disk connected: {_result_error(record)}", e.hint) from None
@@ -796,6 +798,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--vdev", default="")
     p.add_argument("--timeout", type=float, default=60)
     p.add_argument("--profile", action="store_true")
+    p.add_argument("--own-frontend", action="store_true")
     p = sub.add_parser("detach")
     p.add_argument("name")
     p.add_argument("vdev")
@@ -813,7 +816,8 @@ def main(argv: list[str] | None = None) -> int:
                 json.dump(result, f)
             os.replace(spec["result"] + ".tmp", spec["result"])
         elif args.verb == "attach":
-            result = attach(args.name, args.size_mib, args.backend, args.readonly, args.faults, args.vdev, args.timeout, args.profile)
+            result = attach(args.name, args.size_mib, args.backend, args.readonly, args.faults, args.vdev, args.timeout,
+                            args.profile, args.own_frontend)
         elif args.verb == "detach":
             result = detach(args.name, args.vdev, args.timeout)
         else:

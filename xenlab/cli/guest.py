@@ -253,17 +253,20 @@ def _faults_help() -> str:
 @click.option("--faults", default="", metavar="PLAN|FILE", help="a fault plan for the Python backend, e.g. 'io-error:sectors=0-7,slow:ms=50', or a file of one")
 @click.option("--readonly", is_flag=True, help="attach read-only")
 @click.option("--vdev", default="", metavar="xvdX", help="the guest's device name (default: the first free)")
+@click.option("--own-frontend", is_flag=True, help="the guest drives the disk with a frontend of its own (its blkfront kept off): "
+              "return once the backend waits in InitWait")
 @click.option("--timeout", type=float, default=60, show_default=True, help="seconds to wait until blkfront is Connected")
 @json_option
 @click.pass_context
-def attach(ctx, lab, name, size, backend, faults, readonly, vdev, timeout, as_json):
+def attach(ctx, lab, name, size, backend, faults, readonly, vdev, own_frontend, timeout, as_json):
     """Attach a new disk to a running guest; its blkfront connects before this returns."""
     with open_lab(ctx, lab).guests() as guests:
-        info = guests.attach(name, size, backend=backend, readonly=readonly, faults=faults, vdev=vdev, timeout=timeout)
+        info = guests.attach(name, size, backend=backend, readonly=readonly, faults=faults, vdev=vdev, timeout=timeout,
+                             own_frontend=own_frontend)
     emit(info, as_json, lambda r: console.print(
         f"{r['vdev']} attached to {name}: {r['size_mib']} MiB{' read-only' if r['readonly'] else ''}, {r['backend']} backend"
         + (f" (pid {r['pid']} in dom0, faults: {r['faults'] or 'none'})" if r["backend"] == "python" else "")
-        + f", connected in {r['seconds']:.1f} s"))
+        + (f", backend waiting in InitWait after {r['seconds']:.1f} s" if r.get("own_frontend") else f", connected in {r['seconds']:.1f} s")))
 
 
 @guest.command()

@@ -52,10 +52,11 @@ class Guest:
         return self._guests.check(self.name)
 
     def attach_disk(self, size: str | int = "16M", backend: str = "kernel", readonly: bool = False,
-                    faults: str = "", vdev: str = "", timeout: float = 60, profile: bool = False) -> "AttachedDisk":
+                    faults: str = "", vdev: str = "", timeout: float = 60, profile: bool = False,
+                    own_frontend: bool = False) -> "AttachedDisk":
         """A new empty disk, Connected in the guest when this returns (see Guests.attach);
         use it as a context manager to detach it at the end."""
-        return AttachedDisk(self, self._guests.attach(self.name, size, backend, readonly, faults, vdev, timeout, profile))
+        return AttachedDisk(self, self._guests.attach(self.name, size, backend, readonly, faults, vdev, timeout, profile, own_frontend))
 
     def destroy(self, timeout: float = 30) -> dict:
         return self._guests.destroy(self.name, timeout=timeout)

@@ -81,3 +81,26 @@ def outcome(result: dict) -> str:
     if io["finished"] and "I/O error" in log:
         return "just the hit I/Os fail with EIO, the disk stays usable"
     return "I/O did not finish" if not io["finished"] else "data differs"
+
+
+# -- the mirror: a hostile frontend against dom0's kernel blkback ------------------------
+# Kernel command line that keeps the guest's own blkfront off its disks, so a
+# frontend of ours can drive them (a built-in driver's initcall, by name).
+NO_BLKFRONT = "initcall_blacklist=xlblk_init"
+
+
+def attack_blkback(guest: Guest, disk, attacks: str = "", timeout: float = 180) -> dict:
+    """Run the hostile frontend (agent/hostile.py) in `guest` (a python-root
+    guest booted with NO_BLKFRONT) against `disk` (attached with
+    own_frontend=True, kernel backend); per attack what blkback answered,
+    and what dom0's kernel logged meanwhile."""
+    from xenlab.guest.agentrun import guest_run
+
+    guests = guest._guests
+    ssh = guests.ssh()
+    before = int(ssh.check("dmesg | wc -l").strip())
+    args = f"hostile run --devid {disk.info['devid']}" + (f" --attacks {attacks}" if attacks else "")
+    result = guest_run(guests, guest.name, args, timeout=timeout)
+    result["dom0_log"] = [line for line in ssh.check("dmesg").splitlines()[before:] if "blkback" in line or "blkif" in line.lower()
+                          or "bogus" in line]
+    return result

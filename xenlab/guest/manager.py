@@ -326,12 +326,15 @@ class Guests:
 
     # -- disks attached to a running guest ------------------------------------
     def attach(self, name: str, size: str | int, backend: str = "kernel", readonly: bool = False, faults: str = "",
-               vdev: str = "", timeout: float = 60, profile: bool = False) -> dict:
+               vdev: str = "", timeout: float = 60, profile: bool = False, own_frontend: bool = False) -> dict:
         """Attach a new, empty disk of `size` (e.g. "16M") to a running guest,
         served by kernel blkback or by the Python backend in dom0 (`faults`: a
         fault plan, or the path of a plan file, for the Python backend).
         Returns when blkfront in the guest is Connected: {vdev, devid, backend, path, ...}.
-        profile: run the Python backend under cProfile (its report at detach lists where the time went)."""
+        profile: run the Python backend under cProfile (its report at detach lists where the time went).
+        own_frontend: the guest drives the disk with a frontend of its own (its
+        blkfront kept off, e.g. `initcall_blacklist=xlblk_init`): return once
+        the backend waits in InitWait."""
         validate_name(name, "guest name")
         if backend not in BACKENDS:
             raise ConfigError(f"unknown disk backend {backend!r}", f"use one of: {', '.join(BACKENDS)}")
@@ -347,6 +350,7 @@ class Guests:
         args = ["attach", name, "--size-mib", str(size_mib), "--backend", backend, "--timeout", str(timeout)]
         args += (["--readonly"] if readonly else []) + (["--faults", plan] if plan else []) + (["--vdev", vdev] if vdev else [])
         args += ["--profile"] if profile and backend == "python" else []
+        args += ["--own-frontend"] if own_frontend else []
         return self.agent("blkback", *args, timeout=timeout + 60)
 
     def detach(self, name: str, vdev: str, timeout: float = 30) -> dict:

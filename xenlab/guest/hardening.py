@@ -78,7 +78,7 @@ def outcome(result: dict) -> str:
         return "works, data intact"
     if result["backend"].get("ended") == "frontend-closed":
         return "device closed; I/O failed, no hang" if io["finished"] else "device closed; I/O hangs"
-    if io["finished"] and "I/O error" in log:
+    if io["finished"] and ("I/O error" in log or "Input/output error" in io["out"]):
         return "just the hit I/Os fail with EIO, the disk stays usable"
     return "I/O did not finish" if not io["finished"] else "data differs"
 

@@ -159,3 +159,14 @@ def test_ring_ref_keys_and_feature_names():
         "feature-max-indirect-segments", "max-ring-page-order", "ring-page-order")
     assert (blkif.EVENT_CHANNEL, blkif.PROTOCOL, blkif.SECTORS, blkif.SECTOR_SIZE_KEY, blkif.INFO) == (
         "event-channel", "protocol", "sectors", "sector-size", "info")
+
+
+@pytest.mark.parametrize("name,devid", [("xvda", 51712), ("xvdb", 51728), ("xvdp", 51952)])
+def test_xvd_devid_follows_xens_vbd_numbering(name, devid):
+    assert blkif.xvd_devid(name) == devid == (202 << 8) | ((ord(name[3]) - ord("a")) << 4)
+
+
+@pytest.mark.parametrize("name", ["sda", "xvd", "xvdq", "xvdb1", "hda"])
+def test_xvd_devid_refuses_other_names(name):
+    with pytest.raises(BlkifError, match="not a whole-disk xvd name"):
+        blkif.xvd_devid(name)

@@ -49,7 +49,7 @@ from .blkif import (
     unpack_request, xvd_devid,
 )
 from .domctl import domid_of, guest_dir, pid_alive, xl
-from .errors import AgentError, report
+from .errors import AgentError, Stopped, raise_stopped, report
 from .evtchn import EventChannel
 from .facts import CLOSED, CLOSING, CONNECTED, INITIALISED, INITIALISING, INITWAIT, PY_BLOCK_BACKEND, STATE_NAMES
 from .grant import PAGE, GrantError, GrantMapper
@@ -65,13 +65,6 @@ LATE_EVENT_SECONDS = 0.5  # lost-notify: the event a skipped one is made up by, 
 class BlkbackError(AgentError):
     pass
 
-
-class _Stop(Exception):
-    pass
-
-
-def _on_term(signum, frame):
-    raise _Stop()
 
 
 def paths(domid: int, devid: int) -> tuple[str, str]:
@@ -512,7 +505,7 @@ class BlockBackend:
 
 def serve(spec: dict) -> dict:
     """The backend process: create the nodes, connect, serve until detach or the frontend goes."""
-    signal.signal(signal.SIGTERM, _on_term)
+    signal.signal(signal.SIGTERM, raise_stopped)
     b = BlockBackend(spec)
     ended, error = "error", None
     t0 = time.monotonic()
@@ -522,14 +515,14 @@ def serve(spec: dict) -> dict:
         t0 = time.monotonic()
         try:
             ended = b.serve()
-        except _Stop:
+        except Stopped:
             b.start_closing()
             signal.signal(signal.SIGTERM, signal.SIG_IGN)
             ended = "detached"
             outcome = b.serve()  # answer what is in flight until the frontend is Closed
             if outcome != "frontend-closed" and outcome != "frontend-gone":
                 ended = f"detached/{outcome}"
-    except _Stop:
+    except Stopped:
         ended = "detached"
     except RingError as e:
         ended, error = "rejected-garbage", e

@@ -36,7 +36,7 @@ import struct
 import time
 import zlib
 
-from .errors import AgentError
+from .errors import AgentError, Stopped, raise_stopped
 from .evtchn import EventChannel
 from .grant import PAGE, MappedPages, SharedPages
 from .placement import Placement
@@ -56,13 +56,6 @@ ALIVE = PVT_OFFSET
 class DevchanError(AgentError):
     pass
 
-
-class _Stop(Exception):
-    pass
-
-
-def _on_term(signum, frame):
-    raise _Stop()
 
 
 def paths(domid: int, devid: int, backend_domid: int = 0) -> tuple[str, str]:
@@ -234,7 +227,7 @@ def run_backend(domid: int, devid: int = 0, timeout: float = 120.0, keep_nodes: 
     """place: serve from dom0 vCPU 0 alone on a physical CPU, with the
     channel's interrupt delivered there and the domU on the other CPUs, for
     this session only (see placement.py)."""
-    signal.signal(signal.SIGTERM, _on_term)
+    signal.signal(signal.SIGTERM, raise_stopped)
     b = Backend(domid, devid, timeout)
     if b.xs.try_read(f"/local/domain/{domid}") is None and domid != 0:
         raise DevchanError(f"domain {domid} does not exist (no /local/domain/{domid} in XenStore)", "check `xl list`")
@@ -259,7 +252,7 @@ def _serve_backend(b: "Backend", domid: int, devid: int, keep_nodes: bool, place
         ended = b.serve()
     except RingError as e:
         ended, error = "rejected-garbage", e
-    except _Stop:
+    except Stopped:
         ended = "stopped"
     except (AgentError, OSError) as e:
         error = e
@@ -454,7 +447,7 @@ def run_frontend(devid: int = 0, count: int = 1000, size: int = 512, op: str = "
         raise DevchanError(f"unknown op {op!r}", "one of: " + ", ".join(ops))
     if not 0 <= size <= PAGE:
         raise DevchanError(f"payload size {size} out of range", f"0..{PAGE}")
-    signal.signal(signal.SIGTERM, _on_term)
+    signal.signal(signal.SIGTERM, raise_stopped)
     f = Frontend(devid, data_pages, timeout)
     try:
         f.connect(start_index)
@@ -469,7 +462,7 @@ def run_frontend(devid: int = 0, count: int = 1000, size: int = 512, op: str = "
             return result
         result["backend_final_state"] = f.close()
         return result
-    except _Stop:
+    except Stopped:
         return {"ended": "stopped"}
     finally:
         f.release()

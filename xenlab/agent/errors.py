@@ -32,3 +32,12 @@ def report(error: AgentError) -> int:
     """Write `error` the way the host reads it; the exit code to return."""
     sys.stderr.write(ERROR_PREFIX + json.dumps(error.to_dict()) + "\n")
     return ERROR_EXIT
+
+
+class Stopped(Exception):
+    """Raised by raise_stopped, the SIGTERM handler of long-running agent
+    commands (backends): the `finally` that closes their device down runs."""
+
+
+def raise_stopped(signum, frame):
+    raise Stopped()

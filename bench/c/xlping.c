@@ -3,8 +3,10 @@
  * the same system calls on /dev/xen/evtchn (Linux uapi xen/evtchn.h), so the
  * ratio of the two is what Python costs.
  *
- *   xlping ping REMOTE_DOMID COUNT WARMUP   offer a port, print {"port":P}, wait for
+ *   xlping ping REMOTE_DOMID COUNT WARMUP [VCPU]  offer a port, print {"port":P}, wait for
  *                                           the peer's hello, time COUNT round trips
+ *                                           (VCPU: deliver the port's interrupt there; run it
+ *                                           under xenlab_agent.placement for the rest)
  *   xlping pong REMOTE_DOMID PORT COUNT     bind, say hello, answer COUNT events
  *
  * Built static on the host (bench/evtchn_c_bench.py), so it runs in dom0 and
@@ -19,6 +21,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/ioctl.h>
+#include <sys/prctl.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -67,12 +70,41 @@ static int cmp(const void *a, const void *b)
 	return (x > y) - (x < y);
 }
 
-static int ping(int fd, uint32_t remote, int count, int warmup)
+/* Deliver our handle's interrupt to `vcpu`: the evtchn driver names it
+ * "evtchn:<comm>" (as xenlab's placement.py route_interrupt does). */
+static void route_interrupt(const char *comm, int vcpu)
+{
+	char line[512], want[64], path[64];
+	snprintf(want, sizeof want, "evtchn:%s", comm);
+	FILE *f = fopen("/proc/interrupts", "r");
+	if (!f)
+		die("open /proc/interrupts");
+	while (fgets(line, sizeof line, f)) {
+		line[strcspn(line, "\n")] = 0;
+		size_t n = strlen(line), w = strlen(want);
+		while (n && line[n - 1] == ' ')
+			line[--n] = 0;
+		if (n >= w && !strcmp(line + n - w, want)) {
+			snprintf(path, sizeof path, "/proc/irq/%d/smp_affinity_list", atoi(line));
+			FILE *irq = fopen(path, "w");
+			if (!irq || fprintf(irq, "%d\n", vcpu) < 0 || fclose(irq))
+				die(path);
+			fclose(f);
+			return;
+		}
+	}
+	fprintf(stderr, "xlping: no interrupt named %s\n", want);
+	exit(2);
+}
+
+static int ping(int fd, uint32_t remote, int count, int warmup, const char *comm, int vcpu)
 {
 	uint32_t arg = remote;
 	int port = ioctl(fd, IOCTL_EVTCHN_BIND_UNBOUND_PORT, &arg);
 	if (port < 0)
 		die("bind unbound port");
+	if (vcpu >= 0)
+		route_interrupt(comm, vcpu);
 	printf("{\"port\": %d, \"pid\": %d}\n", port, getpid());
 	fflush(stdout);
 	struct pollfd pfd = {.fd = fd, .events = POLLIN};
@@ -127,9 +159,13 @@ static int pong(int fd, uint32_t remote, uint32_t remote_port, int count)
 int main(int argc, char **argv)
 {
 	if (argc < 5 || (strcmp(argv[1], "ping") && strcmp(argv[1], "pong"))) {
-		fprintf(stderr, "usage: xlping ping REMOTE COUNT WARMUP | xlping pong REMOTE PORT COUNT\n");
+		fprintf(stderr, "usage: xlping ping REMOTE COUNT WARMUP [ROUTE_TO_VCPU] | xlping pong REMOTE PORT COUNT\n");
 		return 1;
 	}
+	/* A unique name before the open, so our interrupt can be found by it. */
+	char comm[16];
+	snprintf(comm, sizeof comm, "xlc%d", getpid());
+	prctl(PR_SET_NAME, comm);
 	int fd = open("/dev/xen/evtchn", O_RDWR | O_CLOEXEC);
 	if (fd < 0)
 		die("open /dev/xen/evtchn");
@@ -139,7 +175,7 @@ int main(int argc, char **argv)
 		CPU_ZERO(&set);
 		CPU_SET(sched_getcpu(), &set);
 		sched_setaffinity(0, sizeof set, &set);
-		return ping(fd, atoi(argv[2]), atoi(argv[3]), atoi(argv[4]));
+		return ping(fd, atoi(argv[2]), atoi(argv[3]), atoi(argv[4]), comm, argc > 5 ? atoi(argv[5]) : -1);
 	}
 	return pong(fd, atoi(argv[2]), atoi(argv[3]), atoi(argv[4]));
 }

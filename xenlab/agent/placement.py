@@ -160,3 +160,27 @@ def route_interrupt(handle_name: str, vcpu: int) -> int:
     except OSError as e:
         raise PlacementError(f"cannot route IRQ {irqs[0]} to vCPU {vcpu}: {e.strerror}", "run as root in dom0") from None
     return int(irqs[0])
+
+
+def hold(argv: list[str]) -> int:
+    """`python3 -m xenlab_agent.placement --remote DOMID [--vcpu N] -- CMD ...`:
+    run CMD (a measuring program of another language) inside a Placement;
+    CMD inherits the pinning to dom0 vCPU N and routes its own interrupt
+    there (it names itself and writes /proc/irq, as route_interrupt does)."""
+    if "--" not in argv:
+        raise PlacementError("usage: placement --remote DOMID [--vcpu N] -- CMD ...")
+    opts, cmd = argv[:argv.index("--")], argv[argv.index("--") + 1:]
+    values = dict(zip(opts[::2], opts[1::2]))
+    with Placement(int(values["--remote"]), int(values.get("--vcpu", 0))) as placement:
+        rc = subprocess.run(cmd).returncode
+    sys.stderr.write(f"placement: {placement.report}\n")
+    return rc
+
+
+if __name__ == "__main__":
+    from .errors import report
+
+    try:
+        raise SystemExit(hold(sys.argv[1:]))
+    except AgentError as e:
+        raise SystemExit(report(e))

@@ -18,7 +18,7 @@ from xenlab.paths import BACKPORTS_INSTALL, DEFAULT_CONFIG, QEMU_STACKS, backpor
 
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,31}$")
 ACCELS = ("auto", "kvm", "tcg")
-CPUS = ("qemu64", "max")
+CPUS = ("qemu64", "svm", "max")  # svm: qemu64 with AMD-V and nested paging, for HVM/PVH guests
 SUITES = ("bookworm",)
 
 
@@ -63,7 +63,7 @@ class LabConfig:
     accel: str = "auto"
     memory: int = 2048  # MiB
     vcpus: int = 2
-    cpu: str = "qemu64"
+    cpu: str = "svm"
     ssh_port: int = 0
     boot_timeout: float = 240.0
     xen_args: str = ""  # appended to Xen's command line

@@ -15,6 +15,9 @@ from .conftest import LAB, xenlab
 EXPECTED = {
     "lab.boot", "lab.dom0", "guest.create", "xenbus.trace-create", "xenstore.layout", "xenstore.perms",
     "evtchn.catalogue", "evtchn.ping", "devchan.echo", "guest.destroy", "xenbus.trace-destroy", "lab.crash-scan",
+    # Xen's own tool tests; test-tsx builds an HVM guest and test-resource a PVH one (the default CPU model offers SVM)
+    "xen.tools.test-cpu-policy", "xen.tools.test-paging-mempool", "xen.tools.test-resource", "xen.tools.test-tsx",
+    "xen.tools.test-xenstore",
 }
 
 

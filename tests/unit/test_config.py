@@ -8,7 +8,7 @@ def test_defaults_resolve():
     cfg = config.load()
     assert cfg.name == "default"
     assert cfg.memory == 2048 and cfg.dom0.memory == 1024
-    assert cfg.accel == "auto" and cfg.cpu == "qemu64"
+    assert cfg.accel == "auto" and cfg.cpu == "svm"
 
 
 def test_toml_and_overrides_layer(tmp_path):

@@ -31,8 +31,9 @@ def qemu_args(root):
     return [a.get("value") for a in root.find(f"{QEMU_NS}commandline")]
 
 
-def test_domain_xml_tcg_qemu64(lab):
+def test_domain_xml_tcg_svm_is_qemu64_with_amd_v_and_nested_paging(lab):
     root = render_domain(lab)
+    assert {(f.get("name"), f.get("policy")) for f in root.findall("cpu/feature")} == {("svm", "require"), ("npt", "require")}
     assert root.get("type") == "qemu"
     assert root.find("name").text == "xenlab-unit"
     assert root.find("features/acpi") is not None and root.find("features/apic") is not None

@@ -11,6 +11,12 @@ import re
 XEN_VERSION = "4.17"
 XEN_BIN = f"/usr/lib/xen-{XEN_VERSION}/bin"
 DOM0_PATH = f"/usr/sbin:/usr/bin:/sbin:/bin:{XEN_BIN}"
+XEN_TOOL_TESTS = f"{XEN_BIN}/test-*"  # Xen's own tool tests, as xen-utils ships them
+# What they print when Xen can build no HVM/PVH domain (a CPU model without SVM/VMX):
+NO_HVM_PAGING = re.compile(r"neither HAP nor Shadow|Neither HAP or SHADOW", re.IGNORECASE)
+# test-tsx on QEMU 7.2's TCG: XBEGIN runs (and aborts) although CPUID offers no RTM,
+# where a CPU without RTM raises #UD; QEMU 8 and later raise it.
+QEMU7_XBEGIN = "Host reports no RTM, but appears available"
 
 # The agent package: in dom0 copied over SSH, in a python domU baked into its root.
 AGENT_PACKAGE = "xenlab_agent"

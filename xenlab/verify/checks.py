@@ -7,8 +7,9 @@ re-implements a check: they call the library's own."""
 from __future__ import annotations
 
 import json
+import time
 
-from xenlab.agent.facts import CONNECTED
+from xenlab.agent.facts import CONNECTED, NO_HVM_PAGING, QEMU7_XBEGIN, XEN_TOOL_TESTS
 from xenlab.agent.xl import parse_xl_list
 from xenlab.errors import XenlabError
 from xenlab.evtchn.catalogue import catalogue
@@ -16,7 +17,7 @@ from xenlab.evtchn.devchan import devchan
 from xenlab.evtchn.ping import ping, placement_text
 from xenlab.lab.core import READY_CHECK, REQUIRED_READY
 from xenlab.verify.crash import detect_crash
-from xenlab.verify.model import DEVCHAN_ARGS, PING_COUNT, CheckFailed, Context, Result, one_line
+from xenlab.verify.model import DEVCHAN_ARGS, PING_COUNT, TOOL_TEST_TIMEOUT, CheckFailed, Context, Result, one_line
 from xenlab.xenstore.layout import check_domain
 from xenlab.xenstore.perms import check_guest
 from xenlab.xenstore.recorder import settled, traced
@@ -209,6 +210,43 @@ def trace_destroy(ctx: Context):
     """The teardown the trace saw is a clean forced teardown (domain destroyed)."""
     reports, text = _trace_verdict(ctx.timeline, "teardown")
     return f"{len(ctx.timeline)} state changes, no violation; {', '.join(sorted({p for r in reports for p in r.phases}))}", text
+
+
+def xen_tool_tests(ctx: Context):
+    """Xen's own tool tests: every test-* program the lab's xen-utils ships, one
+    result each (exit 0: SUCCESS). One that needs HVM paging on a CPU model
+    without SVM is an allowed SKIP naming the model to use; any other exit is
+    a FAILURE with the program's output."""
+    with ctx.lab.ssh() as ssh:
+        programs = ssh.check(f"ls -1 {XEN_TOOL_TESTS} 2>/dev/null || true").split()
+        if not programs:
+            raise CheckFailed(f"no {XEN_TOOL_TESTS} in dom0", "the dom0 image's xen-utils ships them; rebuild it with `xenlab build --force`")
+        info = ctx.lab.info() or {}
+        cpu = info.get("cpu") or ctx.lab.cfg.cpu  # what the running lab was booted with
+        qemu = str((info.get("versions") or {}).get("qemu") or "")
+        results = []
+        for path in programs:
+            name = f"xen.tools.{path.rsplit('/', 1)[-1]}"
+            start = time.monotonic()
+            run = ssh.run(f"timeout {TOOL_TEST_TIMEOUT} {path}", timeout=TOOL_TEST_TIMEOUT + 30)
+            took = round(time.monotonic() - start, 2)
+            output = (run.stdout + run.stderr).strip()
+            last = one_line(output.splitlines()[-1] if output else "(no output)", 120)
+            inner_skips = [line.strip() for line in output.splitlines() if line.strip().startswith("Skip")]
+            if run.exit_status == 0:
+                said = f"; skipped inside: {'; '.join(inner_skips)[:150]}" if inner_skips else ""
+                results.append(Result(name, "SUCCESS", took, f"exit 0 in {took:.1f} s: {last}{said}", output[-3000:]))
+            elif NO_HVM_PAGING.search(output) and cpu not in ("svm", "host"):
+                results.append(Result(name, "SKIP", took, f"needs HVM paging, which the CPU model {cpu} lacks "
+                                      f"(measured: {last}); use [lab] cpu = \"svm\"", output[-3000:], allowed=True))
+            elif QEMU7_XBEGIN in output and qemu.startswith("7."):
+                results.append(Result(name, "SKIP", took, f"QEMU {qemu}'s TCG runs XBEGIN without RTM in CPUID (measured: "
+                                      f"\"{QEMU7_XBEGIN}\"), which QEMU 8+ fixes; run it on the backports QEMU", output[-3000:], allowed=True))
+            else:
+                state = "ERROR" if run.exit_status == 124 else "FAILURE"
+                why = f"timed out after {TOOL_TEST_TIMEOUT} s" if run.exit_status == 124 else f"exit {run.exit_status}"
+                results.append(Result(name, state, took, f"{why}: {last}", output[-3000:]))
+    return results
 
 
 def crash_scan(ctx: Context):

@@ -18,8 +18,10 @@ PING_COUNT = 500  # evtchn.ping: enough for stable percentiles, ~0.3 s of round 
 # The checks in run order (the ring.* results are named by the dom0 I/O check itself).
 CHECKS = (
     "lab.boot", "lab.dom0", "guest.create", "xenbus.trace-create", "xenstore.layout", "xenstore.perms",
-    "ring", "evtchn.catalogue", "evtchn.ping", "devchan.echo", "guest.destroy", "xenbus.trace-destroy", "lab.crash-scan",
+    "ring", "evtchn.catalogue", "evtchn.ping", "devchan.echo", "guest.destroy", "xenbus.trace-destroy", "xen.tools",
+    "lab.crash-scan",
 )
+TOOL_TEST_TIMEOUT = 300  # seconds for each of Xen's test-* programs (each takes a few under TCG)
 
 
 class VerifyError(XenlabError):
@@ -61,7 +63,7 @@ def validate_skips(skips: tuple[str, ...]) -> tuple[str, ...]:
     known = set(CHECKS) | {c.split(".")[0] for c in CHECKS}
     bad = [s for s in skips if s not in known]
     if bad:
-        raise ConfigError(f"--skip {bad[0]!r} names no check", f"checks: {', '.join(CHECKS)} (or a group: lab, guest, xenbus, xenstore, ring, evtchn, devchan)")
+        raise ConfigError(f"--skip {bad[0]!r} names no check", f"checks: {', '.join(CHECKS)} (or a group: lab, guest, xenbus, xenstore, ring, evtchn, devchan, xen)")
     if any(skip_matches("lab.boot", (s,)) for s in skips):
         raise ConfigError("lab.boot cannot be skipped: every other check needs the lab", "skip the checks after it instead")
     return skips

@@ -109,6 +109,7 @@ def verify(lab, guest: str = "verify", skips: tuple[str, ...] = (), guest_extra:
         ("devchan.echo", c.device_channel, ("guest.create",)),
         ("guest.destroy", c.guest_destroy, ("guest.create",)),
         ("xenbus.trace-destroy", c.trace_destroy, ("guest.destroy",)),
+        ("xen.tools", c.xen_tool_tests, ("lab.dom0",)),
         ("lab.crash-scan", c.crash_scan, ("lab.boot",)),
     )
     try:

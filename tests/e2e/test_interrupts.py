@@ -35,7 +35,11 @@ def killed_at(args: list[str], marker: str | None, delay: float, timeout: float 
     """Start `xenlab ARGS`, send it `sig` `delay` s after `marker` appears in its
     progress output (stderr; None: after the start) and wait for it to end;
     returns what it printed. Fails if it finished first."""
-    proc = subprocess.Popen(XENLAB + args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    # SIGINT as a terminal sends it: a runner that started the suite in the
+    # background (`cmd &` in a script) leaves SIGINT ignored in its children,
+    # and Python then installs no KeyboardInterrupt handler.
+    proc = subprocess.Popen(XENLAB + args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     seen = threading.Event()
     lines: list[str] = []
 

@@ -29,7 +29,6 @@ import argparse
 import ctypes
 import json
 import os
-import select
 import signal
 import subprocess
 import sys
@@ -64,7 +63,6 @@ LATE_EVENT_SECONDS = 0.5  # lost-notify: the event a skipped one is made up by, 
 
 class BlkbackError(AgentError):
     pass
-
 
 
 def paths(domid: int, devid: int) -> tuple[str, str]:
@@ -378,14 +376,8 @@ class BlockBackend:
                         self.owed_event = None
                         self._notify()
                         continue
-                ready, _, _ = select.select([self.ev.fd, self.xs._fd], [], [], wait)
-                if self.ev.fd in ready:
-                    self.stats["wakeups"] += 1
-                    for fired in self.ev.pending(0):
-                        self.ev.unmask(fired)
-                if self.xs._fd in ready or self.xs.events:
-                    while self.xs.wait_watch(0) is not None:
-                        pass
+                fired, _ = self.ev.wait_or_watch(self.xs, wait)
+                self.stats["wakeups"] += bool(fired)
                 mb()
         finally:
             try:
@@ -487,20 +479,12 @@ class BlockBackend:
         self.mapper.close()
 
     def remove_nodes(self) -> None:
-        for path in (self.fe, self.be):
+        for remove in (lambda: self.xs.rm(self.fe),  # device/vbd itself is the toolstack's (other disks live there)
+                       lambda: self.xs.rm_with_parents(self.be, 2)):  # .../pyblk/DOMID, then .../pyblk, once empty
             try:
-                self.xs.rm(path)
+                remove()
             except XsError:
                 pass
-        parent = self.be.rsplit("/", 1)[0]  # .../pyblk/DOMID, then .../pyblk, once empty
-        for _ in range(2):
-            try:
-                if self.xs.directory(parent):
-                    break
-                self.xs.rm(parent)
-            except XsError:
-                break
-            parent = parent.rsplit("/", 1)[0]
 
 
 def serve(spec: dict) -> dict:
@@ -636,7 +620,7 @@ def attach(name: str, size_mib: int, backend: str, readonly: bool, faults: str, 
         t0 = time.monotonic()
         try:
             if backend == "python":
-                record.update(_start_python(record, timeout, profile, own_frontend))
+                record.update(_start_python(xs, record, timeout, profile, own_frontend))
             else:
                 spec = f"format=raw,vdev={vdev},access={'ro' if readonly else 'rw'},target={image}"
                 xl("block-attach", name, spec, timeout=timeout)
@@ -654,7 +638,7 @@ def attach(name: str, size_mib: int, backend: str, readonly: bool, faults: str, 
         xs.close()
 
 
-def _start_python(record: dict, timeout: float, profile: bool, own_frontend: bool) -> dict:
+def _start_python(xs: XenStore, record: dict, timeout: float, profile: bool, own_frontend: bool) -> dict:
     base = os.path.join(_attach_dir(record["name"]), record["vdev"])
     spec = {k: record[k] for k in ("domid", "devid", "vdev", "path", "readonly", "faults")}
     spec.update(timeout=timeout, result=f"{base}.result.json", profile=profile)
@@ -665,15 +649,12 @@ def _start_python(record: dict, timeout: float, profile: bool, own_frontend: boo
                                 stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True, env=os.environ.copy())
     back, front = paths(record["domid"], record["devid"])
     record.update(pid=proc.pid, backend_path=back, frontend_path=front, log=f"{base}.log", result=f"{base}.result.json")
-    xs = XenStore()
     try:
         _wait_connected(xs, back, front, timeout, alive=lambda: proc.poll() is None, backend_only=own_frontend)
     except BlkbackError as e:
         if proc.poll() is not None:
             raise BlkbackError(f"the Python backend ended before the disk connected: {_result_error(record)}", e.hint) from None
         raise
-    finally:
-        xs.close()
     return {"pid": proc.pid}
 
 
@@ -724,11 +705,10 @@ def _undo(xs: XenStore, record: dict) -> None:
                 xs.rm(path)
             except XsError:
                 pass
-    for suffix in (".img",):
-        try:
-            os.unlink(record["path"].removesuffix(".img") + suffix)
-        except OSError:
-            pass
+    try:
+        os.unlink(record["path"])
+    except OSError:
+        pass
 
 
 def detach(name: str, vdev: str, timeout: float) -> dict:

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import select
 import signal
 import struct
 import time
@@ -174,14 +173,8 @@ class Backend:
                     continue
                 if self.sring.mv[ALIVE] == 0:
                     return "peer-died"
-                ready, _, _ = select.select([self.ev.fd, self.xs._fd], [], [], 2.0)
-                if self.ev.fd in ready:
-                    self.stats["wakeups"] += 1
-                    for fired in self.ev.pending(0):
-                        self.ev.unmask(fired)
-                if self.xs._fd in ready or self.xs.events:
-                    while self.xs.wait_watch(0) is not None:
-                        pass
+                fired, _ = self.ev.wait_or_watch(self.xs, 2.0)
+                self.stats["wakeups"] += bool(fired)
                 mb()
                 if self.sring.mv[ALIVE] == 0:
                     return "peer-died"
@@ -211,16 +204,7 @@ class Backend:
     def remove_nodes(self) -> None:
         """The toolstack's part again: remove both directories, and their parents once empty."""
         for path in (self.be, self.fe):
-            self.xs.rm(path)
-            parent = path
-            for _ in range(2):  # .../xlchan/DOMID and .../xlchan
-                parent = parent.rsplit("/", 1)[0]
-                try:
-                    if self.xs.directory(parent):
-                        break
-                    self.xs.rm(parent)
-                except XsError:
-                    break
+            self.xs.rm_with_parents(path, 2)  # .../xlchan/DOMID and .../xlchan
 
 
 def run_backend(domid: int, devid: int = 0, timeout: float = 120.0, keep_nodes: bool = False, place: bool = False) -> dict:

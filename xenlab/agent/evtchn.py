@@ -145,6 +145,22 @@ class EventChannel:
                 if port is None or fired == port:
                     return fired
 
+    def wait_or_watch(self, xs, timeout: float) -> tuple[int, bool]:
+        """A backend's sleep: until an event fires (unmasked again here) or a
+        XenStore watch of `xs` (agent xs.XenStore) does, or `timeout` passes.
+        (events that fired, whether a watch fired); the watch events are consumed."""
+        ready, _, _ = select.select([self.fd, xs._fd], [], [], timeout)
+        fired = 0
+        if self.fd in ready:
+            for port in self.pending(0):
+                self.unmask(port)
+                fired += 1
+        watched = False
+        if xs._fd in ready or xs.events:
+            while xs.wait_watch(0) is not None:
+                watched = True
+        return fired, watched
+
     def unmask(self, port: int) -> None:
         try:
             os.write(self.fd, struct.pack("=I", port))

@@ -131,6 +131,19 @@ class XenStore:
             if e.errno != _errno.ENOENT:
                 raise
 
+    def rm_with_parents(self, path: str, parents: int) -> None:
+        """rm(path), then up to `parents` of its ancestors that it left empty
+        (a toolstack removing a device: DOMID/DEVID, then DOMID, then the type)."""
+        self.rm(path)
+        for _ in range(parents):
+            path = path.rsplit("/", 1)[0]
+            try:
+                if self.directory(path):
+                    return
+                self.rm(path)
+            except XsError:
+                return
+
     def directory(self, path: str, tx: int = 0) -> list[str]:
         body = self.request(XS_DIRECTORY, path.encode() + b"\0", tx)
         return [p.decode() for p in body.split(b"\0") if p]

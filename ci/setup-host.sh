@@ -10,7 +10,7 @@ venv=${XENLAB_VENV:-$repo/.venv}
 packages=(
   qemu-system-x86 qemu-utils
   libvirt-daemon libvirt-daemon-driver-qemu libvirt-dev pkg-config
-  mmdebstrap e2fsprogs cpio busybox-static kmod
+  mmdebstrap e2fsprogs cpio busybox-static kmod zstd
   linux-source-6.1 bc bison flex libelf-dev libssl-dev build-essential
   openssh-client python3-venv python3-dev uidmap gdb
   chromium

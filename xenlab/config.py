@@ -13,13 +13,14 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from xenlab.agent.facts import XEN_VERSIONS
 from xenlab.errors import ConfigError
 from xenlab.paths import BACKPORTS_INSTALL, DEFAULT_CONFIG, QEMU_STACKS, backports_qemu
 
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,31}$")
 ACCELS = ("auto", "kvm", "tcg")
 CPUS = ("qemu64", "svm", "max")  # svm: qemu64 with AMD-V and nested paging, for HVM/PVH guests
-SUITES = ("bookworm",)
+SUITES = tuple(XEN_VERSIONS)  # Debian suites a dom0 image can be built from
 
 
 def parse_mib(value: Any, key: str) -> int:

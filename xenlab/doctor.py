@@ -20,6 +20,7 @@ TOOLS = {
     "mkfs.ext4": "e2fsprogs",
     "cpio": "cpio",
     "depmod": "kmod",
+    "zstd": "zstd",  # trixie compresses its kernel and modules with it
     "ssh": "openssh-client",
 }
 MIN_FREE_MIB = 6 * 1024

@@ -14,7 +14,7 @@ from xenlab.build import rootfs
 from xenlab.guest import deploy
 from xenlab.agent import iocheck
 from xenlab.guest.manager import pick_address, render_xl_config
-from xenlab.guest.spec import DiskSpec, GuestSpec
+from xenlab.guest.spec import DiskSpec, GuestSpec, check_type_on_lab
 
 
 def test_disk_spec_parse():
@@ -39,7 +39,8 @@ def test_guest_name_refused(name):
         ({"memory": 10**6}, "out of range"),
         ({"memory": 64, "root": "python"}, "python guest needs 96"),
         ({"vcpus": 0}, "vcpus 0"),
-        ({"type": "pvh"}, "not supported"),
+        ({"type": "hvm"}, "unknown guest type 'hvm'"),
+        ({"type": "pvh"}, "minimal kernel boots only as a PV guest"),
         ({"kernel": "custom"}, "unknown --kernel"),
         ({"disks": (DiskSpec(1),) * 9}, "at most 8"),
         ({"extra": 'a"b'}, "quotes"),
@@ -148,3 +149,21 @@ def test_streamed_exec_frames_go_through_as_they_come():
     frames.write(stream[30:])
     assert out.getvalue() == b"first\nsecond" and err.getvalue() == b"\0\377 oops"
     assert frames.rest() == '{"rc": 7}'
+
+
+@pytest.mark.parametrize(
+    "accel,cpu,xen,message",
+    [
+        ("tcg", "qemu64", "4.20", "needs a CPU model with SVM"),
+        ("tcg", "svm", "4.17", "do not run on Xen 4.17 under TCG"),
+    ],
+)
+def test_pvh_refused_on_a_lab_that_cannot_run_it(accel, cpu, xen, message):
+    with pytest.raises(ConfigError, match=message):
+        check_type_on_lab("pvh", accel, cpu, xen)
+
+
+@pytest.mark.parametrize("accel,cpu,xen", [("tcg", "svm", "4.20"), ("tcg", "max", "4.21"), ("kvm", "qemu64", "4.17")])
+def test_pvh_allowed_where_it_runs(accel, cpu, xen):
+    check_type_on_lab("pvh", accel, cpu, xen)
+    check_type_on_lab("pv", "tcg", "qemu64", "4.17")  # PV runs everywhere

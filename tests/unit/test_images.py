@@ -55,9 +55,19 @@ def test_decompress_bzimage_xz_and_gzip():
     assert kernel.decompress_bzimage(_bzimage(gzip.compress(elf))) == elf
 
 
+def test_decompress_bzimage_zstd():
+    """trixie's kernel: a zstd frame followed by the decompressed size (4 bytes)."""
+    import struct
+    import subprocess
+
+    elf = b"\x7fELF" + bytes(range(256)) * 64
+    frame = subprocess.run(["zstd", "-q", "-c"], input=elf, capture_output=True, check=True).stdout
+    assert kernel.decompress_bzimage(_bzimage(frame + struct.pack("<I", len(elf)))) == elf
+
+
 def test_decompress_bzimage_rejects_unknown_payload():
     with pytest.raises(HostError, match="unsupported kernel compression"):
-        kernel.decompress_bzimage(_bzimage(b"\x28\xb5\x2f\xfd" + b"\0" * 32))
+        kernel.decompress_bzimage(_bzimage(b"\x02\x21\x4c\x18" + b"\0" * 32))  # lz4
 
 
 def test_a_damaged_cached_image_is_removed_not_booted(tmp_path, monkeypatch):

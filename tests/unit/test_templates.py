@@ -5,6 +5,7 @@ import jinja2
 import pytest
 
 from xenlab import config, templates
+from xenlab.agent.facts import XEN_BIN
 from xenlab.build import dom0 as images
 from xenlab.lab import Lab
 
@@ -80,7 +81,7 @@ def test_dom0_init_script():
     text = render_init()
     assert text.startswith("#!/bin/sh\n")
     assert "modprobe -a xenfs xen-evtchn" in text and "xen-gntalloc" in text
-    assert "XENSTORED_ROOTDIR=/run/xenstored /usr/lib/xen-4.17/bin/xenstored" in text
+    assert f"XENSTORED_ROOTDIR=/run/xenstored {XEN_BIN}/xenstored" in text
     assert text.rstrip().endswith('step "XENLAB-READY"')
     # The bridge for domUs must have no uplink: nothing enslaves eth0.
     assert "master" not in text

@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import re
 
-# Xen's toolstack (the version Debian bookworm ships).
-XEN_VERSION = "4.17"
-XEN_BIN = f"/usr/lib/xen-{XEN_VERSION}/bin"
+# The Xen each Debian suite ships as dom0's, and its tools' versioned directory
+# (/usr/lib/xen-4.17/bin on bookworm), which the image build links to one path.
+XEN_VERSIONS = {"bookworm": "4.17", "trixie": "4.20"}
+XEN_BIN = "/usr/local/lib/xen/bin"
 DOM0_PATH = f"/usr/sbin:/usr/bin:/sbin:/bin:{XEN_BIN}"
 XEN_TOOL_TESTS = f"{XEN_BIN}/test-*"  # Xen's own tool tests, as xen-utils ships them
 # What they print when Xen can build no HVM/PVH domain (a CPU model without SVM/VMX):

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from xenlab import templates
-from xenlab.agent.facts import NETWORK, XEN_BIN, XEN_VERSION
+from xenlab.agent.facts import NETWORK, XEN_BIN, XEN_VERSIONS
 from xenlab.config import LabConfig
 from xenlab.errors import HostError
 from xenlab.build import initramfs, kit
@@ -30,11 +30,9 @@ from xenlab.paths import cache_dir, sweep_stale_work, work_dir
 from xenlab.progress import Steps
 from xenlab.run import STOP_GRACE_S, run, term_when_parent_dies
 
-BUILD_VERSION = 6
+BUILD_VERSION = 7
 DOM0_PACKAGES = (
     "linux-image-amd64",
-    f"xen-hypervisor-{XEN_VERSION}-amd64",
-    f"xen-utils-{XEN_VERSION}",
     "xenstore-utils",
     "openssh-server",
     "python3",
@@ -46,6 +44,13 @@ DOM0_PACKAGES = (
     "mount",
     "e2fsprogs",
 )
+
+
+def dom0_packages(suite: str) -> tuple[str, ...]:
+    xen = XEN_VERSIONS[suite]
+    return (f"xen-hypervisor-{xen}-amd64", f"xen-utils-{xen}", *DOM0_PACKAGES)
+
+
 # Loaded by the dom0 init: backends and the devices under /dev/xen.
 DOM0_MODULES = ("xenfs", "xen-evtchn", "xen-gntdev", "xen-gntalloc", "xen-blkback", "xen-netback", "loop", "bridge", "virtio_net")
 XEN_DEVICES = ("evtchn", "gntdev", "gntalloc", "privcmd", "xenbus")
@@ -92,7 +97,7 @@ def recipe(cfg: LabConfig) -> dict:
     return {
         "build_version": BUILD_VERSION,
         "suite": cfg.dom0.suite,
-        "packages": sorted(DOM0_PACKAGES + tuple(cfg.dom0.extra_packages)),
+        "packages": sorted(dom0_packages(cfg.dom0.suite) + tuple(cfg.dom0.extra_packages)),
         "disk_size": cfg.dom0.disk_size,
         "modules": DOM0_MODULES,
         "pruned": PRUNED_MODULE_DIRS,
@@ -182,6 +187,28 @@ def apt_sources() -> Path:
     )
 
 
+def host_codename() -> str:
+    """This host's Debian codename (VERSION_CODENAME in os-release), or ''."""
+    try:
+        text = Path("/etc/os-release").read_text()
+    except OSError:
+        return ""
+    found = re.search(r"^VERSION_CODENAME=\"?([a-z]+)", text, re.M)
+    return found[1] if found else ""
+
+
+def suite_sources(host_sources: Path, suite: str, target: Path) -> Path:
+    """The host's apt sources for another suite: its own file when the host
+    runs `suite`, else a copy at `target` with the host's codename replaced
+    (bookworm, bookworm-updates, bookworm-security -> trixie, ...)."""
+    codename = host_codename()
+    text = host_sources.read_text()
+    if not codename or codename == suite or not re.search(rf"\b{codename}\b", text):
+        return host_sources
+    target.write_text(re.sub(rf"\b{codename}(?=[-\s]|$)", suite, text, flags=re.M))
+    return target
+
+
 def build(cfg: LabConfig, steps: Steps, force: bool = False) -> Dom0Image:
     """Build the dom0 image unless one with the same recipe is cached."""
     if not force and (image := find(cfg, steps)):
@@ -205,11 +232,11 @@ def build(cfg: LabConfig, steps: Steps, force: bool = False) -> Dom0Image:
             with steps.step(f"mmdebstrap {cfg.dom0.suite} (log: {log_file})"):
                 _mmdebstrap(cfg, rootfs, log_file, steps)
             with steps.step("customize rootfs"):
-                kver = _customize(rootfs, log_file)
+                kver = _customize(rootfs, XEN_VERSIONS[cfg.dom0.suite], log_file)
             with steps.step("initramfs"):
                 initramfs.build_dom0(rootfs / "lib/modules" / kver, out / "initramfs.cpio", work)
             with steps.step("extract Xen and dom0 kernel"):
-                host_key = _extract_boot(rootfs, kver, out)
+                host_key = _extract_boot(rootfs, kver, XEN_VERSIONS[cfg.dom0.suite], out)
             with steps.step("domU kit (python3, Debian guest modules)"):
                 kit.export(rootfs, kver, out / "domu-kit", log_file)
             with steps.step(f"mkfs.ext4 -d ({cfg.dom0.disk_size}M)"):
@@ -218,7 +245,7 @@ def build(cfg: LabConfig, steps: Steps, force: bool = False) -> Dom0Image:
                 "id": final.name,
                 "recipe": recipe(cfg),
                 "kernel_version": kver,
-                "xen_version": XEN_VERSION,
+                "xen_version": XEN_VERSIONS[cfg.dom0.suite],
                 "ssh_host_key": host_key,
                 "built_at": time.time(),
                 "build_seconds": round(time.monotonic() - started, 1),
@@ -324,9 +351,10 @@ def _namespace_main(request: str) -> int:
 
 
 def _mmdebstrap(cfg: LabConfig, rootfs: Path, log_file: Path, steps: Steps) -> None:
-    packages = ",".join(DOM0_PACKAGES + tuple(cfg.dom0.extra_packages))
+    packages = ",".join(dom0_packages(cfg.dom0.suite) + tuple(cfg.dom0.extra_packages))
     # In a user namespace mknod and mounting /proc and /sys fail; unshare mode
     # bind-mounts them instead (dev nodes are left out: dom0's init mounts devtmpfs).
+    sources = suite_sources(apt_sources(), cfg.dom0.suite, log_file.parent / "apt.sources")
     namespaced = in_user_namespace()
     mode = "unshare" if namespaced else "root"
     # As real root, in a mount namespace of its own: the chroot's /proc, /sys
@@ -335,7 +363,7 @@ def _mmdebstrap(cfg: LabConfig, rootfs: Path, log_file: Path, steps: Steps) -> N
     # --verbose: only then does mmdebstrap pass on apt's and dpkg's per-package
     # lines (off a terminal it otherwise prints just its few "I:" lines).
     run(
-        [*private_mounts, "mmdebstrap", "--verbose", f"--mode={mode}", "--variant=minbase", f"--include={packages}", cfg.dom0.suite, rootfs, apt_sources()],
+        [*private_mounts, "mmdebstrap", "--verbose", f"--mode={mode}", "--variant=minbase", f"--include={packages}", cfg.dom0.suite, rootfs, sources],
         log_file=log_file,
         on_line=PackageProgress(steps),
         hint="check that the host's apt sources work (`apt-get update`) and that every extra package exists",
@@ -441,8 +469,12 @@ def _watch_growth(path: Path, total_mib: int, steps: Steps, detail: str, every_s
     report()  # the final size, which the last poll may have missed
 
 
-def _customize(rootfs: Path, log_file: Path) -> str:
+def _customize(rootfs: Path, xen_version: str, log_file: Path) -> str:
     (kver,) = [p.name for p in (rootfs / "lib/modules").iterdir()]
+    # One path to Xen's tools whatever the suite's Xen (see facts.XEN_BIN).
+    xen_bin = rootfs / XEN_BIN.lstrip("/")
+    xen_bin.parent.mkdir(parents=True, exist_ok=True)
+    xen_bin.symlink_to(f"/usr/lib/xen-{xen_version}/bin")
     moddir = rootfs / "lib/modules" / kver / "kernel"
     for sub in PRUNED_MODULE_DIRS:
         shutil.rmtree(moddir / sub, ignore_errors=True)
@@ -483,8 +515,8 @@ def _customize(rootfs: Path, log_file: Path) -> str:
 
 
 
-def _extract_boot(rootfs: Path, kver: str, out: Path) -> str:
-    (xen_gz,) = (rootfs / "boot").glob(f"xen-{XEN_VERSION}-amd64.gz")
+def _extract_boot(rootfs: Path, kver: str, xen_version: str, out: Path) -> str:
+    (xen_gz,) = (rootfs / "boot").glob(f"xen-{xen_version}*-amd64.gz")
     # QEMU's multiboot loader takes the plain ELF, not the gzip.
     (out / "xen").write_bytes(gzip.decompress(xen_gz.read_bytes()))
     bzimage = rootfs / "boot" / f"vmlinuz-{kver}"

@@ -47,8 +47,12 @@ def elf_release(data: bytes) -> str | None:
     return data[at + 14: at + 14 + 128].split()[0].decode(errors="replace")
 
 
-def read_kernel(path: str | Path, option: str = "--kernel") -> KernelFile:
-    """A user's kernel: a bzImage or an ELF vmlinux that Xen can boot as a PV domain."""
+XEN_ELFNOTE_PHYS32_ENTRY = 18  # xen/include/public/elfnote.h: where a PVH domain starts
+
+
+def read_kernel(path: str | Path, option: str = "--kernel", pvh: bool = False) -> KernelFile:
+    """A user's kernel: a bzImage or an ELF vmlinux that Xen can boot as a PV
+    domain (or, with pvh, as a PVH one)."""
     p = Path(path).expanduser()
     if not p.is_file():
         raise ConfigError(f"{option} {path}: no such file", "give the path of your bzImage (arch/x86/boot/bzImage) or vmlinux")
@@ -66,9 +70,13 @@ def read_kernel(path: str | Path, option: str = "--kernel") -> KernelFile:
                           "give arch/x86/boot/bzImage or vmlinux from your kernel build")
     if not release:
         raise ConfigError(f"{option} {path} is a {kind} without a 'Linux version' string: not a Linux kernel")
-    if not any(n.name == "Xen" for n in notes(elf, f"{option} {path}")):
+    xen_notes = {n.type for n in notes(elf, f"{option} {path}") if n.name == "Xen"}
+    if not xen_notes:
         raise ConfigError(f"{option} {path} (Linux {release}) cannot boot as a Xen PV domain: it carries no Xen ELF notes",
                           f"build it with {PV_OPTIONS} (xenlab's fragment: `xenlab guest build --kernel-tree DIR` merges them)")
+    if pvh and XEN_ELFNOTE_PHYS32_ENTRY not in xen_notes:
+        raise ConfigError(f"{option} {path} (Linux {release}) cannot boot as a PVH domain: it has no PVH entry point (Xen note PHYS32_ENTRY)",
+                          "build it with CONFIG_XEN_PVH=y, or run it as --type pv")
     return KernelFile(p, kind, release, elf)
 
 

@@ -3,6 +3,8 @@ initramfs (busybox + the modules that mount the virtio root disk)."""
 
 from __future__ import annotations
 
+import gzip
+import lzma
 import shutil
 from pathlib import Path
 
@@ -57,9 +59,28 @@ def copy_modules(moddir: Path, wanted: tuple[str, ...], dest: Path) -> list[str]
     names = []
     for rel in module_order((moddir / "modules.dep").read_text(), wanted, builtin_names(moddir)):
         name = Path(rel).name.split(".ko")[0]
-        shutil.copy2(moddir / rel, dest / f"{name}.ko")
+        (dest / f"{name}.ko").write_bytes(plain_module(moddir / rel))
         names.append(name)
     return names
+
+
+def plain_module(path: Path) -> bytes:
+    """A module file's ELF: Debian compresses modules since trixie (.ko.xz),
+    and busybox's insmod in the initramfs and the guests loads only plain ones."""
+    data = path.read_bytes()
+    if path.name.endswith(".ko.xz"):
+        return lzma.decompress(data)
+    if path.name.endswith(".ko.gz"):
+        return gzip.decompress(data)
+    if path.name.endswith(".ko.zst"):
+        return zstd_decompress(data)
+    return data
+
+
+def zstd_decompress(data: bytes) -> bytes:
+    if not shutil.which("zstd"):
+        raise HostError("zstd is missing: this kernel's files are zstd-compressed", "apt-get install zstd (ci/setup-host.sh does)")
+    return run(["zstd", "-dcq"], input=data).stdout
 
 
 def carry_modules(moddir: Path, wanted: tuple[str, ...], dest: Path) -> None:

@@ -254,7 +254,7 @@ def _prune_minimal(cache: Path, current: KernelBuild) -> None:
 
 
 def decompress_bzimage(bzimage: bytes) -> bytes:
-    """The ELF vmlinux inside an x86 bzImage (xz or gzip payload).
+    """The ELF vmlinux inside an x86 bzImage (xz, gzip or zstd payload).
 
     Xen decompresses a bzImage dom0 kernel itself, which takes about 4.5 s
     under TCG; handing it the ELF skips that on every boot."""
@@ -266,8 +266,14 @@ def decompress_bzimage(bzimage: bytes) -> bytes:
         elf = lzma.LZMADecompressor(format=lzma.FORMAT_XZ).decompress(payload)
     elif payload.startswith(b"\x1f\x8b"):
         elf = zlib.decompressobj(16 + zlib.MAX_WBITS).decompress(payload)
+    elif payload.startswith(b"\x28\xb5\x2f\xfd"):
+        from xenlab.build.initramfs import zstd_decompress
+
+        # The kernel's build appends the decompressed size (4 bytes) to the zstd frame.
+        elf = zstd_decompress(payload[:-4])
     else:
-        raise HostError(f"unsupported kernel compression (payload starts {payload[:6].hex()})", "build it with CONFIG_KERNEL_XZ or CONFIG_KERNEL_GZIP")
+        raise HostError(f"unsupported kernel compression (payload starts {payload[:6].hex()})",
+                        "build it with CONFIG_KERNEL_XZ, CONFIG_KERNEL_GZIP or CONFIG_KERNEL_ZSTD")
     if not elf.startswith(b"\x7fELF"):
         raise HostError("the decompressed dom0 kernel is not an ELF file")
     return elf

@@ -1,7 +1,7 @@
 """The domU kit: what guest roots take from the dom0 image, exported while
 its rootfs is still a directory (the image keeps only an ext4 disk).
 
-- python/: python3.11, the shared libraries it links, the standard library
+- python/: dom0's python3 (3.11 on bookworm), the shared libraries it links, the standard library
   compiled into one zip (imports read .pyc from it: nothing to compile at
   each start under TCG) and the few extension modules the agents use.
 - modules/: the Debian kernel's Xen frontends, for `--kernel debian` guests,
@@ -16,18 +16,18 @@ from pathlib import Path
 from xenlab.errors import HostError
 from xenlab.run import run
 
-PYTHON = "python3.11"
-# Extension modules whose only dependencies are in the kit (libc, libm, libz, libexpat).
+# Extension modules whose only dependencies are in the kit (libc, libm, libz,
+# libexpat); newer Pythons build some into the interpreter (no file to copy).
 DYNLOAD = ("_asyncio", "_contextvars", "_json", "_multiprocessing", "_posixshmem", "_queue", "_typing", "mmap", "resource", "termios")
 # Parts of the standard library no agent needs; they are half its size.
 STDLIB_EXCLUDE = (
     "test", "idlelib", "tkinter", "turtledemo", "ensurepip", "lib2to3", "pydoc_data", "distutils", "site-packages",
-    "dist-packages", "sqlite3", "dbm", "curses", "venv", "xmlrpc", "wsgiref", "lib-dynload", "__pycache__", "config-3.11-x86_64-linux-gnu",
+    "dist-packages", "sqlite3", "dbm", "curses", "venv", "xmlrpc", "wsgiref", "lib-dynload", "__pycache__",
 )
 # Debian kernel modules a PV domU needs: the frontends and the /dev/xen devices.
 GUEST_MODULES = ("xen-blkfront", "xen-netfront", "xenfs", "xen-evtchn", "xen-gntdev", "xen-gntalloc")
 
-# Runs inside the dom0 rootfs (chroot) so the .pyc match its python3.11 exactly.
+# Runs inside the dom0 rootfs (chroot) so the .pyc match its python3 exactly.
 ZIP_STDLIB = """
 import sys, zipfile, py_compile, tempfile, os
 from pathlib import Path
@@ -36,7 +36,7 @@ tmp = tempfile.mkdtemp()
 with zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as z:
     for src in sorted(root.rglob("*.py")):
         rel = src.relative_to(root)
-        if set(rel.parts[:-1]) & exclude or rel.parts[0] in exclude:
+        if set(rel.parts[:-1]) & exclude or rel.parts[0] in exclude or rel.parts[0].startswith("config-"):
             continue
         pyc = os.path.join(tmp, "m.pyc")
         try:
@@ -52,17 +52,19 @@ def export(rootfs: Path, kver: str, dest: Path, log_file: Path) -> None:
     from xenlab.build.initramfs import copy_modules  # images imports this module
 
     python = dest / "python"
-    _copy_into(rootfs, f"/usr/bin/{PYTHON}", python)
-    for lib in _shared_libs(rootfs, f"/usr/bin/{PYTHON}"):
+    interpreter = os.readlink(rootfs / "usr/bin/python3")  # "python3.11"
+    _copy_into(rootfs, f"/usr/bin/{interpreter}", python)
+    for lib in _shared_libs(rootfs, f"/usr/bin/{interpreter}"):
         _copy_into(rootfs, lib, python)
-    dynload = f"/usr/lib/{PYTHON}/lib-dynload"
+    dynload = f"/usr/lib/{interpreter}/lib-dynload"
     for name in DYNLOAD:
-        (so,) = (rootfs / dynload.lstrip("/")).glob(f"{name}.cpython-*.so")
-        _copy_into(rootfs, f"{dynload}/{so.name}", python)
-    (python / "usr/bin/python3").symlink_to(PYTHON)
+        for so in (rootfs / dynload.lstrip("/")).glob(f"{name}.cpython-*.so"):
+            _copy_into(rootfs, f"{dynload}/{so.name}", python)
+    (python / "usr/bin/python3").symlink_to(interpreter)
     inside = "/tmp/xenlab-stdlib.zip"
-    run(["chroot", rootfs, f"/usr/bin/{PYTHON}", "-c", ZIP_STDLIB, f"/usr/lib/{PYTHON}", inside, ",".join(STDLIB_EXCLUDE)], log_file=log_file)
-    shutil.move(rootfs / inside.lstrip("/"), python / "usr/lib/python311.zip")
+    run(["chroot", rootfs, f"/usr/bin/{interpreter}", "-c", ZIP_STDLIB, f"/usr/lib/{interpreter}", inside, ",".join(STDLIB_EXCLUDE)], log_file=log_file)
+    # Where that python looks for its standard library as a zip: python311.zip.
+    shutil.move(rootfs / inside.lstrip("/"), python / f"usr/lib/{interpreter.replace('.', '')}.zip")
 
     modules = dest / "modules"
     modules.mkdir(parents=True)

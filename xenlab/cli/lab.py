@@ -12,6 +12,7 @@ import click
 from rich.table import Table
 
 from xenlab import config as config_mod
+from xenlab.agent.facts import XEN_VERSIONS
 from xenlab.build import dom0
 from xenlab.cli.common import emit, json_option, lab_option, load_config, open_lab, print_json
 from xenlab.doctor import checks
@@ -51,14 +52,18 @@ def doctor(no_probe, as_json):
         raise XenlabError(f"host problems: {', '.join(bad)}", "apply the fixes above (ci/setup-host.sh installs the packages)")
 
 
+SUITE_HELP = f"Debian suite of dom0 and its Xen ({', '.join(f'{s}: {v}' for s, v in XEN_VERSIONS.items())})"
+
+
 @click.command()
 @click.option("--force", is_flag=True, help="rebuild even if the recipe is cached")
+@click.option("--suite", type=click.Choice(config_mod.SUITES), default=None, help=SUITE_HELP)
 @json_option
 @click.pass_context
-def build(ctx, force, as_json):
+def build(ctx, force, suite, as_json):
     """Build (once, cached by recipe) the dom0 image and Xen boot files."""
     steps = Steps()
-    image = dom0.build(load_config(ctx), steps, force=force)
+    image = dom0.build(load_config(ctx, **{"dom0.suite": suite}), steps, force=force)
     result = {"image_id": image.id, "path": str(image.path), "timings": steps.timings, "build_seconds": image.manifest["build_seconds"]}
     emit(result, as_json, lambda r: console.print(f"dom0 image [bold]{image.id}[/] at {image.path}"))
 
@@ -71,6 +76,7 @@ def build(ctx, force, as_json):
 @click.option("--dom0-memory", default=None, help="dom0 memory, e.g. 1024M")
 @click.option("--vcpus", type=int, default=None)
 @click.option("--cpu", type=click.Choice(config_mod.CPUS), default=None, help="TCG CPU model")
+@click.option("--suite", type=click.Choice(config_mod.SUITES), default=None, help=SUITE_HELP)
 @click.option("--ssh-port", type=int, default=None)
 @click.option("--xen", default=None, metavar="FILE", help="boot your own Xen (xen.gz or xen from your build)")
 @click.option("--dom0-kernel", default=None, metavar="FILE", help="boot your own dom0 kernel (bzImage or vmlinux)")
@@ -79,13 +85,13 @@ def build(ctx, force, as_json):
 @click.option("--cold", is_flag=True, help="boot from scratch even if a matching snapshot exists (a new one replaces it)")
 @click.option("--json", "as_json", is_flag=True, help="print the ready report as JSON")
 @click.pass_context
-def up(ctx, lab, connect, accel, memory, dom0_memory, vcpus, cpu, ssh_port, xen, dom0_kernel, dom0_modules, qemu, cold, as_json):
+def up(ctx, lab, connect, accel, memory, dom0_memory, vcpus, cpu, suite, ssh_port, xen, dom0_kernel, dom0_modules, qemu, cold, as_json):
     """Build what is missing and boot Xen + dom0; returns when dom0 is ready.
 
     The first boot of a configuration is saved as a snapshot; later `up`s
     of the same configuration restore it in seconds ("restored")."""
     cfg = load_config(ctx, name=lab, connect=connect, accel=accel, memory=memory, vcpus=vcpus, cpu=cpu, ssh_port=ssh_port,
-                      xen=_absolute(xen), qemu=qemu if qemu in QEMU_STACKS else _absolute(qemu), **{"dom0.memory": dom0_memory, "dom0.kernel": _absolute(dom0_kernel), "dom0.modules": _absolute(dom0_modules)})
+                      xen=_absolute(xen), qemu=qemu if qemu in QEMU_STACKS else _absolute(qemu), **{"dom0.memory": dom0_memory, "dom0.suite": suite, "dom0.kernel": _absolute(dom0_kernel), "dom0.modules": _absolute(dom0_modules)})
     info = Lab(cfg).up(Steps(), cold=cold)
     emit(info, as_json, _print_ready)
 

@@ -9,6 +9,7 @@ import click
 from rich.markup import escape
 
 from xenlab.cli.common import lab_option, open_lab
+from xenlab.guest.spec import TYPES
 from xenlab.progress import console
 from xenlab.verify.model import CHECKS
 from xenlab.verify.reports import table_lines
@@ -34,9 +35,11 @@ def print_table(results, seconds: float) -> None:
 @click.option("--guest", default="verify", show_default=True, help="name of the domU verify creates (and destroys at the end)")
 @click.option("--skip", "skips", multiple=True, metavar="CHECK", help=f"skip a check or group (repeatable; an allowed SKIP): {', '.join(CHECKS)}")
 @click.option("--guest-extra", default="", help="appended to the guest's kernel command line (debugging)")
+@click.option("--guest-type", type=click.Choice(TYPES), default="pv", show_default=True,
+              help="type of the domU verify creates (pvh runs Debian's kernel: xenlab's minimal one is PV only)")
 @click.option("--down", "stop_after", is_flag=True, help="stop the lab afterwards if verify booted it")
 @click.pass_context
-def verify(ctx, lab, json_path, junit_path, guest, skips, guest_extra, stop_after):
+def verify(ctx, lab, json_path, junit_path, guest, skips, guest_extra, guest_type, stop_after):
     """Run every check against the real lab (booted if not up) and report.
 
     Checks: boot, dom0 services, a python domU (16M disk, 8M read-only
@@ -46,7 +49,7 @@ def verify(ctx, lab, json_path, junit_path, guest, skips, guest_extra, stop_afte
     States: SUCCESS, SKIP, FAILURE, ERROR, CRASH. Exit 0 when every check
     is SUCCESS or an allowed SKIP; 1 otherwise; 3 when something crashed."""
     the_lab = open_lab(ctx, lab)
-    outcome = run(the_lab, guest=guest, skips=tuple(skips), guest_extra=guest_extra, json_path=json_path, junit_path=junit_path,
+    outcome = run(the_lab, guest=guest, skips=tuple(skips), guest_extra=guest_extra, guest_type=guest_type, json_path=json_path, junit_path=junit_path,
                   down_after=stop_after, log=lambda line: console.print(escape(line), style="dim"))
     print_table(outcome.results, outcome.seconds)
     for path in (json_path, junit_path):

@@ -26,7 +26,7 @@ from xenlab.config import parse_mib, validate_name
 from xenlab.debug import coredump
 from xenlab.errors import ConfigError, GuestError
 from xenlab.guest.handle import Guest
-from xenlab.guest.spec import GuestSpec, vdev
+from xenlab.guest.spec import GuestSpec, check_type_on_lab, vdev
 from xenlab.build import dom0 as images, extras, kernel as kernel_mod, rootfs
 from xenlab.guest import deploy
 from xenlab.lab.ssh import CommandResult, SSHSession
@@ -135,6 +135,13 @@ class Guests:
         return self.agent("domctl", verb, *args, request=request, timeout=timeout)
 
     # -- images ----------------------------------------------------------
+    def check_type(self, spec: GuestSpec) -> None:
+        """Refuse a guest type this lab's CPU model or Xen cannot run."""
+        info = self.lab.require_up()
+        # A Xen of the user's: its version is not known here; Xen itself will say.
+        xen = "99.0" if info["boot"].get("user_xen") else self._image().manifest["xen_version"]
+        check_type_on_lab(spec.type, info["accel"], info["cpu"], xen)
+
     def _image(self) -> images.Dom0Image:
         return images.Dom0Image(images.images_dir() / self.lab.require_up()["image_id"])
 
@@ -198,7 +205,7 @@ class Guests:
             return elf, f"minimal-{_file_digest(built.bzimage)}.vmlinux", built.release, system_map if system_map.is_file() else None
         if spec.kernel == "debian":
             return image.dom0_kernel, f"debian-{image.id}.vmlinux", image.manifest["kernel_version"], None
-        kernel = extras.read_kernel(spec.kernel)
+        kernel = extras.read_kernel(spec.kernel, pvh=spec.type == "pvh")
         digest = hashlib.sha256(kernel.elf).hexdigest()[:16]
         local = cache_dir() / "guest" / "user-kernels" / f"{digest}.vmlinux"
         if not local.exists():
@@ -225,6 +232,7 @@ class Guests:
     def create(self, spec: GuestSpec, prepared: Prepared | None = None) -> dict:
         """Start the guest; `prepared` is prepare()'s result when the caller already ran it."""
         spec.validate()
+        self.check_type(spec)
         prepared = prepared or self.prepare(spec)
         used = prepared.used
         for attempt in range(3):

@@ -146,6 +146,12 @@ class Lab:
         """What the last finished `up` reported (None before one finished)."""
         return _read_json(self.info_file)
 
+    def running_config(self) -> LabConfig:
+        """The configuration the lab was started with (whatever this handle was
+        opened with); this handle's before a first `up`."""
+        info = self.info()
+        return config_mod.LabConfig.from_dict(info["config"]) if info else self.cfg
+
     def uri(self) -> str:
         info = self.info()
         if info:

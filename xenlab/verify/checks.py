@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import time
 
-from xenlab.agent.facts import CONNECTED, NO_HVM_PAGING, QEMU7_XBEGIN, XEN_TOOL_TESTS
+from xenlab.agent.facts import CONNECTED, NO_HVM_PAGING, QEMU7_XBEGIN, XEN_TOOL_TESTS, XEN_VERSIONS
 from xenlab.agent.xl import parse_xl_list
 from xenlab.errors import XenlabError
 from xenlab.evtchn.catalogue import catalogue
@@ -25,7 +25,7 @@ from xenlab.xenstore.tracer import check, format_reports, format_timeline, state
 
 
 def boot(ctx: Context):
-    """The lab is up (booted here when it was not) and says it runs Xen 4.17."""
+    """The lab is up (booted here when it was not) and runs the Xen of its dom0 suite (4.17 on bookworm)."""
     lab = ctx.lab
     if lab.info() is None or not lab.running():
         ctx.log(f"  lab {lab.name} is not up: booting it")
@@ -33,8 +33,10 @@ def boot(ctx: Context):
     st = lab.status()
     if st["state"] != "up":
         raise CheckFailed(f"lab {lab.name} is {st['state']}", st.get("hint", ""))
-    if not st["xen_version"].startswith("4.17"):
-        raise CheckFailed(f"Xen {st['xen_version']} answers, not 4.17")
+    started = lab.running_config()
+    suite = started.dom0.suite
+    if not st["xen_version"].startswith(XEN_VERSIONS[suite] + ".") and not started.xen:
+        raise CheckFailed(f"Xen {st['xen_version']} answers, not {suite}'s {XEN_VERSIONS[suite]}")
     boot = (f"restored from snapshot {st['snapshot']} in {st['boot_seconds']:.1f} s" if st.get("restored")
             else f"booted in {st['boot_seconds']:.1f} s")
     how = f"{boot} now" if ctx.booted_here else f"already up {st['uptime_seconds']:.0f} s ({boot})"

@@ -98,6 +98,7 @@ class Context:
     lab: object  # xenlab.lab.Lab
     guest: str
     guest_extra: str = ""
+    guest_type: str = "pv"  # pvh: Debian's kernel (xenlab's minimal one is PV only)
     guests: object | None = None  # guest.manager.Guests
     xs: object | None = None  # xenstore.XenStore
     domid: int | None = None
@@ -111,7 +112,8 @@ class Context:
 
     def spec(self):
         return GuestSpec(name=self.guest, memory=128, disks=tuple(DiskSpec.parse(d) for d in GUEST_DISKS), net=True,
-                         root="python", extra=self.guest_extra).validate()
+                         root="python", extra=self.guest_extra, type=self.guest_type,
+                         kernel="minimal" if self.guest_type == "pv" else "debian").validate()
 
     def store(self):
         if self.xs is None or not self.xs.connected:

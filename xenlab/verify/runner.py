@@ -89,11 +89,12 @@ def run_one(ctx: Context, results: list[Result], name: str, fn: Callable[[Contex
     results.append(r)
 
 
-def verify(lab, guest: str = "verify", skips: tuple[str, ...] = (), guest_extra: str = "", log: Callable[[str], None] | None = None) -> tuple[list[Result], Context]:
+def verify(lab, guest: str = "verify", skips: tuple[str, ...] = (), guest_extra: str = "", log: Callable[[str], None] | None = None,
+           guest_type: str = "pv") -> tuple[list[Result], Context]:
     """Run every check; the guest is destroyed at the end whatever happened."""
     validate_name(guest, "--guest")
     validate_skips(skips)
-    ctx = Context(lab=lab, guest=guest, guest_extra=guest_extra, log=log or (lambda line: None))
+    ctx = Context(lab=lab, guest=guest, guest_extra=guest_extra, guest_type=guest_type, log=log or (lambda line: None))
     ctx.spec()  # bad --guest-extra is refused before the lab is touched
     results: list[Result] = []
     plan = (
@@ -148,15 +149,16 @@ class Outcome:
 
 
 def run(lab, guest: str = "verify", skips: tuple[str, ...] = (), guest_extra: str = "", json_path: Path | None = None,
-        junit_path: Path | None = None, down_after: bool = False, log: Callable[[str], None] | None = None) -> Outcome:
+        junit_path: Path | None = None, down_after: bool = False, log: Callable[[str], None] | None = None, guest_type: str = "pv") -> Outcome:
     """`xenlab verify`: every check, the reports written, and the lab stopped
     afterwards when `down_after` and this run booted it."""
     check_output_path(json_path, "--json")
     check_output_path(junit_path, "--junit")
     started_at, t0 = time.time(), time.monotonic()
-    results, ctx = verify(lab, guest=guest, skips=skips, guest_extra=guest_extra, log=log)
+    results, ctx = verify(lab, guest=guest, skips=skips, guest_extra=guest_extra, log=log, guest_type=guest_type)
     seconds = time.monotonic() - t0
     report = report_dict(lab.name, results, seconds, started_at, guest, (lab.info() or {}).get("versions"))
+    report.update(guest_type=guest_type, suite=lab.running_config().dom0.suite)
     if json_path or junit_path:
         report["xenbus_timelines"] = write_timelines(ctx.traces, json_path or junit_path, guest)
     write_reports(results, report, json_path, junit_path)

@@ -7,7 +7,7 @@
   dom0's own clock over a loop), and an SSH connection plus its first command.
 
 Prints one JSON document. `--build` also rebuilds the dom0 image (~90 s).
-Usage: .venv/bin/python bench/lab_bench.py [--runs N] [--build]"""
+Usage: .venv/bin/python bench/lab_bench.py [--runs N] [--build] [--suite trixie]"""
 
 from __future__ import annotations
 
@@ -23,10 +23,13 @@ import time
 
 XENLAB = [sys.executable, "-m", "xenlab"]
 NAME = "bench"
+SUITE_CONFIG: list[str] = []  # ["--config", FILE] naming the dom0 suite, when not the default
 
 
 def timed(*args: str) -> tuple[float, str]:
     start = time.monotonic()
+    if args[0] != "--config":
+        args = (*SUITE_CONFIG, *args)
     proc = subprocess.run(XENLAB + list(args), capture_output=True, text=True)
     took = time.monotonic() - start
     if proc.returncode != 0:
@@ -57,7 +60,7 @@ def process_costs(count: int) -> dict:
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
     from xenlab.lab import Lab
 
-    lab = Lab.open(NAME)
+    lab = Lab.open(NAME)  # a running lab: its suite is the one it was started with
 
     def on_host(script: str) -> str:
         return subprocess.run(["sh", "-c", script], capture_output=True, text=True, check=True).stdout
@@ -93,7 +96,13 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--count", type=int, default=100, help="/bin/true starts per loop (fewer of the slower commands)")
     parser.add_argument("--build", action="store_true", help="rebuild the dom0 image and time it")
+    parser.add_argument("--suite", default="", help="the dom0 suite (default: the configured one, bookworm)")
     args = parser.parse_args()
+    suite_lines = f'[dom0]\nsuite = "{args.suite}"\n' if args.suite else ""
+    if suite_lines:
+        with tempfile.NamedTemporaryFile("w", suffix=".toml", delete=False) as f:
+            f.write(suite_lines)
+        SUITE_CONFIG.extend(["--config", f.name])
     if args.build:
         took, out = timed("build", "--force", "--json")
         build = {"seconds": round(took, 1), "measured": "now"}
@@ -101,7 +110,7 @@ def main() -> None:
         _, out = timed("build", "--json")
         build = {"seconds": json.loads(out)["build_seconds"], "measured": "cached image manifest"}
     with tempfile.NamedTemporaryFile("w", suffix=".toml", delete=False) as f:
-        f.write("[lab]\nsnapshots = false\n")
+        f.write("[lab]\nsnapshots = false\n" + suite_lines)
         no_snapshots = f.name
     colds, restores, resets, downs, accel = [], [], [], [], None
     subprocess.run(XENLAB + ["down", "--lab", NAME], capture_output=True)
@@ -128,11 +137,14 @@ def main() -> None:
     finally:
         subprocess.run(XENLAB + ["down", "--lab", NAME], capture_output=True)
         os.unlink(no_snapshots)
+        if SUITE_CONFIG:
+            os.unlink(SUITE_CONFIG[1])
     cold = statistics.median(colds)
     print(json.dumps({
         "benchmark": "lab",
         "host": host(),
         "accel": accel,
+        "suite": args.suite or "bookworm",
         "dom0_image_build_seconds": build,
         "cold_up_seconds": summary(colds),
         "restore_up_seconds": summary(restores),

@@ -205,6 +205,10 @@ def test_debian_kernel_and_stock_hotplug(lab_info, dom0):
         (["gt-bad", "--memory", "4000M"], "Xen has"),
         (["gt-bad", "--disk", "900G"], "dom0 has only"),
         (["gt-bad", "--disk", "lots"], "cannot read"),
+        # The suite's lab is bookworm (Xen 4.17): PVH is refused there, saying what to use.
+        (["gt-bad", "--type", "pvh", "--kernel", "debian"], "PVH guests do not run on Xen 4.17 under TCG"),
+        (["gt-bad", "--type", "pvh"], "minimal kernel boots only as a PV guest"),
+        (["gt-bad", "--type", "hvm"], "unknown guest type 'hvm'"),
     ],
 )
 def test_bad_create_refused_and_nothing_made(lab_info, dom0, args, message):

@@ -180,3 +180,12 @@ def test_runner_guest_panic_in_the_error_is_a_crash_once(tmp_path):
     run_one(ctx, out, "lab.crash-scan", lambda c: "runs", ("lab.boot",), ())
     assert out[1].state == "SKIP" and "guest crashed" in out[1].evidence and not out[1].allowed
     assert out[2].state == "SKIP" and out[2].evidence == "needs lab.boot (not run)"
+
+
+def test_verify_guest_by_type():
+    """verify's guest: the minimal kernel as PV; Debian's as PVH (the minimal one has no PVH entry)."""
+    pv = Context(lab=None, guest="g").spec()
+    pvh = Context(lab=None, guest="g", guest_type="pvh").spec()
+    assert (pv.type, pv.kernel) == ("pv", "minimal")
+    assert (pvh.type, pvh.kernel, pvh.root) == ("pvh", "debian", "python")
+    assert pvh.disks == pv.disks and pvh.net

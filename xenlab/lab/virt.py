@@ -164,6 +164,14 @@ def _open(uri: str, lock_wait: float):
             if "Failed to acquire pid file" in msg and time.monotonic() < deadline:
                 time.sleep(0.2)  # another xenlab process holds this lab's embed root
                 continue
+            if "already open with path" in msg:
+                # libvirt's embedded driver serves one root per process, for the life of the process.
+                raise LabError(
+                    "this process already drives another lab through libvirt's embedded driver, "
+                    "which libvirt allows for one lab per process",
+                    "drive each lab from its own process (e.g. run `xenlab` as a subprocess, or one pytest-xdist worker per lab), "
+                    "or use a libvirt daemon for all of them ([lab] connect = \"qemu:///system\")",
+                ) from None
             raise LabError(
                 f"cannot connect to libvirt at {uri}: {msg}",
                 "check the URI (e.g. qemu:///system, qemu+ssh://host/system) and that libvirtd runs there"

@@ -1,0 +1,77 @@
+"""The support matrix of docs/guest-types.md: `xenlab verify` with each guest
+type on a lab of each dom0 suite (its Xen), one lab at a time, each check's
+result per cell. A type a lab cannot run is tried all the same: the cell says
+how it was refused. Each lab is driven by `xenlab` in its own process:
+libvirt's embedded driver serves one lab per process.
+
+Prints one JSON document (cells, plus the table as Markdown). Usage:
+  .venv/bin/python bench/support_matrix.py [--suites bookworm,trixie] [--types pv,pvh]"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from lab_bench import host  # noqa: E402
+
+from xenlab.agent.facts import XEN_VERSIONS  # noqa: E402
+
+XENLAB = [sys.executable, "-m", "xenlab"]
+
+
+def xenlab(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run(XENLAB + list(args), capture_output=True, text=True)
+    if check and proc.returncode != 0:
+        sys.exit(f"xenlab {' '.join(args)} failed:\n{proc.stderr}")
+    return proc
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--suites", default=",".join(XEN_VERSIONS))
+    parser.add_argument("--types", default="pv,pvh")
+    args = parser.parse_args()
+    suites, types = args.suites.split(","), args.types.split(",")
+    cells = []
+    for suite in suites:
+        lab = f"matrix-{suite}"
+        try:
+            xenlab("up", "--lab", lab, "--suite", suite)
+            xen = json.loads(xenlab("status", "--lab", lab, "--json").stdout)["xen_version"]
+            for guest_type in types:
+                started = time.monotonic()
+                with tempfile.NamedTemporaryFile(suffix=".json") as report:
+                    xenlab("verify", "--lab", lab, "--guest", f"m-{guest_type}", "--guest-type", guest_type, "--json", report.name, check=False)
+                    results = json.load(open(report.name))["checks"]
+                cells.append({"suite": suite, "xen": xen, "type": guest_type, "seconds": round(time.monotonic() - started, 1),
+                              "results": {r["name"]: {"state": r["state"], "evidence": r["evidence"]} for r in results}})
+                passed = sum(r["state"] == "SUCCESS" for r in results)
+                print(f"{suite} {guest_type}: {passed}/{len(results)} SUCCESS", file=sys.stderr)
+        finally:
+            xenlab("down", "--lab", lab, check=False)
+    checks = list(dict.fromkeys(name for cell in cells for name in cell["results"]))
+    header = "| check | " + " | ".join(f"Xen {c['xen']} ({c['suite']}), {c['type'].upper()}" for c in cells) + " |"
+    lines = [header, "|" + "---|" * (1 + len(cells))]
+    for check in checks:
+        row = []
+        for cell in cells:
+            result = cell["results"].get(check)
+            if result is None:
+                row.append("-")
+            elif check == "guest.create" and result["state"] != "SUCCESS":
+                row.append(f"{result['state']}: {result['evidence'][:110]}")
+            else:
+                row.append(result["state"])
+        lines.append(f"| {check} | " + " | ".join(row) + " |")
+    print(json.dumps({"benchmark": "support-matrix", "host": host(), "cells": cells, "markdown": "\n".join(lines)}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

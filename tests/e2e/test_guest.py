@@ -208,7 +208,7 @@ def test_debian_kernel_and_stock_hotplug(lab_info, dom0):
         # The suite's lab is bookworm (Xen 4.17): PVH is refused there, saying what to use.
         (["gt-bad", "--type", "pvh", "--kernel", "debian"], "PVH guests do not run on Xen 4.17 under TCG"),
         (["gt-bad", "--type", "pvh"], "minimal kernel boots only as a PV guest"),
-        (["gt-bad", "--type", "hvm"], "unknown guest type 'hvm'"),
+        (["gt-bad", "--type", "pvm"], "unknown guest type 'pvm'"),
     ],
 )
 def test_bad_create_refused_and_nothing_made(lab_info, dom0, args, message):

@@ -39,7 +39,8 @@ def test_guest_name_refused(name):
         ({"memory": 10**6}, "out of range"),
         ({"memory": 64, "root": "python"}, "python guest needs 96"),
         ({"vcpus": 0}, "vcpus 0"),
-        ({"type": "hvm"}, "unknown guest type 'hvm'"),
+        ({"type": "pvm"}, "unknown guest type 'pvm'"),
+        ({"type": "hvm"}, "minimal kernel boots only as a PV guest .it has no CONFIG_XEN_PVHVM_GUEST"),
         ({"type": "pvh"}, "minimal kernel boots only as a PV guest"),
         ({"kernel": "custom"}, "unknown --kernel"),
         ({"disks": (DiskSpec(1),) * 9}, "at most 8"),
@@ -163,7 +164,20 @@ def test_pvh_refused_on_a_lab_that_cannot_run_it(accel, cpu, xen, message):
         check_type_on_lab("pvh", accel, cpu, xen)
 
 
+def test_hvm_needs_svm_but_not_a_newer_xen():
+    with pytest.raises(ConfigError, match="an HVM guest needs a CPU model with SVM"):
+        check_type_on_lab("hvm", "tcg", "qemu64", "4.20")
+    check_type_on_lab("hvm", "tcg", "svm", "4.17")
+
+
 @pytest.mark.parametrize("accel,cpu,xen", [("tcg", "svm", "4.20"), ("tcg", "max", "4.21"), ("kvm", "qemu64", "4.17")])
 def test_pvh_allowed_where_it_runs(accel, cpu, xen):
     check_type_on_lab("pvh", accel, cpu, xen)
     check_type_on_lab("pv", "tcg", "qemu64", "4.17")  # PV runs everywhere
+
+
+def test_disk_names_by_guest_type():
+    disks = tuple(DiskSpec.parse(d) for d in ("16M", "8M:ro", "4M"))
+    assert GuestSpec(name="g", disks=disks).vdevs() == ["xvda", "xvdb", "xvdc"]
+    # HVM: past the IDE slots libxl would emulate, so PV only.
+    assert GuestSpec(name="g", disks=disks, type="hvm", kernel="debian").vdevs() == ["xvde", "xvdf", "xvdg"]

@@ -26,7 +26,7 @@ import tty
 
 from . import facts
 from .errors import AgentError, report
-from .facts import CONSOLE_LOG, CORES_DIR, EXEC_CHUNK_TAG, EXEC_END_TAG, EXEC_REPLY_TAG, EXEC_REQUEST_TAG, GUEST_PANIC_PATTERNS as CRASH_PATTERNS, GUEST_READY_MARK as READY_MARK, GUESTS_DIR, state_name
+from .facts import CONSOLE_LOG, CORES_DIR, EXEC_CHUNK_TAG, EXEC_END_TAG, EXEC_REPLY_TAG, EXEC_REQUEST_TAG, GUEST_PANIC_PATTERNS as CRASH_PATTERNS, GUEST_READY_MARK as READY_MARK, GUESTS_DIR, XEN_TRIPLE_FAULT, state_name
 from .xl import parse_xl_list
 from .xs import XenStore
 
@@ -215,6 +215,14 @@ def _xl_info() -> dict:
     return out
 
 
+def xen_said_why(domid: int) -> str:
+    """What Xen logged when it shut the domain down by itself (an HVM/PVH
+    guest's triple fault), as ' (Xen: ...)'; '' when it said nothing."""
+    log = xl("dmesg", check=False, timeout=30).stdout
+    said = [line.split("] ", 1)[-1] for line in log.splitlines() if re.search(rf"\bd{domid}v\d+ {XEN_TRIPLE_FAULT}", line)]
+    return f" (Xen: {said[-1].strip()})" if said else ""
+
+
 def _wait_up(store: XenStore, name: str, domid: int, spec: dict, t0: float) -> dict:
     """Until every vbd/vif is Connected on both sides and the guest printed
     its readiness line; a panic or a vanished domain fails at once."""
@@ -234,7 +242,8 @@ def _wait_up(store: XenStore, name: str, domid: int, spec: dict, t0: float) -> d
             return {"connected": round(connected_at - t0, 2), "ready": round(ready_at - t0, 2)}
         crash = next((m.group(0) for p in CRASH_PATTERNS if (m := p.search(text))), None)
         if crash or store.try_read(f"/local/domain/{domid}/name") is None:
-            raise Refused(f"guest {name!r} {'crashed: ' + crash if crash else 'vanished'} while starting\n--- console ---\n{console_tail(name)}")
+            why = f"crashed: {crash}" if crash else "vanished" + xen_said_why(domid)
+            raise Refused(f"guest {name!r} {why} while starting\n--- console ---\n{console_tail(name)}")
         time.sleep(0.02)
     states = ", ".join(f"{d['kind']}/{d['devid']} front {state_name(d['frontend_state'])} back {state_name(d['backend_state'])}" for d in devices(store, domid))
     raise Refused(

@@ -64,5 +64,7 @@ EXEC_CHUNK_BYTES = 12288  # at most, per piece (one pipe read in the guest)
 # Lines on a guest's console: its init says it is ready, or that it panicked.
 GUEST_READY_MARK = "XENLAB-GUEST-READY"
 GUEST_PANIC_MARK = "XENLAB-GUEST-PANIC"
+# Xen's line when an HVM/PVH vCPU triple-faults: "d27v0 Triple fault - invoking HVM shutdown action 1".
+XEN_TRIPLE_FAULT = "Triple fault - invoking HVM shutdown action"
 KERNEL_PANIC = "Kernel panic - not syncing"  # Linux's panic() line, in dom0's and guests' logs
 GUEST_PANIC_PATTERNS = (re.compile(re.escape(KERNEL_PANIC) + ".*"), re.compile(GUEST_PANIC_MARK + r": .*"))

@@ -34,6 +34,7 @@ BUILD_VERSION = 7
 DOM0_PACKAGES = (
     "linux-image-amd64",
     "xenstore-utils",
+    "qemu-system-xen",  # the device model of HVM guests (with SeaBIOS)
     "openssh-server",
     "python3",
     "iproute2",

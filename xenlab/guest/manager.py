@@ -26,7 +26,7 @@ from xenlab.config import parse_mib, validate_name
 from xenlab.debug import coredump
 from xenlab.errors import ConfigError, GuestError
 from xenlab.guest.handle import Guest
-from xenlab.guest.spec import GuestSpec, check_type_on_lab, vdev
+from xenlab.guest.spec import GuestSpec, check_type_on_lab
 from xenlab.build import dom0 as images, extras, kernel as kernel_mod, rootfs
 from xenlab.guest import deploy
 from xenlab.lab.ssh import CommandResult, SSHSession
@@ -72,7 +72,7 @@ def render_xl_config(spec: GuestSpec, kernel: str, ramdisk: str, ip: str, mac: s
     gdir = f"{REMOTE_GUESTS}/{spec.name}"
     quiet = "loglevel=1" if spec.kernel == "minimal" else "quiet loglevel=1"
     cmdline = f"console=hvc0 {quiet} xenlab.name={spec.name} xenlab.ip={ip}/24 {spec.extra}".strip()
-    disks = [{"vdev": vdev(i), "readonly": d.readonly, "path": f"{gdir}/{vdev(i)}.img"} for i, d in enumerate(spec.disks)]
+    disks = [{"vdev": name, "readonly": d.readonly, "path": f"{gdir}/{name}.img"} for name, d in zip(spec.vdevs(), spec.disks)]
     return templates.render(
         "xl-guest.cfg.j2", name=spec.name, type=spec.type, kernel=kernel, ramdisk=ramdisk, cmdline=cmdline,
         memory=spec.memory, vcpus=spec.vcpus, disks=disks, net=spec.net, mac=mac, bridge=BRIDGE,
@@ -203,9 +203,18 @@ class Guests:
             system_map = built.build_dir / "System.map"
             # Named by content: a rebuilt kernel must not meet its predecessor's copy in dom0.
             return elf, f"minimal-{_file_digest(built.bzimage)}.vmlinux", built.release, system_map if system_map.is_file() else None
+        # An HVM guest's kernel is booted by QEMU (the device model), which takes a bzImage.
         if spec.kernel == "debian":
+            if spec.type == "hvm":
+                return image.kernel, f"debian-{image.id}.bzImage", image.manifest["kernel_version"], None
             return image.dom0_kernel, f"debian-{image.id}.vmlinux", image.manifest["kernel_version"], None
         kernel = extras.read_kernel(spec.kernel, pvh=spec.type == "pvh")
+        if spec.type == "hvm":
+            if kernel.kind != "bzImage":
+                raise ConfigError(f"--kernel {spec.kernel} is an {kernel.kind}: an HVM guest boots a bzImage (QEMU loads it)",
+                                  "give arch/x86/boot/bzImage of the same build")
+            digest = hashlib.sha256(kernel.path.read_bytes()).hexdigest()[:16]
+            return kernel.path, f"user-{digest}.bzImage", kernel.release, None
         digest = hashlib.sha256(kernel.elf).hexdigest()[:16]
         local = cache_dir() / "guest" / "user-kernels" / f"{digest}.vmlinux"
         if not local.exists():
@@ -250,8 +259,8 @@ class Guests:
             "kernel_file": prepared.kernel, "symbol_map": prepared.symbol_map,
             "ip": ip, "mac": mac, "net": spec.net, "timeout": spec.timeout, "hotplug": spec.hotplug,
             "disks": [
-                {"path": f"{REMOTE_GUESTS}/{spec.name}/{vdev(i)}.img", "vdev": vdev(i), "size_mib": d.size_mib, "readonly": d.readonly}
-                for i, d in enumerate(spec.disks)
+                {"path": f"{REMOTE_GUESTS}/{spec.name}/{name}.img", "vdev": name, "size_mib": d.size_mib, "readonly": d.readonly}
+                for name, d in zip(spec.vdevs(), spec.disks)
             ],
             "config": render_xl_config(spec, prepared.kernel, prepared.ramdisk, ip, mac),
         }

@@ -12,12 +12,13 @@ from xenlab.errors import ConfigError
 MODULE_NAME = re.compile(r"^[A-Za-z0-9_-]+$")
 ROOTS = ("busybox", "python")
 KERNELS = ("minimal", "debian")  # or the path of a kernel file of the user's
-TYPES = ("pv", "pvh")
-# What a PVH guest needs of the lab (measured here under TCG; docs/guest-types.md):
-# a CPU model with SVM and nested paging, and Xen 4.20 (on bookworm's 4.17 a
-# PVH domU shuts down before its first instruction, with nothing logged).
-PVH_CPUS = ("svm", "max")
-PVH_MIN_XEN = (4, 20)
+TYPES = ("pv", "pvh", "hvm")
+# What PVH and HVM guests need of the lab (measured here under TCG;
+# docs/guest-types.md): a CPU model with SVM and nested paging, and for PVH
+# Xen 4.20 (on bookworm's 4.17 a PVH domU shuts down before its first
+# instruction, with nothing logged).
+SVM_CPUS = ("svm", "max")
+MIN_XEN_UNDER_TCG = {"pvh": (4, 20)}
 HOTPLUG = ("xenlab", "stock")
 MAX_DISKS = 8
 MAX_MEMORY = 16384  # MiB; Xen's free memory is checked in dom0 too
@@ -63,6 +64,12 @@ class GuestSpec:
         """The kernel is a file of the user's (a path), not one xenlab provides."""
         return self.kernel not in KERNELS
 
+    def vdevs(self) -> list[str]:
+        """Each disk's name in the guest: xvda, xvdb, ... in order; in an HVM
+        guest from xvde on (see IDE_SLOTS)."""
+        first = IDE_SLOTS if self.type == "hvm" else 0
+        return [vdev(first + i) for i in range(len(self.disks))]
+
     @property
     def root_flavour(self) -> str:
         """Which built root the guest boots: the Debian kernel's carries its frontend modules."""
@@ -85,10 +92,11 @@ class GuestSpec:
         if self.root not in ROOTS:
             raise ConfigError(f"unknown --root {self.root!r}", f"choose one of {', '.join(ROOTS)}")
         if self.type not in TYPES:
-            raise ConfigError(f"unknown guest type {self.type!r}", f"choose one of {', '.join(TYPES)} (HVM guests are not supported yet)")
-        if self.type == "pvh" and self.kernel == "minimal":
-            raise ConfigError("xenlab's minimal kernel boots only as a PV guest (it has no CONFIG_XEN_PVH)",
-                              "for --type pvh use --kernel debian, or a kernel of yours built with CONFIG_XEN_PVH")
+            raise ConfigError(f"unknown guest type {self.type!r}", f"choose one of {', '.join(TYPES)}")
+        if self.type != "pv" and self.kernel == "minimal":
+            needs = "CONFIG_XEN_PVH" if self.type == "pvh" else "CONFIG_XEN_PVHVM_GUEST (the Xen platform PCI device)"
+            raise ConfigError(f"xenlab's minimal kernel boots only as a PV guest (it has no {needs})",
+                              f"for --type {self.type} use --kernel debian, or a kernel of yours built with {needs}")
         low = MIN_MEMORY[self.root]
         if not low <= self.memory <= MAX_MEMORY:
             raise ConfigError(f"guest memory {self.memory} MiB is out of range", f"a {self.root} guest needs {low} to {MAX_MEMORY} MiB, e.g. --memory 128M")
@@ -107,17 +115,26 @@ class GuestSpec:
 
 def check_type_on_lab(guest_type: str, accel: str, cpu: str, xen_version: str) -> None:
     """Refuse a guest type the running lab cannot run, before anything is shipped."""
-    if guest_type != "pvh":
+    if guest_type == "pv" or accel == "kvm":
         return
-    if accel != "kvm" and cpu not in PVH_CPUS:
-        raise ConfigError(f"a PVH guest needs a CPU model with SVM; this lab runs TCG with --cpu {cpu}",
-                          f"boot a lab with --cpu {PVH_CPUS[0]} (the default): xenlab up --cpu {PVH_CPUS[0]}")
+    kind = guest_type.upper()
+    if cpu not in SVM_CPUS:
+        article = "an" if kind == "HVM" else "a"
+        raise ConfigError(f"{article} {kind} guest needs a CPU model with SVM; this lab runs TCG with --cpu {cpu}",
+                          f"boot a lab with --cpu {SVM_CPUS[0]} (the default): xenlab up --cpu {SVM_CPUS[0]}")
     version = tuple(int(part) for part in xen_version.split(".")[:2] if part.isdigit())
-    if accel != "kvm" and version < PVH_MIN_XEN:
-        need = ".".join(map(str, PVH_MIN_XEN))
-        raise ConfigError(f"PVH guests do not run on Xen {xen_version} under TCG (they shut down before their first instruction)",
+    if guest_type in MIN_XEN_UNDER_TCG and version < MIN_XEN_UNDER_TCG[guest_type]:
+        need = ".".join(map(str, MIN_XEN_UNDER_TCG[guest_type]))
+        raise ConfigError(f"{kind} guests do not run on Xen {xen_version} under TCG (they shut down before their first instruction)",
                           f"use a lab with Xen {need} or later: xenlab up --suite trixie")
 
 
 def vdev(index: int) -> str:
-    return "xvd" + "abcdefgh"[index]
+    return "xvd" + "abcdefghijklmnop"[index]
+
+
+# libxl also emulates an HVM guest's xvda-xvdd as IDE disks (its PV drivers
+# unplug them at boot). With one there the guest rebooted before its kernel
+# printed a line (TCG, Xen 4.20), and qemu-xen has no read-only IDE: an HVM
+# guest's disks are named past those slots, so they are PV only.
+IDE_SLOTS = 4

@@ -133,8 +133,7 @@ def vdev(index: int) -> str:
     return "xvd" + "abcdefghijklmnop"[index]
 
 
-# libxl also emulates an HVM guest's xvda-xvdd as IDE disks (its PV drivers
-# unplug them at boot). With one there the guest rebooted before its kernel
-# printed a line (TCG, Xen 4.20), and qemu-xen has no read-only IDE: an HVM
-# guest's disks are named past those slots, so they are PV only.
+# libxl also emulates an HVM guest's xvda-xvdd as IDE disks for its BIOS (the
+# kernel, loaded directly, unplugs them at boot), and qemu-xen has no
+# read-only IDE: an HVM guest's disks are named past those slots, PV only.
 IDE_SLOTS = 4

@@ -56,6 +56,30 @@ def pytest_addoption(parser):
                          "each reset costs a snapshot restore, a few seconds (default: session, the lab is shared as it is)")
     group.addoption("--xenlab-load", action="append", default=[], metavar="'MODULE [PARAMS]'",
                     help="a module the guests tests make load at boot (repeatable, in order)")
+    group.addoption("--xenlab-shard", default=os.environ.get("XENLAB_SHARD", ""), metavar="K/N",
+                    help="run shard K (1..N) of N: each test goes to one shard by its id, the same on every runner "
+                         "(a CI matrix of N runners, each with its own lab, covers the suite once)")
+
+
+def shard_of(nodeid: str, shards: int) -> int:
+    """The shard (1..shards) a test belongs to: by a stable hash of its id (not Python's salted hash)."""
+    return int(hashlib.sha256(nodeid.encode()).hexdigest()[:8], 16) % shards + 1
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    k, sep, n = text.partition("/")
+    if not (sep and k.isdigit() and n.isdigit() and 1 <= int(k) <= int(n)):
+        raise pytest.UsageError(f"--xenlab-shard {text!r}: write K/N with 1 <= K <= N, e.g. 2/3")
+    return int(k), int(n)
+
+
+def pytest_collection_modifyitems(config, items):
+    if not config.getoption("--xenlab-shard"):
+        return
+    k, n = parse_shard(config.getoption("--xenlab-shard"))
+    keep = [item for item in items if shard_of(item.nodeid, n) == k]
+    config.hook.pytest_deselected(items=[item for item in items if shard_of(item.nodeid, n) != k])
+    items[:] = keep
 
 
 def pytest_configure(config):

@@ -76,3 +76,21 @@ def test_your_own_xen_and_dom0_kernel_reach_the_lab_config(pytester, tmp_path):
     lab = _lab_from_options(config)
     assert lab.name == "own" and lab.cfg.xen.endswith("/xen.gz") and lab.cfg.xen.startswith("/")
     assert (lab.cfg.dom0.kernel, lab.cfg.dom0.modules) == ("/k/bzImage", "/k/mods")
+
+
+def test_shards_cover_the_suite_once(pytester):
+    """--xenlab-shard K/N on N runners: every test runs on exactly one of them."""
+    pytester.makepyfile(test_many="import pytest\n\n@pytest.mark.parametrize('n', range(12))\ndef test_n(n):\n    print(f'RAN {n}')\n")
+    ran = []
+    for k in (1, 2, 3):
+        result = pytester.runpytest_subprocess("--xenlab-shard", f"{k}/3", "-s", "-p", "no:cacheprovider")
+        assert result.ret == 0
+        ran.append({int(n) for n in re.findall(r"RAN (\d+)", result.stdout.str())})
+    assert set().union(*ran) == set(range(12)) and sum(map(len, ran)) == 12
+    assert all(ran), ran  # 12 tests over 3 shards: none empty (by these ids' hashes)
+
+
+def test_bad_shard_refused(pytester):
+    pytester.makepyfile(test_one="def test_x():\n    pass\n")
+    result = pytester.runpytest_subprocess("--xenlab-shard", "4/3", "-p", "no:cacheprovider")
+    assert result.ret != 0 and "--xenlab-shard '4/3': write K/N" in result.stderr.str()

@@ -214,8 +214,8 @@ class Lab:
         """(one of STATES but "unreachable", which takes an SSH try; a line saying why), quickly."""
         info, marker = self.info(), _read_json(self.boot_marker)
         qemu = self.qemu_alive()
-        if qemu is None:  # remote: ask libvirt
-            qemu = self.running()
+        if qemu is None:  # remote: ask libvirt (without the lab's lock, which `up` may hold)
+            qemu = self._vm_running()
         if marker and not info:
             pid = marker.get("pid", 0)
             if pid_alive(pid) and (holder := self.lock_holder()) and holder[0] == pid:
@@ -891,7 +891,11 @@ class Lab:
             return virt.monitor(dom, command)
 
     def running(self) -> bool:
-        with self.locked(), self._connect() as conn:
+        with self.locked():
+            return self._vm_running()
+
+    def _vm_running(self) -> bool:
+        with self._connect() as conn:
             dom = virt.lookup(conn, self.domain_name)
             return dom is not None and virt.is_running(dom)
 

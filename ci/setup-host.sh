@@ -43,6 +43,17 @@ if ! getent passwd libvirt-qemu >/dev/null; then
   "${sudo_cmd[@]}" useradd --system --no-create-home --shell /usr/sbin/nologin -g libvirt-qemu libvirt-qemu
 fi
 
+# sshd for the e2e tests' stand-in remote libvirt host (tests/e2e/test_remote.py),
+# unpacked only: installing openssh-server would start an SSH service here.
+openssh=/opt/xenlab/stacks/openssh
+if [ ! -x "$openssh/usr/sbin/sshd" ]; then
+  debs=$(mktemp -d)
+  (cd "$debs" && apt-get download -q openssh-server >/dev/null 2>&1)
+  "${sudo_cmd[@]}" mkdir -p "$openssh"
+  "${sudo_cmd[@]}" dpkg-deb -x "$debs"/openssh-server_*.deb "$openssh"
+  rm -rf "$debs"
+fi
+
 # An ordinary user builds the dom0 image in a user namespace, which maps the
 # image's owners (root, _apt, ...) to the user's subordinate ids.
 user=${SUDO_USER:-$(id -un)}

@@ -42,7 +42,8 @@ def pytest_addoption(parser):
     group.addoption("--xenlab-name", default=os.environ.get("XENLAB_NAME", "pytest"),
                     help="name of the lab the tests use; one already up is reused and left running (default: $XENLAB_NAME or 'pytest')")
     group.addoption("--xenlab-keep", action="store_true", help="leave the lab running after the session even if this session booted it")
-    group.addoption("--xenlab-connect", default="", help="libvirt URI for booting the lab (default: embedded driver, no daemon)")
+    group.addoption("--xenlab-connect", default="", help="libvirt URI for booting the lab (default: embedded driver, no daemon); "
+                    "under pytest -n N a comma-separated list that the workers are spread over, '' meaning the embedded driver")
     group.addoption("--xenlab-config", default=os.environ.get("XENLAB_CONFIG", ""), help="a TOML file over xenlab's defaults")
     group.addoption("--xenlab-artifacts", default="", help="where failed tests' logs go (default: <rootdir>/xenlab-artifacts)")
     group.addoption("--xenlab-xen", default="", metavar="FILE", help="boot the session's lab with this Xen (xen.gz or xen of your build)")
@@ -135,12 +136,20 @@ def lab_name(config) -> str:
     return f"{name}-{worker}" if worker else name
 
 
+def worker_uri(config) -> str:
+    """This worker's libvirt URI: --xenlab-connect, or under xdist the entry
+    of its comma-separated list for this worker (gw0 the first, gw1 the next, round robin)."""
+    uris = config.getoption("--xenlab-connect").split(",")
+    worker = xdist_worker(config)
+    return uris[int(worker[2:]) % len(uris)] if worker.startswith("gw") else uris[0]
+
+
 def _lab_from_options(config):
     from xenlab.lab import Lab
 
     opt = config.getoption
     own = {"xen": opt("--xenlab-xen"), "dom0.kernel": opt("--xenlab-dom0-kernel"), "dom0.modules": opt("--xenlab-dom0-modules")}
-    return Lab.open(lab_name(config), opt("--xenlab-config") or None, connect=opt("--xenlab-connect") or None,
+    return Lab.open(lab_name(config), opt("--xenlab-config") or None, connect=worker_uri(config) or None,
                     **{key: str(Path(value).absolute()) for key, value in own.items() if value})
 
 

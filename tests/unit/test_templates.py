@@ -111,3 +111,20 @@ def test_extra_xen_and_dom0_args(lab):
     args = qemu_args(render_domain(lab))
     assert args[args.index("-append") + 1].endswith(" sched=credit")
     assert args[args.index("-initrd") + 1].split(",/")[0].endswith(" ignore_loglevel")
+
+
+def test_domain_xml_of_a_remote_lab_names_only_remote_paths(lab):
+    """A lab on another libvirt host: its files where they were uploaded there, that host's own QEMU."""
+    pool = "/home/r/.local/share/xenlab/pool"
+    placed = {"xen": f"{pool}/boot-xen", "dom0_kernel": f"{pool}/img-vmlinux", "initramfs": f"{pool}/img-initramfs.cpio",
+              "disk": f"{pool}/lab-unit.qcow2", "serial_log": f"{pool}/lab-unit-serial.log"}
+    image = images.Dom0Image(Path("/cache/dom0-x"))
+    root = ET.fromstring(lab.domain_xml(image, "tcg", 2222, placed=placed))
+    assert root.find("devices/emulator") is None
+    assert root.find("devices/disk/source").get("file") == placed["disk"]
+    assert root.find("devices/serial/source").get("path") == placed["serial_log"]
+    args = qemu_args(root)
+    assert args[args.index("-kernel") + 1] == placed["xen"]
+    assert args[args.index("-initrd") + 1].startswith(placed["dom0_kernel"] + " ") and args[args.index("-initrd") + 1].endswith("," + placed["initramfs"])
+    assert "hostfwd=tcp:127.0.0.1:2222-:22" in args[args.index("-netdev") + 1]  # the remote host's loopback
+    assert "/cache/" not in ET.tostring(root, encoding="unicode")

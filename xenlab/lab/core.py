@@ -30,6 +30,7 @@ from xenlab.run import pid_alive, process_age, run
 from xenlab.build import dom0 as images
 from xenlab.build.boot import BootFiles, boot_files
 from xenlab.lab import accel as accel_mod, serial, snapshot as snapshots, versions, virt
+from xenlab.lab.remote import RemoteHost
 from xenlab.lab.snapshot import SnapshotError
 from xenlab.lab.ssh import SSHSession, generate_key, known_hosts_line
 
@@ -146,6 +147,11 @@ class Lab:
         """What the last finished `up` reported (None before one finished)."""
         return _read_json(self.info_file)
 
+    @property
+    def remote(self) -> RemoteHost | None:
+        """The libvirt host when the lab's URI names another host (qemu+ssh://...)."""
+        return RemoteHost.of(self.uri())
+
     def running_config(self) -> LabConfig:
         """The configuration the lab was started with (whatever this handle was
         opened with); this handle's before a first `up`."""
@@ -208,8 +214,8 @@ class Lab:
         """(one of STATES but "unreachable", which takes an SSH try; a line saying why), quickly."""
         info, marker = self.info(), _read_json(self.boot_marker)
         qemu = self.qemu_alive()
-        if qemu is None:  # remote: ask libvirt
-            qemu = self.running()
+        if qemu is None:  # remote: ask libvirt (without the lab's lock, which `up` may hold)
+            qemu = self._vm_running()
         if marker and not info:
             pid = marker.get("pid", 0)
             if pid_alive(pid) and (holder := self.lock_holder()) and holder[0] == pid:
@@ -287,7 +293,11 @@ class Lab:
         image = images.build(self.cfg, steps)
         boot = boot_files(image, self.cfg)  # the user's Xen or dom0 kernel checked before anything starts
         with steps.step("choose accelerator"):
-            choice = accel_mod.choose(self.cfg.accel, image.kernel)
+            if self.remote:  # nothing to probe KVM with here: the VM runs there
+                choice = accel_mod.AccelChoice("kvm" if self.cfg.accel == "kvm" else "tcg",
+                                               f"{self.cfg.accel} on the remote host {self.remote.where} (not probed)")
+            else:
+                choice = accel_mod.choose(self.cfg.accel, image.kernel)
             steps.note(f"{choice.accel}: {choice.reason}")
         identity = self._identity(image, boot, choice.accel)
         key = snapshots.key_of(identity)
@@ -316,10 +326,14 @@ class Lab:
         # Held from choosing the SSH port until QEMU has bound it, so
         # labs started side by side never pick the same free port.
         with ports_lock():
-            port = self._pick_port(port_hint)
+            port = self.remote.free_port() if self.remote else self._pick_port(port_hint)
             with steps.step("prepare lab state"):
                 self._prepare(image, port)
-            xml = self.domain_xml(boot, choice.accel, port)
+            placed = None
+            if self.remote:
+                with steps.step(f"upload the boot files and dom0's disk to {self.remote.where}"):
+                    placed = self._place_remote(conn, image, boot)
+            xml = self.domain_xml(boot, choice.accel, port, placed=placed)
             (self.dir / "domain.xml").write_text(xml)
             with steps.step(f"start libvirt domain {self.domain_name} ({uri})"):
                 boot_start = time.monotonic()
@@ -335,6 +349,7 @@ class Lab:
             cancel_ssh.set()
             virt.destroy(dom)
             self._remove_runtime_files()
+            self._remove_remote_files(conn)
             raise
         ready = time.monotonic()
         info = self._info(image, boot, choice, port, steps, started, boot_start, ready, snapshot=None)
@@ -369,7 +384,7 @@ class Lab:
             "domain": self.domain_name,
             "ssh_port": port,
             "image_id": image.id,
-            "versions": versions.versions(self.cfg.qemu),
+            "versions": {"remote_host": self.remote.where} if self.remote else versions.versions(self.cfg.qemu),
             "boot": boot.to_dict(),
             "accel": choice.accel,
             "accel_reason": choice.reason,
@@ -585,7 +600,48 @@ class Lab:
         if self.serial_log.exists():
             self.serial_log.replace(self.dir / "serial.log.old")
         self.serial_log.touch()
-        run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b", image.rootfs, self.disk])
+        if not self.remote:
+            run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b", image.rootfs, self.disk])
+
+    # -- a lab on a remote libvirt host --------------------------------------
+    def _remote_names(self) -> tuple[str, str]:
+        """The lab's own volumes in the remote pool: its disk and its serial log."""
+        return f"lab-{self.name}.qcow2", f"lab-{self.name}-serial.log"
+
+    def _place_remote(self, conn, image: images.Dom0Image, boot: BootFiles) -> dict:
+        """Upload what the VM reads (once per cache entry) and make the lab's
+        disk there; the remote paths for the domain XML."""
+        host = self.remote
+        # Named by their cache entries (recipe- or content-hashed directories).
+        files = {kind: host.upload(conn, path, f"{path.parent.name}-{path.name}")
+                 for kind, path in (("xen", boot.xen), ("dom0_kernel", boot.dom0_kernel), ("initramfs", boot.initramfs))}
+        rootfs = images.rootfs_qcow2(image)  # about a fifth of the raw image's 2 GiB to send
+        backing = host.upload(conn, rootfs, f"{image.id}-{rootfs.name}")
+        disk_name, serial_name = self._remote_names()
+        host.delete(conn, serial_name)
+        files["disk"] = host.overlay(conn, disk_name, backing, image.rootfs.stat().st_size)
+        files["serial_log"] = self._remote_serial = host.file_path(conn, serial_name)
+        return files
+
+    def _remove_remote_files(self, conn) -> None:
+        if self.remote:
+            self.remote.delete(conn, *self._remote_names())
+
+    def _mirror_serial(self) -> None:
+        """Append what QEMU wrote to the serial log on the remote host since the last call."""
+        offset = self.serial_log.stat().st_size
+        more = self.remote.read_from(self._remote_serial, offset)
+        if more:
+            with open(self.serial_log, "ab") as f:
+                f.write(more)
+
+    def _session(self, port: int, host_key: str) -> SSHSession:
+        """An SSH session to dom0 (not yet connected): on this host's loopback,
+        or through the remote libvirt host's SSH."""
+        host = self.remote
+        if host is None:
+            return SSHSession(port, self.key_file, host_key)
+        return SSHSession(port, self.key_file, host_key, sock_factory=lambda: host.tunnel(port), via=host.where)
 
     def _cmdlines(self, authkey: str) -> tuple[str, str]:
         """Xen's and dom0's command lines (dom0's carries the key SSH trusts)."""
@@ -606,16 +662,19 @@ class Lab:
     def _emulator(self) -> str:
         return versions.qemu_binary(self.cfg.qemu)
 
-    def domain_xml(self, boot: BootFiles, accel: str, port: int, uuid: str | None = None) -> str:
+    def domain_xml(self, boot: BootFiles, accel: str, port: int, uuid: str | None = None, placed: dict | None = None) -> str:
+        """The libvirt domain; `placed`: the files' paths on a remote host (whose own QEMU runs it)."""
         pub = self.key_file.with_suffix(".pub").read_text().split()[1]
         xen_cmdline, dom0_cmdline = self._cmdlines(authkey=pub)
+        where = placed or {"xen": boot.xen, "dom0_kernel": boot.dom0_kernel, "initramfs": boot.initramfs,
+                           "disk": self.disk, "serial_log": self.serial_log}
         # QEMU's -initrd list: "file args,file"; a comma inside args is written ",,".
-        modules_arg = f"{boot.dom0_kernel} {dom0_cmdline.replace(',', ',,')},{boot.initramfs}"
+        modules_arg = f"{where['dom0_kernel']} {dom0_cmdline.replace(',', ',,')},{where['initramfs']}"
         return templates.render(
             "domain.xml.j2",
             domain_name=self.domain_name, lab_name=self.name, uuid=uuid, memory=self.cfg.memory, vcpus=self.cfg.vcpus,
-            accel=accel, cpu=self.cfg.cpu, emulator=self._emulator(),
-            disk=self.disk, serial_log=self.serial_log, xen=boot.xen, xen_cmdline=xen_cmdline,
+            accel=accel, cpu=self.cfg.cpu, emulator="" if placed else self._emulator(),
+            disk=where["disk"], serial_log=where["serial_log"], xen=where["xen"], xen_cmdline=xen_cmdline,
             modules_arg=modules_arg, ssh_port=port,
         )
 
@@ -626,6 +685,8 @@ class Lab:
             self._remove_runtime_files()
             msg = str(e)
             hint = f"see {self.dir / 'domain.xml'}"
+            if self.remote and ("emulator" in msg or "capabilities" in msg):
+                hint = f"the libvirt host {self.remote.where} has no QEMU for x86_64 guests: install qemu-system-x86 there"
             if "hostfwd" in msg or "Could not set up host forwarding" in msg:
                 hint = f"port {port} was taken meanwhile; run `xenlab up` again"
             raise LabError(f"libvirt could not start the lab domain: {msg}", hint) from None
@@ -637,6 +698,8 @@ class Lab:
         deadline = boot_start + self.cfg.boot_timeout
         ssh_ready = None
         while True:
+            if self.remote:
+                self._mirror_serial()
             new, crash, ready = watch.poll()
             for milestone in new:
                 steps.note(f"{time.monotonic() - boot_start:5.1f} s  {milestone}")
@@ -678,7 +741,7 @@ class Lab:
     def _check_services(self, image: images.Dom0Image, boot: BootFiles, port: int, cancel: threading.Event) -> None:
         # The user's own files: what booted must be what they gave (one more round trip only then).
         own = boot.user_xen or boot.user_dom0_kernel
-        with SSHSession(port, self.key_file, image.host_key).connect(timeout=self.cfg.boot_timeout, cancel=cancel) as ssh:
+        with self._session(port, image.host_key).connect(timeout=self.cfg.boot_timeout, cancel=cancel) as ssh:
             found = set(ssh.check(READY_CHECK).split())
             booted = ssh.check("xl info | grep '^build_id'; uname -r").split() if own else []
         missing = REQUIRED_READY - found
@@ -746,6 +809,7 @@ class Lab:
                 if dom is not None:
                     stopped = virt.is_running(dom) or stopped
                     virt.destroy(dom)
+                self._remove_remote_files(conn)
         except LabError:
             # Another live process holds the lab's libvirt (docs/library.md):
             # its QEMU is killed already, and that process's libvirt sees it go.
@@ -801,13 +865,18 @@ class Lab:
     def ssh(self, timeout: float = 15.0) -> SSHSession:
         info = self.require_up()
         image = images.Dom0Image(images.images_dir() / info["image_id"])
-        return SSHSession(info["ssh_port"], self.key_file, image.host_key).connect(timeout=timeout)
+        return self._session(info["ssh_port"], image.host_key).connect(timeout=timeout)
 
     def openssh_argv(self, *command: str, tty: bool = False) -> list[str]:
         """OpenSSH to dom0 with the lab's key and pinned known_hosts (for interactive use)."""
         info = self.require_up()
+        via = []
+        if host := self.remote:  # through the libvirt host, as the lab's own sessions go
+            hop = ["ssh", "-p", str(host.port), *(["-i", host.keyfile, "-o", "IdentitiesOnly=yes"] if host.keyfile else []),
+                   *(["-o", f"UserKnownHostsFile={host.known_hosts}"] if host.known_hosts else []), "-W", "%h:%p", f"{host.user}@{host.host}"]
+            via = ["-o", "ProxyCommand=" + " ".join(hop)]
         return [
-            "ssh", *(["-t"] if tty else []), "-i", str(self.key_file), "-p", str(info["ssh_port"]),
+            "ssh", *(["-t"] if tty else []), *via, "-i", str(self.key_file), "-p", str(info["ssh_port"]),
             "-o", f"UserKnownHostsFile={self.known_hosts}", "-o", "StrictHostKeyChecking=yes", "-o", "IdentitiesOnly=yes",
             "root@127.0.0.1", *command,
         ]
@@ -822,7 +891,11 @@ class Lab:
             return virt.monitor(dom, command)
 
     def running(self) -> bool:
-        with self.locked(), self._connect() as conn:
+        with self.locked():
+            return self._vm_running()
+
+    def _vm_running(self) -> bool:
+        with self._connect() as conn:
             dom = virt.lookup(conn, self.domain_name)
             return dom is not None and virt.is_running(dom)
 

@@ -56,8 +56,12 @@ def known_hosts_line(port: int, host_key: str) -> str:
 class SSHSession:
     """A connection to one host; commands, files and raw channels over it."""
 
-    def __init__(self, port: int, key_file: Path, host_key: str, host: str = "127.0.0.1", user: str = "root"):
+    def __init__(self, port: int, key_file: Path, host_key: str, host: str = "127.0.0.1", user: str = "root",
+                 sock_factory=None, via: str = ""):
         self.host, self.port, self.user = host, port, user
+        self.sock_factory = sock_factory  # a new socket-like channel per try (a tunnel), else a TCP connection
+        # Where dom0's forwarded port is, in messages: "127.0.0.1:PORT", or "... on USER@HOST:22".
+        self.where = f"{host}:{port}" + (f" on {via}" if via else "")
         self.key_file = key_file
         kind, blob = host_key.split()[:2]
         self._pinned = paramiko.PKey.from_type_string(kind, base64.b64decode(blob))
@@ -75,6 +79,7 @@ class SSHSession:
             try:
                 client.connect(
                     self.host, self.port, self.user, key_filename=str(self.key_file),
+                    sock=self.sock_factory() if self.sock_factory else None,
                     timeout=5, banner_timeout=15, auth_timeout=15, allow_agent=False, look_for_keys=False,
                 )
                 self._client = client
@@ -82,14 +87,14 @@ class SSHSession:
             except paramiko.BadHostKeyException as e:
                 client.close()
                 raise SSHError(
-                    f"dom0 at {self.host}:{self.port} presented a host key that does not match the one pinned at build time",
+                    f"dom0 at {self.where} presented a host key that does not match the one pinned at build time",
                     "something else answers on this port, or the image changed: `xenlab down` and `xenlab up` again",
                 ) from e
             except (OSError, paramiko.SSHException, EOFError) as e:
                 client.close()
                 last = e
                 time.sleep(0.3)
-        raise SSHError(f"no SSH on {self.host}:{self.port} after {timeout:.0f} s: {last}", "see the serial log (`xenlab console`)")
+        raise SSHError(f"no SSH on {self.where} after {timeout:.0f} s: {last}", "see the serial log (`xenlab console`)")
 
     @property
     def client(self) -> paramiko.SSHClient:
@@ -125,7 +130,7 @@ class SSHSession:
         except socket.timeout:
             raise SSHError(f"command did not finish within {timeout:.0f} s: {cmd}") from None
         except (paramiko.SSHException, OSError, EOFError) as e:
-            raise SSHError(f"SSH to {self.host}:{self.port} failed running {cmd!r}: {e}", "is the lab still up? `xenlab status`") from None
+            raise SSHError(f"SSH to {self.where} failed running {cmd!r}: {e}", "is the lab still up? `xenlab status`") from None
         return CommandResult(cmd, status, out.decode(errors="replace"), err.decode(errors="replace"))
 
     def check(self, command: str | list[str], timeout: float = 120.0, input: bytes | None = None) -> str:
@@ -141,7 +146,7 @@ class SSHSession:
             chan = self.transport().open_session(timeout=10)
             chan.exec_command(command)
         except (paramiko.SSHException, OSError, EOFError) as e:
-            raise SSHError(f"SSH to {self.host}:{self.port} failed running {command!r}: {e}", "is the lab still up? `xenlab status`") from None
+            raise SSHError(f"SSH to {self.where} failed running {command!r}: {e}", "is the lab still up? `xenlab status`") from None
         if stdin is not None:
             threading.Thread(target=_forward, args=(stdin, chan), name="ssh-stdin", daemon=True).start()
         else:

@@ -62,6 +62,18 @@ def library_version() -> int:
     return _libvirt().getVersion()
 
 
+def library():
+    """The libvirt module (imported on first use)."""
+    return _libvirt()
+
+
+def pool_dir(pool) -> str:
+    """The directory of a 'dir' storage pool."""
+    import xml.etree.ElementTree as ET
+
+    return ET.fromstring(pool.XMLDesc(0)).findtext("target/path")
+
+
 def error_class() -> type[Exception]:
     """libvirt.libvirtError (for callers that catch it without importing libvirt)."""
     return _libvirt().libvirtError

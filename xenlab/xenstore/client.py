@@ -190,7 +190,7 @@ class XenStore:
             client.connect()
         except PyXSError as e:
             raise XenStoreConnectionError(f"cannot reach dom0's xenstored: {_reason(e)}", "is the lab up? `xenlab status`") from None
-        xs = cls(client, owned=owned, label=f"dom0 via 127.0.0.1:{ssh.port}")
+        xs = cls(client, owned=owned, label=f"dom0 via {ssh.where}")
         # One request proves the bridge reached a live xenstored (socat or the
         # socket may be missing; the router then reports the bridge's stderr).
         xs._do("get-domain-path", "0", lambda: client.get_domain_path(0))

@@ -1,0 +1,176 @@
+"""Labs on another libvirt host (`qemu+ssh://` or `qemu+libssh://` URIs).
+
+What such a lab needs there is put there, not assumed:
+- the boot files and dom0's disk go into a storage pool xenlab owns on that
+  host, uploaded through libvirt's storage API as volumes named by their
+  cache entry (so once per image); the lab's disk is a qcow2 volume backed
+  by the image's;
+- dom0's SSH, which QEMU forwards on that host's loopback, is reached through
+  a direct-tcpip channel of an SSH connection to the host, the same host,
+  user and key libvirt's URI names: no port is opened beyond loopback;
+- the serial log QEMU writes there is read over that connection."""
+
+from __future__ import annotations
+
+import shlex
+import threading
+import urllib.parse
+from dataclasses import dataclass
+from pathlib import Path
+
+import paramiko
+
+from xenlab.errors import LabError
+from xenlab.lab import virt
+
+POOL = "xenlab"
+REMOTE_SCHEMES = ("qemu+ssh", "qemu+libssh", "qemu+libssh2")
+# A free TCP port on the remote host's loopback, asked of the host itself.
+FREE_PORT = "python3 -c 'import socket; s=socket.socket(); s.bind((\"127.0.0.1\", 0)); print(s.getsockname()[1])'"
+
+_clients: dict[tuple, paramiko.SSHClient] = {}
+_clients_lock = threading.Lock()
+
+
+@dataclass(frozen=True)
+class RemoteHost:
+    uri: str
+    host: str
+    user: str
+    port: int
+    keyfile: str  # "" = the user's default keys and agent, as libvirt's ssh transport
+    known_hosts: str  # "" = ~/.ssh/known_hosts
+
+    @classmethod
+    def of(cls, uri: str) -> "RemoteHost | None":
+        """The remote host a libvirt URI names, or None for a local URI."""
+        parsed = urllib.parse.urlsplit(uri)
+        if parsed.scheme not in REMOTE_SCHEMES or not parsed.hostname:
+            return None
+        query = dict(urllib.parse.parse_qsl(parsed.query))
+        return cls(uri, parsed.hostname, parsed.username or "root", parsed.port or 22,
+                   query.get("keyfile", ""), query.get("known_hosts", ""))
+
+    @property
+    def where(self) -> str:
+        return f"{self.user}@{self.host}:{self.port}"
+
+    # -- SSH to the host -----------------------------------------------------
+    def client(self) -> paramiko.SSHClient:
+        """One connection per host for the life of the process, host key checked."""
+        key = (self.host, self.port, self.user, self.keyfile, self.known_hosts)
+        with _clients_lock:
+            client = _clients.get(key)
+            if client is not None and client.get_transport() is not None and client.get_transport().is_active():
+                return client
+            client = paramiko.SSHClient()
+            known = Path(self.known_hosts or "~/.ssh/known_hosts").expanduser()
+            if known.exists():
+                client.load_host_keys(str(known))
+            client.set_missing_host_key_policy(paramiko.RejectPolicy())
+            try:
+                client.connect(self.host, self.port, self.user, key_filename=self.keyfile or None, timeout=10,
+                               banner_timeout=15, auth_timeout=15, allow_agent=not self.keyfile, look_for_keys=not self.keyfile)
+            except paramiko.SSHException as e:
+                raise LabError(f"cannot SSH to the libvirt host {self.where}: {e}",
+                               f"the lab reaches dom0 through SSH to that host with the URI's user and key; check `ssh -p {self.port} {self.user}@{self.host}`"
+                               + ("" if known.exists() else f" (no known_hosts file {known})")) from None
+            except OSError as e:
+                raise LabError(f"cannot reach the libvirt host {self.where}: {e}", "check the host name and port of the URI") from None
+            _clients[key] = client
+            return client
+
+    def run(self, command: str, timeout: float = 60) -> bytes:
+        _, out, err = self.client().exec_command(command, timeout=timeout)
+        data = out.read()
+        if out.channel.recv_exit_status() != 0:
+            raise LabError(f"on {self.where}: `{command}` failed: {err.read().decode(errors='replace').strip()}")
+        return data
+
+    def free_port(self) -> int:
+        return int(self.run(FREE_PORT).strip())
+
+    def tunnel(self, port: int) -> paramiko.Channel:
+        """A channel to the host's 127.0.0.1:port (dom0's forwarded SSH)."""
+        return self.client().get_transport().open_channel("direct-tcpip", ("127.0.0.1", port), ("127.0.0.1", 0))
+
+    def read_from(self, path: str, offset: int) -> bytes:
+        """The bytes of a file on the host from `offset` on ('' when it has no more)."""
+        return self.run(f"tail -c +{offset + 1} {shlex.quote(path)} 2>/dev/null || true")
+
+    # -- the storage pool ----------------------------------------------------
+    def pool(self, conn):
+        """xenlab's directory pool on the host (made once: under the user's home, or /var/lib/xenlab as root)."""
+        lib = virt.library()
+        try:
+            pool = conn.storagePoolLookupByName(POOL)
+        except lib.libvirtError:
+            home = self.run("printf %s \"$HOME\"").decode()
+            path = "/var/lib/xenlab/pool" if self.user == "root" else f"{home}/.local/share/xenlab/pool"
+            xml = f"<pool type='dir'><name>{POOL}</name><target><path>{path}</path></target></pool>"
+            try:
+                pool = conn.storagePoolDefineXML(xml, 0)
+                pool.build(0)
+                pool.setAutostart(1)
+            except lib.libvirtError as e:
+                raise LabError(f"cannot make storage pool {POOL!r} at {path} on {self.where}: {e}") from None
+        if not pool.isActive():
+            pool.create(0)
+        pool.refresh(0)
+        return pool
+
+    def upload(self, conn, local: Path, name: str) -> str:
+        """`local` as volume `name` in the pool (kept: a volume of that name and
+        size is that file, as names come from content-addressed cache entries);
+        its path on the host."""
+        lib = virt.library()
+        pool = self.pool(conn)
+        size = local.stat().st_size
+        try:
+            vol = pool.storageVolLookupByName(name)
+            if vol.info()[1] == size:
+                return vol.path()
+            vol.delete(0)  # a half-made upload: its size is the file's only once complete
+        except lib.libvirtError:
+            pass
+        vol = pool.createXML(f"<volume><name>{name}</name><capacity unit='bytes'>{size}</capacity>"
+                             "<target><format type='raw'/></target></volume>", 0)
+        stream = conn.newStream(0)
+        try:
+            vol.upload(stream, 0, size, 0)
+            with open(local, "rb") as f:
+                stream.sendAll(lambda _stream, n, f: f.read(n), f)
+            stream.finish()
+        except BaseException as e:
+            try:
+                stream.abort()
+                vol.delete(0)
+            except lib.libvirtError:
+                pass
+            if isinstance(e, lib.libvirtError):
+                raise LabError(f"uploading {local.name} ({size >> 20} MiB) to {self.where} failed: {e}",
+                               "check the space in the pool's directory on that host") from None
+            raise
+        return vol.path()
+
+    def overlay(self, conn, name: str, backing: str, capacity: int) -> str:
+        """A new qcow2 volume backed by the qcow2 volume at `backing`; its path."""
+        pool = self.pool(conn)
+        self.delete(conn, name)
+        vol = pool.createXML(f"<volume><name>{name}</name><capacity unit='bytes'>{capacity}</capacity>"
+                             "<target><format type='qcow2'/></target>"
+                             f"<backingStore><path>{backing}</path><format type='qcow2'/></backingStore></volume>", 0)
+        return vol.path()
+
+    def file_path(self, conn, name: str) -> str:
+        """Where a file named `name` in the pool's directory is (for QEMU's serial log)."""
+        return f"{virt.pool_dir(self.pool(conn))}/{name}"
+
+    def delete(self, conn, *names: str) -> None:
+        lib = virt.library()
+        pool = self.pool(conn)
+        for name in names:
+            try:
+                pool.storageVolLookupByName(name).delete(0)
+            except lib.libvirtError:
+                pass

@@ -55,8 +55,8 @@ def test_host_suite_uses_the_host_file(tmp_path, monkeypatch):
 def test_each_suite_names_its_xen_packages():
     assert SUITES == tuple(XEN_VERSIONS)
     for suite, version in XEN_VERSIONS.items():
-        packages = dom0.dom0_packages(suite)
-        assert f"xen-hypervisor-{version}-amd64" in packages and f"xen-utils-{version}" in packages
+        packages = dom0.dom0_packages(LabConfig.from_dict({"dom0": {"suite": suite, "extra_packages": ["strace"]}}))
+        assert f"xen-hypervisor-{version}-amd64" in packages and f"xen-utils-{version}" in packages and "strace" in packages
     assert dom0.recipe_id(LabConfig.from_dict({"dom0": {"suite": "trixie"}})).startswith("dom0-trixie-")
 
 

@@ -47,9 +47,10 @@ DOM0_PACKAGES = (
 )
 
 
-def dom0_packages(suite: str) -> tuple[str, ...]:
-    xen = XEN_VERSIONS[suite]
-    return (f"xen-hypervisor-{xen}-amd64", f"xen-utils-{xen}", *DOM0_PACKAGES)
+def dom0_packages(cfg: LabConfig) -> tuple[str, ...]:
+    """What mmdebstrap installs: the suite's Xen, DOM0_PACKAGES and the user's extra packages."""
+    xen = XEN_VERSIONS[cfg.dom0.suite]
+    return (f"xen-hypervisor-{xen}-amd64", f"xen-utils-{xen}", *DOM0_PACKAGES, *cfg.dom0.extra_packages)
 
 
 # Loaded by the dom0 init: backends and the devices under /dev/xen.
@@ -112,7 +113,7 @@ def recipe(cfg: LabConfig) -> dict:
     return {
         "build_version": BUILD_VERSION,
         "suite": cfg.dom0.suite,
-        "packages": sorted(dom0_packages(cfg.dom0.suite) + tuple(cfg.dom0.extra_packages)),
+        "packages": sorted(dom0_packages(cfg)),
         "disk_size": cfg.dom0.disk_size,
         "modules": DOM0_MODULES,
         "pruned": PRUNED_MODULE_DIRS,
@@ -237,6 +238,7 @@ def build(cfg: LabConfig, steps: Steps, force: bool = False) -> Dom0Image:
         steps.note(line)
     _check_space(images_dir(), need_mib=cfg.dom0.disk_size + 1024)
     work = work_dir(images_dir(), f".{final.name}.")
+    xen_version = XEN_VERSIONS[cfg.dom0.suite]
     log_file = work / "build.log"
     started = time.monotonic()
     try:
@@ -247,11 +249,11 @@ def build(cfg: LabConfig, steps: Steps, force: bool = False) -> Dom0Image:
             with steps.step(f"mmdebstrap {cfg.dom0.suite} (log: {log_file})"):
                 _mmdebstrap(cfg, rootfs, log_file, steps)
             with steps.step("customize rootfs"):
-                kver = _customize(rootfs, XEN_VERSIONS[cfg.dom0.suite], log_file)
+                kver = _customize(rootfs, xen_version, log_file)
             with steps.step("initramfs"):
                 initramfs.build_dom0(rootfs / "lib/modules" / kver, out / "initramfs.cpio", work)
             with steps.step("extract Xen and dom0 kernel"):
-                host_key = _extract_boot(rootfs, kver, XEN_VERSIONS[cfg.dom0.suite], out)
+                host_key = _extract_boot(rootfs, kver, xen_version, out)
             with steps.step("domU kit (python3, Debian guest modules)"):
                 kit.export(rootfs, kver, out / "domu-kit", log_file)
             with steps.step(f"mkfs.ext4 -d ({cfg.dom0.disk_size}M)"):
@@ -260,7 +262,7 @@ def build(cfg: LabConfig, steps: Steps, force: bool = False) -> Dom0Image:
                 "id": final.name,
                 "recipe": recipe(cfg),
                 "kernel_version": kver,
-                "xen_version": XEN_VERSIONS[cfg.dom0.suite],
+                "xen_version": xen_version,
                 "ssh_host_key": host_key,
                 "built_at": time.time(),
                 "build_seconds": round(time.monotonic() - started, 1),
@@ -366,7 +368,7 @@ def _namespace_main(request: str) -> int:
 
 
 def _mmdebstrap(cfg: LabConfig, rootfs: Path, log_file: Path, steps: Steps) -> None:
-    packages = ",".join(dom0_packages(cfg.dom0.suite) + tuple(cfg.dom0.extra_packages))
+    packages = ",".join(dom0_packages(cfg))
     # In a user namespace mknod and mounting /proc and /sys fail; unshare mode
     # bind-mounts them instead (dev nodes are left out: dom0's init mounts devtmpfs).
     sources = suite_sources(apt_sources(), cfg.dom0.suite, log_file.parent / "apt.sources")

@@ -139,7 +139,7 @@ class Guests:
         """Refuse a guest type this lab's CPU model or Xen cannot run."""
         info = self.lab.require_up()
         # A Xen of the user's: its version is not known here; Xen itself will say.
-        xen = "99.0" if info["boot"].get("user_xen") else self._image().manifest["xen_version"]
+        xen = None if info["boot"].get("user_xen") else self._image().manifest["xen_version"]
         check_type_on_lab(spec.type, info["accel"], info["cpu"], xen)
 
     def _image(self) -> images.Dom0Image:

@@ -113,8 +113,9 @@ class GuestSpec:
         return self
 
 
-def check_type_on_lab(guest_type: str, accel: str, cpu: str, xen_version: str) -> None:
-    """Refuse a guest type the running lab cannot run, before anything is shipped."""
+def check_type_on_lab(guest_type: str, accel: str, cpu: str, xen_version: str | None) -> None:
+    """Refuse a guest type the running lab cannot run, before anything is
+    shipped; xen_version None: not known here (a Xen of the user's), not checked."""
     if guest_type == "pv" or accel == "kvm":
         return
     kind = guest_type.upper()
@@ -122,8 +123,10 @@ def check_type_on_lab(guest_type: str, accel: str, cpu: str, xen_version: str) -
         article = "an" if kind == "HVM" else "a"
         raise ConfigError(f"{article} {kind} guest needs a CPU model with SVM; this lab runs TCG with --cpu {cpu}",
                           f"boot a lab with --cpu {SVM_CPUS[0]} (the default): xenlab up --cpu {SVM_CPUS[0]}")
+    if xen_version is None or guest_type not in MIN_XEN_UNDER_TCG:
+        return
     version = tuple(int(part) for part in xen_version.split(".")[:2] if part.isdigit())
-    if guest_type in MIN_XEN_UNDER_TCG and version < MIN_XEN_UNDER_TCG[guest_type]:
+    if version < MIN_XEN_UNDER_TCG[guest_type]:
         need = ".".join(map(str, MIN_XEN_UNDER_TCG[guest_type]))
         raise ConfigError(f"{kind} guests do not run on Xen {xen_version} under TCG (they shut down before their first instruction)",
                           f"use a lab with Xen {need} or later: xenlab up --suite trixie")

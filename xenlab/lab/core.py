@@ -293,9 +293,9 @@ class Lab:
         image = images.build(self.cfg, steps)
         boot = boot_files(image, self.cfg)  # the user's Xen or dom0 kernel checked before anything starts
         with steps.step("choose accelerator"):
-            if self.remote:  # nothing to probe KVM with here: the VM runs there
+            if remote := self.remote:  # nothing to probe KVM with here: the VM runs there
                 choice = accel_mod.AccelChoice("kvm" if self.cfg.accel == "kvm" else "tcg",
-                                               f"{self.cfg.accel} on the remote host {self.remote.where} (not probed)")
+                                               f"{self.cfg.accel} on the remote host {remote.where} (not probed)")
             else:
                 choice = accel_mod.choose(self.cfg.accel, image.kernel)
             steps.note(f"{choice.accel}: {choice.reason}")
@@ -325,13 +325,14 @@ class Lab:
         uri = self.uri()
         # Held from choosing the SSH port until QEMU has bound it, so
         # labs started side by side never pick the same free port.
+        remote = self.remote
         with ports_lock():
-            port = self.remote.free_port() if self.remote else self._pick_port(port_hint)
+            port = remote.free_port() if remote else self._pick_port(port_hint)
             with steps.step("prepare lab state"):
                 self._prepare(image, port)
             placed = None
-            if self.remote:
-                with steps.step(f"upload the boot files and dom0's disk to {self.remote.where}"):
+            if remote:
+                with steps.step(f"upload the boot files and dom0's disk to {remote.where}"):
                     placed = self._place_remote(conn, image, boot)
             xml = self.domain_xml(boot, choice.accel, port, placed=placed)
             (self.dir / "domain.xml").write_text(xml)
@@ -384,7 +385,7 @@ class Lab:
             "domain": self.domain_name,
             "ssh_port": port,
             "image_id": image.id,
-            "versions": {"remote_host": self.remote.where} if self.remote else versions.versions(self.cfg.qemu),
+            "versions": {"remote_host": remote.where} if (remote := self.remote) else versions.versions(self.cfg.qemu),
             "boot": boot.to_dict(),
             "accel": choice.accel,
             "accel_reason": choice.reason,
@@ -612,25 +613,26 @@ class Lab:
         """Upload what the VM reads (once per cache entry) and make the lab's
         disk there; the remote paths for the domain XML."""
         host = self.remote
+        pool = host.pool(conn)
         # Named by their cache entries (recipe- or content-hashed directories).
-        files = {kind: host.upload(conn, path, f"{path.parent.name}-{path.name}")
+        files = {kind: host.upload(pool, path, f"{path.parent.name}-{path.name}")
                  for kind, path in (("xen", boot.xen), ("dom0_kernel", boot.dom0_kernel), ("initramfs", boot.initramfs))}
         rootfs = images.rootfs_qcow2(image)  # about a fifth of the raw image's 2 GiB to send
-        backing = host.upload(conn, rootfs, f"{image.id}-{rootfs.name}")
+        backing = host.upload(pool, rootfs, f"{image.id}-{rootfs.name}")
         disk_name, serial_name = self._remote_names()
-        host.delete(conn, serial_name)
-        files["disk"] = host.overlay(conn, disk_name, backing, image.rootfs.stat().st_size)
-        files["serial_log"] = self._remote_serial = host.file_path(conn, serial_name)
+        host.delete(pool, serial_name)
+        files["disk"] = host.overlay(pool, disk_name, backing, image.rootfs.stat().st_size)
+        files["serial_log"] = self._remote_serial = host.file_path(pool, serial_name)
         return files
 
     def _remove_remote_files(self, conn) -> None:
-        if self.remote:
-            self.remote.delete(conn, *self._remote_names())
+        if host := self.remote:
+            host.delete(host.pool(conn), *self._remote_names())
 
-    def _mirror_serial(self) -> None:
+    def _mirror_serial(self, host: RemoteHost) -> None:
         """Append what QEMU wrote to the serial log on the remote host since the last call."""
         offset = self.serial_log.stat().st_size
-        more = self.remote.read_from(self._remote_serial, offset)
+        more = host.read_from(self._remote_serial, offset)
         if more:
             with open(self.serial_log, "ab") as f:
                 f.write(more)
@@ -685,8 +687,8 @@ class Lab:
             self._remove_runtime_files()
             msg = str(e)
             hint = f"see {self.dir / 'domain.xml'}"
-            if self.remote and ("emulator" in msg or "capabilities" in msg):
-                hint = f"the libvirt host {self.remote.where} has no QEMU for x86_64 guests: install qemu-system-x86 there"
+            if (remote := self.remote) and ("emulator" in msg or "capabilities" in msg):
+                hint = f"the libvirt host {remote.where} has no QEMU for x86_64 guests: install qemu-system-x86 there"
             if "hostfwd" in msg or "Could not set up host forwarding" in msg:
                 hint = f"port {port} was taken meanwhile; run `xenlab up` again"
             raise LabError(f"libvirt could not start the lab domain: {msg}", hint) from None
@@ -697,9 +699,10 @@ class Lab:
         watch = serial.SerialWatch(self.serial_log)
         deadline = boot_start + self.cfg.boot_timeout
         ssh_ready = None
+        remote = self.remote  # not re-read from lab.json on every poll
         while True:
-            if self.remote:
-                self._mirror_serial()
+            if remote:
+                self._mirror_serial(remote)
             new, crash, ready = watch.poll()
             for milestone in new:
                 steps.note(f"{time.monotonic() - boot_start:5.1f} s  {milestone}")

@@ -100,7 +100,9 @@ class RemoteHost:
 
     # -- the storage pool ----------------------------------------------------
     def pool(self, conn):
-        """xenlab's directory pool on the host (made once: under the user's home, or /var/lib/xenlab as root)."""
+        """xenlab's directory pool on the host (made once: under the user's home,
+        or /var/lib/xenlab as root), refreshed: each call is a few round trips,
+        so callers look it up once for their uploads and deletes."""
         lib = virt.library()
         try:
             pool = conn.storagePoolLookupByName(POOL)
@@ -119,12 +121,11 @@ class RemoteHost:
         pool.refresh(0)
         return pool
 
-    def upload(self, conn, local: Path, name: str) -> str:
+    def upload(self, pool, local: Path, name: str) -> str:
         """`local` as volume `name` in the pool (kept: a volume of that name and
         size is that file, as names come from content-addressed cache entries);
         its path on the host."""
         lib = virt.library()
-        pool = self.pool(conn)
         size = local.stat().st_size
         try:
             vol = pool.storageVolLookupByName(name)
@@ -135,7 +136,7 @@ class RemoteHost:
             pass
         vol = pool.createXML(f"<volume><name>{name}</name><capacity unit='bytes'>{size}</capacity>"
                              "<target><format type='raw'/></target></volume>", 0)
-        stream = conn.newStream(0)
+        stream = pool.connect().newStream(0)
         try:
             vol.upload(stream, 0, size, 0)
             with open(local, "rb") as f:
@@ -153,22 +154,22 @@ class RemoteHost:
             raise
         return vol.path()
 
-    def overlay(self, conn, name: str, backing: str, capacity: int) -> str:
+    def overlay(self, pool, name: str, backing: str, capacity: int) -> str:
         """A new qcow2 volume backed by the qcow2 volume at `backing`; its path."""
-        pool = self.pool(conn)
-        self.delete(conn, name)
+        self.delete(pool, name)
         vol = pool.createXML(f"<volume><name>{name}</name><capacity unit='bytes'>{capacity}</capacity>"
                              "<target><format type='qcow2'/></target>"
                              f"<backingStore><path>{backing}</path><format type='qcow2'/></backingStore></volume>", 0)
         return vol.path()
 
-    def file_path(self, conn, name: str) -> str:
+    @staticmethod
+    def file_path(pool, name: str) -> str:
         """Where a file named `name` in the pool's directory is (for QEMU's serial log)."""
-        return f"{virt.pool_dir(self.pool(conn))}/{name}"
+        return f"{virt.pool_dir(pool)}/{name}"
 
-    def delete(self, conn, *names: str) -> None:
+    @staticmethod
+    def delete(pool, *names: str) -> None:
         lib = virt.library()
-        pool = self.pool(conn)
         for name in names:
             try:
                 pool.storageVolLookupByName(name).delete(0)

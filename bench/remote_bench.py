@@ -49,7 +49,7 @@ def pool_volumes(uri: str) -> dict[str, int]:
         except libvirt.libvirtError:
             return {}
         pool.refresh(0)
-        return {v.name(): v.info()[1] for v in pool.listAllVolumes()}
+        return {v.name(): v.info()[2] for v in pool.listAllVolumes()}  # bytes on disk (a qcow2's capacity is its virtual size)
     finally:
         conn.close()
 
@@ -101,8 +101,9 @@ def main() -> None:
         ups["here_cold"].append(took)
         result["here"] = lab_figures(local, args.runs)
         timed("down", "--lab", local)
-        took, _ = timed("up", "--lab", remote, "--connect", uri)
+        took, out = timed("up", "--lab", remote, "--connect", uri, "--json")
         ups["there_first"].append(took)
+        result["there_first_up_steps_seconds"] = {step: round(t, 2) for step, t in json.loads(out)["timings"].items()}
         sent = pool_volumes(uri)
         result["uploaded_on_first_up_mib"] = {name: round(size / 2**20, 1) for name, size in sent.items() if not name.startswith("lab-")}
         result["there"] = lab_figures(remote, args.runs)

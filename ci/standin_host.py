@@ -67,6 +67,14 @@ def start(d: Path) -> tuple[str, subprocess.Popen]:
         f"PasswordAuthentication no\nKbdInteractiveAuthentication no\nUsePAM no\nAllowUsers {REMOTE_USER}\n"
     )
     (d / "known_hosts").write_text(f"[127.0.0.1]:{port} {' '.join((d / 'host_key.pub').read_text().split()[:2])}\n")
+    sshd = _launch_sshd(d, port)
+    uri = (f"qemu+libssh://{REMOTE_USER}@127.0.0.1:{port}/session"
+           f"?keyfile={d / 'client_key'}&known_hosts={d / 'known_hosts'}&sshauth=privkey")
+    (d / "uri").write_text(uri)
+    return uri, sshd
+
+
+def _launch_sshd(d: Path, port: int) -> subprocess.Popen:
     Path("/run/sshd").mkdir(exist_ok=True)  # sshd's privilege separation directory
     # Its own output goes to its log: a caller reading our stdout (a shell's $(...)) must not wait for sshd.
     sshd = subprocess.Popen([SSHD, "-D", "-f", str(d / "sshd_config"), "-E", str(d / "sshd.log")],
@@ -75,15 +83,44 @@ def start(d: Path) -> tuple[str, subprocess.Popen]:
     while True:
         with socket.socket() as probe:
             if probe.connect_ex(("127.0.0.1", port)) == 0:
-                break
+                return sshd
         if time.monotonic() > deadline or sshd.poll() is not None:
             sshd.kill()
             raise StandInError(f"the stand-in sshd did not listen on 127.0.0.1:{port}: {(d / 'sshd.log').read_text()[-500:]}")
         time.sleep(0.1)
-    uri = (f"qemu+libssh://{REMOTE_USER}@127.0.0.1:{port}/session"
-           f"?keyfile={d / 'client_key'}&known_hosts={d / 'known_hosts'}&sshauth=privkey")
-    (d / "uri").write_text(uri)
-    return uri, sshd
+
+
+def _descendants(pid: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def cut_off(sshd_pid: int) -> None:
+    """The host goes away for its clients: its sshd and every connection
+    through it (sshd's children, libvirt's helper among them) end at once.
+    What runs there on its own (the libvirt session daemon, the lab's QEMU)
+    runs on, as on a host cut off by the network."""
+    for pid in [sshd_pid, *_descendants(sshd_pid)]:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def come_back(d: Path, uri: str) -> subprocess.Popen:
+    """The host answers again, at the same address and with the same keys."""
+    return _launch_sshd(d, int(uri.split("@127.0.0.1:")[1].split("/")[0]))
 
 
 def stop(d: Path, sshd: subprocess.Popen | None = None) -> None:

@@ -73,8 +73,9 @@ def save_artifacts(lab, folder: Path, lab_up: bool = True) -> list[str]:
         written.append(name)
 
     def serial() -> bytes:
-        with open(lab.serial_log, "rb") as f:
-            f.seek(max(0, lab.serial_log.stat().st_size - SERIAL_MAX))
+        path = lab.fresh_serial_log()
+        with open(path, "rb") as f:
+            f.seek(max(0, path.stat().st_size - SERIAL_MAX))
             return f.read()
 
     save("serial.log", serial)

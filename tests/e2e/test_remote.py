@@ -32,19 +32,32 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+class StandIn:
+    """The stand-in host: its URI, its folder (keys, sshd config and log) and its sshd."""
+
+    def __init__(self, folder: Path):
+        self.dir = folder
+        self.uri, self.sshd = standin_host.start(folder)
+
+
 @pytest.fixture(scope="module")
-def remote_uri(tmp_path_factory):
-    """The stand-in host's libvirt URI; its sshd and the libvirt session daemon it started end with the module."""
+def standin(tmp_path_factory):
+    """The stand-in host; its sshd and the libvirt session daemon it started end with the module."""
     assert os.stat("/root").st_mode & 0o001 == 0  # the caller's home is closed to the remote user
     try:
-        uri, sshd = standin_host.start(tmp_path_factory.mktemp("remote-host"))
+        host = StandIn(tmp_path_factory.mktemp("remote-host"))
     except standin_host.StandInError as e:
         pytest.fail(str(e))
     try:
-        yield uri
+        yield host
     finally:
         xenlab("down", "--lab", LAB, check=False)
-        standin_host.stop(Path(), sshd)
+        standin_host.stop(Path(), host.sshd)
+
+
+@pytest.fixture
+def remote_uri(standin):
+    return standin.uri
 
 
 def _on_remote(uri: str, ask):
@@ -87,6 +100,10 @@ def test_a_lab_on_a_remote_host(remote_uri):
         status = json.loads(xenlab("status", "--lab", LAB, "--json").stdout)
         assert status["state"] == "up" and status["xen_version"].startswith("4."), status
         assert xenlab("ssh", "--lab", LAB, "--", "xl", "list").stdout.startswith("Name")
+        # The serial log is QEMU's file there; `console` brings it up to date after boot too.
+        xenlab("ssh", "--lab", LAB, "--", "echo '<2>xenlab-remote-console-mark' > /dev/kmsg")
+        shown = xenlab("console", "--lab", LAB, "-n", "400").stdout
+        assert "xenlab-remote-console-mark" in shown, shown[-2000:]
         created = json.loads(xenlab("guest", "create", "--lab", LAB, "rg1", "--disk", "8M", "--json").stdout)
         assert created["domid"] > 0
         assert xenlab("guest", "exec", "--lab", LAB, "rg1", "--", "cat", "/sys/block/xvda/size").stdout.strip() == "16384"
@@ -145,3 +162,83 @@ def test_xdist_workers_spread_over_the_local_driver_and_the_remote_host(remote_u
     finally:
         for worker in ("gw0", "gw1"):
             subprocess.run([sys.executable, "-m", "xenlab", "down", "--lab", f"{name}-{worker}"], capture_output=True)
+
+
+GOES_AWAY = """
+import os
+import pytest
+import standin_host
+from xenlab.errors import XenlabError
+
+
+def test_the_remote_host_goes_away(xenlab_lab, xenlab_dom0):
+    assert xenlab_dom0.check("xl list | head -1").startswith("Name")
+    if xenlab_lab.remote is None:
+        return  # the worker with a lab here: unaffected by the other's host
+    standin_host.cut_off(int(os.environ["STANDIN_SSHD_PID"]))
+    with pytest.raises(XenlabError) as lost:
+        xenlab_dom0.check("xl list")
+    print("ERROR:", lost.value)
+    assert xenlab_lab.remote.where in str(lost.value)
+    assert xenlab_lab.state()[0] == "unreachable"
+"""
+
+
+def test_a_remote_host_that_goes_away_mid_test(standin, pytester, monkeypatch):
+    """gw1's host goes away during its test: gw1's lab operations fail naming
+    the host, gw0's lab here is unaffected, and once the host answers again
+    `down` removes what the lab left there."""
+    monkeypatch.setenv("HOME", REAL_HOME)
+    monkeypatch.setenv("STANDIN_SSHD_PID", str(standin.sshd.pid))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(Path(standin_host.__file__).parent), os.environ.get("PYTHONPATH")])))
+    pytester.makepyfile(test_goes_away=GOES_AWAY)
+    name = "e2e-gone"
+    try:
+        result = pytester.runpytest_subprocess("-n", "2", "--dist", "each", "--xenlab-name", name, "--xenlab-connect", f",{standin.uri}",
+                                               "-p", "no:cacheprovider", "-p", "no:randomly", "-s", timeout=1200)
+        out = result.stdout.str()
+        print(out)  # shown when the test fails
+        # Both tests pass; gw1's session cannot stop its lab at the end and says where and what to do.
+        result.assert_outcomes(passed=2, errors=1)
+        where = f"{REMOTE_USER}@127.0.0.1:"
+        assert f"cannot stop lab '{name}-gw1' on its libvirt host {where}" in out, out
+        assert f"xenlab down --lab {name}-gw1" in out, out
+        standin.sshd.wait(timeout=10)
+        # gw0's lab here was booted and stopped by its session as usual.
+        assert json.loads(xenlab("status", "--lab", f"{name}-gw0", "--json").stdout)["state"] == "down"
+        status = json.loads(xenlab("status", "--lab", f"{name}-gw1", "--json").stdout)
+        assert status["state"] == "unreachable" and where in status["hint"], status
+        # Cut off, not gone: the lab still runs there, until `down` once the host is back.
+        assert standin_host.as_remote_user("pgrep", "-u", REMOTE_USER, "-a", "qemu-system").stdout.count(f"guest=xenlab-{name}-gw1") == 1
+        standin.sshd = standin_host.come_back(standin.dir, standin.uri)
+        down = json.loads(xenlab("down", "--lab", f"{name}-gw1", "--json").stdout)
+        assert down["was_running"], down
+        assert not [v for v in _remote_volumes(standin.uri) if v.startswith(f"lab-{name}")]
+        assert f"xenlab-{name}-gw1" not in _remote_domains(standin.uri)
+        assert standin_host.as_remote_user("pgrep", "-u", REMOTE_USER, "qemu-system").returncode != 0
+    finally:
+        if standin.sshd.poll() is not None:
+            standin.sshd = standin_host.come_back(standin.dir, standin.uri)
+        for worker in ("gw0", "gw1"):
+            subprocess.run([sys.executable, "-m", "xenlab", "down", "--lab", f"{name}-{worker}"], capture_output=True)
+
+
+def test_too_little_space_on_the_remote_host(standin):
+    """A pool without room for the upload: refused before anything is sent,
+    naming the host, the space and what is needed; nothing left on either side."""
+    account = pwd.getpwnam(REMOTE_USER)
+    pool_dir = Path(account.pw_dir) / ".local/share/xenlab/pool"
+    standin_host.as_remote_user("mkdir", "-p", str(pool_dir))
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size=200m,uid={account.pw_uid},gid={account.pw_gid},mode=0755",
+                    "xenlab-e2e-small-pool", str(pool_dir)], check=True)
+    try:
+        lab = "e2e-remote-full"
+        proc = xenlab("up", "--lab", lab, "--connect", standin.uri, check=False)
+        print(proc.stderr)  # shown when the test fails
+        assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr
+        assert f"on {REMOTE_USER}@127.0.0.1:" in proc.stderr and "MiB free" in proc.stderr and "needs" in proc.stderr, proc.stderr
+        assert _remote_volumes(standin.uri) == []  # nothing was sent
+        assert f"xenlab-{lab}" not in _remote_domains(standin.uri)
+        assert json.loads(xenlab("status", "--lab", lab, "--json").stdout)["state"] == "down"
+    finally:
+        subprocess.run(["umount", str(pool_dir)], check=True)

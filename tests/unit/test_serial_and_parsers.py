@@ -47,3 +47,15 @@ def test_parse_xl_list():
 def test_parse_xl_info():
     info = parse_xl_info("xen_major              : 4\nxen_minor              : 17\nxen_extra              : .7\nxen_caps : xen-3.0-x86_64 hvm-3.0-x86_32\n")
     assert info["xen_major"] == "4" and info["xen_extra"] == ".7" and info["xen_caps"].startswith("xen-3.0")
+
+
+def test_tail_lines_reads_back_from_the_end_in_blocks():
+    import io
+
+    from xenlab.lab.core import tail_lines
+
+    f = io.BytesIO(b"".join(b"line %d\n" % n for n in range(5000)))
+    assert tail_lines(f, 3, block=64) == [b"line 4997", b"line 4998", b"line 4999"]
+    assert f.tell() == len(f.getvalue())  # left at the end, where following goes on
+    assert tail_lines(io.BytesIO(b"no newline at the end"), 2) == [b"no newline at the end"]
+    assert tail_lines(io.BytesIO(b""), 5) == [] and tail_lines(io.BytesIO(b"a\n"), 0) == []

@@ -97,6 +97,9 @@ class FakeLab:
     def running(self):
         return self._running
 
+    def fresh_serial_log(self):
+        return self.serial_log
+
     def ssh(self, timeout=15):
         from xenlab.errors import SSHError
 

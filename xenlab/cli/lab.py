@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -168,11 +167,14 @@ def _absolute(path: str | None) -> str | None:
 @click.command()
 @lab_option
 @json_option
+@click.option("--forget", is_flag=True, help="a remote lab whose host is gone for good: drop only this machine's record of it")
 @click.pass_context
-def down(ctx, lab, as_json):
+def down(ctx, lab, as_json, forget):
     """Stop the lab: no QEMU, no port, no libvirt domain left. Idempotent."""
-    result = open_lab(ctx, lab).down()
-    emit(result, as_json, lambda r: console.print(f"lab {r['name']} {'stopped' if r['was_running'] else 'was not running'}"))
+    result = open_lab(ctx, lab).down(forget=forget)
+    emit(result, as_json, lambda r: console.print(
+        f"lab {r['name']}: " + ("record dropped; nothing on its host was touched" if forget
+                                else "stopped" if r["was_running"] else "was not running")))
 
 
 @click.command()
@@ -232,11 +234,13 @@ def ssh(ctx, lab, command):
 def console_cmd(ctx, lab, lines, follow):
     """Where the serial log (Xen + dom0 console) is, and its tail."""
     the_lab = open_lab(ctx, lab)
-    path = the_lab.serial_log
-    if not path.exists():
-        raise XenlabError(f"no serial log for lab {the_lab.name} ({path})", f"start the lab with `xenlab up --lab {the_lab.name}`")
-    click.echo(f"serial log: {path}")
-    subprocess.run(["tail", "-n", str(lines)] + (["-F"] if follow else []) + [str(path)])
+    shown = the_lab.console_lines(lines, follow)
+    click.echo(f"serial log: {the_lab.serial_log}")
+    try:
+        for line in shown:
+            click.echo(line)
+    except KeyboardInterrupt:
+        pass
 
 
 @click.command("cp")

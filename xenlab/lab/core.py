@@ -19,6 +19,7 @@ import time
 from concurrent.futures import Future
 from contextlib import contextmanager
 from pathlib import Path
+from typing import BinaryIO, Iterator
 
 from xenlab import config as config_mod, templates
 from xenlab.agent.xl import parse_xl_info, parse_xl_list
@@ -49,6 +50,10 @@ REQUIRED_READY = {"proc:xenstored", "proc:xenconsoled", "dev:evtchn", "dev:gntde
 # What `status` can say of a lab, each decided from its state files and the
 # QEMU process (no libvirt call for local labs: an `up` in progress holds the
 # embedded driver, and a dead VM must be named at once, not after an SSH timeout).
+# Room a remote lab needs in the pool beyond its uploads: its disk overlay
+# grows with what dom0 and its guests write, and the serial log.
+REMOTE_DISK_HEADROOM = 256 << 20
+
 STATES = {
     "down": "no VM, nothing running",
     "booting": "an `xenlab up` is booting it",
@@ -215,7 +220,12 @@ class Lab:
         info, marker = self.info(), _read_json(self.boot_marker)
         qemu = self.qemu_alive()
         if qemu is None:  # remote: ask libvirt (without the lab's lock, which `up` may hold)
-            qemu = self._vm_running()
+            try:
+                qemu = self._vm_running()
+            except (LabError, virt.library().libvirtError) as e:
+                if not (host := self.remote):
+                    raise
+                return "unreachable", f"its libvirt host {host.where} does not answer ({getattr(e, 'message', None) or e})"
         if marker and not info:
             pid = marker.get("pid", 0)
             if pid_alive(pid) and (holder := self.lock_holder()) and holder[0] == pid:
@@ -317,7 +327,7 @@ class Lab:
                 steps.note(f"booting cold: {reason}")
             else:
                 why = ("--cold" if cold else "snapshots are off ([lab] snapshots = false)" if not self.cfg.snapshots
-                       else f"snapshots need the embedded driver, not {self.uri()}")
+                       else f"snapshots need the embedded driver, not {self.uri().split('?')[0]}")
                 steps.note(f"booting cold: {why}")
             return self._cold_boot(conn, image, boot, choice, steps, started, port_hint, identity if use_snapshots else None)
 
@@ -336,7 +346,7 @@ class Lab:
                     placed = self._place_remote(conn, image, boot)
             xml = self.domain_xml(boot, choice.accel, port, placed=placed)
             (self.dir / "domain.xml").write_text(xml)
-            with steps.step(f"start libvirt domain {self.domain_name} ({uri})"):
+            with steps.step(f"start libvirt domain {self.domain_name} ({uri.split('?')[0]})"):
                 boot_start = time.monotonic()
                 dom = self._create(conn, xml, port)
                 self._mark_started(uri, port)
@@ -398,6 +408,7 @@ class Lab:
             "snapshot": snapshot,
             "timings": steps.timings,
             "serial_log": str(self.serial_log),
+            **({"remote_serial_log": self._remote_serial} if self.remote else {}),
             "state_dir": str(self.dir),
             "config": self.cfg.to_dict(),
         }
@@ -614,11 +625,14 @@ class Lab:
         disk there; the remote paths for the domain XML."""
         host = self.remote
         pool = host.pool(conn)
-        # Named by their cache entries (recipe- or content-hashed directories).
-        files = {kind: host.upload(pool, path, f"{path.parent.name}-{path.name}")
-                 for kind, path in (("xen", boot.xen), ("dom0_kernel", boot.dom0_kernel), ("initramfs", boot.initramfs))}
         rootfs = images.rootfs_qcow2(image)  # about a fifth of the raw image's 2 GiB to send
-        backing = host.upload(pool, rootfs, f"{image.id}-{rootfs.name}")
+        # Named by their cache entries (recipe- or content-hashed directories).
+        uploads = {kind: (path, f"{path.parent.name}-{path.name}")
+                   for kind, path in (("xen", boot.xen), ("dom0_kernel", boot.dom0_kernel), ("initramfs", boot.initramfs))}
+        uploads["backing"] = (rootfs, f"{image.id}-{rootfs.name}")
+        host.check_space(pool, {name: path for path, name in uploads.values()}, also=REMOTE_DISK_HEADROOM)
+        files = {kind: host.upload(pool, path, name) for kind, (path, name) in uploads.items()}
+        backing = files.pop("backing")
         disk_name, serial_name = self._remote_names()
         host.delete(pool, serial_name)
         files["disk"] = host.overlay(pool, disk_name, backing, image.rootfs.stat().st_size)
@@ -629,13 +643,46 @@ class Lab:
         if host := self.remote:
             host.delete(host.pool(conn), *self._remote_names())
 
-    def _mirror_serial(self, host: RemoteHost) -> None:
+    def _mirror_serial(self, host: RemoteHost, remote_path: str | None = None) -> None:
         """Append what QEMU wrote to the serial log on the remote host since the last call."""
-        offset = self.serial_log.stat().st_size
-        more = host.read_from(self._remote_serial, offset)
+        offset = self.serial_log.stat().st_size if self.serial_log.exists() else 0
+        more = host.read_from(remote_path or self._remote_serial, offset)
         if more:
             with open(self.serial_log, "ab") as f:
                 f.write(more)
+
+    def fresh_serial_log(self) -> Path:
+        """The serial log, brought up to date first when QEMU writes it on a
+        remote host (best effort: a host that does not answer leaves what was
+        copied so far)."""
+        host, info = self.remote, self.info()
+        if host and info and info.get("remote_serial_log"):
+            try:
+                self._mirror_serial(host, info["remote_serial_log"])
+            except (LabError, OSError):
+                pass
+        return self.serial_log
+
+    def console_lines(self, lines: int = 40, follow: bool = False, poll: float = 0.5) -> Iterator[str]:
+        """The last `lines` lines of the serial log (Xen and dom0's console),
+        then, with `follow`, each new line as it comes (also from a remote host)."""
+        path = self.fresh_serial_log()
+        if not path.exists():
+            raise LabError(f"no serial log for lab {self.name} ({path})", f"start the lab with `xenlab up --lab {self.name}`")
+        return self._console_lines(path, lines, follow, poll)
+
+    def _console_lines(self, path: Path, lines: int, follow: bool, poll: float) -> Iterator[str]:
+        with open(path, "rb") as f:
+            yield from (line.decode(errors="replace") for line in tail_lines(f, lines))
+            partial = b""
+            while follow:
+                chunk = f.read()
+                if not chunk:
+                    time.sleep(poll)
+                    self.fresh_serial_log()
+                    continue
+                *done, partial = (partial + chunk).split(b"\n")
+                yield from (line.decode(errors="replace") for line in done)
 
     def _session(self, port: int, host_key: str) -> SSHSession:
         """An SSH session to dom0 (not yet connected): on this host's loopback,
@@ -824,14 +871,28 @@ class Lab:
         return stopped, pid
 
     # -- down --------------------------------------------------------------
-    def down(self) -> dict:
-        """Stop the lab whatever its state; an `up` still booting it is interrupted first."""
+    def down(self, forget: bool = False) -> dict:
+        """Stop the lab whatever its state; an `up` still booting it is interrupted first.
+        `forget`: for a lab whose remote host is gone for good, drop only this
+        host's record of it (what it left on that host stays there)."""
         holder = self.lock_holder()
         if holder and holder[1] == "up" and pid_alive(holder[0]):
             # That `up` cleans up after itself when interrupted (destroys its domain).
             os.kill(holder[0], signal.SIGINT)
         with self.locked("down"):
-            stopped, pid = self._stop_domain()
+            if forget:
+                had = self.info() is not None
+                self._remove_runtime_files()
+                return {"name": self.name, "was_running": False, "qemu_pid": None, "forgotten": had}
+            try:
+                stopped, pid = self._stop_domain()
+            except (LabError, virt.library().libvirtError) as e:
+                if not (host := self.remote):
+                    raise
+                raise LabError(f"cannot stop lab {self.name!r} on its libvirt host {host.where}: {getattr(e, 'message', None) or e}",
+                               f"its domain {self.domain_name} and volumes lab-{self.name}* may still be there: "
+                               f"run `xenlab down --lab {self.name}` again when the host answers, "
+                               f"or `xenlab down --lab {self.name} --forget` to drop only this machine's record of it") from None
             return {"name": self.name, "was_running": stopped, "qemu_pid": pid}
 
     def ensure_up(self, steps: Steps | None = None) -> bool:
@@ -859,6 +920,7 @@ class Lab:
         state, why = self.state()
         if state != "up":
             hint = {"booting": "wait for it to finish",
+                    "unreachable": f"when the host answers again the lab may still run there; `xenlab down --lab {self.name}` removes it",
                     "gone": f"`xenlab up --lab {self.name}` boots it again (the serial log: {self.serial_log})",
                     "orphaned": f"`xenlab up --lab {self.name}` restarts the boot, `xenlab down --lab {self.name}` removes it"}
             detail = "" if state == "down" else f": it is {state} ({why})"
@@ -946,6 +1008,21 @@ class Lab:
 
 
 
+
+
+def tail_lines(f: BinaryIO, lines: int, block: int = 65536) -> list[bytes]:
+    """The last `lines` complete lines of the open file `f`, which is left at its end."""
+    end = f.seek(0, os.SEEK_END)
+    start, data = end, b""
+    while start > 0 and data.count(b"\n") <= lines:
+        start = max(0, start - block)
+        f.seek(start)
+        data = f.read(end - start)
+    f.seek(end)
+    found = data.split(b"\n")
+    if found and found[-1] == b"":
+        found.pop()
+    return found[-lines:] if lines > 0 else []
 
 
 def _read_json(path: Path) -> dict | None:

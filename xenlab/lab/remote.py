@@ -32,6 +32,14 @@ _clients: dict[tuple, paramiko.SSHClient] = {}
 _clients_lock = threading.Lock()
 
 
+def _forget_client(host: "RemoteHost") -> None:
+    """Drop a broken connection to the host, so the next call connects anew."""
+    with _clients_lock:
+        client = _clients.pop(host.client_key, None)
+    if client is not None:
+        client.close()
+
+
 @dataclass(frozen=True)
 class RemoteHost:
     uri: str
@@ -56,9 +64,13 @@ class RemoteHost:
         return f"{self.user}@{self.host}:{self.port}"
 
     # -- SSH to the host -----------------------------------------------------
+    @property
+    def client_key(self) -> tuple:
+        return self.host, self.port, self.user, self.keyfile, self.known_hosts
+
     def client(self) -> paramiko.SSHClient:
         """One connection per host for the life of the process, host key checked."""
-        key = (self.host, self.port, self.user, self.keyfile, self.known_hosts)
+        key = self.client_key
         with _clients_lock:
             client = _clients.get(key)
             if client is not None and client.get_transport() is not None and client.get_transport().is_active():
@@ -81,8 +93,13 @@ class RemoteHost:
             return client
 
     def run(self, command: str, timeout: float = 60) -> bytes:
-        _, out, err = self.client().exec_command(command, timeout=timeout)
-        data = out.read()
+        try:
+            _, out, err = self.client().exec_command(command, timeout=timeout)
+            data = out.read()
+        except (paramiko.SSHException, OSError) as e:  # the host went away, or the connection timed out
+            _forget_client(self)
+            raise LabError(f"lost the SSH connection to the libvirt host {self.where}: {e or type(e).__name__}",
+                           "check that the host is up and reachable") from None
         if out.channel.recv_exit_status() != 0:
             raise LabError(f"on {self.where}: `{command}` failed: {err.read().decode(errors='replace').strip()}")
         return data
@@ -92,7 +109,13 @@ class RemoteHost:
 
     def tunnel(self, port: int) -> paramiko.Channel:
         """A channel to the host's 127.0.0.1:port (dom0's forwarded SSH)."""
-        return self.client().get_transport().open_channel("direct-tcpip", ("127.0.0.1", port), ("127.0.0.1", 0))
+        transport = self.client().get_transport()
+        try:
+            return transport.open_channel("direct-tcpip", ("127.0.0.1", port), ("127.0.0.1", 0), timeout=15)
+        except (paramiko.SSHException, OSError):
+            if not transport.is_active():  # the host went away: connect anew next time
+                _forget_client(self)
+            raise
 
     def read_from(self, path: str, offset: int) -> bytes:
         """The bytes of a file on the host from `offset` on ('' when it has no more)."""
@@ -120,6 +143,30 @@ class RemoteHost:
             pool.create(0)
         pool.refresh(0)
         return pool
+
+    def missing(self, pool, files: dict[str, Path]) -> dict[str, Path]:
+        """Those of {volume name: local file} not in the pool yet (at their full size)."""
+        lib = virt.library()
+        wanted = {}
+        for name, local in files.items():
+            try:
+                if pool.storageVolLookupByName(name).info()[1] == local.stat().st_size:
+                    continue
+            except lib.libvirtError:
+                pass
+            wanted[name] = local
+        return wanted
+
+    def check_space(self, pool, files: dict[str, Path], also: int = 0) -> None:
+        """Refuse, before anything is sent, when the pool has no room for the
+        files still to upload plus `also` bytes."""
+        needed = sum(path.stat().st_size for path in self.missing(pool, files).values()) + also
+        available = pool.info()[3]
+        if needed > available:
+            raise LabError(f"the storage pool {POOL!r} on {self.where} ({virt.pool_dir(pool)}) has {available >> 20} MiB free; "
+                           f"this lab needs {needed >> 20} MiB there ({(needed - also) >> 20} MiB to upload, {also >> 20} MiB for its disk)",
+                           "free space on that host's filesystem, or remove xenlab's unused volumes there "
+                           f"(`virsh -c '{self.uri}' vol-list {POOL}`)")
 
     def upload(self, pool, local: Path, name: str) -> str:
         """`local` as volume `name` in the pool (kept: a volume of that name and

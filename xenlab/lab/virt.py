@@ -185,7 +185,7 @@ def _open(uri: str, lock_wait: float):
                     "or use a libvirt daemon for all of them ([lab] connect = \"qemu:///system\")",
                 ) from None
             raise LabError(
-                f"cannot connect to libvirt at {uri}: {msg}",
+                f"cannot connect to libvirt at {uri.split('?')[0]}: {msg}",  # not the URI's key and known_hosts paths
                 "check the URI (e.g. qemu:///system, qemu+ssh://host/system) and that libvirtd runs there"
                 if "embed" not in uri
                 else "another xenlab process holds this lab's libvirt (a long-running one keeps it until it exits); "

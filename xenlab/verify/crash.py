@@ -16,7 +16,7 @@ def detect_crash(ctx: Context, message: str = "") -> tuple[str, str] | None:
     """(what crashed, log tail) if the hypervisor, dom0, the lab VM or the guest crashed."""
     lab = ctx.lab
     try:
-        text = lab.serial_log.read_text(errors="replace")
+        text = lab.fresh_serial_log().read_text(errors="replace")
     except OSError:
         text = ""
     found = serial_crash(text)

@@ -45,8 +45,9 @@ def _account() -> pwd.struct_passwd:
     return pwd.getpwnam(REMOTE_USER)
 
 
-def start(d: Path) -> tuple[str, subprocess.Popen]:
-    """Start the stand-in host's sshd; its libvirt URI and the sshd process (stop() ends both)."""
+def start(d: Path, session_path: str = "") -> tuple[str, subprocess.Popen]:
+    """Start the stand-in host's sshd; its libvirt URI and the sshd process (stop() ends both).
+    `session_path`: the PATH its sessions get (and so the libvirt session daemon they start)."""
     if os.geteuid() != 0:
         raise StandInError("the stand-in remote host needs root to make its account and run its sshd")
     if not Path(SSHD).exists():
@@ -65,6 +66,7 @@ def start(d: Path) -> tuple[str, subprocess.Popen]:
     (d / "sshd_config").write_text(
         f"ListenAddress 127.0.0.1\nPort {port}\nHostKey {d / 'host_key'}\nPidFile {d / 'sshd.pid'}\n"
         f"PasswordAuthentication no\nKbdInteractiveAuthentication no\nUsePAM no\nAllowUsers {REMOTE_USER}\n"
+        + (f"SetEnv PATH={session_path}\n" if session_path else "")
     )
     (d / "known_hosts").write_text(f"[127.0.0.1]:{port} {' '.join((d / 'host_key.pub').read_text().split()[:2])}\n")
     sshd = _launch_sshd(d, port)
@@ -133,12 +135,21 @@ def stop(d: Path, sshd: subprocess.Popen | None = None) -> None:
             os.kill(int((d / "sshd.pid").read_text()), signal.SIGTERM)
         except (OSError, ValueError):
             pass
+    end_session_daemon()
+
+
+def end_session_daemon() -> None:
+    """End the remote user's libvirt session daemon (the next connection starts one)."""
     # It would idle out after 2 minutes; it is ours, so end it now.
     pidfile = Path(pwd.getpwnam(REMOTE_USER).pw_dir) / ".cache/libvirt/libvirtd.pid"
     try:
-        os.kill(int(pidfile.read_text().strip()), signal.SIGTERM)
+        pid = int(pidfile.read_text().strip())
+        os.kill(pid, signal.SIGTERM)
     except (OSError, ValueError):
-        pass
+        return
+    deadline = time.monotonic() + 10
+    while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
 
 
 def as_remote_user(*argv: str) -> subprocess.CompletedProcess:

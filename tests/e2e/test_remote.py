@@ -9,8 +9,10 @@ import json
 import os
 import pwd
 import socket
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -242,3 +244,28 @@ def test_too_little_space_on_the_remote_host(standin):
         assert json.loads(xenlab("status", "--lab", lab, "--json").stdout)["state"] == "down"
     finally:
         subprocess.run(["umount", str(pool_dir)], check=True)
+
+
+def test_a_remote_host_without_qemu(standin, tmp_path):
+    """A host whose libvirt finds no QEMU (its session daemon runs with a PATH
+    without qemu-system-*): refused before anything is sent, naming the host."""
+    bin_dir = Path(tempfile.mkdtemp(prefix="xenlab-e2e-noqemu-", dir="/tmp"))  # the remote user cannot enter root's tmp_path
+    try:
+        bin_dir.chmod(0o755)
+        for tool in Path("/usr/bin").iterdir():
+            if not tool.name.startswith("qemu-system-"):
+                (bin_dir / tool.name).symlink_to(tool)
+        standin_host.end_session_daemon()  # the next connection starts one with the new PATH
+        uri, sshd = standin_host.start(tmp_path / "no-qemu-host", session_path=f"{bin_dir}:/usr/sbin")
+        try:
+            before = _remote_volumes(uri)
+            proc = xenlab("up", "--lab", "e2e-remote-noqemu", "--connect", uri, check=False)
+            print(proc.stderr)  # shown when the test fails
+            assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr
+            assert f"the libvirt host {REMOTE_USER}@127.0.0.1:" in proc.stderr and "no QEMU for x86_64" in proc.stderr, proc.stderr
+            assert "install qemu-system-x86" in proc.stderr, proc.stderr
+            assert _remote_volumes(uri) == before and "xenlab-e2e-remote-noqemu" not in _remote_domains(uri)
+        finally:
+            standin_host.stop(Path(), sshd)  # and its session daemon: the other tests' start anew with QEMU
+    finally:
+        shutil.rmtree(bin_dir)

@@ -624,6 +624,7 @@ class Lab:
         """Upload what the VM reads (once per cache entry) and make the lab's
         disk there; the remote paths for the domain XML."""
         host = self.remote
+        host.check_qemu(conn)
         pool = host.pool(conn)
         rootfs = images.rootfs_qcow2(image)  # about a fifth of the raw image's 2 GiB to send
         # Named by their cache entries (recipe- or content-hashed directories).

@@ -121,6 +121,16 @@ class RemoteHost:
         """The bytes of a file on the host from `offset` on ('' when it has no more)."""
         return self.run(f"tail -c +{offset + 1} {shlex.quote(path)} 2>/dev/null || true")
 
+    def check_qemu(self, conn) -> None:
+        """Refuse, before anything is sent, a host whose libvirt has no QEMU for x86_64 guests."""
+        import xml.etree.ElementTree as ET
+
+        caps = ET.fromstring(conn.getCapabilities())
+        if not any(g.find("arch[@name='x86_64']/emulator") is not None for g in caps.findall("guest")):
+            raise LabError(f"the libvirt host {self.where} has no QEMU for x86_64 guests (its libvirt lists none)",
+                           "install qemu-system-x86 there (and qemu-utils, for the lab's disk overlay), "
+                           "and make sure its libvirt daemon finds them on its PATH")
+
     # -- the storage pool ----------------------------------------------------
     def pool(self, conn):
         """xenlab's directory pool on the host (made once: under the user's home,
@@ -204,9 +214,13 @@ class RemoteHost:
     def overlay(self, pool, name: str, backing: str, capacity: int) -> str:
         """A new qcow2 volume backed by the qcow2 volume at `backing`; its path."""
         self.delete(pool, name)
-        vol = pool.createXML(f"<volume><name>{name}</name><capacity unit='bytes'>{capacity}</capacity>"
-                             "<target><format type='qcow2'/></target>"
-                             f"<backingStore><path>{backing}</path><format type='qcow2'/></backingStore></volume>", 0)
+        try:
+            vol = pool.createXML(f"<volume><name>{name}</name><capacity unit='bytes'>{capacity}</capacity>"
+                                 "<target><format type='qcow2'/></target>"
+                                 f"<backingStore><path>{backing}</path><format type='qcow2'/></backingStore></volume>", 0)
+        except virt.library().libvirtError as e:
+            raise LabError(f"cannot make the lab's disk {name} on {self.where}: {e}",
+                           "libvirt makes it with qemu-img: install qemu-utils there") from None
         return vol.path()
 
     @staticmethod

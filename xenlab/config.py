@@ -9,7 +9,7 @@ import json
 import os
 import re
 import tomllib
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -176,18 +176,24 @@ def load(path: Path | None = None, overrides: dict | None = None) -> LabConfig:
     """Defaults <- TOML file <- overrides ({'name': ..., 'dom0.memory': ...}); validated."""
     lab_raw: dict = {}
     dom0_raw: dict = {}
+    dom0_vcpus_given = False
     for source in [DEFAULT_CONFIG] + ([path] if path else []):
         data = _read_toml(Path(source))
         for section, value in data.items():
             if section not in ("lab", "dom0"):
                 raise ConfigError(f"unknown config section [{section}] in {source}", "sections are [lab] and [dom0]")
             (lab_raw if section == "lab" else dom0_raw).update(value)
+            dom0_vcpus_given |= source != DEFAULT_CONFIG and section == "dom0" and "vcpus" in value
     for key, value in (overrides or {}).items():
         if value is None:
             continue
         if key.startswith("dom0."):
             dom0_raw[key.removeprefix("dom0.")] = value
+            dom0_vcpus_given |= key == "dom0.vcpus"
         else:
             lab_raw[key] = value
     dom0 = Dom0Config(**_coerce("dom0", Dom0Config, dom0_raw))
+    lab_vcpus = _coerce("lab", LabConfig, {"vcpus": lab_raw.get("vcpus", 2)})["vcpus"]
+    if not dom0_vcpus_given and isinstance(lab_vcpus, int) and 1 <= lab_vcpus < dom0.vcpus:
+        dom0 = replace(dom0, vcpus=lab_vcpus)  # `--vcpus 1` alone means a 1-vCPU lab, dom0 included
     return _check(LabConfig(dom0=dom0, **_coerce("lab", LabConfig, lab_raw)))

@@ -164,17 +164,36 @@ def test_pvh_refused_on_a_lab_that_cannot_run_it(accel, cpu, xen, message):
         check_type_on_lab("pvh", accel, cpu, xen)
 
 
-def test_hvm_needs_svm_but_not_a_newer_xen():
+def test_hvm_needs_svm_and_xen_4_20_under_tcg():
     with pytest.raises(ConfigError, match="an HVM guest needs a CPU model with SVM"):
         check_type_on_lab("hvm", "tcg", "qemu64", "4.20")
-    check_type_on_lab("hvm", "tcg", "svm", "4.17")
+    with pytest.raises(ConfigError, match="HVM guests do not run on Xen 4.17 under TCG"):
+        check_type_on_lab("hvm", "tcg", "svm", "4.17")
+    check_type_on_lab("hvm", "tcg", "svm", "4.20")
 
 
-@pytest.mark.parametrize("accel,cpu,xen", [("tcg", "svm", "4.20"), ("tcg", "max", "4.21"), ("kvm", "qemu64", "4.17")])
-def test_pvh_allowed_where_it_runs(accel, cpu, xen):
-    check_type_on_lab("pvh", accel, cpu, xen)
-    check_type_on_lab("pv", "tcg", "qemu64", "4.17")  # PV runs everywhere
-    check_type_on_lab("pvh", "tcg", "svm", None)  # a Xen of the user's: its version is not known, not checked
+@pytest.mark.parametrize("guest_type", ["pvh", "hvm"])
+def test_pvh_and_hvm_under_tcg_need_a_one_vcpu_lab(guest_type):
+    with pytest.raises(ConfigError, match=f"{guest_type.upper()} guests under TCG need a lab with one vCPU; this lab has 2") as e:
+        check_type_on_lab(guest_type, "tcg", "svm", "4.20", vcpus=2)
+    assert "xenlab up --vcpus 1" in e.value.hint
+    check_type_on_lab(guest_type, "kvm", "svm", "4.20", vcpus=4)  # the hardware's SVM, not QEMU's
+    check_type_on_lab("pv", "tcg", "svm", "4.17", vcpus=2)
+
+
+def test_guest_type_checked_from_the_config_before_a_boot():
+    from xenlab import config as config_mod
+    from xenlab.guest.spec import check_type_for_config
+
+    two = config_mod.load(None, {"accel": "tcg", "dom0.suite": "trixie"})
+    with pytest.raises(ConfigError, match="one vCPU"):
+        check_type_for_config("pvh", two, None)
+    one_old = config_mod.load(None, {"accel": "tcg", "vcpus": 1})
+    assert one_old.dom0.vcpus == 1  # `--vcpus 1` alone: dom0 follows
+    with pytest.raises(ConfigError, match="Xen 4.17"):
+        check_type_for_config("hvm", one_old, None)
+    check_type_for_config("hvm", config_mod.load(None, {"accel": "tcg", "vcpus": 1, "dom0.suite": "trixie"}), None)
+    check_type_for_config("pvh", two, {"accel": "kvm"})  # a running lab: its accelerator decides
 
 
 def test_disk_names_by_guest_type():

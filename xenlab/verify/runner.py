@@ -25,6 +25,7 @@ from pathlib import Path
 
 from xenlab.config import validate_name
 from xenlab.errors import XenlabError
+from xenlab.guest.spec import check_type_for_config
 from xenlab.verify import checks as c
 from xenlab.verify.crash import detect_crash
 from xenlab.verify.model import (
@@ -96,6 +97,7 @@ def verify(lab, guest: str = "verify", skips: tuple[str, ...] = (), guest_extra:
     validate_skips(skips)
     ctx = Context(lab=lab, guest=guest, guest_extra=guest_extra, guest_type=guest_type, log=log or (lambda line: None))
     ctx.spec()  # bad --guest-extra is refused before the lab is touched
+    check_type_for_config(guest_type, lab.running_config(), lab.info())  # as is a guest type this lab cannot run
     results: list[Result] = []
     plan = (
         ("lab.boot", c.boot, ()),

@@ -80,3 +80,13 @@ def test_help_and_config_do_not_load_libvirt():
     code = "import sys; from xenlab.cli import main; sys.argv=['xenlab','config','--json']\ntry: main()\nexcept SystemExit: pass\nprint('libvirt' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip().endswith("False")
+
+
+def test_verify_refuses_a_guest_type_the_lab_cannot_run_before_touching_it(tmp_path):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('[lab]\naccel = "tcg"\n[dom0]\nsuite = "trixie"\n')
+    state = tmp_path / "state"
+    result = run("--config", str(cfg), "verify", "--lab", "never-booted", "--guest-type", "hvm", env={"XENLAB_STATE": str(state)})
+    assert result.exit_code == 2, result.output
+    assert "HVM guests under TCG need a lab with one vCPU; this lab has 2" in result.output and "xenlab up --vcpus 1" in result.output
+    assert not (state / "labs" / "never-booted" / "lab.json").exists() and not list(state.rglob("*.qcow2"))

@@ -85,6 +85,26 @@ def pytest_collection_modifyitems(config, items):
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "xenlab: the test needs the real Xen lab (booted once per session); failures save its logs")
+    if xdist_worker(config) and config.getvalue("loadgroup"):
+        config.pluginmanager.register(XdistGroups(), "xenlab-xdist-groups")
+
+
+class XdistGroups:
+    """`--dist loadgroup` with pytest >= 9.2: pytest-xdist (3.8) marks a
+    test's group by rewriting `item._nodeid`, which pytest 9.2 no longer reads
+    (a node's id is `item._id` now), so every group was spread over the
+    workers. This adds the `@group` suffix xdist's scheduler groups by, on the
+    workers, after xdist's own hook."""
+
+    @pytest.hookimpl(trylast=True)
+    def pytest_collection_modifyitems(self, config, items):
+        for item in items:
+            names = {str(m.args[0] if m.args else m.kwargs.get("name", "default")) for m in item.iter_markers("xdist_group")}
+            suffix = "@" + "_".join(sorted(names))
+            if names and not item.nodeid.endswith(suffix) and hasattr(item, "_id"):
+                from _pytest.nodeid import coerce_node_id
+
+                item._id = coerce_node_id(item.nodeid + suffix)
 
 
 def _uses_lab(item) -> bool:

@@ -94,3 +94,30 @@ def test_bad_shard_refused(pytester):
     pytester.makepyfile(test_one="def test_x():\n    pass\n")
     result = pytester.runpytest_subprocess("--xenlab-shard", "4/3", "-p", "no:cacheprovider")
     assert result.ret != 0 and "--xenlab-shard '4/3': write K/N" in result.stderr.str()
+
+
+GROUPED = """
+import os
+import pytest
+
+
+@pytest.mark.xdist_group("one-lab")
+@pytest.mark.parametrize("n", range(4))
+def test_grouped(n):
+    assert os.environ["PYTEST_XDIST_WORKER"]
+
+
+@pytest.mark.parametrize("n", range(4))
+def test_free(n):
+    pass
+"""
+
+
+def test_loadgroup_keeps_a_group_on_one_worker(pytester):
+    """`--dist loadgroup` with the xdist_group marker sends a group to one
+    worker (pytest 9.2 dropped what pytest-xdist 3.8 groups by; the plugin puts it back)."""
+    pytester.makepyfile(test_grouped=GROUPED)
+    result = pytester.runpytest_subprocess("-n", "2", "--dist", "loadgroup", "-p", "no:randomly", "-p", "no:cacheprovider", "-v")
+    result.assert_outcomes(passed=8)
+    ran = re.findall(r"\[(gw\d)\][^\n]*PASSED test_grouped.py::test_grouped", result.stdout.str())
+    assert len(ran) == 4 and len(set(ran)) == 1, result.stdout.str()

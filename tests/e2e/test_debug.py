@@ -13,6 +13,7 @@ import time
 
 import pytest
 
+from xenlab.agent.facts import CORES_DIR
 from xenlab.debug import coredump
 from xenlab.guest.manager import Guests
 from xenlab.guest.spec import GuestSpec
@@ -115,6 +116,32 @@ def test_a_panicked_guest_leaves_a_core_that_shows_the_panic(lab, dom0, request)
     report = xenlab("debug", "core-log", folder, "--panic").stdout
     assert "Kernel panic - not syncing" in report and "sysrq" in report.lower(), report
     assert re.search(r"sysrq_handle_crash\+0x", report), report  # a frame of the backtrace, by name
+
+
+def test_a_crashed_guest_whose_core_was_taken_is_destroyed_without_another(lab, dom0, request):
+    """A failed test's artifacts take a crashed guest's core; the fixture's
+    destroy afterwards does not take it again (each costs the guest's memory in
+    dom0 and seconds under TCG)."""
+    name = "dbg-crash2"
+    with Guests(lab) as guests:
+        if any(g.get("name") == name for g in guests.list()):
+            guests.destroy(name)
+        guests.create(GuestSpec(name=name, memory=64))
+        try:
+            dom0(f"xl sysrq {name} c")
+            deadline = time.monotonic() + 120
+            while not any(r["name"] == name and r["state"] == "crashed" for r in guests.list()):
+                assert time.monotonic() < deadline, f"guest {name} did not crash after sysrq c"
+                time.sleep(2)
+            taken = guests.dump_core(name)
+            request.addfinalizer(lambda: shutil.rmtree(taken["core_dir"], ignore_errors=True))
+            assert taken["crashed"] and os.path.getsize(os.path.join(taken["core_dir"], coredump.CORE_FILE)) >= 32 << 20
+            destroyed = guests.destroy(name)
+        finally:
+            if any(g.get("name") == name for g in guests.list()):
+                guests.destroy(name)
+    assert destroyed.get("core_taken_before") and "core" not in destroyed and "core_dir" not in destroyed, destroyed
+    assert dom0(f"ls {CORES_DIR}/{name}-*", check=False).returncode != 0  # nothing of it left in dom0
 
 
 def test_xentrace_records_the_event_channel_work_of_a_ping(lab, peer):

@@ -280,14 +280,20 @@ def destroy(name: str, timeout: float) -> dict:
     meta = read_meta(name)
     if domid is None and meta is None:
         raise Refused(f"no guest named {name!r}", "see `xenlab guest list`")
-    # A crashed guest is kept (on_crash = "preserve") for this: its core, before it goes.
-    core = dump_core(name) if domid is not None and _crashed(domid) else None
+    # A crashed guest is kept (on_crash = "preserve") for this: its core, before
+    # it goes; one taken already (a failed test's artifacts) is not taken again.
+    core = before = None
+    if domid is not None and _crashed(domid):
+        before = _core_records(name, domid)
+        core = None if before else dump_core(name)
     if domid is None:
         domid = meta["domid"]
     t0 = time.monotonic()
     left = _remove(name, domid, timeout)
+    for record in _core_records(name, domid):
+        os.unlink(record)
     return {"name": name, "domid": domid, "seconds": round(time.monotonic() - t0, 2), "leftovers": left,
-            **({"core": core} if core else {})}
+            **({"core": core} if core else {}), **({"core_taken_before": True} if before else {})}
 
 
 def _crashed(domid: int) -> bool:
@@ -305,9 +311,20 @@ def dump_core(name: str) -> dict:
     t0 = time.monotonic()
     xl("dump-core", name, path, timeout=600)
     meta = read_meta(name) or {}
-    return {"name": name, "domid": domid, "core": path, "bytes": os.path.getsize(path),
-            "seconds": round(time.monotonic() - t0, 2), "crashed": _crashed(domid),
-            "kernel_file": meta.get("kernel_file", ""), "symbol_map": meta.get("symbol_map", "")}
+    crashed = _crashed(domid)
+    taken = {"name": name, "domid": domid, "core": path, "bytes": os.path.getsize(path),
+             "seconds": round(time.monotonic() - t0, 2), "crashed": crashed,
+             "kernel_file": meta.get("kernel_file", ""), "symbol_map": meta.get("symbol_map", "")}
+    if crashed:  # a crashed guest's state no longer changes: this core is its core
+        with open(path + ".json", "w") as f:
+            json.dump(taken, f)
+    return taken
+
+
+def _core_records(name: str, domid: int) -> list[str]:
+    """The records of cores dump_core took of this crashed guest (the cores
+    themselves go once the host fetched them)."""
+    return glob.glob(os.path.join(CORES_DIR, f"{glob.escape(name)}-{domid}-*.core.json"))
 
 
 def _remove(name: str, domid: int | None, timeout: float) -> dict:

@@ -90,3 +90,8 @@ def test_verify_refuses_a_guest_type_the_lab_cannot_run_before_touching_it(tmp_p
     assert result.exit_code == 2, result.output
     assert "HVM guests under TCG need a lab with one vCPU; this lab has 2" in result.output and "xenlab up --vcpus 1" in result.output
     assert not (state / "labs" / "never-booted" / "lab.json").exists() and not list(state.rglob("*.qcow2"))
+
+
+def test_down_forget_is_refused_for_a_lab_here(tmp_path):
+    result = run("down", "--lab", "here", "--forget", env={"XENLAB_STATE": str(tmp_path)})
+    assert result.exit_code == 2 and "--forget is for a lab on a remote libvirt host" in result.output, result.output

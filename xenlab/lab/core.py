@@ -24,7 +24,7 @@ from typing import BinaryIO, Iterator
 from xenlab import config as config_mod, templates
 from xenlab.agent.xl import parse_xl_info, parse_xl_list
 from xenlab.config import LabConfig, validate_name
-from xenlab.errors import BootError, LabError, SSHError
+from xenlab.errors import BootError, ConfigError, LabError, SSHError
 from xenlab.paths import TEMPLATES_DIR, cache_dir, lab_dir, private, state_root
 from xenlab.progress import Steps
 from xenlab.run import pid_alive, process_age, run
@@ -876,6 +876,9 @@ class Lab:
         """Stop the lab whatever its state; an `up` still booting it is interrupted first.
         `forget`: for a lab whose remote host is gone for good, drop only this
         host's record of it (what it left on that host stays there)."""
+        if forget and not self.remote:
+            raise ConfigError(f"--forget is for a lab on a remote libvirt host that is gone; lab {self.name!r} runs here",
+                              f"`xenlab down --lab {self.name}` stops it")
         holder = self.lock_holder()
         if holder and holder[1] == "up" and pid_alive(holder[0]):
             # That `up` cleans up after itself when interrupted (destroys its domain).

@@ -193,7 +193,7 @@ def load(path: Path | None = None, overrides: dict | None = None) -> LabConfig:
         else:
             lab_raw[key] = value
     dom0 = Dom0Config(**_coerce("dom0", Dom0Config, dom0_raw))
-    lab_vcpus = _coerce("lab", LabConfig, {"vcpus": lab_raw.get("vcpus", 2)})["vcpus"]
-    if not dom0_vcpus_given and isinstance(lab_vcpus, int) and 1 <= lab_vcpus < dom0.vcpus:
-        dom0 = replace(dom0, vcpus=lab_vcpus)  # `--vcpus 1` alone means a 1-vCPU lab, dom0 included
-    return _check(LabConfig(dom0=dom0, **_coerce("lab", LabConfig, lab_raw)))
+    cfg = LabConfig(dom0=dom0, **_coerce("lab", LabConfig, lab_raw))
+    if not dom0_vcpus_given and 1 <= cfg.vcpus < dom0.vcpus:
+        cfg = replace(cfg, dom0=replace(dom0, vcpus=cfg.vcpus))  # `--vcpus 1` alone means a 1-vCPU lab, dom0 included
+    return _check(cfg)

@@ -119,8 +119,7 @@ class Catalogue:
         ncpu = os.cpu_count() or 1
         before = self.status(port)["vcpu"]
         if ncpu < 2:  # a 1-vCPU lab (as PVH and HVM guests under TCG need): not tried, and said so
-            self.checks.append({"check": "bind_vcpu moves the port", "seed_op": "EVTCHNOP_bind_vcpu", "ok": True,
-                                "not_tried": "dom0 has one vCPU: nothing to move to"})
+            self.record("bind_vcpu moves the port", "EVTCHNOP_bind_vcpu", True, not_tried="dom0 has one vCPU: nothing to move to")
             return
         irq = self._irq_of(a, h, pa, port)
         target = 1 - before if before in (0, 1) else 0

@@ -133,9 +133,9 @@ def check_type_on_lab(guest_type: str, accel: str, cpu: str, xen_version: str | 
                           f"use a lab with Xen {need} or later: xenlab up --suite trixie")
     if vcpus > 1:
         # QEMU runs each vCPU in a thread of its own (MTTCG); its nested SVM then
-        # loses about half of its guests to triple faults; with one vCPU, none in our runs.
+        # loses about a third of its guests to triple faults; with one vCPU, none in our runs.
         raise ConfigError(f"{kind} guests under TCG need a lab with one vCPU; this lab has {vcpus}",
-                          "with more, QEMU's nested SVM loses about half of them to triple faults (docs/guest-types.md): "
+                          "with more, QEMU's nested SVM loses about a third of them to triple faults (docs/guest-types.md): "
                           "boot a lab with `xenlab up --vcpus 1`")
 
 
@@ -143,15 +143,14 @@ def check_type_for_config(guest_type: str, cfg, info: dict | None) -> None:
     """check_type_on_lab from a lab's configuration, before it is booted (info:
     its running report, when it runs). Under accel "auto" on a host where KVM
     may work, the accelerator is not known yet: left to guest create."""
-    import os
-
     from xenlab.agent.facts import XEN_VERSIONS
+    from xenlab.lab.accel import kvm_device_usable
 
     if info:
         accel = info["accel"]
     elif cfg.accel != "auto":
         accel = cfg.accel
-    elif not os.access("/dev/kvm", os.R_OK | os.W_OK):
+    elif not kvm_device_usable():
         accel = "tcg"
     else:
         return

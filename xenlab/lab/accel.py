@@ -34,8 +34,13 @@ def _boot_id() -> str:
         return "unknown"
 
 
+def kvm_device_usable() -> bool:
+    """/dev/kvm is there and ours to open: KVM may work (the probe decides)."""
+    return os.access("/dev/kvm", os.R_OK | os.W_OK)
+
+
 def probe_kvm(kernel: Path, timeout: float = PROBE_TIMEOUT) -> tuple[bool, str]:
-    if not os.access("/dev/kvm", os.R_OK | os.W_OK):
+    if not kvm_device_usable():
         return False, "/dev/kvm is missing or not accessible"
     argv = [
         "qemu-system-x86_64", "-accel", "kvm", "-cpu", "host", "-m", "256", "-nographic", "-nodefaults",

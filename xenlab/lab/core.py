@@ -47,18 +47,18 @@ READY_CHECK = (
 RESTORE_READY_SECONDS = 30.0
 REQUIRED_READY = {"proc:xenstored", "proc:xenconsoled", "dev:evtchn", "dev:gntdev", "dev:gntalloc", "xs:answers"}
 
-# What `status` can say of a lab, each decided from its state files and the
-# QEMU process (no libvirt call for local labs: an `up` in progress holds the
-# embedded driver, and a dead VM must be named at once, not after an SSH timeout).
 # Room a remote lab needs in the pool beyond its uploads: its disk overlay
 # grows with what dom0 and its guests write, and the serial log.
 REMOTE_DISK_HEADROOM = 256 << 20
 
+# What `status` can say of a lab, each decided from its state files and the
+# QEMU process (no libvirt call for local labs: an `up` in progress holds the
+# embedded driver, and a dead VM must be named at once, not after an SSH timeout).
 STATES = {
     "down": "no VM, nothing running",
     "booting": "an `xenlab up` is booting it",
     "up": "the VM runs and dom0 answers",
-    "unreachable": "the VM runs but dom0 does not answer SSH",
+    "unreachable": "the VM runs but dom0 does not answer SSH (or a remote lab's libvirt host does not answer)",
     "gone": "the VM died after the lab was up",
     "orphaned": "a VM without a finished `xenlab up` (that `up` was interrupted)",
 }
@@ -216,7 +216,8 @@ class Lab:
         return f"guest={self.domain_name},".encode() in cmdline or f"guest={self.domain_name}\0".encode() in cmdline
 
     def state(self) -> tuple[str, str]:
-        """(one of STATES but "unreachable", which takes an SSH try; a line saying why), quickly."""
+        """(one of STATES, a line saying why), quickly: "unreachable" only for a
+        remote lab whose host does not answer (dom0's SSH is status()'s to try)."""
         info, marker = self.info(), _read_json(self.boot_marker)
         qemu = self.qemu_alive()
         if qemu is None:  # remote: ask libvirt (without the lab's lock, which `up` may hold)
@@ -225,7 +226,7 @@ class Lab:
             except (LabError, virt.library().libvirtError) as e:
                 if not (host := self.remote):
                     raise
-                return "unreachable", f"its libvirt host {host.where} does not answer ({getattr(e, 'message', None) or e})"
+                return "unreachable", f"its libvirt host {host.where} does not answer ({_reason(e)})"
         if marker and not info:
             pid = marker.get("pid", 0)
             if pid_alive(pid) and (holder := self.lock_holder()) and holder[0] == pid:
@@ -893,7 +894,7 @@ class Lab:
             except (LabError, virt.library().libvirtError) as e:
                 if not (host := self.remote):
                     raise
-                raise LabError(f"cannot stop lab {self.name!r} on its libvirt host {host.where}: {getattr(e, 'message', None) or e}",
+                raise LabError(f"cannot stop lab {self.name!r} on its libvirt host {host.where}: {_reason(e)}",
                                f"its domain {self.domain_name} and volumes lab-{self.name}* may still be there: "
                                f"run `xenlab down --lab {self.name}` again when the host answers, "
                                f"or `xenlab down --lab {self.name} --forget` to drop only this machine's record of it") from None
@@ -1012,6 +1013,11 @@ class Lab:
 
 
 
+
+
+def _reason(e: Exception) -> str:
+    """What went wrong, without a hint: a LabError's message, or libvirt's error text."""
+    return getattr(e, "message", None) or str(e)
 
 
 def tail_lines(f: BinaryIO, lines: int, block: int = 65536) -> list[bytes]:

@@ -154,23 +154,21 @@ class RemoteHost:
         pool.refresh(0)
         return pool
 
-    def missing(self, pool, files: dict[str, Path]) -> dict[str, Path]:
-        """Those of {volume name: local file} not in the pool yet (at their full size)."""
-        lib = virt.library()
-        wanted = {}
-        for name, local in files.items():
-            try:
-                if pool.storageVolLookupByName(name).info()[1] == local.stat().st_size:
-                    continue
-            except lib.libvirtError:
-                pass
-            wanted[name] = local
-        return wanted
+    @staticmethod
+    def _complete(pool, name: str, size: int):
+        """The volume `name` if the pool has it at `size` bytes (a finished
+        upload: names come from content-addressed cache entries), else None."""
+        try:
+            vol = pool.storageVolLookupByName(name)
+        except virt.library().libvirtError:
+            return None
+        return vol if vol.info()[1] == size else None
 
     def check_space(self, pool, files: dict[str, Path], also: int = 0) -> None:
         """Refuse, before anything is sent, when the pool has no room for the
         files still to upload plus `also` bytes."""
-        needed = sum(path.stat().st_size for path in self.missing(pool, files).values()) + also
+        sizes = {name: path.stat().st_size for name, path in files.items()}
+        needed = sum(size for name, size in sizes.items() if not self._complete(pool, name, size)) + also
         available = pool.info()[3]
         if needed > available:
             raise LabError(f"the storage pool {POOL!r} on {self.where} ({virt.pool_dir(pool)}) has {available >> 20} MiB free; "
@@ -184,13 +182,9 @@ class RemoteHost:
         its path on the host."""
         lib = virt.library()
         size = local.stat().st_size
-        try:
-            vol = pool.storageVolLookupByName(name)
-            if vol.info()[1] == size:
-                return vol.path()
-            vol.delete(0)  # a half-made upload: its size is the file's only once complete
-        except lib.libvirtError:
-            pass
+        if done := self._complete(pool, name, size):
+            return done.path()
+        self.delete(pool, name)  # a half-made upload: its size is the file's only once complete
         vol = pool.createXML(f"<volume><name>{name}</name><capacity unit='bytes'>{size}</capacity>"
                              "<target><format type='raw'/></target></volume>", 0)
         stream = pool.connect().newStream(0)

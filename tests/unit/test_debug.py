@@ -189,3 +189,19 @@ def test_keys_that_take_the_lab_down_need_force():
     with pytest.raises(LabError, match="'R' reboots the machine") as e:
         keys.press(object(), "eR")  # refused before the lab is touched
     assert "--force" in e.value.hint
+
+
+def test_a_labs_cores_folder_keeps_the_newest_cores_only(tmp_path):
+    import os
+
+    for i in range(coredump.CORES_KEPT + 2):
+        folder = tmp_path / f"g{i}-20261205-10000{i}"
+        folder.mkdir()
+        (folder / coredump.CORE_FILE).write_bytes(b"x")
+        os.utime(folder, (1000 + i, 1000 + i))
+    (tmp_path / "notes").mkdir()  # not a core folder: left alone
+    removed = coredump.prune(tmp_path)
+    assert sorted(removed) == ["g0-20261205-100000", "g1-20261205-100001"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["notes"] + [f"g{i}-20261205-10000{i}" for i in range(2, coredump.CORES_KEPT + 2)])
+    assert coredump.prune(tmp_path / "absent") == []

@@ -3,12 +3,11 @@ initramfs (busybox + the modules that mount the virtio root disk)."""
 
 from __future__ import annotations
 
-import gzip
-import lzma
 import shutil
 from pathlib import Path
 
 from xenlab import templates
+from xenlab.build import compression
 from xenlab.errors import HostError
 from xenlab.run import run
 
@@ -68,19 +67,8 @@ def plain_module(path: Path) -> bytes:
     """A module file's ELF: Debian compresses modules since trixie (.ko.xz),
     and busybox's insmod in the initramfs and the guests loads only plain ones."""
     data = path.read_bytes()
-    if path.name.endswith(".ko.xz"):
-        return lzma.decompress(data)
-    if path.name.endswith(".ko.gz"):
-        return gzip.decompress(data)
-    if path.name.endswith(".ko.zst"):
-        return zstd_decompress(data)
-    return data
-
-
-def zstd_decompress(data: bytes) -> bytes:
-    if not shutil.which("zstd"):
-        raise HostError("zstd is missing: this kernel's files are zstd-compressed", "apt-get install zstd (ci/setup-host.sh does)")
-    return run(["zstd", "-dcq"], input=data).stdout
+    kind = compression.SUFFIX.get(path.suffix)
+    return compression.decompress(data, kind) if kind else data
 
 
 def carry_modules(moddir: Path, wanted: tuple[str, ...], dest: Path) -> None:

@@ -10,17 +10,16 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
-import lzma
 import os
 import re
 import shutil
 import struct
 import time
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
 from xenlab import progress
+from xenlab.build import compression
 from xenlab.errors import ConfigError, HostError, XenlabError
 from xenlab.paths import GUEST_KERNEL_DIR, sweep_stale_work, work_dir
 from xenlab.run import run
@@ -262,18 +261,12 @@ def decompress_bzimage(bzimage: bytes) -> bytes:
     payload_offset, payload_length = struct.unpack_from("<II", bzimage, 0x248)
     start = (setup_sects + 1) * 512 + payload_offset
     payload = bzimage[start : start + payload_length]
-    if payload.startswith(b"\xfd7zXZ\x00"):
-        elf = lzma.LZMADecompressor(format=lzma.FORMAT_XZ).decompress(payload)
-    elif payload.startswith(b"\x1f\x8b"):
-        elf = zlib.decompressobj(16 + zlib.MAX_WBITS).decompress(payload)
-    elif payload.startswith(b"\x28\xb5\x2f\xfd"):
-        from xenlab.build.initramfs import zstd_decompress
-
-        # The kernel's build appends the decompressed size (4 bytes) to the zstd frame.
-        elf = zstd_decompress(payload[:-4])
-    else:
+    kind = compression.kind_of(payload)
+    if kind is None:
         raise HostError(f"unsupported kernel compression (payload starts {payload[:6].hex()})",
                         "build it with CONFIG_KERNEL_XZ, CONFIG_KERNEL_GZIP or CONFIG_KERNEL_ZSTD")
+    # The kernel's build appends the decompressed size (4 bytes) to the payload; zstd refuses trailing bytes.
+    elf = compression.decompress(payload[:-4] if kind == "zst" else payload, kind)
     if not elf.startswith(b"\x7fELF"):
         raise HostError("the decompressed dom0 kernel is not an ELF file")
     return elf

@@ -81,7 +81,7 @@ def keys_cmd(ctx, lab, keys, force, as_json):
 @lab_option
 @click.argument("guest")
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), default=None,
-              help="where the core folder goes (default: the lab's cores/ folder)")
+              help="where the core folder goes (default: the lab's cores/ folder, which keeps the newest 5)")
 @json_option
 @click.pass_context
 def core_cmd(ctx, lab, guest, out_dir, as_json):

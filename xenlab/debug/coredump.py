@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import re
 import shlex
+import shutil
 import struct
 import time
 import zlib
@@ -25,6 +26,9 @@ START_KERNEL_MAP = 0xFFFFFFFF80000000
 PAGE = 4096
 LOG_BUFFER = "__log_buf"
 CORE_FILE, KERNEL_FILE, MAP_FILE = "core", "vmlinux", "System.map"
+# A lab's own cores/ folder keeps this many cores, the newest: each is the
+# guest's whole memory, and a CI run that crashes guests on purpose makes many.
+CORES_KEPT = 5
 _PRINTABLE = re.compile(rb"[\x20-\x7e\t]{3,}")
 
 
@@ -208,6 +212,20 @@ def _copy_gzipped(ssh, remote: str, local: Path) -> None:
         local.unlink(missing_ok=True)
         raise GuestError(f"copying {remote} from dom0 failed: {errors.getvalue().decode(errors='replace').strip()}",
                          "is there space on this host? see `xenlab ssh -- ls -la " + str(Path(remote).parent) + "`")
+
+
+def prune(folder: Path, keep: int = CORES_KEPT) -> list[str]:
+    """Remove all but the `keep` newest core folders (those `fetch` made) in
+    `folder`; the names of those removed."""
+    if not folder.is_dir():
+        return []
+    cores = sorted((d for d in folder.iterdir() if d.is_dir() and (d / CORE_FILE).exists()),
+                   key=lambda d: d.stat().st_mtime, reverse=True)
+    removed = []
+    for old in cores[keep:]:
+        shutil.rmtree(old, ignore_errors=True)
+        removed.append(old.name)
+    return removed
 
 
 def fetch(ssh, taken: dict, dest: Path) -> Path:

@@ -293,19 +293,28 @@ class Guests:
 
     def destroy(self, name: str, timeout: float = 30) -> dict:
         """Destroy the guest; a crashed one's core is taken first and fetched
-        into the lab's cores/ folder (`core_dir` in the result)."""
+        into the lab's cores/ folder (`core_dir` in the result), which keeps the
+        newest `coredump.CORES_KEPT`."""
         validate_name(name, "guest name")
         result = self.domctl("destroy", name, "--timeout", str(timeout), timeout=timeout + 660)
         if "core" in result:
-            result["core_dir"] = str(coredump.fetch(self.ssh(), result["core"], self.lab.dir / "cores"))
+            result["core_dir"] = str(self._fetch_core(result["core"], None))
         return result
+
+    def _fetch_core(self, taken: dict, dest: Path | None) -> Path:
+        if dest is not None:
+            return coredump.fetch(self.ssh(), taken, dest)
+        own = self.lab.dir / "cores"
+        folder = coredump.fetch(self.ssh(), taken, own)
+        coredump.prune(own)
+        return folder
 
     def dump_core(self, name: str, dest: Path | None = None) -> dict:
         """`xl dump-core` of a running or crashed guest, fetched with its kernel
         and System.map into `dest` (default: the lab's cores/ folder)."""
         validate_name(name, "guest name")
         taken = self.domctl("dump-core", name, timeout=660)
-        return {**taken, "core_dir": str(coredump.fetch(self.ssh(), taken, dest or self.lab.dir / "cores"))}
+        return {**taken, "core_dir": str(self._fetch_core(taken, dest))}
 
     def list(self) -> list[dict]:
         return self.domctl("list")

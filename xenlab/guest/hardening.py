@@ -26,8 +26,9 @@ GUEST_TROUBLE = re.compile(r"Kernel panic|Oops|BUG:|general protection|WARNING: 
 
 def run_io(guest: Guest, dev: str, wait: float = 20) -> dict:
     """Write WRITE_BLOCKS random blocks, then read them back in one request;
-    what finished within `wait` seconds, whether the data came back intact,
-    and the kernel log lines the guest printed meanwhile."""
+    what finished within `wait` seconds (or before blkfront disabled the
+    device), whether the data came back intact, and the kernel log lines the
+    guest printed meanwhile."""
     before = int(guest.exec("dmesg | wc -l").stdout.strip() or 0)
     script = (
         f"dd if=/dev/urandom of=/tmp/want bs=4096 count={WRITE_BLOCKS} 2>/dev/null; rm -f /tmp/got /tmp/io.done /tmp/w.rc /tmp/r.rc; "
@@ -38,7 +39,11 @@ def run_io(guest: Guest, dev: str, wait: float = 20) -> dict:
     started = guest.exec(script)
     if not started.ok:
         raise AssertionError(f"could not start I/O in {guest.name}: {started.stderr}")
-    out = guest.exec(f"i=0; while [ ! -f /tmp/io.done ] && [ $i -lt {int(wait * 10)} ]; do sleep 0.1; i=$((i+1)); done; "
+    # blkfront keeps the I/O of a device it disabled pending for good: waiting
+    # the whole `wait` for it tells nothing more (a check each half second).
+    disabled = f"dmesg | tail -n +{before + 1} | grep -q '{dev.removeprefix('/dev/')} disabled for further use'"
+    out = guest.exec(f"i=0; while [ ! -f /tmp/io.done ] && [ $i -lt {int(wait * 10)} ]; do "
+                     f"if [ $((i % 5)) -eq 4 ] && {disabled}; then break; fi; sleep 0.1; i=$((i+1)); done; "
                      "cat /tmp/w.rc /tmp/r.rc /tmp/w.err /tmp/r.err 2>/dev/null; "
                      "cmp /tmp/want /tmp/got >/dev/null 2>&1 && echo SAME; echo ---; dmesg", timeout=wait + 60).stdout
     head, _, dmesg = out.partition("---\n")

@@ -7,6 +7,7 @@ opening retries for a while on the pid-file lock."""
 
 from __future__ import annotations
 
+import atexit
 import os
 import shutil
 import threading
@@ -157,6 +158,20 @@ def connect(uri: str, lock_wait: float = 30.0):
             conn = _open(uri, lock_wait)
             _connections[key] = conn
     yield conn
+
+
+@atexit.register
+def _close_connections() -> None:
+    """Close the cached connections while libvirt's module still exists: left to
+    the interpreter's teardown, virConnect.__del__ runs after libvirtmod is gone
+    and prints an AttributeError at exit. Domains keep running, as at any exit."""
+    with _connections_lock:
+        for conn in _connections.values():
+            try:
+                conn.close()
+            except Exception:  # an exit must not fail on a connection libvirt already dropped
+                pass
+        _connections.clear()
 
 
 def _alive_connection(conn) -> bool:

@@ -56,14 +56,16 @@ def per_start_ms(run, command: str, count: int) -> float:
     return int(run(script).strip()) / count / 1e6
 
 
+def on_host(script: str) -> str:
+    """What `script` prints, run by sh on this host (per_start_ms's `run` for the host's figures)."""
+    return subprocess.run(["sh", "-c", script], capture_output=True, text=True, check=True).stdout
+
+
 def process_costs(count: int) -> dict:
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
     from xenlab.lab import Lab
 
     lab = Lab.open(NAME)  # a running lab: its suite is the one it was started with
-
-    def on_host(script: str) -> str:
-        return subprocess.run(["sh", "-c", script], capture_output=True, text=True, check=True).stdout
 
     connects = []
     for _ in range(5):

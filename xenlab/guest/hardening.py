@@ -21,6 +21,8 @@ STANDARD_PLANS = (
     "bad-ring-page-order:value=32", "bad-max-indirect-segments", "unmappable-grant:every=5",
     "state-jump:to=closed;after=5", "state-jump:to=initwait;after=5",
 )
+# What blkfront logs (after the disk's name) when it gives up on a device.
+BLKFRONT_DISABLED = "disabled for further use"
 GUEST_TROUBLE = re.compile(r"Kernel panic|Oops|BUG:|general protection|WARNING: CPU")
 
 
@@ -41,7 +43,7 @@ def run_io(guest: Guest, dev: str, wait: float = 20) -> dict:
         raise AssertionError(f"could not start I/O in {guest.name}: {started.stderr}")
     # blkfront keeps the I/O of a device it disabled pending for good: waiting
     # the whole `wait` for it tells nothing more (a check each half second).
-    disabled = f"dmesg | tail -n +{before + 1} | grep -q '{dev.removeprefix('/dev/')} disabled for further use'"
+    disabled = f"dmesg | tail -n +{before + 1} | grep -q '{dev.removeprefix('/dev/')} {BLKFRONT_DISABLED}'"
     out = guest.exec(f"i=0; while [ ! -f /tmp/io.done ] && [ $i -lt {int(wait * 10)} ]; do "
                      f"if [ $((i % 5)) -eq 4 ] && {disabled}; then break; fi; sleep 0.1; i=$((i+1)); done; "
                      "cat /tmp/w.rc /tmp/r.rc /tmp/w.err /tmp/r.err 2>/dev/null; "
@@ -75,7 +77,7 @@ def outcome(result: dict) -> str:
     io, log = result["io"], "\n".join(result["io"]["kernel_log"])
     if not result["guest_alive"] or result["guest_trouble"]:
         return "guest crashed or hung: " + "; ".join(result["guest_trouble"][:2])
-    if "disabled for further use" in log:
+    if BLKFRONT_DISABLED in log:
         why = next((line.split("] ", 1)[-1] for line in io["kernel_log"] if ": " in line and "disabled" not in line
                     and ("response" in line or "illegal" in line)), "")
         return f"device disabled ({why.strip()}); I/O in flight stays pending" if why else "device disabled"

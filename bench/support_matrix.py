@@ -1,11 +1,14 @@
 """The support matrix of docs/guest-types.md: `xenlab verify` with each guest
-type on a lab of each dom0 suite (its Xen), one lab at a time, each check's
-result per cell. A type a lab cannot run is tried all the same: the cell says
+type on a lab of each dom0 suite (its Xen) and QEMU stack, one lab at a time,
+each check's result per cell. A type a lab cannot run is tried all the same: the cell says
 how it was refused. Each lab is driven by `xenlab` in its own process:
 libvirt's embedded driver serves one lab per process.
 
 Prints one JSON document (cells, plus the table as Markdown). Usage:
-  .venv/bin/python bench/support_matrix.py [--suites bookworm,trixie] [--types pv,pvh,hvm] [--vcpus 1]
+  .venv/bin/python bench/support_matrix.py [--labs bookworm/stock,bookworm,trixie] [--types pv,pvh,hvm] [--vcpus 1]
+
+A lab is SUITE or SUITE/QEMU (a `xenlab up --qemu` value: stock, backports);
+the default is each suite on the default QEMU.
 
 Labs get one vCPU by default: under TCG, PVH and HVM guests need it
 (docs/guest-types.md); PV runs the same on one or two."""
@@ -38,17 +41,18 @@ def xenlab(*args: str, check: bool = True) -> subprocess.CompletedProcess:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--suites", default=",".join(XEN_VERSIONS))
+    parser.add_argument("--labs", default=",".join(XEN_VERSIONS), help="SUITE or SUITE/QEMU, comma-separated")
     parser.add_argument("--types", default="pv,pvh,hvm")
     parser.add_argument("--vcpus", default="1", help="the labs' vCPUs (dom0's follow)")
     args = parser.parse_args()
-    suites, types = args.suites.split(","), args.types.split(",")
+    labs, types = [entry.partition("/")[::2] for entry in args.labs.split(",")], args.types.split(",")
     cells = []
-    for suite in suites:
-        lab = f"matrix-{suite}"
+    for suite, qemu_stack in labs:
+        lab = f"matrix-{suite}-{qemu_stack or 'default'}"
         try:
-            xenlab("up", "--lab", lab, "--suite", suite, "--vcpus", args.vcpus)
-            xen = json.loads(xenlab("status", "--lab", lab, "--json").stdout)["xen_version"]
+            xenlab("up", "--lab", lab, "--suite", suite, "--vcpus", args.vcpus, *(["--qemu", qemu_stack] if qemu_stack else []))
+            status = json.loads(xenlab("status", "--lab", lab, "--json").stdout)
+            xen, qemu = status["xen_version"], status["versions"]["qemu"]
             for guest_type in types:
                 started = time.monotonic()
                 with tempfile.NamedTemporaryFile(suffix=".json") as report:
@@ -59,14 +63,14 @@ def main() -> None:
                     else:  # refused before any check ran: the guest type on this lab
                         why = next((line.removeprefix("error: ") for line in proc.stderr.splitlines() if line.startswith("error: ")), proc.stderr)
                         results = [{"name": "guest.create", "state": "REFUSED", "evidence": why}]
-                cells.append({"suite": suite, "xen": xen, "type": guest_type, "seconds": round(time.monotonic() - started, 1),
+                cells.append({"suite": suite, "xen": xen, "qemu": qemu, "type": guest_type, "seconds": round(time.monotonic() - started, 1),
                               "results": {r["name"]: {"state": r["state"], "evidence": r["evidence"]} for r in results}})
                 passed = sum(r["state"] == "SUCCESS" for r in results)
-                print(f"{suite} {guest_type}: {passed}/{len(results)} SUCCESS", file=sys.stderr)
+                print(f"{suite} QEMU {qemu} {guest_type}: {passed}/{len(results)} SUCCESS", file=sys.stderr)
         finally:
             xenlab("down", "--lab", lab, check=False)
     checks = list(dict.fromkeys(name for cell in cells for name in cell["results"]))
-    header = "| check | " + " | ".join(f"Xen {c['xen']} ({c['suite']}), {c['type'].upper()}" for c in cells) + " |"
+    header = "| check | " + " | ".join(f"Xen {c['xen']} ({c['suite']}), QEMU {c['qemu']}, {c['type'].upper()}" for c in cells) + " |"
     lines = [header, "|" + "---|" * (1 + len(cells))]
     for check in checks:
         row = []

@@ -153,23 +153,34 @@ def test_streamed_exec_frames_go_through_as_they_come():
 
 
 @pytest.mark.parametrize(
-    "accel,cpu,xen,message",
+    "accel,cpu,xen,qemu,message",
     [
-        ("tcg", "qemu64", "4.20", "needs a CPU model with SVM"),
-        ("tcg", "svm", "4.17", "do not run on Xen 4.17 under TCG"),
+        ("tcg", "qemu64", "4.20", "10.0.2", "needs a CPU model with SVM"),
+        ("tcg", "svm", "4.17.7", "10.0.2", "cannot run on Xen 4.17.7 under QEMU 10.0.2"),
+        ("tcg", "svm", "4.17", "9.1.0", "cannot run on Xen 4.17 under QEMU 9.1.0"),
     ],
 )
-def test_pvh_refused_on_a_lab_that_cannot_run_it(accel, cpu, xen, message):
-    with pytest.raises(ConfigError, match=message):
-        check_type_on_lab("pvh", accel, cpu, xen)
+def test_pvh_refused_on_a_lab_that_cannot_run_it(accel, cpu, xen, qemu, message):
+    with pytest.raises(ConfigError, match=message) as e:
+        check_type_on_lab("pvh", accel, cpu, xen, qemu_version=qemu)
+    if "QEMU" in message:
+        assert "--qemu stock" in e.value.hint and "--suite trixie" in e.value.hint
 
 
-def test_hvm_needs_svm_and_xen_4_20_under_tcg():
+@pytest.mark.parametrize("xen,qemu", [("4.17.7", "7.2.22"), ("4.17.7", "9.0.2"), ("4.20.5-pre", "10.0.2"),
+                                      ("4.17.7", None), (None, "10.0.2")])
+def test_pvh_and_hvm_run_where_xen_reads_cr2_right(xen, qemu):
+    """QEMU before 9.1 reports CR reads right; Xen 4.20 syncs CR2; None: not known, left to Xen."""
+    for guest_type in ("pvh", "hvm"):
+        check_type_on_lab(guest_type, "tcg", "svm", xen, qemu_version=qemu)
+
+
+def test_hvm_needs_svm_and_a_working_xen_qemu_pair_under_tcg():
     with pytest.raises(ConfigError, match="an HVM guest needs a CPU model with SVM"):
         check_type_on_lab("hvm", "tcg", "qemu64", "4.20")
-    with pytest.raises(ConfigError, match="HVM guests do not run on Xen 4.17 under TCG"):
-        check_type_on_lab("hvm", "tcg", "svm", "4.17")
-    check_type_on_lab("hvm", "tcg", "svm", "4.20")
+    with pytest.raises(ConfigError, match="HVM guests cannot run on Xen 4.17"):
+        check_type_on_lab("hvm", "tcg", "svm", "4.17", qemu_version="10.0.2")
+    check_type_on_lab("hvm", "tcg", "svm", "4.20", qemu_version="10.0.2")
 
 
 @pytest.mark.parametrize("guest_type", ["pvh", "hvm"])
@@ -191,7 +202,8 @@ def test_guest_type_checked_from_the_config_before_a_boot():
     one_old = config_mod.load(None, {"accel": "tcg", "vcpus": 1})
     assert one_old.dom0.vcpus == 1  # `--vcpus 1` alone: dom0 follows
     with pytest.raises(ConfigError, match="Xen 4.17"):
-        check_type_for_config("hvm", one_old, None)
+        check_type_for_config("hvm", one_old, {"accel": "tcg", "versions": {"qemu": "10.0.2"}})
+    check_type_for_config("hvm", one_old, {"accel": "tcg", "versions": {"qemu": "7.2.22"}})
     check_type_for_config("hvm", config_mod.load(None, {"accel": "tcg", "vcpus": 1, "dom0.suite": "trixie"}), None)
     check_type_for_config("pvh", two, {"accel": "kvm"})  # a running lab: its accelerator decides
 

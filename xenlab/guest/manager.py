@@ -140,7 +140,8 @@ class Guests:
         info = self.lab.require_up()
         # A Xen of the user's: its version is not known here; Xen itself will say.
         xen = None if info["boot"].get("user_xen") else self._image().manifest["xen_version"]
-        check_type_on_lab(spec.type, info["accel"], info["cpu"], xen, info["config"]["vcpus"])
+        qemu = (info.get("versions") or {}).get("qemu")  # a remote lab's is not recorded
+        check_type_on_lab(spec.type, info["accel"], info["cpu"], xen, info["config"]["vcpus"], qemu)
 
     def _image(self) -> images.Dom0Image:
         return images.Dom0Image(images.images_dir() / self.lab.require_up()["image_id"])

@@ -13,14 +13,16 @@ MODULE_NAME = re.compile(r"^[A-Za-z0-9_-]+$")
 ROOTS = ("busybox", "python")
 KERNELS = ("minimal", "debian")  # or the path of a kernel file of the user's
 TYPES = ("pv", "pvh", "hvm")
-# What PVH and HVM guests need of the lab (measured here under TCG;
-# docs/guest-types.md): a CPU model with SVM and nested paging, and for PVH
-# Xen 4.20 (on bookworm's 4.17 a PVH domU shuts down before its first
-# instruction, with nothing logged).
+# What PVH and HVM guests need of the lab under TCG (docs/guest-types.md): a
+# CPU model with SVM and nested paging,
 SVM_CPUS = ("svm", "max")
-# Measured on Xen 4.17 under TCG: PVH and HVM guests die before their kernel
-# prints a line (docs/guest-types.md); 4.20 runs both.
-MIN_XEN_UNDER_TCG = {"pvh": (4, 20), "hvm": (4, 20)}
+# and not both of these. QEMU 9.1 moved MOV from CRn into its new decoder,
+# which checks every CR read against the CR0-read intercept (exit code 0;
+# still so in 10.0.2). Xen intercepts CR0 reads, so it emulates the guest's
+# `mov %cr2`, and before 4.20 answers from a CR2 it never synced from the
+# VMCB: 0. The guest's first page fault is then unfixable and it halts.
+QEMU_MISREPORTS_CR_READS = (9, 1)
+XEN_SYNCS_CR2 = (4, 20)
 HOTPLUG = ("xenlab", "stock")
 MAX_DISKS = 8
 MAX_MEMORY = 16384  # MiB; Xen's free memory is checked in dom0 too
@@ -115,10 +117,15 @@ class GuestSpec:
         return self
 
 
-def check_type_on_lab(guest_type: str, accel: str, cpu: str, xen_version: str | None, vcpus: int = 1) -> None:
+def _version(text: str | None) -> tuple[int, ...]:
+    return tuple(int(part) for part in (text or "").split(".")[:2] if part.isdigit())
+
+
+def check_type_on_lab(guest_type: str, accel: str, cpu: str, xen_version: str | None, vcpus: int = 1,
+                      qemu_version: str | None = None) -> None:
     """Refuse a guest type the lab cannot run, before anything is shipped;
-    xen_version None: not known here (a Xen of the user's), not checked;
-    vcpus: the lab VM's."""
+    xen_version, qemu_version None: not known here (a Xen of the user's, a
+    remote host's QEMU), not checked; vcpus: the lab VM's."""
     if guest_type == "pv" or accel == "kvm":
         return
     kind = guest_type.upper()
@@ -126,11 +133,13 @@ def check_type_on_lab(guest_type: str, accel: str, cpu: str, xen_version: str | 
         article = "an" if kind == "HVM" else "a"
         raise ConfigError(f"{article} {kind} guest needs a CPU model with SVM; this lab runs TCG with --cpu {cpu}",
                           f"boot a lab with --cpu {SVM_CPUS[0]} (the default): xenlab up --cpu {SVM_CPUS[0]}")
-    version = tuple(int(part) for part in (xen_version or "").split(".")[:2] if part.isdigit())
-    if xen_version is not None and guest_type in MIN_XEN_UNDER_TCG and version < MIN_XEN_UNDER_TCG[guest_type]:
-        need = ".".join(map(str, MIN_XEN_UNDER_TCG[guest_type]))
-        raise ConfigError(f"{kind} guests do not run on Xen {xen_version} under TCG (they die before their kernel prints a line)",
-                          f"use a lab with Xen {need} or later: xenlab up --suite trixie")
+    xen, qemu = _version(xen_version), _version(qemu_version)
+    if xen and qemu and xen < XEN_SYNCS_CR2 and qemu >= QEMU_MISREPORTS_CR_READS:
+        raise ConfigError(f"{kind} guests cannot run on Xen {xen_version} under QEMU {qemu_version}: "
+                          "their first page fault reads CR2 as 0 and they halt",
+                          "QEMU 9.1 and later report a guest's `mov %cr2` to Xen as a CR0 read, which this Xen answers "
+                          "with a stale CR2 (docs/guest-types.md). Boot the lab on Debian 12's QEMU 7.2 "
+                          "(xenlab up --qemu stock --vcpus 1) or on Xen 4.20 (xenlab up --suite trixie --vcpus 1)")
     if vcpus > 1:
         # QEMU runs each vCPU in a thread of its own (MTTCG); its nested SVM then
         # loses about a third of its guests to triple faults; with one vCPU, none in our runs.
@@ -144,7 +153,9 @@ def check_type_for_config(guest_type: str, cfg, info: dict | None) -> None:
     its running report, when it runs). Under accel "auto" on a host where KVM
     may work, the accelerator is not known yet: left to guest create."""
     from xenlab.agent.facts import XEN_VERSIONS
+    from xenlab.lab import versions
     from xenlab.lab.accel import kvm_device_usable
+    from xenlab.lab.remote import RemoteHost
 
     if info:
         accel = info["accel"]
@@ -154,7 +165,11 @@ def check_type_for_config(guest_type: str, cfg, info: dict | None) -> None:
         accel = "tcg"
     else:
         return
-    check_type_on_lab(guest_type, accel, cfg.cpu, None if cfg.xen else XEN_VERSIONS[cfg.dom0.suite], cfg.vcpus)
+    if info:
+        qemu = (info.get("versions") or {}).get("qemu")
+    else:
+        qemu = None if RemoteHost.of(cfg.connect) else versions.qemu_version(cfg.qemu)
+    check_type_on_lab(guest_type, accel, cfg.cpu, None if cfg.xen else XEN_VERSIONS[cfg.dom0.suite], cfg.vcpus, qemu)
 
 
 def vdev(index: int) -> str:

@@ -6,7 +6,8 @@
 # stopped at the end unless XENLAB_KEEP=1.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash ci/setup-host.sh
+[ -n "${XENLAB_REAPED:-}" ] || bash ci/setup-host.sh
+. ci/reaped.sh "$PWD/ci/main.sh" "$@"
 venv=${XENLAB_VENV:-.venv}
 name=${XENLAB_NAME:-main}
 reports=${XENLAB_REPORTS:-artifacts}

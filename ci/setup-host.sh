@@ -12,7 +12,7 @@ packages=(
   libvirt-daemon libvirt-daemon-driver-qemu libvirt-dev pkg-config
   mmdebstrap e2fsprogs cpio busybox-static kmod zstd
   linux-source-6.1 bc bison flex libelf-dev libssl-dev build-essential
-  openssh-client python3-venv python3-dev uidmap gdb
+  openssh-client python3-venv python3-dev uidmap gdb tini
   chromium
 )
 

@@ -8,7 +8,8 @@
 # an ordinary user.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash ci/setup-host.sh
+[ -n "${XENLAB_REAPED:-}" ] || bash ci/setup-host.sh
+. ci/reaped.sh "$PWD/ci/test.sh" "$@"
 venv=${XENLAB_VENV:-.venv}
 # The wheel as users install it, run from outside the checkout.
 bash ci/wheel-check.sh

@@ -153,9 +153,9 @@ def check_type_for_config(guest_type: str, cfg, info: dict | None) -> None:
     its running report, when it runs). Under accel "auto" on a host where KVM
     may work, the accelerator is not known yet: left to guest create."""
     from xenlab.agent.facts import XEN_VERSIONS
-    from xenlab.lab import versions
     from xenlab.lab.accel import kvm_device_usable
     from xenlab.lab.remote import RemoteHost
+    from xenlab.lab.versions import qemu_version
 
     if info:
         accel = info["accel"]
@@ -168,7 +168,7 @@ def check_type_for_config(guest_type: str, cfg, info: dict | None) -> None:
     if info:
         qemu = (info.get("versions") or {}).get("qemu")
     else:
-        qemu = None if RemoteHost.of(cfg.connect) else versions.qemu_version(cfg.qemu)
+        qemu = None if RemoteHost.of(cfg.connect) else qemu_version(cfg.qemu)
     check_type_on_lab(guest_type, accel, cfg.cpu, None if cfg.xen else XEN_VERSIONS[cfg.dom0.suite], cfg.vcpus, qemu)
 
 

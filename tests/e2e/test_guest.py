@@ -7,6 +7,8 @@ import json
 
 import pytest
 
+from xenlab.agent.facts import XEN_VERSIONS
+
 from .conftest import LAB, xenlab
 
 GUEST = "gt-main"
@@ -220,14 +222,14 @@ def test_pvh_refused_where_the_lab_cannot_run_it_naming_the_fix(lab_info, dom0):
     """The suite's lab: bookworm (Xen 4.17), two vCPUs. On QEMU 9.1+ the Xen/QEMU
     pair is refused first (the CR2 misreport), on an older QEMU the vCPU count."""
     qemu = tuple(int(p) for p in lab_info["versions"]["qemu"].split(".")[:2])
-    assert lab_info["xen_version"].startswith("4.17")
+    assert lab_info["config"]["dom0"]["suite"] == "bookworm" and lab_info["config"]["vcpus"] == 2
     proc = guest("create", "gt-bad", "--type", "pvh", "--kernel", "debian", check=False)
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     if qemu >= (9, 1):
-        assert f"PVH guests cannot run on Xen {lab_info['xen_version']} under QEMU" in proc.stderr, proc.stderr
+        assert f"PVH guests cannot run on Xen {XEN_VERSIONS['bookworm']} under QEMU {lab_info['versions']['qemu']}" in proc.stderr, proc.stderr
         assert "--qemu stock" in proc.stderr and "--suite trixie" in proc.stderr, proc.stderr
     else:
-        assert "PVH guests under TCG need a lab with one vCPU" in proc.stderr, proc.stderr
+        assert "PVH guests under TCG need a lab with one vCPU; this lab has 2" in proc.stderr, proc.stderr
     assert "gt-bad" not in dom0("xl list; ls /var/lib/xenlab/guests 2>/dev/null; losetup -a").stdout
 
 

@@ -5,6 +5,9 @@ from __future__ import annotations
 import os
 import pwd
 import shutil
+import signal
+import subprocess
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -70,8 +73,39 @@ def checks(probe_kvm: bool = True) -> list[Check]:
     mem = _meminfo_mib("MemAvailable")
     out.append(Check("memory", mem >= MIN_MEM_MIB, f"{mem} MiB available", f"a lab needs about {MIN_MEM_MIB} MiB"))
     out.append(_image_build_check())
+    out.append(_reaping_check())
     out.append(_accel_check(probe_kvm))
     return out
+
+
+SLOW_REAP_SECONDS = 0.3
+
+
+def orphan_reap_seconds(limit: float = 3.0) -> float | None:
+    """How long a killed orphan stays a zombie under this process: what each
+    `down` and `reset` waits, since libvirt waits until the lab's daemonized
+    QEMU is reaped by whoever adopted it. None: not reaped within `limit`."""
+    # sh exits at once, leaving the sleep to PID 1 or the nearest subreaper.
+    pid = int(subprocess.run(["sh", "-c", "sleep 60 >/dev/null 2>&1 & echo $!"], capture_output=True, text=True,
+                             check=True).stdout)
+    os.kill(pid, signal.SIGKILL)
+    start = time.monotonic()
+    while Path(f"/proc/{pid}").exists():
+        if time.monotonic() - start > limit:
+            return None
+        time.sleep(0.01)
+    return time.monotonic() - start
+
+
+def _reaping_check() -> Check:
+    seconds = orphan_reap_seconds()
+    if seconds is not None and seconds < SLOW_REAP_SECONDS:
+        return Check("orphan reaping", True, f"a killed orphan is reaped in {seconds:.2f} s")
+    took = "more than 3 s" if seconds is None else f"{seconds:.2f} s"
+    # A warning, not a failure: labs work, each stop of one just waits.
+    return Check("orphan reaping", True, f"WARNING: a killed orphan is reaped only after {took} here, and each `down` "
+                 "and `reset` waits that long for the lab's QEMU; run xenlab under a subreaper that reaps at once, "
+                 "`tini -s -- COMMAND`, as ci/test.sh does")
 
 
 def _image_build_check() -> Check:

@@ -279,6 +279,10 @@ class Lab:
             if state == "up" and waited and not was_up and (info := self.info()):
                 steps.note(f"lab {self.name} was booted meanwhile by the command we waited for")
                 return info
+            if state == "down" and self._vm_running():
+                # A command killed while libvirt started its VM (a restore)
+                # leaves one before any pid file names it; we hold the lock.
+                state, why = "orphaned", "libvirt runs a VM of this lab that its files do not name"
             if state in ("orphaned", "gone"):
                 steps.note(f"lab {self.name} is {state} ({why}): removing what is left and booting again")
                 self._stop_domain()

@@ -279,14 +279,11 @@ class Lab:
             if state == "up" and waited and not was_up and (info := self.info()):
                 steps.note(f"lab {self.name} was booted meanwhile by the command we waited for")
                 return info
-            if state == "down" and self._vm_running():
-                # A command killed while libvirt started its VM (a restore)
-                # leaves one before any pid file names it; we hold the lock.
-                state, why = "orphaned", "libvirt runs a VM of this lab that its files do not name"
             if state in ("orphaned", "gone"):
                 steps.note(f"lab {self.name} is {state} ({why}): removing what is left and booting again")
                 self._stop_domain()
-            self._refuse_if_running()
+            if self._refuse_if_running(leftover=state == "down"):
+                steps.note(f"lab {self.name}: removed a VM that libvirt ran for it although its files say down")
             return self._start(steps, started, cold)
 
     def reset(self, steps: Steps) -> dict:
@@ -585,18 +582,23 @@ class Lab:
                 timeout=RESTORE_READY_SECONDS))
             return round(dom0_now - time.time(), 3)
 
-    def _refuse_if_running(self) -> None:
+    def _refuse_if_running(self, leftover: bool = False) -> bool:
+        """Refuse when the lab's VM runs, unless it is a `leftover`: one that a
+        command killed while libvirt started it (a restore) left before any
+        file named it (the caller holds the lab's lock). Whether a running VM was removed."""
         with self._connect() as conn:
             dom = virt.lookup(conn, self.domain_name)
-            if dom is not None and virt.is_running(dom):
+            running = dom is not None and virt.is_running(dom)
+            if running and not leftover:
                 port = (self.info() or {}).get("ssh_port", "?")
                 raise LabError(
                     f"lab {self.name!r} is already up (domain {self.domain_name}, SSH on 127.0.0.1:{port})",
                     f"use it, stop it with `xenlab down --lab {self.name}`, or pick another --lab",
                 )
             if dom is not None:
-                virt.destroy(dom)  # a stopped leftover definition
+                virt.destroy(dom)  # a stopped leftover definition, or that running leftover
         self._remove_runtime_files()
+        return running
 
     def _pick_port(self, hint: int = 0) -> int:
         """The configured port, else `hint` (a reset keeps its port) while free, else a free one."""

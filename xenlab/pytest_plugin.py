@@ -228,7 +228,7 @@ def guest_name(nodeid: str, n: int) -> str:
 @pytest.fixture
 def xenlab_guest_factory(xenlab_lab, request):
     """make(name=None, *, memory="128M", vcpus=1, disks=(), net=False, root="busybox",
-    kernel=None, modules=None, load=None, add=(), timeout=120, extra="") -> xenlab.Guest.
+    kernel=None, modules=None, load=None, add=(), timeout=None, extra="") -> xenlab.Guest.
     kernel, modules and load default to --xenlab-guest-kernel (else "minimal"),
     --xenlab-guest-modules and --xenlab-load. Each guest is this test's own
     and is destroyed when the test ends (pass or fail)."""
@@ -243,7 +243,7 @@ def xenlab_guest_factory(xenlab_lab, request):
 
     def make(name: str | None = None, *, memory: str | int = "128M", vcpus: int = 1, disks=(), net: bool = False,
              root: str = "busybox", kernel: str | None = None, modules: str | None = None, load=None, add=(),
-             timeout: float = 120, extra: str = ""):
+             timeout: float | None = None, extra: str = ""):
         name = name or guest_name(request.node.nodeid, len(made) + 1)
         spec = GuestSpec(
             name=name, memory=memory if isinstance(memory, int) else parse_mib(memory, "memory"), vcpus=vcpus,

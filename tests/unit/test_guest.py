@@ -53,6 +53,17 @@ def test_guest_spec_refusals(kwargs, message):
         GuestSpec(name="g1", **kwargs).validate()
 
 
+def test_up_timeout_defaults_by_guest_type_unless_given():
+    """An HVM guest boots SeaBIOS and a Debian kernel under nested TCG: it gets
+    longer than a PV guest to be up, and a timeout asked for is kept."""
+    waits = {t: GuestSpec(name="g1", type=t, kernel="debian").timeout for t in ("pv", "pvh", "hvm")}
+    assert waits["pv"] < waits["pvh"] < waits["hvm"]
+    assert waits["hvm"] >= 300  # 83 s to ready measured on a quiet host; slow hosts take 1.5-2x
+    assert GuestSpec(name="g1", type="hvm", kernel="debian", timeout=30).timeout == 30
+    with pytest.raises(ConfigError, match="timeout must be positive"):
+        GuestSpec(name="g1", timeout=0).validate()
+
+
 def test_xl_config_rendering():
     spec = GuestSpec(name="g1", memory=96, vcpus=2, disks=(DiskSpec(16), DiskSpec(8, True)), net=True).validate()
     text = render_xl_config(spec, "/k/vmlinux", "/k/root.cpio.gz", "10.99.0.12", "00:16:3e:58:4c:0c")

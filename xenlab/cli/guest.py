@@ -102,7 +102,8 @@ def kernel_dir_cmd(tree, fragment):
 @click.option("--add", multiple=True, metavar="SRC:DEST", help="put a host file (or directory) into the guest at DEST (repeatable)")
 @click.option("--root", type=click.Choice(ROOTS), default="busybox", show_default=True, help="python adds python3 and the xenlab agents")
 @click.option("--type", "guest_type", default="pv", show_default=True, help="pv; pvh or hvm need --kernel debian or your kernel and an SVM CPU model, and under TCG a 1-vCPU lab on Xen 4.20 (--suite trixie) or on QEMU 7.2 (--qemu stock)")
-@click.option("--timeout", type=float, default=120, show_default=True, help="seconds to wait until the guest is up and Connected")
+@click.option("--timeout", type=float, default=None,
+              help="seconds to wait until the guest is up and Connected  [default: 120 for pv, 240 for pvh, 360 for hvm]")
 @click.option("--extra", default="", help="appended to the guest kernel command line")
 @click.option("--hotplug", type=click.Choice(("xenlab", "stock")), default="xenlab", show_default=True,
               help="xenlab: small sh hotplug scripts; stock: Xen's /etc/xen/scripts/{block,vif-bridge}")

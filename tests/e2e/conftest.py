@@ -18,7 +18,11 @@ from xenlab.build import dom0 as images
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 XENLAB = [sys.executable, "-m", "xenlab"]
-LAB = os.environ.get("XENLAB_E2E_LAB", "e2e")
+# ci/test.sh runs the suite on two pytest-xdist workers (--dist loadgroup):
+# each worker's session lab has a name of its own.
+WORKER = os.environ.get("PYTEST_XDIST_WORKER", "")
+LAB = os.environ.get("XENLAB_E2E_LAB", "e2e") + (f"-{WORKER}" if WORKER else "")
+SESSION_LAB_GROUP = "session-lab"
 
 
 def xenlab(*args: str, check: bool = True, timeout: float = 900, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -96,9 +100,18 @@ def pid_alive(pid: int) -> bool:
     return Path(f"/proc/{pid}").exists()
 
 
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
-    """Tests marked lab_teardown stop the shared lab: run them after all others."""
-    items.sort(key=lambda item: item.get_closest_marker("lab_teardown") is not None)
+    """Under `--dist loadgroup` the tests on the session lab stay on one
+    worker, in order: under TCG every vCPU wants a core, so two session labs
+    of two vCPUs on two cores would only fight (docs/plugin.md). A module
+    marked own_labs boots labs of its own: it is a group of its own, which
+    the other worker runs beside them."""
+    for item in items:
+        if "e2e" not in item.path.parts or item.get_closest_marker("xdist_group"):
+            continue
+        own = item.get_closest_marker("own_labs") is not None
+        item.add_marker(pytest.mark.xdist_group(item.module.__name__ if own else SESSION_LAB_GROUP))
 
 
 def vcpu_affinities(lab) -> dict:

@@ -5,7 +5,11 @@ from __future__ import annotations
 import json
 import time
 
+import pytest
+
 from .conftest import lab_prerequisites, xenlab
+
+pytestmark = pytest.mark.own_labs  # boots labs of its own: under xdist, beside the session lab's tests
 
 
 def test_dom0_crash_fails_up_within_seconds(tmp_path):

@@ -16,6 +16,8 @@ import pytest
 
 from .conftest import IN_CI, pid_alive, xenlab
 
+pytestmark = pytest.mark.own_labs  # boots labs of its own: under xdist, beside the session lab's tests
+
 LAB = "e2e-sys"
 LIBVIRTD = "/usr/sbin/libvirtd"
 CONF_DIR = Path("/etc/libvirt")

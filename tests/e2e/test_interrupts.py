@@ -22,6 +22,8 @@ from xenlab.run import pids_using
 
 from .conftest import pid_alive, xenlab
 
+pytestmark = pytest.mark.own_labs  # boots labs of its own: under xdist, beside the session lab's tests
+
 LAB = "e2e-kill"
 XENLAB = [sys.executable, "-m", "xenlab"]
 

@@ -14,6 +14,8 @@ import pytest
 
 from .conftest import lab_prerequisites, xenlab
 
+pytestmark = pytest.mark.own_labs  # builds kernels, no lab: under xdist, beside the session lab's tests
+
 FILE = "drivers/xen/xenbus/xenbus_probe_frontend.c"
 
 

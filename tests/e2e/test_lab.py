@@ -8,8 +8,6 @@ import socket
 import subprocess
 from pathlib import Path
 
-import pytest
-
 from xenlab.agent.xl import parse_xl_info
 
 from .conftest import LAB, XENLAB, lab_prerequisites, pid_alive, xenlab
@@ -118,17 +116,23 @@ def test_two_labs_side_by_side(lab_info):
     assert not pid_alive(other["qemu_pid"])
 
 
-@pytest.mark.lab_teardown
 def test_down_leaves_nothing_and_is_idempotent(lab_info):
-    """Stops the shared lab, so conftest runs it after every other e2e test."""
-    first = json.loads(xenlab("down", "--name", LAB, "--json").stdout)
-    assert first["was_running"] is True
-    assert not pid_alive(lab_info["qemu_pid"])
-    with socket.socket() as s:
-        assert s.connect_ex(("127.0.0.1", lab_info["ssh_port"])) != 0
-    assert json.loads(xenlab("status", "--name", LAB, "--json").stdout)["state"] == "down"
-    second = json.loads(xenlab("down", "--name", LAB, "--json").stdout)
-    assert second["was_running"] is False
+    """On a lab of its own (restored from the session lab's snapshot), so the
+    session lab stays up for the tests that run after this one."""
+    name = "e2e-down"
+    xenlab("down", "--name", name, check=False)
+    info = json.loads(xenlab("up", "--name", name, "--json").stdout)
+    try:
+        first = json.loads(xenlab("down", "--name", name, "--json").stdout)
+        assert first["was_running"] is True
+        assert not pid_alive(info["qemu_pid"])
+        with socket.socket() as s:
+            assert s.connect_ex(("127.0.0.1", info["ssh_port"])) != 0
+        assert json.loads(xenlab("status", "--name", name, "--json").stdout)["state"] == "down"
+        second = json.loads(xenlab("down", "--name", name, "--json").stdout)
+        assert second["was_running"] is False
+    finally:
+        xenlab("down", "--name", name, check=False)
 
 
 def test_one_process_uses_libvirt_many_times():

@@ -20,6 +20,8 @@ from xenlab.config import load
 
 from .conftest import lab_prerequisites, xenlab
 
+pytestmark = pytest.mark.own_labs  # boots labs of its own: under xdist, beside the session lab's tests
+
 LAB = "e2e-own"
 
 

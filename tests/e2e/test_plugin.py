@@ -13,8 +13,11 @@ import sys
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
+import pytest
 
 from .conftest import LAB
+
+pytestmark = pytest.mark.own_labs  # boots labs of its own: under xdist, beside the session lab's tests
 
 pytest_plugins = ["pytester"]
 # pytester points HOME at its temporary directory; the inner session must

@@ -13,7 +13,11 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from .conftest import lab_prerequisites, pid_alive, xenlab
+
+pytestmark = pytest.mark.own_labs  # boots labs of its own: under xdist, beside the session lab's tests
 
 LAB = "e2e-recover"
 

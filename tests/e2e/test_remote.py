@@ -22,6 +22,8 @@ from .conftest import xenlab
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "ci"))
 import standin_host  # noqa: E402
 
+pytestmark = pytest.mark.own_labs  # boots labs of its own: under xdist, beside the session lab's tests
+
 pytest_plugins = ["pytester"]
 REAL_HOME = os.environ.get("HOME") or str(Path.home())  # pytester points HOME elsewhere
 LAB = "e2e-remote"

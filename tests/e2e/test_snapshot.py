@@ -18,6 +18,8 @@ from xenlab.lab import snapshot as snapshots
 
 from .conftest import pid_alive, xenlab
 
+pytestmark = pytest.mark.own_labs  # boots labs of its own: under xdist, beside the session lab's tests
+
 SIDE = ("e2e-snap-a", "e2e-snap-b")
 
 

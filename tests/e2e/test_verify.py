@@ -12,6 +12,8 @@ import pytest
 
 from .conftest import LAB, xenlab
 
+pytestmark = pytest.mark.own_labs  # its lab's state is verify's own: under xdist, beside the session lab's tests
+
 EXPECTED = {
     "lab.boot", "lab.dom0", "guest.create", "xenbus.trace-create", "xenstore.layout", "xenstore.perms",
     "evtchn.catalogue", "evtchn.ping", "devchan.echo", "guest.destroy", "xenbus.trace-destroy", "lab.crash-scan",

@@ -30,11 +30,22 @@ reports=${XENLAB_REPORTS:-artifacts}
 mkdir -p "$reports"
 other_config="$reports/qemu-stock.toml"
 printf '[lab]\nqemu = "stock"\nvcpus = 1\n' >"$other_config"
+# `xenlab verify` with its reports kept as $reports/verify-NAME.{json,xml};
+# run once more (reports verify-NAME-again.*) only when its report says the
+# lab VM stalled: a QEMU TCG stall of minutes, not a verdict on the code
+# (docs/verify.md#a-stalled-lab).
+verify_kept() {
+  local name=$1
+  shift
+  "$venv/bin/xenlab" "$@" --json "$reports/verify-$name.json" --junit "$reports/verify-$name.xml" && return 0
+  "$venv/bin/python" -c 'import json, sys; sys.exit(not json.load(open(sys.argv[1])).get("lab_stalled"))' \
+    "$reports/verify-$name.json" 2>/dev/null || return 1
+  echo "verify $name: the lab VM stalled (docs/verify.md#a-stalled-lab); running it once more" >&2
+  "$venv/bin/xenlab" "$@" --json "$reports/verify-$name-again.json" --junit "$reports/verify-$name-again.xml"
+}
 stock_failed=0
-"$venv/bin/xenlab" --config "$other_config" verify --lab ci-qemu-stock \
-  --json "$reports/verify-qemu-stock.json" --junit "$reports/verify-qemu-stock.xml" || stock_failed=1
-[ "$stock_failed" = 1 ] || "$venv/bin/xenlab" --config "$other_config" verify --lab ci-qemu-stock --guest-type hvm \
-  --json "$reports/verify-qemu-stock-hvm.json" --junit "$reports/verify-qemu-stock-hvm.xml" || stock_failed=1
+verify_kept qemu-stock --config "$other_config" verify --lab ci-qemu-stock || stock_failed=1
+[ "$stock_failed" = 1 ] || verify_kept qemu-stock-hvm --config "$other_config" verify --lab ci-qemu-stock --guest-type hvm || stock_failed=1
 "$venv/bin/xenlab" down --lab ci-qemu-stock >/dev/null
 [ "$stock_failed" = 0 ]
 # Debian trixie's Xen 4.20 with a PVH guest; its reports are kept too. One
@@ -42,7 +53,6 @@ stock_failed=0
 trixie_config="$reports/trixie.toml"
 printf '[lab]\nvcpus = 1\n[dom0]\nsuite = "trixie"\n' >"$trixie_config"
 "$venv/bin/xenlab" --config "$trixie_config" build
-"$venv/bin/xenlab" --config "$trixie_config" verify --lab ci-trixie --guest-type pvh --down \
-  --json "$reports/verify-trixie-pvh.json" --junit "$reports/verify-trixie-pvh.xml"
+verify_kept trixie-pvh --config "$trixie_config" verify --lab ci-trixie --guest-type pvh --down
 # Without root (docs/reliability.md#running-as-an-ordinary-user).
 XENLAB_REPORTS=$(cd "$reports" && pwd) bash ci/as-user.sh

@@ -9,7 +9,7 @@ import shutil
 from pathlib import Path
 
 from xenlab.agent.facts import CONSOLE_LOG, EXEC_CHUNK_TAG, EXEC_REPLY_TAG, GUEST_PANIC_PATTERNS
-from xenlab.lab.serial import CRASH_PATTERNS
+from xenlab.lab.serial import CRASH_PATTERNS, STALL_PATTERN
 from xenlab.run import tail
 
 # On a guest's console, and in the dom0 agent's report of a crashed create ("crashed: ...").
@@ -25,6 +25,16 @@ def serial_crash(text: str, lines: int = 40) -> tuple[str, str] | None:
             # The tail from the crash line on (what follows a panic is its backtrace).
             return m.group(0).strip(), tail(text[: m.start()], 10) + "\n" + "\n".join(text[m.start():].splitlines()[:lines])
     return None
+
+
+def serial_stall(text: str) -> str | None:
+    """The lab VM stopped running for minutes (not a crash; it went on): what
+    Xen said of it, in a sentence, or None."""
+    m = STALL_PATTERN.search(text)
+    if not m:
+        return None
+    return (f"the lab VM stalled: Xen's platform timer wrapped {m.group(1)} times unseen "
+            f"(Xen did not run for about {int(m.group(1)) * 43} s or more; a QEMU TCG stall, docs/verify.md#a-stalled-lab)")
 
 
 def guest_crash(console_text: str, xl_state: str | None) -> str | None:

@@ -11,7 +11,7 @@ from click.testing import CliRunner
 from xenlab.cli import main
 from xenlab.errors import ConfigError
 from xenlab.verify.model import CheckFailed, Context, Result, exit_code, failure_message, skip_matches, summary, validate_skips
-from xenlab.diagnostics import guest_crash, serial_crash
+from xenlab.diagnostics import guest_crash, serial_crash, serial_stall
 from xenlab.verify.reports import junit_xml
 from xenlab.verify.runner import run_one
 
@@ -77,6 +77,15 @@ def test_serial_crash_finds_xen_and_dom0_panics():
     assert found and found[0] == "(XEN) Panic on CPU 0:" and "backtrace" in found[1] and "line 29" in found[1]
     found = serial_crash(log + "\r\nKernel panic - not syncing: Attempted to kill init!\r\n")
     assert found[0] == "Kernel panic - not syncing: Attempted to kill init!"
+
+
+def test_a_stalled_lab_is_named_and_is_not_a_crash():
+    # The line Xen 4.20 printed in CI after the lab VM stalled for ~410 s.
+    log = "(XEN) [   43.659641] d1v0: upcall vector f3\n(XEN) [  487.776938] Platform timer appears to have unexpectedly wrapped 9 times.\n"
+    assert serial_stall(log.splitlines()[0]) is None
+    stall = serial_stall(log)
+    assert "stalled" in stall and "wrapped 9 times" in stall and "387 s" in stall
+    assert serial_crash(log) is None
 
 
 def test_guest_crash_from_console_or_xl_state():

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from xenlab.agent import facts
 from xenlab.agent.xl import parse_xl_list
-from xenlab.diagnostics import GUEST_PANIC, guest_crash, serial_crash
+from xenlab.diagnostics import GUEST_PANIC, guest_crash, serial_crash, serial_stall
 from xenlab.errors import XenlabError
 from xenlab.run import tail
 from xenlab.verify.model import Context
@@ -48,3 +48,11 @@ def detect_crash(ctx: Context, message: str = "") -> tuple[str, str] | None:
         ctx.guest_crashed = what
         return f"guest {ctx.guest} crashed: {what}", f"--- console of {ctx.guest} (dom0: {log}) ---\n{console}"
     return None
+
+
+def lab_stall(lab) -> str | None:
+    """serial_stall of the lab's serial log (this boot's), or None."""
+    try:
+        return serial_stall(lab.fresh_serial_log().read_text(errors="replace"))
+    except OSError:
+        return None

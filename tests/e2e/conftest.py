@@ -18,7 +18,7 @@ from xenlab.build import dom0 as images
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 XENLAB = [sys.executable, "-m", "xenlab"]
-# ci/test.sh runs the suite on two pytest-xdist workers (--dist loadgroup):
+# Under pytest-xdist (`-n 2 --dist loadgroup`, docs/testing.md#two-workers)
 # each worker's session lab has a name of its own.
 WORKER = os.environ.get("PYTEST_XDIST_WORKER", "")
 LAB = os.environ.get("XENLAB_E2E_LAB", "e2e") + (f"-{WORKER}" if WORKER else "")

@@ -9,7 +9,7 @@ import shutil
 from pathlib import Path
 
 from xenlab.agent.facts import CONSOLE_LOG, EXEC_CHUNK_TAG, EXEC_REPLY_TAG, GUEST_PANIC_PATTERNS
-from xenlab.lab.serial import CRASH_PATTERNS, STALL_PATTERN
+from xenlab.lab.serial import CRASH_PATTERNS, PLATFORM_TIMER_WRAP_S, STALL_PATTERN
 from xenlab.run import tail
 
 # On a guest's console, and in the dom0 agent's report of a crashed create ("crashed: ...").
@@ -34,7 +34,7 @@ def serial_stall(text: str) -> str | None:
     if not m:
         return None
     return (f"the lab VM stalled: Xen's platform timer wrapped {m.group(1)} times unseen "
-            f"(Xen did not run for about {int(m.group(1)) * 43} s or more; a QEMU TCG stall, docs/verify.md#a-stalled-lab)")
+            f"(Xen did not run for about {int(m.group(1)) * PLATFORM_TIMER_WRAP_S} s or more; a QEMU TCG stall, docs/verify.md#a-stalled-lab)")
 
 
 def guest_crash(console_text: str, xl_state: str | None) -> str | None:

@@ -19,11 +19,13 @@ CRASH_PATTERNS = (
     re.compile(r"\(XEN\) FATAL .*"),
     re.compile(r"\(XEN\) Domain 0 crashed.*"),
 )
-# Xen found its platform timer (QEMU's HPET: 32 bits at 100 MHz, 43 s a
-# wrap) had wrapped unseen: Xen did not run for that long. Seen once under
-# TCG on a 1-vCPU lab with a PVH guest: one host core at 100% in user mode,
-# no system calls, for 410 s, then the lab went on (docs/verify.md).
+# Xen found its platform timer (QEMU's HPET: 32 bits at 100 MHz, so a wrap
+# every PLATFORM_TIMER_WRAP_S seconds) had wrapped unseen: Xen did not run
+# for that long. Seen once under TCG on a 1-vCPU lab with a PVH guest: one
+# host core at 100% in user mode, no system calls, for 410 s, then the lab
+# went on (docs/verify.md#a-stalled-lab).
 STALL_PATTERN = re.compile(r"\(XEN\) .*Platform timer appears to have unexpectedly wrapped (\d+) times?")
+PLATFORM_TIMER_WRAP_S = 43
 # Milestones in boot order, each named for the progress display.
 MILESTONES = (
     ("Xen started", re.compile(r"\(XEN\) Xen version")),

@@ -107,6 +107,8 @@ def pytest_collection_modifyitems(config, items):
     of two vCPUs on two cores would only fight (docs/plugin.md). A module
     marked own_labs boots labs of its own: it is a group of its own, which
     the other worker runs beside them."""
+    if not config.pluginmanager.hasplugin("xdist"):
+        return  # the ordinary-user pass installs no pytest-xdist, which owns the mark
     for item in items:
         if "e2e" not in item.path.parts or item.get_closest_marker("xdist_group"):
             continue

@@ -9,7 +9,7 @@ import pytest
 from click.testing import CliRunner
 
 from xenlab.cli import main
-from xenlab.errors import ConfigError
+from xenlab.errors import ConfigError, XenlabError
 from xenlab.verify.model import CheckFailed, Context, Result, exit_code, failure_message, skip_matches, summary, validate_skips
 from xenlab.diagnostics import guest_crash, serial_crash, serial_stall
 from xenlab.verify.reports import junit_xml
@@ -139,6 +139,15 @@ def test_runner_turns_a_failure_after_a_panic_into_crash(tmp_path):
     run_one(ctx, out, "guest.create", lambda c: "never runs", (), ())
     assert out[0].state == "CRASH" and "Domain 0 crashed" in out[0].evidence and "Domain 0 crashed" in out[0].details
     assert out[1].state == "SKIP" and not out[1].allowed and "lab crashed" in out[1].evidence
+
+
+def test_runner_names_a_stall_in_a_failed_check_without_calling_it_a_crash(tmp_path):
+    log = "(XEN) Xen version\n(XEN) [  487.776938] Platform timer appears to have unexpectedly wrapped 9 times.\n"
+    ctx = Context(lab=FakeLab(tmp_path, log), guest="g")
+    out: list[Result] = []
+    run_one(ctx, out, "xenstore.perms", lambda c: (_ for _ in ()).throw(XenlabError("guest 'g' did not answer within 60 s")), (), ())
+    assert out[0].state == "ERROR" and "did not answer" in out[0].evidence and "the lab VM stalled" in out[0].evidence
+    assert ctx.lab_stalled and "wrapped 9 times" in ctx.lab_stalled and ctx.lab_crashed is None
 
 
 def test_runner_crash_when_the_vm_is_gone(tmp_path):

@@ -16,7 +16,7 @@ from xenlab.evtchn.catalogue import catalogue
 from xenlab.evtchn.devchan import devchan
 from xenlab.evtchn.ping import ping, placement_text
 from xenlab.lab.core import READY_CHECK, REQUIRED_READY
-from xenlab.verify.crash import detect_crash, lab_stall
+from xenlab.verify.crash import detect_crash
 from xenlab.verify.model import DEVCHAN_ARGS, PING_COUNT, TOOL_TEST_TIMEOUT, CheckFailed, Context, Result, one_line
 from xenlab.xenstore.layout import check_domain
 from xenlab.xenstore.perms import check_guest
@@ -264,9 +264,8 @@ def crash_scan(ctx: Context):
     crashed = [d["name"] for d in doms if "c" in d["state"]]
     if crashed:
         raise CheckFailed(f"domains in crashed state: {', '.join(crashed)}")
-    stall = lab_stall(ctx.lab)
     return (f"serial log ({ctx.lab.serial_log.stat().st_size >> 10} KiB) has no Xen or dom0 panic; {len(doms)} domains, none crashed"
-            + (f"; {stall}" if stall else ""))
+            + (f"; {ctx.lab_stalled}" if ctx.lab_stalled else ""))
 
 
 def cleanup(ctx: Context) -> None:

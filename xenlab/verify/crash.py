@@ -19,6 +19,7 @@ def detect_crash(ctx: Context, message: str = "") -> tuple[str, str] | None:
         text = lab.fresh_serial_log().read_text(errors="replace")
     except OSError:
         text = ""
+    ctx.lab_stalled = serial_stall(text) or ctx.lab_stalled  # read here, with the crash verdict, once
     found = serial_crash(text)
     if found:
         ctx.lab_crashed = found[0]
@@ -49,10 +50,3 @@ def detect_crash(ctx: Context, message: str = "") -> tuple[str, str] | None:
         return f"guest {ctx.guest} crashed: {what}", f"--- console of {ctx.guest} (dom0: {log}) ---\n{console}"
     return None
 
-
-def lab_stall(lab) -> str | None:
-    """serial_stall of the lab's serial log (this boot's), or None."""
-    try:
-        return serial_stall(lab.fresh_serial_log().read_text(errors="replace"))
-    except OSError:
-        return None

@@ -107,6 +107,7 @@ class Context:
     traces: dict = field(default_factory=dict)  # "create"/"destroy" -> its XenBus timeline, for the HTML pages
     lab_crashed: str | None = None  # set once Xen/dom0/the VM is gone: later checks are not tried
     guest_crashed: str | None = None  # set once the guest crashed: only its destroy is still tried
+    lab_stalled: str | None = None  # the serial log says the lab VM stopped running for minutes (it went on)
     booted_here: bool = False
     log: Callable[[str], None] = lambda line: None
 

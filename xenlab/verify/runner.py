@@ -27,7 +27,7 @@ from xenlab.config import validate_name
 from xenlab.errors import XenlabError
 from xenlab.guest.spec import check_type_for_config
 from xenlab.verify import checks as c
-from xenlab.verify.crash import detect_crash, lab_stall
+from xenlab.verify.crash import detect_crash
 from xenlab.verify.model import (
     STATES, CheckFailed, Context, Result, VerifyError, exit_code, failure_message, one_line, skip_matches, summary, validate_skips,
 )
@@ -85,8 +85,8 @@ def run_one(ctx: Context, results: list[Result], name: str, fn: Callable[[Contex
         if crash:
             # The tail first; the check's own error after it unless it is that same text.
             state, evidence, details = "CRASH", crash[0], crash[1] if details.strip() in crash[1] else crash[1] + "\n\n" + details
-        elif stall := lab_stall(ctx.lab):
-            evidence, details = f"{evidence} ({stall})", f"{details}\n\n{stall}"
+        elif ctx.lab_stalled:  # detect_crash read it from the serial log just now
+            evidence, details = f"{evidence} ({ctx.lab_stalled})", f"{details}\n\n{ctx.lab_stalled}"
     r = Result(name, state, round(time.monotonic() - start, 2), one_line(evidence, 400), details)
     ctx.log(f"  {r.state} {name} ({r.seconds:.1f} s): {one_line(r.evidence, 120)}")
     results.append(r)
@@ -162,7 +162,7 @@ def run(lab, guest: str = "verify", skips: tuple[str, ...] = (), guest_extra: st
     results, ctx = verify(lab, guest=guest, skips=skips, guest_extra=guest_extra, log=log, guest_type=guest_type)
     seconds = time.monotonic() - t0
     report = report_dict(lab.name, results, seconds, started_at, guest, (lab.info() or {}).get("versions"))
-    report.update(guest_type=guest_type, suite=lab.running_config().dom0.suite, lab_stalled=lab_stall(lab))
+    report.update(guest_type=guest_type, suite=lab.running_config().dom0.suite, lab_stalled=ctx.lab_stalled)
     if json_path or junit_path:
         report["xenbus_timelines"] = write_timelines(ctx.traces, json_path or junit_path, guest)
     write_reports(results, report, json_path, junit_path)

@@ -300,6 +300,16 @@ class Lab:
             return self._start(steps, started, cold=False, port_hint=info["ssh_port"])
 
     def _start(self, steps: Steps, started: float, cold: bool, port_hint: int = 0) -> dict:
+        began = time.time()
+        try:
+            return self._boot_or_restore(steps, started, cold, port_hint)
+        except BaseException:
+            # Interrupted while libvirt probed QEMU, the probe outlives us (it
+            # daemonizes); under the lab's lock only we probe the lab's root.
+            self._end_stray_probes(started_after=began)
+            raise
+
+    def _boot_or_restore(self, steps: Steps, started: float, cold: bool, port_hint: int) -> dict:
         # From here `status` says booting (building, choosing, starting) until ready or failed.
         _write_json(self.boot_marker, {"pid": os.getpid(), "started_at": time.time()})
         image = images.build(self.cfg, steps)
@@ -830,18 +840,22 @@ class Lab:
         for path in (self.info_file, self.disk, self.boot_marker):
             path.unlink(missing_ok=True)
 
-    def _end_stray_probes(self) -> None:
+    def _end_stray_probes(self, started_after: float | None = None) -> None:
         """End QEMU capability probes that libvirt started for this lab's embed
-        root and then lost: a xenlab process killed with SIGKILL while libvirt
-        probed leaves the probe (daemonized, waiting on its QMP socket) for good."""
+        root and then lost: a xenlab process interrupted or killed while libvirt
+        probed leaves the probe (daemonized, waiting on its QMP socket) for good.
+        Probes older than STRAY_PROBE_AGE_S go, and with `started_after` (a
+        time.time()) also those started since then."""
         for pidfile in self.embed_root.glob("lib/qemu/qmp-*/qmp.pid"):
             try:
                 pid = int(pidfile.read_text().split()[0])
                 cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
             except (OSError, ValueError, IndexError):
                 continue
+            age = process_age(pid)
             # A live probe takes seconds; another process may be probing right now.
-            if str(pidfile.parent).encode() in cmdline and process_age(pid) > STRAY_PROBE_AGE_S:
+            ours = started_after is not None and time.time() - age >= started_after - 1
+            if str(pidfile.parent).encode() in cmdline and (age > STRAY_PROBE_AGE_S or ours):
                 try:
                     os.kill(pid, signal.SIGKILL)
                 except ProcessLookupError:

@@ -19,8 +19,8 @@ bash ci/qemu-backports.sh >/dev/null
 "$venv/bin/xenlab" build
 "$venv/bin/xenlab" guest build
 # One worker: two (-n 2 --dist loadgroup, tests/e2e/conftest.py) gained
-# little on two cores and exposed a capability probe an interrupted `up`
-# leaves (docs/testing.md#two-workers). --durations: where the time goes.
+# little on two cores (docs/testing.md#two-workers). --durations: where the
+# time goes.
 "$venv/bin/python" -m pytest tests -v -p no:cacheprovider --durations=40 "$@"
 # The other stack (docs/versions.md): Debian's own QEMU 7.2, checked end to
 # end by `xenlab verify` with a PV and then an HVM guest on one lab (Xen 4.17

@@ -13,6 +13,7 @@ packages=(
   mmdebstrap e2fsprogs cpio busybox-static kmod zstd
   linux-source-6.1 bc bison flex libelf-dev libssl-dev build-essential
   openssh-client python3-venv python3-dev uidmap gdb tini
+  libwrap0  # the unpacked sshd below (test_remote's stand-in host) links it
   chromium
 )
 

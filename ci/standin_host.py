@@ -79,8 +79,10 @@ def start(d: Path, session_path: str = "") -> tuple[str, subprocess.Popen]:
 def _launch_sshd(d: Path, port: int) -> subprocess.Popen:
     Path("/run/sshd").mkdir(exist_ok=True)  # sshd's privilege separation directory
     # Its own output goes to its log: a caller reading our stdout (a shell's $(...)) must not wait for sshd.
-    sshd = subprocess.Popen([SSHD, "-D", "-f", str(d / "sshd_config"), "-E", str(d / "sshd.log")],
-                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # What it says before its log is open (a missing library, say) goes to sshd.stderr.
+    with open(d / "sshd.stderr", "wb") as stderr:
+        sshd = subprocess.Popen([SSHD, "-D", "-f", str(d / "sshd_config"), "-E", str(d / "sshd.log")],
+                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr)
     deadline = time.monotonic() + 10
     while True:
         with socket.socket() as probe:
@@ -88,7 +90,8 @@ def _launch_sshd(d: Path, port: int) -> subprocess.Popen:
                 return sshd
         if time.monotonic() > deadline or sshd.poll() is not None:
             sshd.kill()
-            raise StandInError(f"the stand-in sshd did not listen on 127.0.0.1:{port}: {(d / 'sshd.log').read_text()[-500:]}")
+            said = "".join(p.read_text(errors="replace") for p in (d / "sshd.stderr", d / "sshd.log") if p.exists())
+            raise StandInError(f"the stand-in sshd did not listen on 127.0.0.1:{port} (exit {sshd.wait()}): {said[-500:]}")
         time.sleep(0.1)
 
 

@@ -587,8 +587,12 @@ class Lab:
             missing = REQUIRED_READY - set(out.split())
             if missing:
                 raise BootError(f"dom0 answers SSH but is missing: {', '.join(sorted(missing))}", f"see {self.serial_log}")
+            # In bash's own arithmetic and clock (root's shell in the image):
+            # `date -s` is the one process this starts; each start costs tens
+            # of ms in a restored dom0, whose QEMU has translated nothing yet.
             dom0_now = float(ssh.check(
-                f"""date -u -s "$(awk -v d={delta:.3f} '{{printf "@%.3f", $1 + d}}' /proc/uptime)" >/dev/null; date +%s.%N""",
+                f"read -r up _ < /proc/uptime; c=$(( ${{up%.*}} * 100 + 10#${{up#*.}} + {round(delta * 100)} )); "
+                "printf -v f %02d $(( c % 100 )); date -u -s @$(( c / 100 )).$f >/dev/null; echo $EPOCHREALTIME",
                 timeout=RESTORE_READY_SECONDS))
             return round(dom0_now - time.time(), 3)
 

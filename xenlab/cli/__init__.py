@@ -3,17 +3,38 @@ imports it: each command parses, calls one library function and prints."""
 
 from __future__ import annotations
 
+import importlib
 import logging
 import signal
 from pathlib import Path
 
 import click
 
-from xenlab.cli import debug, evtchn, guest, lab, verify, xs
 from xenlab.cli.common import XenlabGroup
 
+# Each command's module is imported only when that command runs (or for
+# --help): `xenlab up` does not pay for the guest, verify and debug modules.
+COMMANDS = {
+    "config": ("lab", "config_cmd"), "doctor": ("lab", "doctor"), "build": ("lab", "build"), "up": ("lab", "up"),
+    "reset": ("lab", "reset"), "down": ("lab", "down"), "snapshot": ("lab", "snapshot"), "status": ("lab", "status"),
+    "ssh": ("lab", "ssh"), "cp": ("lab", "cp"), "console": ("lab", "console_cmd"), "logs": ("lab", "console_cmd"),
+    "guest": ("guest", "guest"), "xs": ("xs", "xs"), "trace": ("xs", "trace"), "evtchn": ("evtchn", "evtchn"),
+    "ring": ("evtchn", "ring"), "verify": ("verify", "verify"), "debug": ("debug", "debug"),
+}
 
-@click.group(cls=XenlabGroup)
+
+class LazyGroup(XenlabGroup):
+    def list_commands(self, ctx):
+        return sorted(COMMANDS)
+
+    def get_command(self, ctx, name):
+        if name not in COMMANDS:
+            return None
+        module, attr = COMMANDS[name]
+        return getattr(importlib.import_module(f"xenlab.cli.{module}"), attr)
+
+
+@click.group(cls=LazyGroup)
 @click.option("--config", "config_file", type=click.Path(path_type=Path), envvar="XENLAB_CONFIG",
               help="a TOML file over the defaults (`xenlab config` shows the result)")
 @click.option("--debug", is_flag=True, help="log every command and show tracebacks")
@@ -32,8 +53,3 @@ def main(ctx, config_file, debug):
 def _interrupted(signum, frame):
     raise KeyboardInterrupt(signal.Signals(signum).name)
 
-
-for command in (lab.config_cmd, lab.doctor, lab.build, lab.up, lab.reset, lab.down, lab.snapshot, lab.status, lab.ssh, lab.cp, lab.console_cmd,
-                guest.guest, xs.xs, xs.trace, evtchn.evtchn, evtchn.ring, verify.verify, debug.debug):
-    main.add_command(command)
-main.add_command(lab.console_cmd, "logs")

@@ -25,7 +25,9 @@ echo "as-user: $(id -un) (uid $(id -u)), checkout $src"
 x doctor --no-probe
 x build
 x guest build
-"$venv/bin/python" -m pytest -v -p no:cacheprovider tests/e2e/test_lab.py tests/e2e/test_guest.py
+# The lab tests and verify (which creates, checks and destroys a guest): what
+# depends on who runs xenlab. test_guest.py runs as root only, for CI time.
+"$venv/bin/python" -m pytest -v -p no:cacheprovider tests/e2e/test_lab.py
 x verify --lab ci-user --down --json "$out/verify-user.json" --junit "$out/verify-user.xml"
 '
 if [ "$(id -u)" -ne 0 ]; then

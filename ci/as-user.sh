@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The lab and guest e2e tests and `xenlab verify` again, as an ordinary user:
+# The lab e2e tests and `xenlab verify` again, as an ordinary user:
 # image builds in a user namespace, the embedded libvirt driver and QEMU as
 # that user (docs/reliability.md#running-as-an-ordinary-user). Run as root,
 # it makes the user XENLAB_USER (default xenlab-ci), copies the checkout into

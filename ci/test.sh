@@ -4,7 +4,7 @@
 # tests, then the e2e tests on the real lab (Xen under QEMU; TCG here) on the
 # default stack (QEMU 10 from bookworm-backports), then `xenlab verify` on
 # Debian's QEMU 7.2 (docs/versions.md; PV and HVM guests) and on a trixie dom0
-# (Xen 4.20, a PVH guest; docs/guest-types.md), then the lab and guest e2e tests and verify again as
+# (Xen 4.20, a PVH guest; docs/guest-types.md), then the lab e2e tests and verify again as
 # an ordinary user.
 set -euo pipefail
 cd "$(dirname "$0")/.."

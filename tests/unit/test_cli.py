@@ -95,3 +95,17 @@ def test_verify_refuses_a_guest_type_the_lab_cannot_run_before_touching_it(tmp_p
 def test_down_forget_is_refused_for_a_lab_here(tmp_path):
     result = run("down", "--lab", "here", "--forget", env={"XENLAB_STATE": str(tmp_path)})
     assert result.exit_code == 2 and "--forget is for a lab on a remote libvirt host" in result.output, result.output
+
+
+def test_every_lazily_loaded_command_is_the_one_its_name_says():
+    """The CLI imports a command's module only when it runs, so its table
+    names each command apart from the command itself: they must agree."""
+    import click
+
+    from xenlab.cli import COMMANDS
+
+    ctx = click.Context(main)
+    for name in COMMANDS:
+        command = main.get_command(ctx, name)
+        assert command is not None and command.name == ("console" if name == "logs" else name), name
+    assert main.get_command(ctx, "nosuch") is None

@@ -93,10 +93,10 @@ def test_pattern_records_name_their_offset():
 def test_pattern_matches_busybox_awk():
     """The guest generates the same bytes with busybox awk (offsets past 2**31 included)."""
     busybox = "/bin/busybox"
-    for off in (0, 8400896, 3 << 31):
-        cmd = iocheck.awk_pattern_cmd("dom0", off, 4096).replace("awk ", f"{busybox} awk ", 1)
+    for off, length in ((0, 4096), (8400896, 4096), (3 << 31, 4096), (4096, 4096 * 3 + 32 * 5)):
+        cmd = iocheck.awk_pattern_cmd("dom0", off, length).replace("awk ", f"{busybox} awk ", 1)
         out = subprocess.run(["sh", "-c", cmd], capture_output=True, check=True).stdout
-        assert out == iocheck.pattern("dom0", off, 4096)
+        assert out == iocheck.pattern("dom0", off, length)
 
 
 def test_chunks_spread_and_fit():
@@ -107,6 +107,15 @@ def test_chunks_spread_and_fit():
     assert sum(n for _, n in places) == 4 << 20
     small = iocheck.chunks(1 << 20)
     assert all(off + n <= 1 << 20 for off, n in small)
+
+
+def test_io_size_is_the_largest_power_of_two_dividing_the_chunk():
+    assert iocheck.io_size(0, 1 << 20) == iocheck.MAX_IO
+    assert iocheck.io_size(8 << 20, 3 * (64 << 10)) == 64 << 10
+    assert iocheck.io_size((8 << 20) + 3 * iocheck.BLOCK, 2 << 20) == iocheck.BLOCK
+    for off, n in iocheck.chunks(64 << 20):
+        bs = iocheck.io_size(off, n)
+        assert off % bs == 0 and n % bs == 0
 
 
 def test_first_difference():

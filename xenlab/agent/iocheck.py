@@ -28,7 +28,13 @@ BLOCK = 4096
 DOM0_ADDR = facts.DOM0_BRIDGE_IP
 BULK_BYTES = 4 << 20
 # The same records in busybox awk (%d is 32-bit there, so the offset is %.0f).
-AWK_PATTERN = 'BEGIN{for(i=0;i<n;i++) printf "%-8s%016.0f%07d\\n", tag, off+i*32, i%10000000}'
+# Its printf writes each call straight out: gathering a block's 128 records
+# into one string first makes it 4x faster in a TCG guest.
+AWK_PATTERN = ('BEGIN{for(i=0;i<n;i++){s=s sprintf("%-8s%016.0f%07d\\n", tag, off+i*32, i%10000000);'
+               ' if(i%128==127){printf "%s", s; s=""}} printf "%s", s}')
+# The largest request dd makes: 32 segments, what blkfront puts in one
+# indirect request by default.
+MAX_IO = 128 << 10
 
 
 def pattern(tag: str, offset: int, length: int) -> bytes:
@@ -46,6 +52,16 @@ def chunks(size: int) -> list[tuple[int, int]]:
     piece = min(1 << 20, max(BLOCK, (size // 8) // BLOCK * BLOCK))
     middle = (size // 2 + 3 * BLOCK) // BLOCK * BLOCK
     return [(0, piece), (middle, 2 * piece if middle + 2 * piece <= size - piece else piece), (size - piece, piece)]
+
+
+def io_size(offset: int, length: int) -> int:
+    """dd's block size for a chunk: the largest power of two up to MAX_IO that
+    divides both, so aligned chunks go as multi-segment requests and an
+    odd place as single pages."""
+    size = MAX_IO
+    while size > BLOCK and (offset % size or length % size):
+        size //= 2
+    return size
 
 
 def first_difference(a: bytes, b: bytes) -> int | None:
@@ -73,8 +89,8 @@ class Check:
         total = sum(n for _, n in places)
         started = time.monotonic()
         script = " && ".join(
-            f"{awk_pattern_cmd('domU', off, n)} > /tmp/blk && dd if=/tmp/blk of={dev} bs={BLOCK} seek={off // BLOCK} oflag=direct conv=notrunc,fsync 2>/dev/null"
-            for off, n in places
+            f"{awk_pattern_cmd('domU', off, n)} > /tmp/blk && dd if=/tmp/blk of={dev} bs={bs} seek={off // bs} oflag=direct conv=notrunc,fsync 2>/dev/null"
+            for off, n in places for bs in [io_size(off, n)]
         )
         rc, _, err = self.guest(script)
         wrote = time.monotonic() - started
@@ -93,25 +109,42 @@ class Check:
         )
 
         started = time.monotonic()
+        written = [pattern("dom0", off, n) for off, n in places]
         fd = os.open(path, os.O_WRONLY)
         try:
-            for off, n in places:
-                os.pwrite(fd, pattern("dom0", off, n), off)
+            for (off, _), data in zip(places, written):
+                os.pwrite(fd, data, off)
             os.fsync(fd)
         finally:
             os.close(fd)
-        # The guest's page cache may hold the old blocks: flush it, then read around it.
+        # The guest's page cache may hold the old blocks: flush it, then read
+        # around it. The guest hashes what it read; only on a mismatch does it
+        # make the pattern itself (slow under TCG) to say where.
         script = f"blockdev --flushbufs {dev} && " + " && ".join(
-            f"dd if={dev} of=/tmp/got bs={BLOCK} skip={off // BLOCK} count={n // BLOCK} iflag=direct 2>/dev/null && "
-            f"{awk_pattern_cmd('dom0', off, n)} > /tmp/want && cmp /tmp/want /tmp/got && sha256sum /tmp/got | cut -c1-16"
-            for off, n in places
+            f"dd if={dev} bs={bs} skip={off // bs} count={n // bs} iflag=direct 2>/dev/null | sha256sum"
+            for off, n in places for bs in [io_size(off, n)]
         )
         rc, out, err = self.guest(script)
-        self.record(
-            f"block {disk.get('label', disk['vdev'])}: dom0 writes backing file, guest reads it", rc == 0,
-            f"{total >> 10} KiB read back byte-exact through blkfront (sha256 {' '.join(out.split())})" if rc == 0 else f"mismatch in the guest: {(out + err).strip()[-300:]}",
-            started, bytes=total,
+        got = [line.split()[0] for line in out.splitlines() if line.strip()]
+        want = [hashlib.sha256(data).hexdigest() for data in written]
+        ok = rc == 0 and got == want
+        if ok:
+            detail = f"{total >> 10} KiB read back byte-exact through blkfront (sha256 {' '.join(h[:16] for h in got)})"
+        elif rc:
+            detail = f"guest read failed: {err.strip()[-300:]}"
+        else:
+            detail = self._where_reads_differ(dev, places, got, want)
+        self.record(f"block {disk.get('label', disk['vdev'])}: dom0 writes backing file, guest reads it", ok, detail, started, bytes=total)
+
+    def _where_reads_differ(self, dev: str, places: list[tuple[int, int]], got: list[str], want: list[str]) -> str:
+        wrong = [(off, n) for (off, n), g, w in zip(places, got + [""] * len(places), want) if g != w]
+        off, n = wrong[0]
+        bs = io_size(off, n)
+        _, out, err = self.guest(
+            f"dd if={dev} of=/tmp/got bs={bs} skip={off // bs} count={n // bs} iflag=direct; "
+            f"{awk_pattern_cmd('dom0', off, n)} > /tmp/want; cmp /tmp/want /tmp/got"
         )
+        return f"mismatch in the guest at {len(wrong)} of {len(places)} places; first at {n >> 10} KiB from {off}: {(out + err).strip()[-300:]}"
 
     def readonly(self, disk: dict) -> None:
         dev, path = f"/dev/{disk['vdev']}", disk["path"]

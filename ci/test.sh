@@ -18,16 +18,16 @@ bash ci/wheel-check.sh
 bash ci/qemu-backports.sh >/dev/null
 "$venv/bin/xenlab" build
 "$venv/bin/xenlab" guest build
+reports=${XENLAB_REPORTS:-artifacts}
+mkdir -p "$reports"
 # One worker: two (-n 2 --dist loadgroup, tests/e2e/conftest.py) gained
 # little on two cores (docs/testing.md#two-workers). --durations: where the
-# time goes.
-"$venv/bin/python" -m pytest tests -v -p no:cacheprovider --durations=40 "$@"
+# time goes; every test's time is in $reports/pytest.xml.
+"$venv/bin/python" -m pytest tests -v -p no:cacheprovider --durations=40 --junitxml "$reports/pytest.xml" "$@"
 # The other stack (docs/versions.md): Debian's own QEMU 7.2, checked end to
 # end by `xenlab verify` with a PV and then an HVM guest on one lab (Xen 4.17
 # runs HVM and PVH guests on this QEMU, not on 10: docs/guest-types.md); its
 # reports are kept. One vCPU: under TCG, PVH and HVM guests need it.
-reports=${XENLAB_REPORTS:-artifacts}
-mkdir -p "$reports"
 other_config="$reports/qemu-stock.toml"
 printf '[lab]\nqemu = "stock"\nvcpus = 1\n' >"$other_config"
 # `xenlab verify` with its reports kept as $reports/verify-NAME.{json,xml};

@@ -75,6 +75,9 @@ def test_xl_config_rendering():
     assert f'"mac=00:16:3e:58:4c:0c,bridge=xenbr0,script={facts.HOTPLUG_DIR}/vif"' in text
     stock = render_xl_config(GuestSpec(name="g2", disks=(DiskSpec(16),), hotplug="stock"), "/k", "/r", "10.99.0.10", "m")
     assert "script=" not in stock and 'vif = [\n]' in stock
+    assert "pci=noearly" not in text
+    hvm = render_xl_config(GuestSpec(name="h1", type="hvm", kernel="debian", extra="foo=1"), "/k", "/r", "10.99.0.10", "m")
+    assert 'cmdline = "console=hvc0 quiet loglevel=1 pci=noearly xenlab.name=h1 xenlab.ip=10.99.0.10/24 foo=1"' in hvm
 
 
 def test_pick_address_lowest_free():

@@ -74,15 +74,32 @@ def dom0(command: str, check: bool = True) -> subprocess.CompletedProcess:
 
 
 def assert_nothing_left(name: str) -> None:
-    assert name not in dom0("xl list").stdout
-    assert f"guests/{name}/" not in dom0("losetup -a").stdout
-    assert dom0(f"test -e /var/lib/xenlab/guests/{name}", check=False).returncode != 0
-    domids = dom0("xenstore-list /local/domain").stdout.split()
-    assert domids == ["0"], domids  # no domain, half-made or not, is left
+    """No domain, loop device, guest directory, backend node or vif is left.
+    One SSH round trip: each `xenlab ssh` costs a process start and a
+    connection, and the tests here call this about 20 times."""
+    out = dom0(
+        f"echo @xl; xl list; echo @loop; losetup -a; echo @dir; test -e /var/lib/xenlab/guests/{name} && echo present; "
+        "echo @domains; xenstore-list /local/domain; "
+        "echo @vbd; xenstore-list /local/domain/0/backend/vbd 2>/dev/null; "
+        "echo @vif; xenstore-list /local/domain/0/backend/vif 2>/dev/null; "
+        "echo @net; ls /sys/class/net"
+    ).stdout
+    part: dict[str, str] = {}
+    title = None
+    for line in out.splitlines():
+        if line.startswith("@"):
+            title = line[1:]
+            part[title] = ""
+        elif title is not None:
+            part[title] += line + "\n"
+    assert set(part) == {"xl", "loop", "dir", "domains", "vbd", "vif", "net"}, out
+    assert name not in part["xl"]
+    assert f"guests/{name}/" not in part["loop"]
+    assert "present" not in part["dir"]
+    assert part["domains"].split() == ["0"], part["domains"]  # no domain, half-made or not, is left
     for kind in ("vbd", "vif"):
-        left = dom0(f"xenstore-list /local/domain/0/backend/{kind} 2>/dev/null || true").stdout.split()
-        assert left == [], (kind, left)
-    assert "vif" not in dom0("ls /sys/class/net").stdout
+        assert part[kind].split() == [], (kind, part[kind])
+    assert "vif" not in part["net"]
 
 
 def processes_of_lab(name: str) -> list[str]:

@@ -157,8 +157,12 @@ class Guests:
         # A part file of its own: two creates at once may ship the same file.
         part = shlex.quote(f"{remote}.part-{secrets.token_hex(4)}")
         unpack = f"cat > {part}" if packed else f"gzip -dc > {part}"
+        # Only a whole file gets its name: when this process dies mid-copy,
+        # dom0's cat sees the end of its input and succeeds, and a truncated
+        # ramdisk under the real name would fail every later create.
         self.ssh().check(
-            f"mkdir -p {REMOTE_IMAGES} && {unpack} && mv {part} {shlex.quote(remote)}",
+            f"mkdir -p {REMOTE_IMAGES} && {unpack} && [ \"$(stat -c %s {part})\" = {len(data)} ] && mv {part} {shlex.quote(remote)}"
+            f" || {{ rm -f {part}; exit 1; }}",
             input=data if packed else gzip.compress(data, compresslevel=1), timeout=600,
         )
 

@@ -17,7 +17,7 @@ import pytest
 
 from xenlab.lab import snapshot as snapshots
 
-from xenlab.agent.facts import DOM0_AGENT_ROOT
+from xenlab.agent.facts import DOM0_AGENT_ROOT, GUESTS_DIR
 from xenlab.run import pids_using
 
 from .conftest import pid_alive, xenlab
@@ -78,7 +78,7 @@ def assert_nothing_left(name: str) -> None:
     One SSH round trip: each `xenlab ssh` costs a process start and a
     connection, and the tests here call this about 20 times."""
     out = dom0(
-        f"echo @xl; xl list; echo @loop; losetup -a; echo @dir; test -e /var/lib/xenlab/guests/{name} && echo present; "
+        f"echo @xl; xl list; echo @loop; losetup -a; echo @dir; test -e {GUESTS_DIR}/{name} && echo present; "
         "echo @domains; xenstore-list /local/domain; "
         "echo @vbd; xenstore-list /local/domain/0/backend/vbd 2>/dev/null; "
         "echo @vif; xenstore-list /local/domain/0/backend/vif 2>/dev/null; "

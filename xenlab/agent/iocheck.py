@@ -64,6 +64,12 @@ def io_size(offset: int, length: int) -> int:
     return size
 
 
+def read_cmd(dev: str, offset: int, length: int) -> str:
+    """dd reading one chunk through blkfront, around the page cache, to stdout."""
+    bs = io_size(offset, length)
+    return f"dd if={dev} bs={bs} skip={offset // bs} count={length // bs} iflag=direct"
+
+
 def first_difference(a: bytes, b: bytes) -> int | None:
     if a == b:
         return None
@@ -121,8 +127,7 @@ class Check:
         # around it. The guest hashes what it read; only on a mismatch does it
         # make the pattern itself (slow under TCG) to say where.
         script = f"blockdev --flushbufs {dev} && " + " && ".join(
-            f"dd if={dev} bs={bs} skip={off // bs} count={n // bs} iflag=direct 2>/dev/null | sha256sum"
-            for off, n in places for bs in [io_size(off, n)]
+            f"{read_cmd(dev, off, n)} 2>/dev/null | sha256sum" for off, n in places
         )
         rc, out, err = self.guest(script)
         got = [line.split()[0] for line in out.splitlines() if line.strip()]
@@ -139,9 +144,8 @@ class Check:
     def _where_reads_differ(self, dev: str, places: list[tuple[int, int]], got: list[str], want: list[str]) -> str:
         wrong = [(off, n) for (off, n), g, w in zip(places, got + [""] * len(places), want) if g != w]
         off, n = wrong[0]
-        bs = io_size(off, n)
         _, out, err = self.guest(
-            f"dd if={dev} of=/tmp/got bs={bs} skip={off // bs} count={n // bs} iflag=direct; "
+            f"{read_cmd(dev, off, n)} > /tmp/got; "
             f"{awk_pattern_cmd('dom0', off, n)} > /tmp/want; cmp /tmp/want /tmp/got"
         )
         return f"mismatch in the guest at {len(wrong)} of {len(places)} places; first at {n >> 10} KiB from {off}: {(out + err).strip()[-300:]}"

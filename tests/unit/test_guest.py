@@ -236,3 +236,26 @@ def test_disk_names_by_guest_type():
     assert GuestSpec(name="g", disks=disks).vdevs() == ["xvda", "xvdb", "xvdc"]
     # HVM: past the IDE slots libxl would emulate, so PV only.
     assert GuestSpec(name="g", disks=disks, type="hvm", kernel="debian").vdevs() == ["xvde", "xvdf", "xvdg"]
+
+
+def test_a_roots_older_builds_are_pruned_but_not_another_images(tmp_path):
+    # A bookworm and a trixie lab run side by side (CI does): building one's
+    # root must not remove the other's from under its guest create.
+    from xenlab.build.dom0 import Dom0Image
+
+    images, cache = tmp_path / "images", tmp_path / "guest"
+    for name in ("dom0-bookworm-0fea8eae67de", "dom0-trixie-4df02f65712f"):
+        (images / name).mkdir(parents=True)
+    cache.mkdir()
+    names = {
+        "current": "domu-python-debian-bookworm-0fea8eae67de-111111111111.cpio.gz",
+        "older": "domu-python-debian-bookworm-0fea8eae67de-000000000000.cpio.gz",
+        "other_image": "domu-python-debian-trixie-4df02f65712f-222222222222.cpio.gz",
+        "gone_image": "domu-python-debian-bookworm-ffffffffffff-333333333333.cpio.gz",
+        "old_layout": "domu-python-debian-863d3f0a80d7.cpio.gz",
+        "other_root": "domu-busybox-debian-bookworm-0fea8eae67de-444444444444.cpio.gz",
+    }
+    for name in names.values():
+        (cache / name).write_bytes(b"x")
+    rootfs._prune(cache, Dom0Image(images / "dom0-bookworm-0fea8eae67de"), cache / names["current"], "domu-python-debian-")
+    assert sorted(p.name for p in cache.iterdir()) == sorted([names["current"], names["other_image"], names["other_root"]])

@@ -6,7 +6,7 @@ import json
 import pytest
 
 from xenlab.errors import LabError
-from xenlab.lab import snapshot as snapshots
+from xenlab.lab import snapshot as snapshots, versions
 
 IDENTITY = {"format": snapshots.SNAPSHOT_FORMAT, "image_id": "dom0-a", "memory": 2048, "qemu": "7.2.19"}
 
@@ -93,3 +93,25 @@ def test_remove_unknown_key_removes_nothing():
     assert snap.path.exists()
     assert snapshots.remove([snap.key]) == [snap.key]
     assert snapshots.all_snapshots() == []
+
+
+def test_only_a_snapshot_no_qemu_here_can_load_is_outdated(tmp_path):
+    # Two QEMU stacks side by side (stock and backports) each keep their own
+    # snapshots: a lab on one must not remove the other's.
+    def emulator(name, version):
+        path = tmp_path / name
+        path.write_text(f"#!/bin/sh\necho 'QEMU emulator version {version} (Debian)'\n")
+        path.chmod(0o755)
+        return str(path)
+
+    versions.qemu_version.cache_clear()
+    stock, backports = emulator("stock", "7.2.22"), emulator("backports", "10.0.2")
+    of_stock = {**IDENTITY, "emulator": stock, "qemu": "7.2.22", "libvirt": "9.0.0"}
+    of_backports = {**IDENTITY, "emulator": backports, "qemu": "10.0.2", "libvirt": "9.0.0"}
+    assert not snapshots.can_never_load(of_stock, "9.0.0")
+    assert not snapshots.can_never_load(of_backports, "9.0.0")
+    assert snapshots.can_never_load({**of_stock, "qemu": "7.2.19"}, "9.0.0")  # that QEMU was upgraded since
+    assert snapshots.can_never_load({**of_stock, "emulator": str(tmp_path / "gone")}, "9.0.0")
+    assert snapshots.can_never_load(of_stock, "9.1.0")  # libvirt upgraded
+    assert snapshots.can_never_load({**of_stock, "format": 0}, "9.0.0")
+    versions.qemu_version.cache_clear()

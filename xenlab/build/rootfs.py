@@ -49,7 +49,9 @@ def recipe_id(image: Dom0Image, root: str, kernel: str) -> str:
         parts.append(deploy.agent_version())
     for part in parts:
         digest.update(part.encode() + b"\0")
-    return f"domu-{root}-{kernel}-{digest.hexdigest()[:12]}"
+    # The image in the name: roots of another dom0 image (bookworm beside
+    # trixie) are another lab's, not older builds of this one.
+    return f"domu-{root}-{kernel}-{image.id.removeprefix('dom0-')}-{digest.hexdigest()[:12]}"
 
 
 def _file_digest(path: Path) -> str:
@@ -76,11 +78,19 @@ def build(image: Dom0Image, root: str, kernel: str, cache: Path) -> Path:
         staged = Path(work) / "initramfs.cpio.gz"
         staged.write_bytes(gzip.compress(cpio_archive(tree, "-R", "0:0"), compresslevel=6))
         staged.rename(target)
-    # Older builds of this root (another agent or template version) are dead weight.
-    for old in cache.glob(f"domu-{root}-{kernel}-*.cpio.gz"):
-        if old != target:
-            old.unlink(missing_ok=True)
+    _prune(cache, image, target, f"domu-{root}-{kernel}-")
     return target
+
+
+def _prune(cache: Path, image: Dom0Image, current: Path, prefix: str) -> None:
+    """Remove older builds of this root for this image (another agent or
+    template version) and those of images no longer cached: dead weight. A
+    root of another cached image is kept: a lab on that image still uses it."""
+    this_image = image.id.removeprefix("dom0-")
+    for old in cache.glob(f"{prefix}*.cpio.gz"):
+        tag = old.name[len(prefix):-len(".cpio.gz")].rpartition("-")[0]
+        if old != current and (tag == this_image or not tag or not (image.path.parent / f"dom0-{tag}").is_dir()):
+            old.unlink(missing_ok=True)
 
 
 def _populate(tree: Path, image: Dom0Image, root: str, kernel: str) -> list[str]:

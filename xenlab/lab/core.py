@@ -457,9 +457,7 @@ class Lab:
         notes = []
         for other in snapshots.all_snapshots():
             old = other.manifest.get("identity", {})
-            stale = [f for f in ("qemu", "libvirt", "emulator", "format") if old.get(f) != identity.get(f)]
-            if other.key != key and stale and not other.users():
-                # Made by another QEMU or libvirt: it can never load here again.
+            if other.key != key and snapshots.can_never_load(old, identity["libvirt"]) and not other.users():
                 other.remove()
                 steps.note(f"removed snapshot {other.key} ({'; '.join(snapshots.differences(old, identity))})")
         snap = snapshots.find(key)

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from xenlab.errors import LabError
+from xenlab.lab import versions
 from xenlab.paths import cache_dir, state_root
 from xenlab.run import pid_alive
 
@@ -80,6 +81,17 @@ def differences(old: dict, new: dict) -> list[str]:
             short = all(isinstance(v, (int, str)) and len(str(v)) <= 24 for v in (before, after))
             out.append(f"{label} {before} -> {after}" if short else f"{label} changed")
     return out
+
+
+def can_never_load(identity: dict, libvirt: str) -> bool:
+    """Whether a snapshot with this identity can never be restored on this host
+    again: written by another snapshot format or libvirt, or its QEMU binary is
+    gone or now another version. A snapshot of the other installed QEMU (stock
+    beside backports) is not: labs on that QEMU still restore it."""
+    if identity.get("format") != SNAPSHOT_FORMAT or identity.get("libvirt") != libvirt:
+        return True
+    emulator = identity.get("emulator")
+    return not emulator or versions.qemu_version(emulator) != identity.get("qemu")
 
 
 def file_digest(path: Path) -> str:

@@ -60,14 +60,58 @@ def lab_info():
         xenlab("down", "--name", LAB, check=False)
 
 
+class Dom0Shell:
+    """Commands in the session lab's dom0 over one SSH connection kept for
+    the session: a `xenlab ssh` process per command paid a Python start and
+    an SSH handshake (about 1 s under TCG) for each. `xenlab ssh` itself is
+    tested in test_lab.py. A connection a reset or restart cut is made again."""
+
+    def __init__(self):
+        self.session = None
+
+    def _connected(self):
+        from xenlab import config
+        from xenlab.lab import Lab
+
+        if self.session is None or not self.session.active:
+            self.close()
+            self.session = Lab(config.load(overrides={"name": LAB})).ssh(timeout=60)
+        return self.session
+
+    def run(self, command: str, check: bool = True) -> subprocess.CompletedProcess:
+        from xenlab.errors import SSHError
+
+        try:
+            result = self._connected().run(command, timeout=600)
+        except SSHError:
+            if self.session is not None and self.session.active:
+                raise
+            # The lab was reset or restarted under the connection, which only now says so.
+            result = self._connected().run(command, timeout=600)
+        proc = subprocess.CompletedProcess(command, result.exit_status, result.stdout, result.stderr)
+        if check and proc.returncode != 0:
+            raise AssertionError(f"in dom0: {command!r} exited {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
+        return proc
+
+    def close(self) -> None:
+        if self.session is not None:
+            self.session.close()
+            self.session = None
+
+
+@pytest.fixture(scope="session")
+def _dom0_shell(lab_info):
+    shell = Dom0Shell()
+    try:
+        yield shell
+    finally:
+        shell.close()
+
+
 @pytest.fixture
-def dom0(lab_info):
-    """Run a command in dom0 through `xenlab ssh`, returning the CompletedProcess."""
-
-    def run(command: str, check: bool = True) -> subprocess.CompletedProcess:
-        return xenlab("ssh", "--name", LAB, "--", command, check=check)
-
-    return run
+def dom0(_dom0_shell):
+    """Run a command in dom0 (the session lab), returning a CompletedProcess."""
+    return _dom0_shell.run
 
 
 @pytest.fixture(scope="module")

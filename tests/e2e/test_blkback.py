@@ -14,6 +14,7 @@ import re
 
 import pytest
 
+from xenlab.agent.facts import GUESTS_DIR
 from xenlab.evtchn.catalogue import grants_mapped
 from xenlab.guest.hardening import READ_BYTES, STANDARD_PLANS, WRITE_BLOCKS, probe, run_io
 from xenlab.guest.manager import Guests
@@ -215,7 +216,7 @@ def test_cli_attach_detach_and_bad_input(lab, guest):
     refused("detach", "--name", LAB, guest.name, "xvdq", says="has no attached disk 'xvdq'")
     with lab.ssh() as ssh:
         assert not ssh.run(f"xenstore-exists /local/domain/0/backend/pyblk/{guest.domid}").ok
-        assert ssh.check(f"ls /var/lib/xenlab/guests/{guest.name}/attached/ | grep -c img || true").strip() == "0"
+        assert ssh.check(f"ls {GUESTS_DIR}/{guest.name}/attached/ | grep -c img || true").strip() == "0"
     with Guests(lab) as guests:
         with pytest.raises(XenlabError, match="unknown disk backend"):
             guests.attach(guest.name, "4M", backend="qemu")

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from xenlab.agent.facts import GUESTS_DIR
 from xenlab.errors import ConfigError, GuestError
 from xenlab.evtchn.devchan import python_backend
 from xenlab.guest.spec import DiskSpec, GuestSpec
@@ -50,7 +51,7 @@ def xlecho(kernel_dir, tmp_path_factory) -> Path:
 
 
 def guest_names(dom0) -> str:
-    return dom0("xl list; ls /var/lib/xenlab/guests 2>/dev/null", check=False).stdout
+    return dom0(f"xl list; ls {GUESTS_DIR} 2>/dev/null", check=False).stdout
 
 
 def test_c_frontend_against_the_python_backend(lab, xlecho):

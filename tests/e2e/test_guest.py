@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from xenlab.agent.facts import XEN_VERSIONS
+from xenlab.agent.facts import GUESTS_DIR, XEN_VERSIONS
 
 from .conftest import LAB, xenlab
 
@@ -164,7 +164,7 @@ def test_destroy_leaves_no_backend_loop_or_vif(lab_info, dom0):
     info = json.loads(guest("create", name, "--disk", "8M", "--disk", "4M:ro", "--net", "--json").stdout)
     domid = info["domid"]
     assert f"vif{domid}.0" in dom0("ls /sys/class/net").stdout
-    assert f"/var/lib/xenlab/guests/{name}/xvda.img" in dom0("losetup -a").stdout
+    assert f"{GUESTS_DIR}/{name}/xvda.img" in dom0("losetup -a").stdout
     result = json.loads(guest("destroy", name, "--json").stdout)
     assert result["leftovers"] == {"backend_nodes": [], "loop_devices": [], "vifs": []}
     # Checked again by hand in dom0, not only by the agent's own report.
@@ -172,7 +172,7 @@ def test_destroy_leaves_no_backend_loop_or_vif(lab_info, dom0):
     assert dom0(f"xenstore-ls /local/domain/0/backend/vif/{domid}", check=False).returncode != 0
     assert f"guests/{name}/" not in dom0("losetup -a").stdout
     assert f"vif{domid}." not in dom0("ls /sys/class/net").stdout
-    assert dom0(f"test -e /var/lib/xenlab/guests/{name}", check=False).returncode != 0
+    assert dom0(f"test -e {GUESTS_DIR}/{name}", check=False).returncode != 0
 
 
 def test_python_root_runs_python(lab_info):
@@ -192,7 +192,7 @@ def test_debian_kernel_and_stock_hotplug(lab_info, dom0):
         assert all(d["frontend_state"] == "4" and d["backend_state"] == "4" for d in info["devices"]) and len(info["devices"]) == 2
         out = guest("exec", "--shell", name, "--", "uname -r; grep -c xen /proc/modules; dd if=/dev/xvda bs=4096 count=1 iflag=direct 2>/dev/null | wc -c").stdout.split()
         assert out[0].endswith("-amd64") and int(out[1]) >= 4 and out[2] == "4096"
-        assert "script=" not in dom0(f"cat /var/lib/xenlab/guests/{name}/xl.cfg").stdout
+        assert "script=" not in dom0(f"cat {GUESTS_DIR}/{name}/xl.cfg").stdout
     finally:
         guest("destroy", name, check=False)
 
@@ -215,7 +215,7 @@ def test_bad_create_refused_and_nothing_made(lab_info, dom0, args, message):
     proc = guest("create", *args, check=False)
     assert proc.returncode != 0 and message in proc.stderr, proc.stderr
     assert "Traceback" not in proc.stderr
-    assert "gt-bad" not in dom0("xl list; ls /var/lib/xenlab/guests 2>/dev/null; losetup -a").stdout
+    assert "gt-bad" not in dom0(f"xl list; ls {GUESTS_DIR} 2>/dev/null; losetup -a").stdout
 
 
 def test_pvh_refused_where_the_lab_cannot_run_it_naming_the_fix(lab_info, dom0):
@@ -230,7 +230,7 @@ def test_pvh_refused_where_the_lab_cannot_run_it_naming_the_fix(lab_info, dom0):
         assert "--qemu stock" in proc.stderr and "--suite trixie" in proc.stderr, proc.stderr
     else:
         assert "PVH guests under TCG need a lab with one vCPU; this lab has 2" in proc.stderr, proc.stderr
-    assert "gt-bad" not in dom0("xl list; ls /var/lib/xenlab/guests 2>/dev/null; losetup -a").stdout
+    assert "gt-bad" not in dom0(f"xl list; ls {GUESTS_DIR} 2>/dev/null; losetup -a").stdout
 
 
 def test_destroy_unknown_guest(lab_info):

@@ -46,8 +46,8 @@ def test_dev_xen_devices_exist(dom0):
     assert len(procs) == 2
 
 
-def test_ssh_passes_output_and_exit_code(dom0):
-    result = dom0("echo out; echo err >&2; exit 7", check=False)
+def test_ssh_passes_output_and_exit_code(lab_info):
+    result = xenlab("ssh", "--name", LAB, "--", "echo out; echo err >&2; exit 7", check=False)
     assert (result.returncode, result.stdout, result.stderr) == (7, "out\n", "err\n")
 
 

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from xenlab.agent.facts import GUESTS_DIR
+
 from .conftest import LAB
 
 pytestmark = pytest.mark.own_labs  # boots labs of its own: under xdist, beside the session lab's tests
@@ -102,7 +104,7 @@ def test_plugin_on_the_real_lab(lab_info, pytester, dom0, monkeypatch):
     guests = [seen["destructive_1"], seen["destructive_2"], seen["failing_guest"]]
     assert len({g["name"] for g in guests}) == 3 and len({g["domid"] for g in guests}) == 3
     xl_list = dom0("xl list").stdout
-    left = dom0("ls /var/lib/xenlab/guests/ 2>/dev/null || true").stdout.split()
+    left = dom0(f"ls {GUESTS_DIR}/ 2>/dev/null || true").stdout.split()
     for g in guests:
         assert g["name"] not in xl_list and g["name"] not in left, (g, xl_list, left)
     dom0("xenstore-rm /local/domain/0/data/plugin-marker", check=False)

@@ -10,6 +10,8 @@ import xml.etree.ElementTree as ET
 
 import pytest
 
+from xenlab.agent.facts import GUESTS_DIR
+
 from .conftest import LAB, xenlab
 
 pytestmark = pytest.mark.own_labs  # its lab's state is verify's own: under xdist, beside the session lab's tests
@@ -66,7 +68,7 @@ def test_verify_json_and_table_match_the_junit(verified):
 
 def test_verify_leaves_no_guest(verified, dom0):
     assert "e2e-verify" not in dom0("xl list").stdout
-    assert "e2e-verify" not in dom0("ls /var/lib/xenlab/guests/").stdout
+    assert "e2e-verify" not in dom0(f"ls {GUESTS_DIR}/").stdout
 
 
 def test_a_guest_that_panics_is_a_crash(lab_info, dom0, tmp_path):

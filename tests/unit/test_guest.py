@@ -248,12 +248,12 @@ def test_a_roots_older_builds_are_pruned_but_not_another_images(tmp_path):
         (images / name).mkdir(parents=True)
     cache.mkdir()
     names = {
-        "current": "domu-python-debian-bookworm-0fea8eae67de-111111111111.cpio.gz",
-        "older": "domu-python-debian-bookworm-0fea8eae67de-000000000000.cpio.gz",
-        "other_image": "domu-python-debian-trixie-4df02f65712f-222222222222.cpio.gz",
-        "gone_image": "domu-python-debian-bookworm-ffffffffffff-333333333333.cpio.gz",
+        "current": "domu-python-debian-dom0-bookworm-0fea8eae67de-111111111111.cpio.gz",
+        "older": "domu-python-debian-dom0-bookworm-0fea8eae67de-000000000000.cpio.gz",
+        "other_image": "domu-python-debian-dom0-trixie-4df02f65712f-222222222222.cpio.gz",
+        "gone_image": "domu-python-debian-dom0-bookworm-ffffffffffff-333333333333.cpio.gz",
         "old_layout": "domu-python-debian-863d3f0a80d7.cpio.gz",
-        "other_root": "domu-busybox-debian-bookworm-0fea8eae67de-444444444444.cpio.gz",
+        "other_root": "domu-busybox-debian-dom0-bookworm-0fea8eae67de-444444444444.cpio.gz",
     }
     for name in names.values():
         (cache / name).write_bytes(b"x")

@@ -51,7 +51,7 @@ def recipe_id(image: Dom0Image, root: str, kernel: str) -> str:
         digest.update(part.encode() + b"\0")
     # The image in the name: roots of another dom0 image (bookworm beside
     # trixie) are another lab's, not older builds of this one.
-    return f"domu-{root}-{kernel}-{image.id.removeprefix('dom0-')}-{digest.hexdigest()[:12]}"
+    return f"domu-{root}-{kernel}-{image.id}-{digest.hexdigest()[:12]}"
 
 
 def _file_digest(path: Path) -> str:
@@ -86,10 +86,9 @@ def _prune(cache: Path, image: Dom0Image, current: Path, prefix: str) -> None:
     """Remove older builds of this root for this image (another agent or
     template version) and those of images no longer cached: dead weight. A
     root of another cached image is kept: a lab on that image still uses it."""
-    this_image = image.id.removeprefix("dom0-")
     for old in cache.glob(f"{prefix}*.cpio.gz"):
-        tag = old.name[len(prefix):-len(".cpio.gz")].rpartition("-")[0]
-        if old != current and (tag == this_image or not tag or not (image.path.parent / f"dom0-{tag}").is_dir()):
+        built_for = old.name[len(prefix):-len(".cpio.gz")].rpartition("-")[0]  # "" in the layout without it
+        if old != current and (built_for == image.id or not built_for or not (image.path.parent / built_for).is_dir()):
             old.unlink(missing_ok=True)
 
 

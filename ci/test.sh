@@ -1,35 +1,79 @@
 #!/usr/bin/env bash
-# The whole test suite: host set-up (idempotent), the wheel check, the dom0 image and the guest
-# kernel and roots (cached; the first guest kernel build takes ~4 min), unit
-# tests, then the e2e tests on the real lab (Xen under QEMU; TCG here) on the
-# default stack (QEMU 10 from bookworm-backports), then `xenlab verify` on
-# Debian's QEMU 7.2 (docs/versions.md; HVM and PV guests) and, beside it, on a
-# trixie dom0 (Xen 4.20, a PVH guest; docs/guest-types.md) followed by the lab
-# e2e tests and verify again as an ordinary user.
+# The test suite (docs/testing.md): host set-up (idempotent), the wheel check,
+# the dom0 images and the guest kernel and roots (cached; the first guest
+# kernel build takes ~5 min), unit tests, then the e2e tests on the real lab
+# (Xen under QEMU; TCG here), then the steps after pytest: `xenlab verify` on
+# Debian's QEMU 7.2 (HVM and PV guests) and on a trixie dom0 (Xen 4.20, a PVH
+# guest), and the lab tests and verify again as an ordinary user.
+#
+#   bash ci/test.sh            the gate tier and one slice of the full tier, with
+#                              that slice's steps after pytest (tests/tiers.py:
+#                              slice = commit count % 4, or $XENLAB_SLICE)
+#   bash ci/test.sh --full     both tiers whole and every step after pytest
+#   bash ci/test.sh ARGS...    other arguments go to pytest (-k xenstore, ...)
+#
+# It ends by printing its time per phase and the share of CI's 90-minute
+# limit it used, and keeps that ledger in artifacts/ledger.json.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-[ -n "${XENLAB_REAPED:-}" ] || bash ci/setup-host.sh
+export XENLAB_CI_STARTED=${XENLAB_CI_STARTED:-$(date +%s)}
+if [ -z "${XENLAB_REAPED:-}" ]; then
+  bash ci/setup-host.sh
+  export XENLAB_CI_SETUP_SECONDS=$(($(date +%s) - XENLAB_CI_STARTED))
+fi
 . ci/reaped.sh "$PWD/ci/test.sh" "$@"
 venv=${XENLAB_VENV:-.venv}
-# The wheel as users install it, run from outside the checkout.
-bash ci/wheel-check.sh
-# setup-host.sh keeps the stock QEMU when backports cannot be had; CI must not
-# then run both halves on one stack: this fails with the reason instead.
-bash ci/qemu-backports.sh >/dev/null
-"$venv/bin/xenlab" build
-"$venv/bin/xenlab" guest build
 reports=${XENLAB_REPORTS:-artifacts}
 mkdir -p "$reports"
+
+full=0
+pytest_args=()
+for arg in "$@"; do
+  if [ "$arg" = --full ]; then full=1; else pytest_args+=("$arg"); fi
+done
+if [ "$full" = 1 ]; then
+  mode="full: both tiers whole, every step after pytest"
+  steps="qemu-stock trixie-pvh as-user"
+  slice_args=()
+else
+  slice=${XENLAB_SLICE:-$("$venv/bin/python" tests/tiers.py slice)}
+  mode="gate + $("$venv/bin/python" tests/tiers.py plan "$slice")"
+  steps=$("$venv/bin/python" tests/tiers.py steps "$slice")
+  slice_args=(--slice "$slice")
+fi
+echo "ci/test.sh: $mode"
+
+# The ledger: one line per phase (name, seconds, exit code), kept even when a
+# phase fails; the steps run beside each other append from their subshells.
+ledger_lines="$reports/ledger.lines"
+: >"$ledger_lines"
+[ -z "${XENLAB_CI_SETUP_SECONDS:-}" ] || printf 'setup-host\t%s\t0\n' "$XENLAB_CI_SETUP_SECONDS" >>"$ledger_lines"
+phase() {
+  local name=$1 t0 rc=0
+  shift
+  t0=$(date +%s)
+  "$@" || rc=$?
+  printf '%s\t%s\t%s\n' "$name" "$(($(date +%s) - t0))" "$rc" >>"$ledger_lines"
+  return "$rc"
+}
+ledger() {
+  "$venv/bin/python" ci/ledger.py "$ledger_lines" "$reports/ledger.json" --started "$XENLAB_CI_STARTED" --mode "$mode" || true
+}
+trap ledger EXIT
+
+# The wheel as users install it, run from outside the checkout.
+phase wheel-check bash ci/wheel-check.sh
+# setup-host.sh keeps the stock QEMU when backports cannot be had; CI must not
+# then run both halves on one stack: this fails with the reason instead.
+phase qemu-backports bash ci/qemu-backports.sh >/dev/null
+phase builds bash -c "'$venv/bin/xenlab' build && '$venv/bin/xenlab' build --suite trixie && '$venv/bin/xenlab' guest build"
 # One worker: two (-n 2 --dist loadgroup, tests/e2e/conftest.py) gained
 # little on two cores (docs/testing.md#two-workers). --durations: where the
 # time goes; every test's time is in $reports/pytest.xml.
-"$venv/bin/python" -m pytest tests -v -p no:cacheprovider --durations=40 --junitxml "$reports/pytest.xml" "$@"
-# The other stack (docs/versions.md): Debian's own QEMU 7.2, checked end to
-# end by `xenlab verify` with an HVM and then a PV guest on one lab (Xen 4.17
-# runs HVM and PVH guests on this QEMU, not on 10: docs/guest-types.md); its
-# reports are kept. One vCPU: under TCG, PVH and HVM guests need it.
-other_config="$reports/qemu-stock.toml"
-printf '[lab]\nqemu = "stock"\nvcpus = 1\n' >"$other_config"
+phase pytest "$venv/bin/python" -m pytest tests -v -p no:cacheprovider --durations=40 --junitxml "$reports/pytest.xml" \
+  ${slice_args[@]+"${slice_args[@]}"} ${pytest_args[@]+"${pytest_args[@]}"}
+
+has_step() { [[ " $steps " == *" $1 "* ]]; }
 # `xenlab verify` with its reports kept as $reports/verify-NAME.{json,xml};
 # run once more (reports verify-NAME-again.*) only when its report says the
 # lab VM stalled: a QEMU TCG stall of minutes, not a verdict on the code
@@ -43,33 +87,57 @@ verify_kept() {
   echo "verify $name: the lab VM stalled (docs/verify.md#a-stalled-lab); running it once more" >&2
   "$venv/bin/xenlab" "$@" --json "$reports/verify-$name-again.json" --junit "$reports/verify-$name-again.xml"
 }
-# Beside the stock-QEMU verifies, one after the other: Debian trixie's Xen
-# 4.20 with a PVH guest (its reports kept too), then the lab tests and verify
-# as an ordinary user (docs/reliability.md#running-as-an-ordinary-user). Under
-# TCG every vCPU is a host thread: the stock and trixie labs have one each,
-# on two cores. The HVM verify goes first, so that its guest's long boot
-# meets only the trixie lab; the ordinary user's lab comes later, beside
-# the PV verify. This saves about 8 min; the side's output is printed when
-# both are done.
-trixie_config="$reports/trixie.toml"
-printf '[lab]\nvcpus = 1\n[dom0]\nsuite = "trixie"\n' >"$trixie_config"
-side_log="$reports/side.log"
-(
-  "$venv/bin/xenlab" --config "$trixie_config" build
-  verify_kept trixie-pvh --config "$trixie_config" verify --lab ci-trixie --guest-type pvh --down
-  XENLAB_REPORTS=$(cd "$reports" && pwd) bash ci/as-user.sh
-) >"$side_log" 2>&1 &
-side_pid=$!
-# If the stock half fails, this script still waits for the side (its verifies
-# take their labs down) and then makes sure the trixie lab is gone.
-trap 'wait "$side_pid" 2>/dev/null; cat "$side_log"; "$venv/bin/xenlab" down --lab ci-trixie >/dev/null 2>&1 || true' EXIT
-stock_failed=0
-verify_kept qemu-stock-hvm --config "$other_config" verify --lab ci-qemu-stock --guest-type hvm || stock_failed=1
-[ "$stock_failed" = 1 ] || verify_kept qemu-stock --config "$other_config" verify --lab ci-qemu-stock || stock_failed=1
-"$venv/bin/xenlab" down --lab ci-qemu-stock >/dev/null
-side_failed=0
-wait "$side_pid" || side_failed=1
-trap - EXIT
-echo "--- trixie dom0 with a PVH guest, then the ordinary user (ran beside the stock-QEMU verifies; $side_log):"
-cat "$side_log"
-[ "$stock_failed" = 0 ] && [ "$side_failed" = 0 ]
+# The other stack (docs/versions.md): Debian's own QEMU 7.2, checked end to
+# end by `xenlab verify` with an HVM and then a PV guest on one lab (Xen 4.17
+# runs HVM and PVH guests on this QEMU, not on 10: docs/guest-types.md). One
+# vCPU: under TCG, PVH and HVM guests need it.
+qemu_stock() {
+  local config="$reports/qemu-stock.toml" failed=0
+  printf '[lab]\nqemu = "stock"\nvcpus = 1\n' >"$config"
+  phase verify-qemu-stock-hvm verify_kept qemu-stock-hvm --config "$config" verify --lab ci-qemu-stock --guest-type hvm || failed=1
+  [ "$failed" = 1 ] || phase verify-qemu-stock-pv verify_kept qemu-stock --config "$config" verify --lab ci-qemu-stock || failed=1
+  "$venv/bin/xenlab" down --lab ci-qemu-stock >/dev/null
+  return "$failed"
+}
+# Debian trixie's Xen 4.20 with a PVH guest.
+trixie_pvh() {
+  local config="$reports/trixie.toml"
+  printf '[lab]\nvcpus = 1\n[dom0]\nsuite = "trixie"\n' >"$config"
+  phase verify-trixie-pvh verify_kept trixie-pvh --config "$config" verify --lab ci-trixie --guest-type pvh --down
+}
+# The lab tests and verify as an ordinary user (docs/reliability.md#running-as-an-ordinary-user).
+as_user() {
+  phase as-user env XENLAB_REPORTS="$(cd "$reports" && pwd)" bash ci/as-user.sh
+}
+
+if [ "$full" = 1 ]; then
+  # Under TCG every vCPU is a host thread: the stock and trixie labs have one
+  # each, on two cores. The HVM verify goes first, so that its guest's long
+  # boot meets only the trixie lab; the ordinary user's lab comes later,
+  # beside the PV verify. The side's output is printed when both are done.
+  side_log="$reports/side.log"
+  (
+    side_failed=0
+    trixie_pvh || side_failed=1
+    as_user || side_failed=1
+    exit "$side_failed"
+  ) >"$side_log" 2>&1 &
+  side_pid=$!
+  # If the stock half fails, this script still waits for the side (its verifies
+  # take their labs down) and then makes sure the trixie lab is gone.
+  trap 'wait "$side_pid" 2>/dev/null; cat "$side_log"; "$venv/bin/xenlab" down --lab ci-trixie >/dev/null 2>&1 || true; ledger' EXIT
+  stock_failed=0
+  qemu_stock || stock_failed=1
+  side_failed=0
+  wait "$side_pid" || side_failed=1
+  trap ledger EXIT
+  echo "--- trixie dom0 with a PVH guest, then the ordinary user (ran beside the stock-QEMU verifies; $side_log):"
+  cat "$side_log"
+  [ "$stock_failed" = 0 ] && [ "$side_failed" = 0 ]
+else
+  failed=0
+  if has_step qemu-stock; then qemu_stock || failed=1; fi
+  if has_step trixie-pvh; then trixie_pvh || failed=1; fi
+  if has_step as-user; then as_user || failed=1; fi
+  [ "$failed" = 0 ]
+fi

@@ -9,7 +9,7 @@ import pytest
 
 from .conftest import lab_prerequisites, xenlab
 
-pytestmark = pytest.mark.own_labs  # boots labs of its own: under xdist, beside the session lab's tests
+pytestmark = [pytest.mark.full, pytest.mark.own_labs]  # boots labs of its own: under xdist, beside the session lab's tests
 
 
 def test_dom0_crash_fails_up_within_seconds(tmp_path):

@@ -54,6 +54,7 @@ def guest_names(dom0) -> str:
     return dom0(f"xl list; ls {GUESTS_DIR} 2>/dev/null", check=False).stdout
 
 
+@pytest.mark.gate
 def test_c_frontend_against_the_python_backend(lab, xlecho):
     name = "byo-xlecho"
     spec = GuestSpec(name=name, modules=str(xlecho), load=(f"xlecho count={COUNT} size=2048",))
@@ -84,6 +85,7 @@ def test_c_frontend_against_the_python_backend(lab, xlecho):
     assert "bring-up" in " ".join(reports[0].phases) and "closedown" in " ".join(reports[0].phases)
 
 
+@pytest.mark.full
 def test_module_built_for_another_kernel_is_refused(lab, xlecho, tmp_path, dom0):
     bad = tmp_path / "xlecho.ko"
     data = (xlecho / "xlecho.ko").read_bytes()
@@ -96,6 +98,7 @@ def test_module_built_for_another_kernel_is_refused(lab, xlecho, tmp_path, dom0)
     assert "byo-vermagic" not in guest_names(dom0)
 
 
+@pytest.mark.full
 def test_module_that_fails_to_load_fails_the_create(lab, xlecho, dom0):
     # size=0 makes the driver's init return -EINVAL
     with lab.guests() as guests, pytest.raises(GuestError) as err:
@@ -104,6 +107,7 @@ def test_module_that_fails_to_load_fails_the_create(lab, xlecho, dom0):
     assert "byo-noload" not in guest_names(dom0)
 
 
+@pytest.mark.full
 def test_bad_module_arguments_are_refused_before_anything_starts(lab, xlecho, tmp_path, dom0):
     cases = [
         (GuestSpec(name="byo-bad1", modules=str(xlecho), load=("nosuch",)), "no nosuch.ko"),
@@ -121,6 +125,7 @@ def test_bad_module_arguments_are_refused_before_anything_starts(lab, xlecho, tm
     assert "byo-bad" not in guest_names(dom0)
 
 
+@pytest.mark.gate
 def test_your_own_kernel_file_and_added_files(lab, tmp_path):
     built = json.loads(xenlab("guest", "build", "--json").stdout)
     bzimage = Path(built["kernel"])
@@ -137,6 +142,7 @@ def test_your_own_kernel_file_and_added_files(lab, tmp_path):
     assert release and release in bzimage.read_bytes().decode("latin-1")
 
 
+@pytest.mark.gate
 def test_cp_to_and_from_a_guest_without_network_and_dom0(lab, tmp_path):
     payload = tmp_path / "payload.bin"
     payload.write_bytes(os.urandom(100_000) + b"\0\n\xff")

@@ -29,6 +29,7 @@ def peer(lab):
         yield info
 
 
+@pytest.mark.gate
 def test_gdb_reads_a_register_and_symbols_and_leaves_the_lab_running(lab_info, dom0):
     out = xenlab("debug", "gdb", "--lab", LAB, "--", "-batch", "-ex", "info registers rip", "-ex", "info symbol $pc",
                  "-ex", "info address do_domctl", "-ex", "info address do_idle", timeout=600)
@@ -44,11 +45,13 @@ def test_gdb_reads_a_register_and_symbols_and_leaves_the_lab_running(lab_info, d
     assert re.search(r"^rip\s+0x", again.stdout, re.M), again.stdout + again.stderr
 
 
+@pytest.mark.gate
 def test_gdb_missing_on_the_host_is_a_clear_error(lab_info):
     proc = xenlab("debug", "gdb", "--lab", LAB, "--", "-batch", check=False, env={**os.environ, "PATH": "/nonexistent"})
     assert proc.returncode != 0 and "gdb is not installed" in proc.stdout + proc.stderr
 
 
+@pytest.mark.full
 def test_stack_of_a_paused_guest_names_kernel_functions(lab, peer, dom0):
     dom0(f"xl pause {GUEST}")
     try:
@@ -69,6 +72,7 @@ def test_stack_of_a_paused_guest_names_kernel_functions(lab, peer, dom0):
     assert gone.returncode != 0 and "no running guest named 'no-such-guest'" in gone.stdout + gone.stderr
 
 
+@pytest.mark.full
 def test_key_e_lists_the_guests_event_channels(lab, peer):
     outputs = json.loads(xenlab("debug", "keys", "e", "--lab", LAB, "--json").stdout)
     assert len(outputs) == 1 and outputs[0]["key"] == "e" and outputs[0]["complete"]
@@ -79,6 +83,7 @@ def test_key_e_lists_the_guests_event_channels(lab, peer):
     assert f"Event channel information for domain {peer['domid']}" in text or f"d{peer['domid']}" in text
 
 
+@pytest.mark.gate
 def test_an_unknown_debug_key_is_refused_with_the_list(lab_info):
     known = json.loads(xenlab("debug", "keys", "h", "--lab", LAB, "--json").stdout)[0]["lines"]
     listed = set(re.findall(r"key '(.)'", "\n".join(known)))
@@ -87,6 +92,7 @@ def test_an_unknown_debug_key_is_refused_with_the_list(lab_info):
     assert proc.returncode != 0 and f"no debug key '{unused}'" in proc.stdout + proc.stderr
 
 
+@pytest.mark.gate
 def test_a_panicked_guest_leaves_a_core_that_shows_the_panic(lab, dom0, request):
     name = "dbg-crash"
     with Guests(lab) as guests:
@@ -118,6 +124,7 @@ def test_a_panicked_guest_leaves_a_core_that_shows_the_panic(lab, dom0, request)
     assert re.search(r"sysrq_handle_crash\+0x", report), report  # a frame of the backtrace, by name
 
 
+@pytest.mark.full
 def test_a_crashed_guest_whose_core_was_taken_is_destroyed_without_another(lab, dom0, request):
     """A failed test's artifacts take a crashed guest's core; the fixture's
     destroy afterwards does not take it again (each costs the guest's memory in
@@ -144,6 +151,7 @@ def test_a_crashed_guest_whose_core_was_taken_is_destroyed_without_another(lab, 
     assert dom0(f"ls {CORES_DIR}/{name}-*", check=False).returncode != 0  # nothing of it left in dom0
 
 
+@pytest.mark.full
 def test_xentrace_records_the_event_channel_work_of_a_ping(lab, peer):
     data = json.loads(xenlab("debug", "xentrace", "--lab", LAB, "--events", "evtchn", "--max-lines", "50", "--json", "--",
                              f"busybox ping -c 3 -W 5 {peer['ip']}").stdout)
@@ -157,6 +165,7 @@ def test_xentrace_records_the_event_channel_work_of_a_ping(lab, peer):
     assert failing.returncode == 3  # the command's own exit code
 
 
+@pytest.mark.full
 def test_core_of_a_running_guest_holds_its_boot_log(lab, peer, request):
     data = json.loads(xenlab("debug", "core", GUEST, "--lab", LAB, "--json").stdout)
     request.addfinalizer(lambda: shutil.rmtree(data["core_dir"], ignore_errors=True))
@@ -167,6 +176,7 @@ def test_core_of_a_running_guest_holds_its_boot_log(lab, peer, request):
     assert xenlab("guest", "exec", "--lab", LAB, GUEST, "--", "echo", "alive").stdout.strip() == "alive"
 
 
+@pytest.mark.full
 def test_stack_of_a_debian_kernel_guest_is_named_too(lab, dom0):
     # Debian's /boot/System.map is a stub: the map comes from dom0's kallsyms (the same kernel).
     with fresh_guest(lab, GuestSpec(name="dbg-debian", kernel="debian")):

@@ -33,6 +33,7 @@ def assert_clean(lab, domid, result):
         assert not ssh.run(f"xenstore-exists /local/domain/0/backend/xlchan/{domid}").ok
 
 
+@pytest.mark.gate
 def test_thousands_of_echo_requests_with_ring_full_and_u32_wrap(lab, front):
     # start near 2**32 so the free-running indices wrap during the run
     result = devchan(lab, GUEST, "--count 5000 --size 1024 --op echo --start-index 0xfffff000", devid=1)
@@ -48,6 +49,7 @@ def test_thousands_of_echo_requests_with_ring_full_and_u32_wrap(lab, front):
     assert_clean(lab, front["domid"], result)
 
 
+@pytest.mark.full
 @pytest.mark.parametrize("op", ["write", "read", "nop"])
 def test_each_direction_and_burst_fill(lab, front, op):
     result = devchan(lab, GUEST, f"--count 2000 --size 3000 --op {op} --burst", devid=2)
@@ -61,6 +63,7 @@ def test_each_direction_and_burst_fill(lab, front, op):
     assert_clean(lab, front["domid"], result)
 
 
+@pytest.mark.full
 def test_backend_notices_frontend_death_and_unmaps(lab, front):
     result = devchan_peer_death(lab, GUEST, devid=3, run_seconds=3)
     b = result["backend"]
@@ -73,6 +76,7 @@ def test_backend_notices_frontend_death_and_unmaps(lab, front):
     assert result["xenstore_left"] == []
 
 
+@pytest.mark.gate
 def test_garbage_producer_index_rejected_not_crashed(lab, front):
     result = devchan(lab, GUEST, "--evil garbage-prod", devid=4)
     b = result["backend"]
@@ -83,12 +87,14 @@ def test_garbage_producer_index_rejected_not_crashed(lab, front):
     assert_clean(lab, front["domid"], result)
 
 
+@pytest.mark.full
 def test_request_for_a_page_out_of_range_gets_einval(lab, front):
     result = devchan(lab, GUEST, "--evil bad-page --count 300", devid=5)
     assert result["backend"]["bad_requests"] == 1 and result["frontend"]["requests"] == 300
     assert_clean(lab, front["domid"], result)
 
 
+@pytest.mark.full
 def test_ring_bench_cli(lab, front):
     before = vcpu_affinities(lab)
     proc = xenlab("ring", "bench", "--name", LAB, GUEST, "--count", "1000", "--size", "2048", "--json")
@@ -102,6 +108,7 @@ def test_ring_bench_cli(lab, front):
     assert data["frontend"]["requests"] == 300 and "placement" not in data["backend"]
 
 
+@pytest.mark.gate
 def test_ring_bench_refusals(lab_info):
     proc = xenlab("ring", "bench", "--name", LAB, "no-such-guest", check=False)
     assert proc.returncode != 0 and "no domain named" in proc.stdout + proc.stderr
@@ -109,12 +116,14 @@ def test_ring_bench_refusals(lab_info):
     assert proc.returncode != 0 and "out of range" in proc.stdout + proc.stderr
 
 
+@pytest.mark.full
 def test_frontend_without_backend_is_a_clear_error(lab, front):
     with Guests(lab) as guests:
         result = guests.exec(GUEST, DOMU_AGENT + "devchan frontend --devid 9")
     assert result.exit_status == 3 and "no device xlchan/9" in result.stderr
 
 
+@pytest.mark.full
 def test_dom0_only_device_channel(lab):
     # frontend and backend both in dom0 (domid 0): the same code path without a guest
     result = devchan(lab, None, "--count 2000 --size 512", devid=6)

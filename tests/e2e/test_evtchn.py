@@ -32,6 +32,7 @@ def _by_op(checks):
     return ops
 
 
+@pytest.mark.gate
 def test_catalogue_in_dom0_covers_every_seed_operation(lab):
     result = catalogue(lab)
     failed = [c for c in result["checks"] if not c["ok"]]
@@ -46,6 +47,7 @@ def test_catalogue_in_dom0_covers_every_seed_operation(lab):
     assert {"EINVAL", "EEXIST", "ENOTCONN", "ESRCH"} <= got  # invalid port, not offered, bound virq, no domain
 
 
+@pytest.mark.full
 def test_catalogue_against_a_domu(lab, peer):
     result = catalogue(lab, GUEST)
     failed = [c for c in result["checks"] if not c["ok"]]
@@ -55,6 +57,7 @@ def test_catalogue_against_a_domu(lab, peer):
     assert inter[0]["peer_status"]["remote_domid"] == 0
 
 
+@pytest.mark.gate
 def test_evtchn_ls_cli_decodes_dom0_and_the_domu(lab, peer):
     data = json.loads(xenlab("evtchn", "ls", "--name", LAB, "0", "--json").stdout)
     states = {p["state"] for p in data["ports"]}
@@ -66,12 +69,14 @@ def test_evtchn_ls_cli_decodes_dom0_and_the_domu(lab, peer):
     assert "VIRQ 0 (timer)" in text
 
 
+@pytest.mark.gate
 def test_evtchn_ls_nonexistent_domain_is_a_clear_error(lab_info):
     proc = xenlab("evtchn", "ls", "--name", LAB, "31000", check=False)
     assert proc.returncode != 0
     assert "domain 31000 does not exist" in proc.stdout + proc.stderr and "hint" in proc.stdout + proc.stderr
 
 
+@pytest.mark.gate
 def test_ping_round_trips_between_dom0_and_domu(lab, peer):
     before = evtchn_ls_ports(lab)
     result = ping(lab, GUEST, count=300)
@@ -82,6 +87,7 @@ def test_ping_round_trips_between_dom0_and_domu(lab, peer):
     assert "50 round trips" in proc.stdout
 
 
+@pytest.mark.full
 def test_ping_placement_pins_for_the_run_and_puts_everything_back(lab, peer):
     before = vcpu_affinities(lab)
     result = ping(lab, GUEST, count=200, dom0_vcpu=1)
@@ -100,6 +106,7 @@ def test_ping_placement_pins_for_the_run_and_puts_everything_back(lab, peer):
 
 
 
+@pytest.mark.full
 def test_ping_placement_is_put_back_when_the_dom0_side_is_terminated(lab, peer):
     from xenlab.guest.agentrun import Dom0Process
 
@@ -116,11 +123,13 @@ def test_ping_placement_is_put_back_when_the_dom0_side_is_terminated(lab, peer):
     assert vcpu_affinities(lab) == before
 
 
+@pytest.mark.gate
 def test_ping_unknown_guest_refused(lab_info):
     proc = xenlab("evtchn", "ping", "--name", LAB, "no-such-guest", check=False)
     assert proc.returncode != 0 and "no domain named 'no-such-guest'" in proc.stdout + proc.stderr
 
 
+@pytest.mark.full
 def test_bad_grant_refs_refused_cleanly(lab, dom0):
     from xenlab.guest.agentrun import agent
 
@@ -138,6 +147,7 @@ def evtchn_ls_ports(lab):
         return [(p["port"], p["state"]) for p in evtchn_ls(ssh, 0)["ports"]]
 
 
+@pytest.mark.full
 def test_catalogue_cli_names_the_seed_operation_of_each_check(lab_info):
     proc = xenlab("evtchn", "catalogue", "--name", LAB)
     lines = [l for l in proc.stdout.splitlines() if l.strip()]
@@ -145,6 +155,7 @@ def test_catalogue_cli_names_the_seed_operation_of_each_check(lab_info):
     assert any("EVTCHNOP_bind_vcpu" in l for l in lines) and any("EVTCHNOP_reset" in l for l in lines)
 
 
+@pytest.mark.full
 def test_evtchn_reset_of_a_victim_domu_closes_all_its_ports(lab):
     from xenlab.evtchn.catalogue import reset_domain
 

@@ -32,6 +32,7 @@ def main_guest(lab_info):
         guest("destroy", GUEST, check=False)
 
 
+@pytest.mark.gate
 def test_create_returns_with_every_device_connected(main_guest, dom0):
     assert main_guest["name"] == GUEST and main_guest["domid"] > 0
     kinds = sorted((d["kind"], d["devid"]) for d in main_guest["devices"])
@@ -47,6 +48,7 @@ def test_create_returns_with_every_device_connected(main_guest, dom0):
     assert "g" + "t-main" in dom0("xl list").stdout
 
 
+@pytest.mark.gate
 def test_exec_passes_output_and_exit_code(main_guest):
     proc = guest("exec", "--shell", GUEST, "--", "uname -r; hostname; echo to-stderr >&2; exit 7", check=False)
     assert proc.returncode == 7
@@ -57,6 +59,7 @@ def test_exec_passes_output_and_exit_code(main_guest):
     assert main_guest["ip"] in ok.stdout
 
 
+@pytest.mark.gate
 def test_exec_streams_output_as_it_comes(main_guest):
     import subprocess
     import sys
@@ -80,6 +83,7 @@ def test_exec_streams_output_as_it_comes(main_guest):
     assert ended_at - first_at > 10, (first_at, ended_at)  # not all at the end
 
 
+@pytest.mark.gate
 def test_exec_stdin_round_trip(main_guest):
     import subprocess
     import sys
@@ -96,6 +100,7 @@ def test_exec_stdin_round_trip(main_guest):
     assert out[0] == hashlib.sha256(data).hexdigest() and out[-1] == str(len(data))
 
 
+@pytest.mark.gate
 def test_exec_keeps_argv_exactly_as_docker_exec(main_guest):
     # Quoting survives: each word reaches the program as one argument, shell characters included.
     out = guest("exec", GUEST, "--", "printf", "%s|", "a b", "c;d", "$HOME", "'q'").stdout
@@ -110,6 +115,7 @@ def test_exec_keeps_argv_exactly_as_docker_exec(main_guest):
     assert shell.stdout == "x2\n"
 
 
+@pytest.mark.gate
 def test_ssh_streams_output_and_forwards_stdin(lab_info):
     import subprocess
     import sys
@@ -127,6 +133,7 @@ def test_ssh_streams_output_and_forwards_stdin(lab_info):
         p.wait()
 
 
+@pytest.mark.gate
 def test_ring_io_checks(main_guest):
     results = json.loads(guest("check", GUEST, "--json").stdout)
     by_name = {r["check"]: r for r in results}
@@ -145,6 +152,7 @@ def test_ring_io_checks(main_guest):
     assert "Operation not permitted" in by_name["block xvdb: read-only disk refuses writes"]["detail"]
 
 
+@pytest.mark.gate
 def test_list_and_console(main_guest):
     rows = json.loads(guest("list", "--json").stdout)
     row = next(r for r in rows if r["name"] == GUEST)
@@ -154,11 +162,13 @@ def test_list_and_console(main_guest):
     assert f"/var/log/xen/console/guest-{GUEST}.log" in out and f"XENLAB-GUEST-READY {GUEST}" in out
 
 
+@pytest.mark.gate
 def test_already_running_name_refused(main_guest):
     proc = guest("create", GUEST, check=False)
     assert proc.returncode != 0 and "already running" in proc.stderr
 
 
+@pytest.mark.gate
 def test_destroy_leaves_no_backend_loop_or_vif(lab_info, dom0):
     name = "gt-destroy"
     info = json.loads(guest("create", name, "--disk", "8M", "--disk", "4M:ro", "--net", "--json").stdout)
@@ -175,6 +185,7 @@ def test_destroy_leaves_no_backend_loop_or_vif(lab_info, dom0):
     assert dom0(f"test -e {GUESTS_DIR}/{name}", check=False).returncode != 0
 
 
+@pytest.mark.full
 def test_python_root_runs_python(lab_info):
     name = "gt-python"
     guest("create", name, "--root", "python", "--memory", "160M")
@@ -185,6 +196,7 @@ def test_python_root_runs_python(lab_info):
         guest("destroy", name, check=False)
 
 
+@pytest.mark.full
 def test_debian_kernel_and_stock_hotplug(lab_info, dom0):
     name = "gt-debian"
     info = json.loads(guest("create", name, "--kernel", "debian", "--hotplug", "stock", "--disk", "8M", "--net", "--json").stdout)
@@ -211,6 +223,7 @@ def test_debian_kernel_and_stock_hotplug(lab_info, dom0):
         (["gt-bad", "--type", "pvm"], "unknown guest type 'pvm'"),
     ],
 )
+@pytest.mark.gate
 def test_bad_create_refused_and_nothing_made(lab_info, dom0, args, message):
     proc = guest("create", *args, check=False)
     assert proc.returncode != 0 and message in proc.stderr, proc.stderr
@@ -218,6 +231,7 @@ def test_bad_create_refused_and_nothing_made(lab_info, dom0, args, message):
     assert "gt-bad" not in dom0(f"xl list; ls {GUESTS_DIR} 2>/dev/null; losetup -a").stdout
 
 
+@pytest.mark.full
 def test_pvh_refused_where_the_lab_cannot_run_it_naming_the_fix(lab_info, dom0):
     """The suite's lab: bookworm (Xen 4.17), two vCPUs. On QEMU 9.1+ the Xen/QEMU
     pair is refused first (the CR2 misreport), on an older QEMU the vCPU count."""
@@ -233,6 +247,7 @@ def test_pvh_refused_where_the_lab_cannot_run_it_naming_the_fix(lab_info, dom0):
     assert "gt-bad" not in dom0(f"xl list; ls {GUESTS_DIR} 2>/dev/null; losetup -a").stdout
 
 
+@pytest.mark.gate
 def test_destroy_unknown_guest(lab_info):
     proc = guest("destroy", "gt-nosuch", check=False)
     assert proc.returncode != 0 and "no guest named 'gt-nosuch'" in proc.stderr
@@ -240,6 +255,7 @@ def test_destroy_unknown_guest(lab_info):
     assert proc.returncode != 0 and "no running guest" in proc.stderr
 
 
+@pytest.mark.full
 def test_two_creates_at_once_both_work_with_their_own_addresses(lab):
     """Concurrency: two commands on one lab at once both work; neither gets the other's address."""
     import threading

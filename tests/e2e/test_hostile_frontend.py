@@ -6,12 +6,16 @@ attacker is destroyed."""
 
 from __future__ import annotations
 
+import pytest
+
 from xenlab.agent.hostile import ATTACKS
 from xenlab.guest.hardening import NO_BLKFRONT, attack_blkback
 from xenlab.guest.manager import Guests
 from xenlab.guest.spec import DiskSpec, GuestSpec
 
 from .conftest import fresh_guest
+
+pytestmark = pytest.mark.gate
 
 
 def test_blkback_refuses_a_hostile_frontend(lab):

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -33,10 +35,13 @@ def signal_id(value) -> str | None:
 
 
 def killed_at(args: list[str], marker: str | None, delay: float, timeout: float = 300,
-              sig: int = signal.SIGKILL, env: dict | None = None) -> str:
+              sig: int = signal.SIGKILL, env: dict | None = None, hold=None) -> str:
     """Start `xenlab ARGS`, send it `sig` `delay` s after `marker` appears in its
     progress output (stderr; None: after the start) and wait for it to end;
-    returns what it printed. Fails if it finished first."""
+    returns what it printed. Fails if it finished first. `hold`, when given,
+    is called after the marker: it returns once the command is held inside
+    the phase the test names (whatever the host's speed), and a callable to
+    run once the signal is sent (or None)."""
     # SIGINT as a terminal sends it: a runner that started the suite in the
     # background (`cmd &` in a script) leaves SIGINT ignored in its children,
     # and Python then installs no KeyboardInterrupt handler.
@@ -55,11 +60,16 @@ def killed_at(args: list[str], marker: str | None, delay: float, timeout: float 
         seen.set()
     reader = threading.Thread(target=read, daemon=True)
     reader.start()
+    release = None
     try:
         assert seen.wait(timeout), f"{marker!r} never appeared: {''.join(lines)}"
+        if hold is not None:
+            release = hold(proc, lines)
         time.sleep(delay)
         assert proc.poll() is None, f"xenlab {' '.join(args)} finished before the kill: {''.join(lines)}"
         proc.send_signal(sig)
+        if release is not None:
+            release()
         proc.wait(timeout=120)  # after SIGINT/SIGTERM it cleans up first
     finally:
         if proc.poll() is None:
@@ -67,6 +77,34 @@ def killed_at(args: list[str], marker: str | None, delay: float, timeout: float 
         proc.wait()
     reader.join(timeout=10)
     return "".join(lines)
+
+
+def restore_held(lab_name: str):
+    """A `hold` for killed_at: waits until libvirt, restoring the lab from its
+    snapshot, has started the lab's new QEMU and recorded its job in the
+    embedded driver's status file, then stops that QEMU (SIGSTOP), so the
+    restore cannot finish before the signal on any host. Returns the release,
+    which lets the QEMU go on (SIGCONT)."""
+    from xenlab.lab import Lab
+
+    lab = Lab.open(lab_name)
+    status = lab.embed_root / "run" / "qemu" / f"{lab.domain_name}.xml"
+    old = status.read_text() if status.exists() else None
+
+    def hold(proc, lines) -> object:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            record = status.read_text() if status.exists() else ""
+            found = re.search(r"<domstatus\b[^>]*\bpid='(\d+)'", record)
+            if record != old and found and "<job" in record and pid_alive(int(found.group(1))):
+                qemu = int(found.group(1))
+                os.kill(qemu, signal.SIGSTOP)  # the QEMU this test's command started
+                return lambda: os.kill(qemu, signal.SIGCONT) if pid_alive(qemu) else None
+            assert proc.poll() is None, f"the restore finished before its QEMU was seen: {''.join(lines)}"
+            time.sleep(0.01)
+        raise AssertionError(f"libvirt never recorded the restore's QEMU in {status}: {''.join(lines)}")
+
+    return hold
 
 
 def dom0(command: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -129,8 +167,31 @@ def kill_lab(lab_info):
     assert processes_of_lab(LAB) == []
 
 
+@pytest.fixture(autouse=True)
+def kill_lab_up_again(request):
+    """After each test on the kill lab, that lab is up for the next one: a lab
+    a test left stuck fails that test, not every test after it. When `down`
+    and `up` cannot bring it back, its processes (found by the lab's state
+    directory in their command lines) are ended by pid and its state removed."""
+    yield
+    if "kill_lab" not in request.fixturenames:
+        return
+    if json.loads(xenlab("status", "--lab", LAB, "--json").stdout)["state"] == "up":
+        return
+    if xenlab("down", "--lab", LAB, check=False, timeout=300).returncode == 0 and \
+            xenlab("up", "--lab", LAB, check=False, timeout=600).returncode == 0:
+        return
+    from xenlab.lab import Lab
+
+    for line in processes_of_lab(LAB):
+        os.kill(int(line.split(":")[0]), signal.SIGKILL)
+    shutil.rmtree(Lab.open(LAB).dir, ignore_errors=True)
+    xenlab("up", "--lab", LAB)
+
+
 @pytest.mark.parametrize("sig,delay", [(signal.SIGKILL, 0.0), (signal.SIGKILL, 1.0), (signal.SIGKILL, 2.5),
                                        (signal.SIGINT, 1.0), (signal.SIGTERM, 2.5)], ids=signal_id)
+@pytest.mark.full
 def test_guest_create_killed_then_destroy_leaves_nothing(kill_lab, sig, delay):
     name = "gk"
     out = killed_at(["guest", "create", "--lab", LAB, name, "--disk", "8M", "--net"], "xl create, wait for Connected", delay, sig=sig)
@@ -149,6 +210,7 @@ def test_guest_create_killed_then_destroy_leaves_nothing(kill_lab, sig, delay):
     assert_nothing_left(name)
 
 
+@pytest.mark.full
 @pytest.mark.parametrize("delay", [0.2, 1.0])
 def test_guest_destroy_killed_then_destroy_again_leaves_nothing(kill_lab, delay):
     name = "gd"
@@ -159,11 +221,24 @@ def test_guest_destroy_killed_then_destroy_again_leaves_nothing(kill_lab, delay)
     assert_nothing_left(name)
 
 
-@pytest.mark.parametrize("marker,delay,sig", [("stop lab", 0.0, signal.SIGKILL), ("restore snapshot", 0.3, signal.SIGKILL),
-                                              ("dom0 answers", 0.2, signal.SIGKILL), ("restore snapshot", 0.3, signal.SIGTERM)],
-                         ids=signal_id)
-def test_reset_killed_then_up_recovers(kill_lab, marker, delay, sig):
-    killed_at(["reset", "--lab", LAB], marker, delay, sig=sig)
+RESET_KILLS = [
+    # (where, the marker of that phase, hold it there, signal); each kill lands inside its phase on any host.
+    ("stop", "stop lab", False, signal.SIGKILL),
+    ("restore", "restore snapshot", True, signal.SIGKILL),  # while libvirt's restore job runs
+    ("answers", "dom0 answers", False, signal.SIGKILL),
+    ("restore", "restore snapshot", True, signal.SIGTERM),
+]
+
+
+@pytest.mark.parametrize("where,marker,held,sig", [
+    pytest.param(*kill, id=f"{kill[0]}-{kill[3].name}",
+                 marks=[pytest.mark.gate] if kill[:2] == ("restore", "restore snapshot") and kill[3] == signal.SIGKILL else [pytest.mark.full])
+    for kill in RESET_KILLS])
+def test_reset_killed_then_up_and_down_recover(kill_lab, where, marker, held, sig):
+    """`reset` killed while it stops the lab, while libvirt restores the
+    snapshot (its QEMU held inside the restore) or while dom0 is first asked:
+    the next `up` brings the lab back, and `down` and `up` work after it."""
+    killed_at(["reset", "--lab", LAB], marker, 0.0, sig=sig, hold=restore_held(LAB) if held else None)
     state = json.loads(xenlab("status", "--lab", LAB, "--json").stdout)["state"]
     assert state in ("down", "orphaned", "gone", "up"), state
     info = json.loads(xenlab("up", "--lab", LAB, "--json").stdout) if state != "up" else None
@@ -172,8 +247,13 @@ def test_reset_killed_then_up_recovers(kill_lab, marker, delay, sig):
     if info:
         assert pid_alive(info["qemu_pid"])
     assert "Domain-0" in dom0("xl list").stdout
+    # What the kill left in libvirt is gone too: `down` stops the lab, and `up` restores it again.
+    xenlab("down", "--lab", LAB, timeout=120)
+    assert processes_of_lab(LAB) == []
+    assert pid_alive(json.loads(xenlab("up", "--lab", LAB, "--json").stdout)["qemu_pid"])
 
 
+@pytest.mark.full
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=signal_id)
 def test_up_interrupted_while_booting_stops_its_vm_and_the_next_up_works(kill_lab, sig):
     xenlab("down", "--lab", LAB)
@@ -185,6 +265,7 @@ def test_up_interrupted_while_booting_stops_its_vm_and_the_next_up_works(kill_la
     assert pid_alive(info["qemu_pid"]) and "Domain-0" in dom0("xl list").stdout
 
 
+@pytest.mark.full
 def test_up_killed_while_saving_its_snapshot_leaves_none_half_made(kill_lab):
     """A cold boot killed while it saves: no usable half-snapshot, and the next
     `up` works (restoring the snapshot that was there, or booting cold)."""
@@ -205,6 +286,7 @@ def dom0_agents() -> list[str]:
     return [line for line in out.splitlines() if line.strip()]
 
 
+@pytest.mark.full
 @pytest.mark.parametrize("check,delay", [("guest.create", 2.0), ("devchan.echo", 1.5)])
 def test_verify_killed_then_verify_again_passes_leaving_nothing(kill_lab, check, delay):
     # The checks that leave nothing behind a kill, or run before the killed
@@ -220,6 +302,7 @@ def test_verify_killed_then_verify_again_passes_leaving_nothing(kill_lab, check,
     assert dom0_agents() == []
 
 
+@pytest.mark.full
 def test_build_killed_leaves_no_entry_and_the_next_build_sweeps_its_scratch(tmp_path):
     """`xenlab build` of the dom0 image, in a cache of its own: SIGTERM (as
     Ctrl-C) cleans up at once; SIGKILL leaves its scratch directory, and its
@@ -258,6 +341,7 @@ def finished(proc: subprocess.Popen) -> tuple[int, str, str]:
     return proc.returncode, out, err
 
 
+@pytest.mark.full
 def test_two_commands_on_one_lab_at_once_both_work(kill_lab):
     """Two `up`s of one lab at once: one boots, the other waits, says so, and
     returns the same lab; two `guest create`s at once both make their guest."""

@@ -14,7 +14,7 @@ import pytest
 
 from .conftest import lab_prerequisites, xenlab
 
-pytestmark = pytest.mark.own_labs  # builds kernels, no lab: under xdist, beside the session lab's tests
+pytestmark = [pytest.mark.full, pytest.mark.own_labs]  # builds kernels, no lab: under xdist, beside the session lab's tests
 
 FILE = "drivers/xen/xenbus/xenbus_probe_frontend.c"
 

@@ -8,11 +8,14 @@ import socket
 import subprocess
 from pathlib import Path
 
+import pytest
+
 from xenlab.agent.xl import parse_xl_info
 
 from .conftest import LAB, XENLAB, lab_prerequisites, pid_alive, xenlab
 
 
+@pytest.mark.gate
 def test_up_reports_ready_lab(lab_info):
     assert lab_info["name"] == LAB
     assert lab_info["accel"] in ("kvm", "tcg")
@@ -26,12 +29,14 @@ def test_up_reports_ready_lab(lab_info):
         assert any(step in name for name in lab_info["timings"]), (step, lab_info["timings"])
 
 
+@pytest.mark.gate
 def test_xl_info_shows_xen_417(dom0):
     info = parse_xl_info(dom0("xl info").stdout)
     assert (info["xen_major"], info["xen_minor"]) == ("4", "17")
     assert "xen-3.0-x86_64" in info["xen_caps"]
 
 
+@pytest.mark.gate
 def test_xenstore_answers(dom0):
     value = secrets.token_hex(8)
     dom0(f"xenstore-write /local/domain/0/data/e2e {value}")
@@ -39,6 +44,7 @@ def test_xenstore_answers(dom0):
     assert dom0("xenstore-read /local/domain/0/name").stdout.strip() == "Domain-0"
 
 
+@pytest.mark.gate
 def test_dev_xen_devices_exist(dom0):
     listing = set(dom0("ls /dev/xen").stdout.split())
     assert {"evtchn", "gntdev", "gntalloc", "privcmd", "xenbus"} <= listing
@@ -46,11 +52,13 @@ def test_dev_xen_devices_exist(dom0):
     assert len(procs) == 2
 
 
+@pytest.mark.gate
 def test_ssh_passes_output_and_exit_code(lab_info):
     result = xenlab("ssh", "--name", LAB, "--", "echo out; echo err >&2; exit 7", check=False)
     assert (result.returncode, result.stdout, result.stderr) == (7, "out\n", "err\n")
 
 
+@pytest.mark.gate
 def test_ssh_is_only_on_loopback(lab_info):
     with socket.create_connection(("127.0.0.1", lab_info["ssh_port"]), timeout=5) as s:
         assert s.recv(64).startswith(b"SSH-2.0-")
@@ -58,6 +66,7 @@ def test_ssh_is_only_on_loopback(lab_info):
     assert f"hostfwd=tcp:127.0.0.1:{lab_info['ssh_port']}-:22" in cmdline and "restrict=on" in cmdline
 
 
+@pytest.mark.gate
 def test_status_reports_the_truth(lab_info, dom0):
     status = json.loads(xenlab("status", "--name", LAB, "--json").stdout)
     assert status["state"] == "up"
@@ -71,12 +80,14 @@ def test_status_reports_the_truth(lab_info, dom0):
     assert 0 < status["uptime_seconds"] < 3600
 
 
+@pytest.mark.gate
 def test_second_up_with_same_name_is_refused(lab_info):
     result = xenlab("up", "--name", LAB, check=False)
     assert result.returncode != 0 and "already up" in result.stderr
     assert pid_alive(lab_info["qemu_pid"])  # the running lab is untouched
 
 
+@pytest.mark.gate
 def test_port_in_use_is_refused_and_leaves_nothing(lab_info):
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
@@ -88,12 +99,14 @@ def test_port_in_use_is_refused_and_leaves_nothing(lab_info):
     assert not (Path(lab_info["state_dir"]).parent / "e2e-port").exists()
 
 
+@pytest.mark.gate
 def test_bad_uri_is_refused(lab_info):
     result = xenlab("up", "--name", "e2e-uri", "--connect", "nosuchdriver:///system", check=False)
     assert result.returncode != 0 and "cannot connect to libvirt at nosuchdriver:///system" in result.stderr
     assert not (Path(lab_info["state_dir"]).parent / "e2e-uri").exists()
 
 
+@pytest.mark.gate
 def test_console_names_and_tails_the_serial_log(lab_info):
     # Guests created by earlier tests add Xen log lines: ask for the whole log.
     out = xenlab("console", "--name", LAB, "-n", "1000000").stdout
@@ -105,6 +118,7 @@ def test_console_names_and_tails_the_serial_log(lab_info):
     assert tail.count("\n") == 3 and on_disk.endswith(tail), (tail, on_disk[-300:])
 
 
+@pytest.mark.full
 def test_two_labs_side_by_side(lab_info):
     try:
         other = json.loads(xenlab("up", "--name", "e2e-b", "--json").stdout)
@@ -116,6 +130,7 @@ def test_two_labs_side_by_side(lab_info):
     assert not pid_alive(other["qemu_pid"])
 
 
+@pytest.mark.gate
 def test_down_leaves_nothing_and_is_idempotent(lab_info):
     """On a lab of its own (restored from the session lab's snapshot), so the
     session lab stays up for the tests that run after this one."""
@@ -135,6 +150,7 @@ def test_down_leaves_nothing_and_is_idempotent(lab_info):
         xenlab("down", "--name", name, check=False)
 
 
+@pytest.mark.full
 def test_one_process_uses_libvirt_many_times():
     """libvirt registers its embedded QEMU driver at every open and a process
     has about 20 slots: a long session (a soak, a reset per test) must reuse

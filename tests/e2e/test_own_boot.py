@@ -20,7 +20,7 @@ from xenlab.config import load
 
 from .conftest import lab_prerequisites, xenlab
 
-pytestmark = pytest.mark.own_labs  # boots labs of its own: under xdist, beside the session lab's tests
+pytestmark = [pytest.mark.full, pytest.mark.own_labs]  # boots labs of its own: under xdist, beside the session lab's tests
 
 LAB = "e2e-own"
 

@@ -17,7 +17,7 @@ import pytest
 
 from .conftest import lab_prerequisites, pid_alive, xenlab
 
-pytestmark = pytest.mark.own_labs  # boots labs of its own: under xdist, beside the session lab's tests
+pytestmark = [pytest.mark.full, pytest.mark.own_labs]  # boots labs of its own: under xdist, beside the session lab's tests
 
 LAB = "e2e-recover"
 

@@ -88,6 +88,7 @@ def _remote_domains(uri: str) -> list[str]:
     return _on_remote(uri, lambda conn: [d.name() for d in conn.listAllDomains()])
 
 
+@pytest.mark.gate
 def test_a_lab_on_a_remote_host(remote_uri):
     up = json.loads(xenlab("up", "--lab", LAB, "--connect", remote_uri, "--json").stdout)
     assert up["uri"] == remote_uri and up["versions"]["remote_host"].startswith(f"{REMOTE_USER}@127.0.0.1:")
@@ -122,6 +123,7 @@ def test_a_lab_on_a_remote_host(remote_uri):
     assert standin_host.as_remote_user("pgrep", "-u", REMOTE_USER, "qemu-system").returncode != 0
 
 
+@pytest.mark.full
 def test_unreachable_and_refused_remote_hosts(remote_uri, tmp_path):
     closed = _free_port()
     proc = xenlab("up", "--lab", "e2e-remote-bad", "--connect", f"qemu+libssh://{REMOTE_USER}@127.0.0.1:{closed}/session", check=False)
@@ -140,6 +142,7 @@ import os
 from pathlib import Path
 
 
+@pytest.mark.full
 def test_where(xenlab_lab, xenlab_dom0):
     header = xenlab_dom0.check("xl list | head -1").split()[0]
     record = {"lab": xenlab_lab.name, "uri": xenlab_lab.uri(), "xl": header}
@@ -147,6 +150,7 @@ def test_where(xenlab_lab, xenlab_dom0):
 """
 
 
+@pytest.mark.full
 def test_xdist_workers_spread_over_the_local_driver_and_the_remote_host(remote_uri, pytester, monkeypatch):
     """`--xenlab-connect ',URI'` under `pytest -n 2`: worker gw0 gets a lab of
     the embedded driver here, gw1 one on the remote host; both run the test."""
@@ -175,6 +179,7 @@ import standin_host
 from xenlab.errors import XenlabError
 
 
+@pytest.mark.full
 def test_the_remote_host_goes_away(xenlab_lab, xenlab_dom0):
     assert xenlab_dom0.check("xl list | head -1").startswith("Name")
     if xenlab_lab.remote is None:
@@ -188,6 +193,7 @@ def test_the_remote_host_goes_away(xenlab_lab, xenlab_dom0):
 """
 
 
+@pytest.mark.full
 def test_a_remote_host_that_goes_away_mid_test(standin, pytester, monkeypatch):
     """gw1's host goes away during its test: gw1's lab operations fail naming
     the host, gw0's lab here is unaffected, and once the host answers again
@@ -227,6 +233,7 @@ def test_a_remote_host_that_goes_away_mid_test(standin, pytester, monkeypatch):
             subprocess.run([sys.executable, "-m", "xenlab", "down", "--lab", f"{name}-{worker}"], capture_output=True)
 
 
+@pytest.mark.full
 def test_too_little_space_on_the_remote_host(standin):
     """A pool without room for the upload: refused before anything is sent,
     naming the host, the space and what is needed; nothing left on either side."""
@@ -248,6 +255,7 @@ def test_too_little_space_on_the_remote_host(standin):
         subprocess.run(["umount", str(pool_dir)], check=True)
 
 
+@pytest.mark.full
 def test_a_remote_host_without_qemu(standin, tmp_path):
     """A host whose libvirt finds no QEMU (its session daemon runs with a PATH
     without qemu-system-*): refused before anything is sent, naming the host."""

@@ -58,6 +58,7 @@ def side_by_side(lab_info):
             xenlab("down", "--lab", name, check=False)
 
 
+@pytest.mark.gate
 def test_labs_restore_side_by_side_from_one_snapshot(lab_info, side_by_side):
     key = lab_info["snapshot"]["key"]
     for info in side_by_side:
@@ -82,6 +83,7 @@ def test_labs_restore_side_by_side_from_one_snapshot(lab_info, side_by_side):
     assert set(mine["used_by"]) >= set(SIDE) and mine["disk_bytes"] > 10 * 2**20 and mine["problem"] is None
 
 
+@pytest.mark.gate
 def test_reset_brings_back_the_state_after_boot(side_by_side):
     lab, before = SIDE[0], side_by_side[0]
     xenlab("guest", "create", "--lab", lab, "r1")
@@ -115,6 +117,7 @@ def own_snapshot(info: dict) -> snapshots.Snapshot:
     return snap
 
 
+@pytest.mark.full
 def test_broken_snapshots_are_removed_and_the_lab_boots_cold(lab_info):
     xenlab("down", *OWN[:2], check=False)
     try:
@@ -165,6 +168,7 @@ def test_broken_snapshots_are_removed_and_the_lab_boots_cold(lab_info):
         xenlab("down", *OWN[:2], check=False)
 
 
+@pytest.mark.full
 def test_a_full_disk_while_saving_leaves_no_usable_snapshot(tmp_path):
     """The snapshot directory on a 64 MiB filesystem: the save fails, the lab
     keeps running from its cold boot, and nothing usable is left."""

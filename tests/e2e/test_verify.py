@@ -34,6 +34,7 @@ def verified(lab_info, tmp_path_factory):
     return {"proc": proc, "junit": junit, "json": report, "seconds": time.monotonic() - t0}
 
 
+@pytest.mark.gate
 def test_verify_passes_and_its_junit_says_so(verified):
     proc = verified["proc"]
     assert proc.returncode == 0, f"verify exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
@@ -49,6 +50,7 @@ def test_verify_passes_and_its_junit_says_so(verified):
         assert c.find("system-out").text.startswith("SUCCESS: ") and float(c.get("time")) >= 0
 
 
+@pytest.mark.gate
 def test_verify_json_and_table_match_the_junit(verified):
     report = json.loads(verified["json"].read_text())
     assert report["ok"] and report["exit_code"] == 0 and report["lab"] == LAB
@@ -66,11 +68,13 @@ def test_verify_json_and_table_match_the_junit(verified):
     assert report["seconds"] <= verified["seconds"]
 
 
+@pytest.mark.gate
 def test_verify_leaves_no_guest(verified, dom0):
     assert "e2e-verify" not in dom0("xl list").stdout
     assert "e2e-verify" not in dom0(f"ls {GUESTS_DIR}/").stdout
 
 
+@pytest.mark.full
 def test_a_guest_that_panics_is_a_crash(lab_info, dom0, tmp_path):
     """rdinit pointing nowhere: the guest kernel panics at boot. verify says CRASH
     with the console tail, skips what needs the guest, exits 3 and leaves no guest."""

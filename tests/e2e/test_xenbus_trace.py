@@ -52,6 +52,7 @@ def devices(result) -> dict:
     return {d["device"]: d for d in result["devices"]}
 
 
+@pytest.mark.gate
 def test_traced_create_follows_the_protocol(created):
     trace = created["trace"]
     assert created["exit"] == 0 and trace["ok"], json.dumps(trace["devices"], indent=1)
@@ -73,6 +74,7 @@ def test_traced_create_follows_the_protocol(created):
     assert times == sorted(times) and all(c["state_name"] for c in trace["timeline"])
 
 
+@pytest.mark.gate
 def test_watches_fire_for_domu_create(created):
     domid = created["trace"]["action_result"]["domid"]
     paths = {e.path for e in created["events"]}
@@ -80,6 +82,7 @@ def test_watches_fire_for_domu_create(created):
     assert f"/local/domain/{domid}" in paths and f"/local/domain/{domid}/device/vbd/51712/state" in paths
 
 
+@pytest.mark.full
 def test_orderly_backend_first_closedown(lab, xs, created):
     domid = created["trace"]["action_result"]["domid"]
     with XenBusRecorder(xs, GUEST) as rec, lab.ssh() as ssh:
@@ -93,6 +96,7 @@ def test_orderly_backend_first_closedown(lab, xs, created):
     assert not xs.exists(f"/local/domain/{domid}/device/vbd/51728")
 
 
+@pytest.mark.full
 def test_frontend_initiated_closedown(lab, xs, created):
     domid = created["trace"]["action_result"]["domid"]
     with XenBusRecorder(xs, GUEST) as rec, Guests(lab) as guests:
@@ -116,6 +120,7 @@ def assert_states(report, side: str, expected: list) -> None:
     assert any(f.change.side == side and f.change.maybe_skipped and f.level == "note" for f in report.findings), format_reports([report])
 
 
+@pytest.mark.gate
 def test_traced_destroy_and_watch_for_it(lab, created):
     domid = created["trace"]["action_result"]["domid"]
     watch = created["watch"]
@@ -137,12 +142,14 @@ def test_traced_destroy_and_watch_for_it(lab, created):
     assert {"@releaseDomain", f"/local/domain/{domid}"} <= paths
 
 
+@pytest.mark.gate
 def test_trace_cli_prints_named_states(lab):
     # A guest that does not exist: no devices, a clear line, exit 0.
     proc = xenlab("trace", "xb-nobody", "--lab", lab.name, "--for", "1")
     assert "no XenBus device state of guest 'xb-nobody' seen" in proc.stdout
 
 
+@pytest.mark.full
 def test_trace_html_page_shows_the_real_devices_in_chromium(lab, tmp_path):
     """`xenlab trace --html` on a guest of its own: the page Chromium draws has
     a lane per side of each real device, each ending Connected (create), then

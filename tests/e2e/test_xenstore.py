@@ -40,6 +40,7 @@ def dom0(lab, command: str) -> str:
         return ssh.check(command)
 
 
+@pytest.mark.gate
 def test_read_write_round_trips(lab, xs):
     values = {"plain": "hello", "empty": "", "tab": "a\tb", "utf8": "héllo wörld", "long": "x" * 4000}
     for key, value in values.items():
@@ -60,6 +61,7 @@ def test_read_write_round_trips(lab, xs):
     assert not xs.exists(f"{ROOT}/cli")
 
 
+@pytest.mark.gate
 def test_ls_f_identical_to_xenstore_ls(lab, xs):
     xs.write(f"{ROOT}/ls/binary", b"\x00\x01\x08\x1f\x7f\x80\xff\\\"")
     xs.write(f"{ROOT}/ls/long", "y" * 300)
@@ -75,6 +77,7 @@ def test_ls_f_identical_to_xenstore_ls(lab, xs):
         assert len(theirs.splitlines()) > 5
 
 
+@pytest.mark.gate
 def test_transaction_conflict_is_retried(lab, xs):
     node = f"{ROOT}/tx/counter"
     xs.write(node, "0")
@@ -90,6 +93,7 @@ def test_transaction_conflict_is_retried(lab, xs):
         assert xs.tx_attempts == 2 and xs.read(node) == "101"
 
 
+@pytest.mark.full
 def test_concurrent_increments_lose_nothing(lab, xs):
     node = f"{ROOT}/tx/shared"
     xs.write(node, "0")
@@ -109,6 +113,7 @@ def test_concurrent_increments_lose_nothing(lab, xs):
     assert xs.read(node) == "30" and len(attempts) == 30, attempts  # however they interleaved, no increment is lost
 
 
+@pytest.mark.full
 def test_conflicting_commit_is_retried(lab, xs):
     # Made to conflict, not hoped to: a second connection writes the node
     # after the first attempt read it, so xenstored must refuse that commit
@@ -128,6 +133,7 @@ def test_conflicting_commit_is_retried(lab, xs):
     assert seen == [0, 100] and xs.tx_attempts == 2 and xs.read(node) == "101"
 
 
+@pytest.mark.gate
 def test_watch_streams_events(lab, xs):
     with xs.watch(f"{ROOT}/w") as watch:
         assert watch.get(10).path == f"{ROOT}/w"  # fired on registration
@@ -156,6 +162,7 @@ def subprocess_watch(lab, path, action) -> str:
     return out
 
 
+@pytest.mark.gate
 def test_perms_set_and_get(lab, xs):
     node = f"{ROOT}/perm/node"
     xs.write(node, "x")
@@ -165,6 +172,7 @@ def test_perms_set_and_get(lab, xs):
     assert json.loads(cli(lab, "perms", node, "--json").stdout)[1] == {"access": "r", "domid": 3}
 
 
+@pytest.mark.gate
 def test_dump_json(lab, xs):
     xs.write(f"{ROOT}/dump/a", "1")
     doc = json.loads(cli(lab, "dump", f"{ROOT}/dump", "--json").stdout)
@@ -172,6 +180,7 @@ def test_dump_json(lab, xs):
     assert doc["nodes"][f"{ROOT}/dump/a"] == {"value": "1", "perms": ["n0"]}
 
 
+@pytest.mark.full
 def test_dump_diff_shows_a_guests_devices_come_and_go(lab, tmp_path):
     """What did the driver write: a dump, a guest with a disk, and --diff shows
     its real frontend and backend nodes added; destroyed, --diff shows them removed."""
@@ -208,6 +217,7 @@ def test_dump_diff_shows_a_guests_devices_come_and_go(lab, tmp_path):
     assert {c["path"] for c in json.loads(sub.stdout)["removed"]} == {p for p in removed if p == be or p.startswith(be + "/")}
 
 
+@pytest.mark.full
 def test_dump_diff_of_a_bad_file_is_a_clear_error(lab, tmp_path):
     (tmp_path / "not.json").write_text("xenstore-ls output, perhaps")
     for file, message in ((tmp_path / "missing.json", "does not exist"), (tmp_path / "not.json", "is not JSON")):
@@ -223,6 +233,7 @@ def test_dump_diff_of_a_bad_file_is_a_clear_error(lab, tmp_path):
     (["write", f"{ROOT}/big", "z" * 5000], f"value for {ROOT}/big is 5000 bytes"),
     (["perms", f"{ROOT}/does/not/exist"], f"get-perms {ROOT}/does/not/exist: ENOENT"),
 ])
+@pytest.mark.gate
 def test_bad_input_is_a_clear_error(lab, xs, args, message):
     start = time.monotonic()
     proc = cli(lab, *args, check=False, timeout=60)
@@ -230,6 +241,7 @@ def test_bad_input_is_a_clear_error(lab, xs, args, message):
     assert time.monotonic() - start < 60
 
 
+@pytest.mark.full
 def test_dead_ssh_connection_is_a_clear_error_not_a_hang(lab):
     store = XenStore.for_lab(lab, timeout=30)
     store.read("/local/domain/0/name")
@@ -242,6 +254,7 @@ def test_dead_ssh_connection_is_a_clear_error_not_a_hang(lab):
     store.close()
 
 
+@pytest.mark.full
 def test_lab_down_is_a_clear_error(tmp_path):
     proc = xenlab("xs", "read", "/local/domain/0/name", "--name", "xs-never-up", check=False, timeout=60)
     assert proc.returncode != 0 and "lab 'xs-never-up' is not up" in proc.stdout + proc.stderr
@@ -264,6 +277,7 @@ def guests(lab):
                 xenlab("guest", "destroy", name, "--lab", lab.name, check=False)
 
 
+@pytest.mark.full
 def test_layout_of_every_vbd_and_vif(xs, guests):
     _, a, _ = guests
     layouts = check_domain(xs, a["domid"])
@@ -279,6 +293,7 @@ def test_layout_of_every_vbd_and_vif(xs, guests):
     assert any(k.endswith("tx-ring-ref") for k in vif.rings) and any(k.endswith("rx-ring-ref") for k in vif.rings)
 
 
+@pytest.mark.full
 def test_layout_check_reports_a_broken_pointer(xs, guests):
     _, a, _ = guests
     fe = f"/local/domain/{a['domid']}/device/vbd/51712"
@@ -291,6 +306,7 @@ def test_layout_check_reports_a_broken_pointer(xs, guests):
         xs.write(f"{fe}/backend-id", original)
 
 
+@pytest.mark.full
 def test_domu_permissions_and_real_eacces(xs, guests):
     g, a, b = guests
     checks = check_guest(g, xs, "xs-a", a["domid"], b["domid"])
@@ -300,6 +316,7 @@ def test_domu_permissions_and_real_eacces(xs, guests):
     assert len(denied) >= 6 and all(c.got == "EACCES" for c in denied)  # xenstored's own error string
 
 
+@pytest.mark.full
 def test_domu_sees_enoent_for_its_own_missing_node(guests):
     g, a, _ = guests
     from xenlab.xenstore.perms import run_in_guest
@@ -308,6 +325,7 @@ def test_domu_sees_enoent_for_its_own_missing_node(guests):
     assert answer == {"ok": False, "error": "ENOENT", "request": ["read", f"/local/domain/{a['domid']}/data/none-such"]}
 
 
+@pytest.mark.gate
 def test_request_error_keeps_errno(xs):
     with pytest.raises(XenStoreRequestError) as e:
         xs.read(f"{ROOT}/none-such")

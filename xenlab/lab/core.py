@@ -598,6 +598,10 @@ class Lab:
         """Refuse when the lab's VM runs, unless it is a `leftover`: one that a
         command killed while libvirt started it (a restore) left before any
         file named it (the caller holds the lab's lock). Whether a running VM was removed."""
+        dropped = None
+        if leftover and self.uri().startswith("qemu:///embed"):
+            # Killed mid-restore, that command may have left libvirt's job recorded too.
+            dropped = virt.drop_dead_record(self.embed_root, self.domain_name)
         with self._connect() as conn:
             dom = virt.lookup(conn, self.domain_name)
             running = dom is not None and virt.is_running(dom)
@@ -610,7 +614,7 @@ class Lab:
             if dom is not None:
                 virt.destroy(dom)  # a stopped leftover definition, or that running leftover
         self._remove_runtime_files()
-        return running
+        return running or dropped is not None
 
     def _pick_port(self, hint: int = 0) -> int:
         """The configured port, else `hint` (a reset keeps its port) while free, else a free one."""
@@ -877,6 +881,8 @@ class Lab:
                 stopped = True
             except (ProcessLookupError, PermissionError):
                 pass  # gone already, or another user's QEMU (a system daemon's): libvirt stops it
+        if self.uri().startswith("qemu:///embed") and virt.drop_dead_record(self.embed_root, self.domain_name):
+            stopped = True
         try:
             with self._connect(lock_wait=5 if stopped else 30) as conn:
                 dom = virt.lookup(conn, self.domain_name)

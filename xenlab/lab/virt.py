@@ -8,8 +8,11 @@ opening retries for a while on the pid-file lock."""
 from __future__ import annotations
 
 import atexit
+import fcntl
 import os
+import re
 import shutil
+import signal
 import threading
 import time
 from contextlib import contextmanager
@@ -206,6 +209,65 @@ def _open(uri: str, lock_wait: float):
                 else "another xenlab process holds this lab's libvirt (a long-running one keeps it until it exits); "
                      "retry when it has finished",
             ) from None
+
+
+def drop_dead_record(root: Path, name: str) -> int | None:
+    """Forget domain `name` in the embedded driver of `root` by hand when its
+    status file records a job and no live process drives that root: end the
+    QEMU the file names (only if that process is this domain's QEMU) and
+    remove the status file, pid file and private directory. A xenlab process
+    killed while libvirt ran a job on the domain (a restore) leaves the job
+    recorded there, and the next driver to load it waited on it for good:
+    "cannot acquire state change lock" from every destroy. For callers that mean to destroy the
+    domain and hold the lab's lock; a process that drives the root itself
+    (its connection cached here, or holding the driver's pid-file lock) is
+    left to destroy it through libvirt. The QEMU pid ended, if any."""
+    run = root / "run" / "qemu"
+    status = run / f"{name}.xml"
+    if not status.exists() or any(uri == embed_uri(root) for uri, _ in _connections):
+        return None
+    try:
+        lock = os.open(run / "driver.pid", os.O_RDWR)
+    except FileNotFoundError:
+        lock = None
+    try:
+        if lock is not None:
+            try:
+                fcntl.lockf(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                return None  # a live driver holds the root: libvirt there destroys it
+        record = status.read_text(errors="replace")
+        if not re.search(r"<job\b", record):
+            return None  # no job was running: libvirt's own reconnect and destroy clean up after it
+        ended = None
+        found = re.search(r"<domstatus\b[^>]*\bpid='(\d+)'", record)
+        if found and _is_qemu_of(int(found.group(1)), name):
+            ended = int(found.group(1))
+            try:
+                os.kill(ended, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            deadline = time.monotonic() + 10
+            while _is_qemu_of(ended, name) and time.monotonic() < deadline:
+                time.sleep(0.05)
+        for path in (status, run / f"{name}.pid"):
+            path.unlink(missing_ok=True)
+        for private in (root / "lib" / "qemu").glob(f"domain-*-{name}"):
+            shutil.rmtree(private, ignore_errors=True)
+        return ended
+    finally:
+        if lock is not None:
+            os.close(lock)
+
+
+def _is_qemu_of(pid: int, name: str) -> bool:
+    """Whether `pid` is a live QEMU started for domain `name` (not a zombie, not a reused pid)."""
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[-1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z" and any(f"guest={name}{end}".encode() in cmdline for end in (",", "\0"))
 
 
 def lookup(conn, name: str):

@@ -239,20 +239,27 @@ def drop_dead_record(root: Path, name: str) -> int | None:
         record = status.read_text(errors="replace")
         if not re.search(r"<job\b", record):
             return None  # no job was running: libvirt's own reconnect and destroy clean up after it
+        # Killed early, the record says pid 0 (QEMU not started yet, as far as
+        # libvirt knew) while QEMU may already have written its pid file.
+        pids = {int(found.group(1))} if (found := re.search(r"<domstatus\b[^>]*\bpid='(\d+)'", record)) else set()
+        try:
+            pids.add(int((run / f"{name}.pid").read_text().strip()))
+        except (OSError, ValueError):
+            pass
         ended = None
-        found = re.search(r"<domstatus\b[^>]*\bpid='(\d+)'", record)
-        if found and _is_qemu_of(int(found.group(1)), name):
-            ended = int(found.group(1))
-            try:
-                os.kill(ended, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            deadline = time.monotonic() + 10
-            while _is_qemu_of(ended, name) and time.monotonic() < deadline:
-                time.sleep(0.05)
+        for pid in sorted(pids):
+            if pid > 0 and _is_qemu_of(pid, name):
+                ended = pid
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                deadline = time.monotonic() + 10
+                while _is_qemu_of(pid, name) and time.monotonic() < deadline:
+                    time.sleep(0.05)
         for path in (status, run / f"{name}.pid"):
             path.unlink(missing_ok=True)
-        for private in (root / "lib" / "qemu").glob(f"domain-*-{name}"):
+        for private in (root / "lib" / "qemu").glob(f"domain-*-{name[:20]}"):  # libvirt cuts the name to 20
             shutil.rmtree(private, ignore_errors=True)
         return ended
     finally:

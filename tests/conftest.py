@@ -23,6 +23,9 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "/e2e/" in str(item.fspath):
             item.add_marker(pytest.mark.e2e)
+        # Kept in the JUnit XML, so bench/suite_times.py can sum each tier per file.
+        tier = [name for name in ("gate", "full") if item.get_closest_marker(name)]
+        item.user_properties.append(("tier", tier[0] if len(tier) == 1 else "unit" if "/unit/" in str(item.fspath) else "none"))
     k = config.getoption("--slice")
     if k is None:
         return

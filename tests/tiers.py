@@ -21,38 +21,43 @@ from pathlib import Path
 
 SLICES = 4
 
-# Each module with full-tier tests -> its slice. Balanced by the modules'
-# full-tier times in the last full run (docs/testing.md#the-rotation);
+# Each module with full-tier tests -> its slice, balanced (with the steps
+# after pytest below) by the modules' full-tier times in a whole run
+# (docs/testing.md#the-rotation; python3 bench/suite_times.py artifacts/pytest.xml);
 # tests/unit/test_tiers.py fails when a module with full-tier tests is missing.
 FULL_SLICES = {
-    "test_interrupts.py": 0,
-    "test_boot_failure.py": 0,
-    "test_lab.py": 0,
-    "test_blkback.py": 1,
-    "test_guest.py": 1,
-    "test_verify.py": 1,
-    "test_devchan.py": 1,
+    # slice 0, with the ordinary user's pass
+    "test_blkback.py": 0,
+    # slice 1, with the trixie PVH verify
+    "test_interrupts.py": 1,
+    # slice 2, with the QEMU 7.2 verifies
     "test_debug.py": 2,
-    "test_remote.py": 2,
+    "test_boot_failure.py": 2,
     "test_recovery.py": 2,
-    "test_evtchn.py": 2,
-    "test_xenstore.py": 2,
+    "test_verify.py": 2,
+    "test_byo.py": 2,
+    "test_lab.py": 2,
+    # slice 3
+    "test_evtchn.py": 3,
     "test_snapshot.py": 3,
-    "test_plugin.py": 3,
-    "test_own_boot.py": 3,
+    "test_guest.py": 3,
+    "test_remote.py": 3,
     "test_kernel_tree.py": 3,
+    "test_devchan.py": 3,
+    "test_xenstore.py": 3,
+    "test_xenbus_trace.py": 3,
+    "test_own_boot.py": 3,
     "test_connect_system.py": 3,
-    "test_byo.py": 3,
-    "test_xenbus_trace.py": 0,
+    "test_plugin.py": 3,
 }
 
 # The steps after pytest (ci/test.sh), each in one slice: the stock QEMU 7.2
 # verifies (HVM and PV guests), the trixie dom0's PVH verify, and the lab
 # tests and verify as an ordinary user.
 POST_STEPS = {
-    "trixie-pvh": 0,
-    "qemu-stock": 1,
-    "as-user": 3,
+    "as-user": 0,
+    "trixie-pvh": 1,
+    "qemu-stock": 2,
 }
 
 

@@ -160,18 +160,6 @@ def pytest_collection_modifyitems(config, items):
         item.add_marker(pytest.mark.xdist_group(item.module.__name__ if own else SESSION_LAB_GROUP))
 
 
-@pytest.hookimpl(hookwrapper=True)
-def pytest_runtest_makereport(item, call):
-    """Whether the test itself failed, for fixtures that share a guest between
-    tests (item.xenlab_failed, read after their yield)."""
-    outcome = yield
-    report = outcome.get_result()
-    if report.when == "call":
-        item.xenlab_failed = report.failed
-    elif report.failed:
-        item.xenlab_failed = True
-
-
 def vcpu_affinities(lab) -> dict:
     """{(domid, vcpu): "HARD / SOFT"} of every domain, from `xl vcpu-list`."""
     with lab.ssh() as ssh:

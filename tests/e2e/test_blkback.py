@@ -168,39 +168,10 @@ FINDINGS = {
 }
 
 
-@pytest.fixture(scope="module")
-def _plan_guest_names(lab):
-    names: list[str] = []
-    yield names
-    with Guests(lab) as guests:
-        for name in names:
-            guests.destroy(name)
-
-
-@pytest.fixture
-def plan_guest(lab, _plan_guest_names, request):
-    """One guest for the fault plans: each plan attaches a disk of its own and
-    checks that the guest survived and nothing is left, so the next plan can
-    use the same guest. Made again after a failed plan, or one whose finding
-    leaves the guest with I/O stuck in it (FINDINGS)."""
-    with Guests(lab) as guests:
-        if not _plan_guest_names:
-            name = "bb-plans"
-            if any(g.get("name") == name for g in guests.list()):
-                guests.destroy(name)  # a leftover of an interrupted run
-            guests.create(_guest_spec(name))
-            _plan_guest_names.append(name)
-        yield guests.get(_plan_guest_names[0])
-    if getattr(request.node, "xenlab_failed", True) or request.node.callspec.params["plan"] in FINDINGS:
-        with Guests(lab) as guests:
-            guests.destroy(_plan_guest_names.pop())
-
-
 @pytest.mark.parametrize("plan", [pytest.param(p, id=_plan_id(p), marks=[pytest.mark.xfail(strict=True, reason=FINDINGS[p])] if p in FINDINGS else [])
                                   for p in STANDARD_PLANS])
 @pytest.mark.full
-def test_fault_plan_against_stock_blkfront(lab, plan_guest, plan):
-    guest = plan_guest
+def test_fault_plan_against_stock_blkfront(lab, guest, plan):
     _, expect = FAULT_CASES[plan]
     result = probe(guest, plan)
     back = result["backend"]

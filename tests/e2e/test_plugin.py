@@ -41,7 +41,6 @@ def remember(key, value):
     SEEN.write_text(json.dumps(seen))
 
 
-@pytest.mark.full
 @pytest.mark.xenlab
 def test_dom0_commands_files_and_xenstore(xenlab_lab, xenlab_dom0):
     assert "xen_version" in xenlab_dom0.check("xl info")
@@ -52,7 +51,6 @@ def test_dom0_commands_files_and_xenstore(xenlab_lab, xenlab_dom0):
     remember("lab", {"name": xenlab_lab.name, "booted": xenlab_lab.booted})
 
 
-@pytest.mark.full
 def test_failing_leaves_artifacts(xenlab_dom0, xenlab_guest_factory):
     guest = xenlab_guest_factory("pt-failing")
     remember("failing_guest", {"name": guest.name, "domid": guest.domid})
@@ -61,7 +59,6 @@ def test_failing_leaves_artifacts(xenlab_dom0, xenlab_guest_factory):
     assert xenlab_dom0.run("false").ok, "this test fails on purpose"
 
 
-@pytest.mark.full
 @pytest.mark.parametrize("n", [1, 2])
 def test_destructive_gets_its_own_domu(xenlab_guest_factory, xenlab_dom0, n):
     guest = xenlab_guest_factory(disks=["8M"], memory="64M")
@@ -119,7 +116,6 @@ import json
 from pathlib import Path
 
 
-@pytest.mark.full
 def test_leaves_marks(xenlab_lab, xenlab_dom0, xenlab_guest_factory):
     xenlab_guest_factory("pt-reset-left")
     xenlab_dom0.check("touch /root/reset-mark")
@@ -131,7 +127,6 @@ import json
 from pathlib import Path
 
 
-@pytest.mark.full
 def test_sees_the_lab_as_after_boot(xenlab_lab, xenlab_dom0):
     assert xenlab_dom0.run("test -e /root/reset-mark").exit_status == 1
     domains = [line.split()[0] for line in xenlab_dom0.check("xl list").splitlines()[1:]]
@@ -167,7 +162,6 @@ from pathlib import Path
 import pytest
 
 
-@pytest.mark.full
 @pytest.mark.parametrize("n", NUMBERS)
 def test_each_worker_has_a_lab_of_its_own(xenlab_lab, xenlab_dom0, xenlab_guest_factory, n):
     guest = xenlab_guest_factory(memory="64M")

@@ -142,7 +142,6 @@ import os
 from pathlib import Path
 
 
-@pytest.mark.full
 def test_where(xenlab_lab, xenlab_dom0):
     header = xenlab_dom0.check("xl list | head -1").split()[0]
     record = {"lab": xenlab_lab.name, "uri": xenlab_lab.uri(), "xl": header}
@@ -179,7 +178,6 @@ import standin_host
 from xenlab.errors import XenlabError
 
 
-@pytest.mark.full
 def test_the_remote_host_goes_away(xenlab_lab, xenlab_dom0):
     assert xenlab_dom0.check("xl list | head -1").startswith("Name")
     if xenlab_lab.remote is None:

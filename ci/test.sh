@@ -33,7 +33,7 @@ for arg in "$@"; do
 done
 if [ "$full" = 1 ]; then
   mode="full: both tiers whole, every step after pytest"
-  steps="qemu-stock trixie-pvh as-user"
+  steps="qemu-stock-hvm qemu-stock-pv trixie-pvh as-user"
   slice_args=()
 else
   slice=${XENLAB_SLICE:-$("$venv/bin/python" tests/tiers.py slice)}
@@ -91,11 +91,18 @@ verify_kept() {
 # end by `xenlab verify` with an HVM and then a PV guest on one lab (Xen 4.17
 # runs HVM and PVH guests on this QEMU, not on 10: docs/guest-types.md). One
 # vCPU: under TCG, PVH and HVM guests need it.
+qemu_stock_config="$reports/qemu-stock.toml"
+printf '[lab]\nqemu = "stock"\nvcpus = 1\n' >"$qemu_stock_config"
+qemu_stock_hvm() {
+  phase verify-qemu-stock-hvm verify_kept qemu-stock-hvm --config "$qemu_stock_config" verify --lab ci-qemu-stock --guest-type hvm
+}
+qemu_stock_pv() {
+  phase verify-qemu-stock-pv verify_kept qemu-stock --config "$qemu_stock_config" verify --lab ci-qemu-stock
+}
 qemu_stock() {
-  local config="$reports/qemu-stock.toml" failed=0
-  printf '[lab]\nqemu = "stock"\nvcpus = 1\n' >"$config"
-  phase verify-qemu-stock-hvm verify_kept qemu-stock-hvm --config "$config" verify --lab ci-qemu-stock --guest-type hvm || failed=1
-  [ "$failed" = 1 ] || phase verify-qemu-stock-pv verify_kept qemu-stock --config "$config" verify --lab ci-qemu-stock || failed=1
+  local failed=0
+  qemu_stock_hvm || failed=1
+  [ "$failed" = 1 ] || qemu_stock_pv || failed=1
   "$venv/bin/xenlab" down --lab ci-qemu-stock >/dev/null
   return "$failed"
 }
@@ -136,7 +143,11 @@ if [ "$full" = 1 ]; then
   [ "$stock_failed" = 0 ] && [ "$side_failed" = 0 ]
 else
   failed=0
-  if has_step qemu-stock; then qemu_stock || failed=1; fi
+  if has_step qemu-stock-hvm || has_step qemu-stock-pv; then
+    if has_step qemu-stock-hvm; then qemu_stock_hvm || failed=1; fi
+    if has_step qemu-stock-pv; then qemu_stock_pv || failed=1; fi
+    "$venv/bin/xenlab" down --lab ci-qemu-stock >/dev/null
+  fi
   if has_step trixie-pvh; then trixie_pvh || failed=1; fi
   if has_step as-user; then as_user || failed=1; fi
   [ "$failed" = 0 ]

@@ -32,7 +32,8 @@ def pytest_collection_modifyitems(config, items):
     kept, dropped = [], []
     for item in items:
         in_full = item.get_closest_marker("full") is not None
-        (dropped if in_full and tiers.slice_of_module(str(item.fspath)) != k else kept).append(item)
+        function = getattr(item, "originalname", item.name)
+        (dropped if in_full and tiers.slice_of(str(item.fspath), function) != k else kept).append(item)
     if dropped:
         config.hook.pytest_deselected(items=dropped)
         items[:] = kept

@@ -21,7 +21,8 @@ from pathlib import Path
 
 SLICES = 4
 
-# Each module with full-tier tests -> its slice, balanced (with the steps
+# Each module with full-tier tests -> its slice ("module::test" for one test
+# of a module that goes elsewhere), balanced (with the steps
 # after pytest below) by the modules' full-tier times in a whole run
 # (docs/testing.md#the-rotation; python3 bench/suite_times.py artifacts/pytest.xml);
 # tests/unit/test_tiers.py fails when a module with full-tier tests is missing.
@@ -30,34 +31,36 @@ FULL_SLICES = {
     "test_blkback.py": 0,
     # slice 1, with the trixie PVH verify
     "test_interrupts.py": 1,
-    # slice 2, with the QEMU 7.2 verifies
+    "test_snapshot.py": 1,
+    # slice 2, with the QEMU 7.2 HVM verify
     "test_debug.py": 2,
     "test_boot_failure.py": 2,
     "test_recovery.py": 2,
     "test_verify.py": 2,
     "test_byo.py": 2,
     "test_lab.py": 2,
-    # slice 3
+    "test_kernel_tree.py": 2,
+    "test_own_boot.py": 2,
+    # slice 3, with the QEMU 7.2 PV verify
+    "test_interrupts.py::test_build_killed_leaves_no_entry_and_the_next_build_sweeps_its_scratch": 3,
     "test_evtchn.py": 3,
-    "test_snapshot.py": 3,
     "test_guest.py": 3,
     "test_remote.py": 3,
-    "test_kernel_tree.py": 3,
     "test_devchan.py": 3,
     "test_xenstore.py": 3,
     "test_xenbus_trace.py": 3,
-    "test_own_boot.py": 3,
     "test_connect_system.py": 3,
     "test_plugin.py": 3,
 }
 
-# The steps after pytest (ci/test.sh), each in one slice: the stock QEMU 7.2
-# verifies (HVM and PV guests), the trixie dom0's PVH verify, and the lab
-# tests and verify as an ordinary user.
+# The steps after pytest (ci/test.sh), each in one slice: the ordinary user's
+# lab tests and verify, the trixie dom0's PVH verify, and the stock QEMU 7.2
+# verifies with an HVM and with a PV guest.
 POST_STEPS = {
     "as-user": 0,
     "trixie-pvh": 1,
-    "qemu-stock": 2,
+    "qemu-stock-hvm": 2,
+    "qemu-stock-pv": 3,
 }
 
 
@@ -70,6 +73,12 @@ def commit_slice(repo: Path | None = None) -> int:
 
 def slice_of_module(module_file: str) -> int | None:
     return FULL_SLICES.get(Path(module_file).name)
+
+
+def slice_of(module_file: str, function: str) -> int | None:
+    """The slice of test `function` (without its parameters) of a module."""
+    module = Path(module_file).name
+    return FULL_SLICES.get(f"{module}::{function}", FULL_SLICES.get(module))
 
 
 def steps_of(k: int) -> list[str]:
@@ -90,7 +99,7 @@ def main(argv: list[str]) -> int:
     if argv[0] == "steps":
         print(" ".join(steps_of(k)))
         return 0
-    modules = sorted(m for m, s in FULL_SLICES.items() if s == k)
+    modules = sorted(m for m, s in FULL_SLICES.items() if s == k)  # "module::test" entries too
     print(f"slice {k} of {SLICES}: full-tier tests of {', '.join(modules)}; after pytest: {', '.join(steps_of(k)) or 'nothing'}")
     return 0
 

@@ -59,7 +59,7 @@ def test_exec_passes_output_and_exit_code(main_guest):
     assert main_guest["ip"] in ok.stdout
 
 
-@pytest.mark.gate
+@pytest.mark.full
 def test_exec_streams_output_as_it_comes(main_guest):
     import subprocess
     import sys

@@ -70,7 +70,7 @@ def test_destructive_gets_its_own_domu(xenlab_guest_factory, xenlab_dom0, n):
 '''
 
 
-@pytest.mark.gate
+@pytest.mark.full
 def test_plugin_on_the_real_lab(lab_info, pytester, dom0, monkeypatch):
     monkeypatch.setenv("HOME", REAL_HOME)
     pytester.makepyfile(test_driver=INNER)

@@ -61,7 +61,7 @@ def test_read_write_round_trips(lab, xs):
     assert not xs.exists(f"{ROOT}/cli")
 
 
-@pytest.mark.gate
+@pytest.mark.full
 def test_ls_f_identical_to_xenstore_ls(lab, xs):
     xs.write(f"{ROOT}/ls/binary", b"\x00\x01\x08\x1f\x7f\x80\xff\\\"")
     xs.write(f"{ROOT}/ls/long", "y" * 300)
@@ -325,7 +325,7 @@ def test_domu_sees_enoent_for_its_own_missing_node(guests):
     assert answer == {"ok": False, "error": "ENOENT", "request": ["read", f"/local/domain/{a['domid']}/data/none-such"]}
 
 
-@pytest.mark.gate
+@pytest.mark.full
 def test_request_error_keeps_errno(xs):
     with pytest.raises(XenStoreRequestError) as e:
         xs.read(f"{ROOT}/none-such")

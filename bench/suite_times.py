@@ -21,6 +21,7 @@ def times(path: str, top: int) -> dict:
     per_file: dict[str, float] = defaultdict(float)
     counts: dict[str, int] = defaultdict(int)
     per_tier: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
+    full_tests: list[tuple[str, str, float]] = []  # (module, test function, seconds)
     tests = []
     for case in cases:
         # classname is the module's dotted path (tests.e2e.test_lab), plus the class if any.
@@ -30,6 +31,8 @@ def times(path: str, top: int) -> dict:
         counts[module] += 1
         tier = next((p.get("value") for p in case.iter("property") if p.get("name") == "tier"), "unknown")
         per_tier[tier][module] += seconds
+        if tier == "full":
+            full_tests.append((module, case.get("name", "").split("[")[0], seconds))
         tests.append((seconds, f"{module}::{case.get('name')}"))
     total = sum(per_file.values())
     return {
@@ -41,12 +44,12 @@ def times(path: str, top: int) -> dict:
         "tiers": {tier: {"seconds": round(sum(files.values()), 1),
                          "files": {f: round(s, 1) for f, s in sorted(files.items(), key=lambda item: -item[1])}}
                   for tier, files in sorted(per_tier.items())},
-        "full_slices": _slices(per_tier.get("full", {})),
+        "full_slices": _slices(full_tests),
         "slowest": [{"test": name, "seconds": round(s, 1)} for s, name in sorted(tests, reverse=True)[:top]],
     }
 
 
-def _slices(full: dict[str, float]) -> dict[str, float]:
+def _slices(full_tests: list[tuple[str, str, float]]) -> dict[str, float]:
     """The full tier's seconds per slice of the rotation (tests/tiers.py), when run from the checkout."""
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     try:
@@ -54,8 +57,8 @@ def _slices(full: dict[str, float]) -> dict[str, float]:
     except ImportError:
         return {}
     slices: dict[str, float] = defaultdict(float)
-    for module, seconds in full.items():
-        slices[str(tiers.slice_of_module(module.rsplit(".", 1)[-1] + ".py"))] += seconds
+    for module, function, seconds in full_tests:
+        slices[str(tiers.slice_of(module.rsplit(".", 1)[-1] + ".py", function))] += seconds
     return {k: round(v, 1) for k, v in sorted(slices.items())}
 
 

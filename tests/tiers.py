@@ -71,10 +71,6 @@ def commit_slice(repo: Path | None = None) -> int:
     return int(count.stdout.strip()) % SLICES
 
 
-def slice_of_module(module_file: str) -> int | None:
-    return FULL_SLICES.get(Path(module_file).name)
-
-
 def slice_of(module_file: str, function: str) -> int | None:
     """The slice of test `function` (without its parameters) of a module."""
     module = Path(module_file).name

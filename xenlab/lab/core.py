@@ -209,11 +209,7 @@ class Lab:
         pid = self._qemu_pid() or (self.info() or {}).get("qemu_pid")
         if not pid:
             return False
-        try:
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-        except OSError:
-            return False
-        return f"guest={self.domain_name},".encode() in cmdline or f"guest={self.domain_name}\0".encode() in cmdline
+        return virt.runs_domain(pid, self.domain_name)
 
     def state(self) -> tuple[str, str]:
         """(one of STATES, a line saying why), quickly: "unreachable" only for a

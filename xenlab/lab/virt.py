@@ -20,6 +20,7 @@ from pathlib import Path
 
 from xenlab.errors import LabError
 from xenlab.paths import state_root
+from xenlab.run import pid_alive
 
 _libvirt_module = None
 
@@ -248,14 +249,14 @@ def drop_dead_record(root: Path, name: str) -> int | None:
             pass
         ended = None
         for pid in sorted(pids):
-            if pid > 0 and _is_qemu_of(pid, name):
+            if pid > 0 and _live_qemu_of(pid, name):
                 ended = pid
                 try:
                     os.kill(pid, signal.SIGKILL)
                 except ProcessLookupError:
                     pass
                 deadline = time.monotonic() + 10
-                while _is_qemu_of(pid, name) and time.monotonic() < deadline:
+                while _live_qemu_of(pid, name) and time.monotonic() < deadline:
                     time.sleep(0.05)
         for path in (status, run / f"{name}.pid"):
             path.unlink(missing_ok=True)
@@ -267,14 +268,18 @@ def drop_dead_record(root: Path, name: str) -> int | None:
             os.close(lock)
 
 
-def _is_qemu_of(pid: int, name: str) -> bool:
-    """Whether `pid` is a live QEMU started for domain `name` (not a zombie, not a reused pid)."""
+def runs_domain(pid: int, name: str) -> bool:
+    """Whether process `pid` is a QEMU that libvirt started for domain `name`
+    (its `-name guest=NAME,...`), not another process that reuses the pid."""
     try:
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[-1].split()[0]
-    except (OSError, IndexError):
+    except OSError:
         return False
-    return state != "Z" and any(f"guest={name}{end}".encode() in cmdline for end in (",", "\0"))
+    return any(f"guest={name}{end}".encode() in cmdline for end in (",", "\0"))
+
+
+def _live_qemu_of(pid: int, name: str) -> bool:
+    return pid_alive(pid) and runs_domain(pid, name)  # pid_alive: not a zombie waiting to be reaped
 
 
 def lookup(conn, name: str):

@@ -69,8 +69,10 @@ phase qemu-backports bash ci/qemu-backports.sh >/dev/null
 phase builds bash -c "'$venv/bin/xenlab' build && '$venv/bin/xenlab' build --suite trixie && '$venv/bin/xenlab' guest build"
 # One worker: two (-n 2 --dist loadgroup, tests/e2e/conftest.py) gained
 # little on two cores (docs/testing.md#two-workers). --durations: where the
-# time goes; every test's time is in $reports/pytest.xml.
+# time goes; every test's time is in $reports/pytest.xml, and a failed e2e
+# test's lab logs in $reports/xenlab-artifacts/ (the plugin's).
 phase pytest "$venv/bin/python" -m pytest tests -v -p no:cacheprovider --durations=40 --junitxml "$reports/pytest.xml" \
+  --xenlab-artifacts "$reports/xenlab-artifacts" \
   ${slice_args[@]+"${slice_args[@]}"} ${pytest_args[@]+"${pytest_args[@]}"}
 
 has_step() { [[ " $steps " == *" $1 "* ]]; }

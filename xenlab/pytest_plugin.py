@@ -131,14 +131,10 @@ def _xenlab_marker(request):
         dom0 = getattr(request.config, _DOM0, None)
         if dom0 is not None:
             dom0.close()  # its SSH and XenStore connections went with the old VM; it reconnects
-        lab.reset(_quiet_steps())
+        from xenlab.lab import child as lab_child
+
+        lab_child.call(lab.cfg, "reset")
         setattr(request.config, _RESET_AT, key)
-
-
-def _quiet_steps():
-    from xenlab.progress import Steps
-
-    return Steps(quiet=True)
 
 
 # -- fixtures --------------------------------------------------------------------------
@@ -196,15 +192,20 @@ def xenlab_lab(request):
     """The lab (xenlab.Lab) for the whole session (for each xdist worker: its
     own); `.booted` says whether this session booted it. A failure to boot is
     an error of every test using it (never a skip), with the serial log's tail."""
+    from xenlab.lab import child as lab_child
+
     lab = _lab_from_options(request.config)
+    # Booted, reset and stopped in a child process: this one never holds the
+    # lab's libvirt, so `xenlab debug gdb` and the other commands work on it
+    # while the session runs (xenlab.lab.child).
     with _first_boot_lock(request.config):
-        lab.ensure_up()
+        lab.booted = bool(lab_child.call(lab.cfg, "ensure_up"))
     lab.require_up()
     setattr(request.config, _LAB, lab)
     yield lab
     setattr(request.config, _LAB, None)
     if lab.booted and not request.config.getoption("--xenlab-keep"):
-        lab.down()
+        lab_child.call(lab.cfg, "down")
 
 
 @pytest.fixture(scope="session")

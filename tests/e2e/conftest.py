@@ -4,7 +4,6 @@ In CI a missing prerequisite fails the run; elsewhere it skips with the reason."
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess
@@ -49,15 +48,26 @@ def lab_prerequisites() -> None:
         pytest.skip(message)
 
 
+def pytest_configure(config):
+    # The session lab is the plugin's own (xenlab_lab), as users get it; the
+    # plugin appends an xdist worker's id to this name itself.
+    config.option.xenlab_name = os.environ.get("XENLAB_E2E_LAB", "e2e")
+
+
 @pytest.fixture(scope="session")
-def lab_info():
+def _no_stale_session_lab():
+    """A lab of the session's name left up by an earlier run is stopped
+    first: the session starts from a restored lab, not from leftovers."""
     lab_prerequisites()
     xenlab("down", "--name", LAB, check=False)
-    info = json.loads(xenlab("up", "--name", LAB, "--json").stdout)
-    try:
-        yield info
-    finally:
-        xenlab("down", "--name", LAB, check=False)
+
+
+@pytest.fixture(scope="session")
+def lab_info(_no_stale_session_lab, xenlab_lab):
+    """The session lab's info (lab.json), booted by the plugin's xenlab_lab
+    fixture, which stops it at the end; a test using it that fails gets the
+    plugin's artifacts (serial log, xl dmesg, consoles)."""
+    return xenlab_lab.info()
 
 
 class Dom0Shell:

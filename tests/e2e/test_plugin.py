@@ -176,6 +176,8 @@ def test_each_worker_has_a_lab_of_its_own(xenlab_lab, xenlab_dom0, xenlab_guest_
 
 SHARED = '''
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 
@@ -190,14 +192,23 @@ class TestSharedLab:
         # Reads what test_write wrote: only true on the same lab.
         assert xenlab_dom0.check("cat /root/xdist-group-mark").strip() == "grouped"
         Path(__file__).with_name("group-read.json").write_text(json.dumps({"lab": xenlab_lab.name}))
+
+
+def test_the_cli_drives_the_sessions_lab_meanwhile(xenlab_lab):
+    # The session booted this lab; gdb on it goes through libvirt, which the
+    # session's process must not be holding.
+    gdb = subprocess.run([sys.executable, "-m", "xenlab", "debug", "gdb", "--lab", xenlab_lab.name, "--",
+                          "-batch", "-ex", "info registers rip"], capture_output=True, text=True, timeout=300)
+    assert gdb.returncode == 0 and "rip" in gdb.stdout, gdb.stdout + gdb.stderr
 '''
 
 
 @pytest.mark.gate
 def test_xdist_workers_get_labs_of_their_own(lab_info, pytester, dom0, monkeypatch):
     """`pytest -n 2`: each worker boots (restores) a lab named after it, on its
-    own port and QEMU; a failure's artifacts name the worker and the lab; the
-    session stops both labs at the end."""
+    own port and QEMU; the CLI works on a worker's lab meanwhile (gdb through
+    libvirt); a failure's artifacts name the worker and the lab; the session
+    stops both labs at the end."""
     monkeypatch.setenv("HOME", REAL_HOME)
     name = "e2e-xd"
     # --dist loadscope: a module's functions (or a class's tests) go to one worker.
@@ -206,7 +217,7 @@ def test_xdist_workers_get_labs_of_their_own(lab_info, pytester, dom0, monkeypat
     try:
         result = pytester.runpytest_subprocess("-n", "2", "--dist", "loadscope", "--xenlab-name", name, "-p", "no:cacheprovider",
                                                "-p", "no:randomly", "-rA", timeout=1200)
-        result.assert_outcomes(passed=5, failed=1)
+        result.assert_outcomes(passed=6, failed=1)
         grouped = [json.loads((pytester.path / f"group-{step}.json").read_text())["lab"] for step in ("write", "read")]
         assert grouped[0] == grouped[1], grouped
         seen = [json.loads((pytester.path / f"seen-{n}.json").read_text()) for n in range(4)]

@@ -26,7 +26,7 @@ from ring_bench import emit, host, lab_and_guest  # shared helpers (lab up, pyth
 
 from xenlab.evtchn.ping import ping
 from xenlab.guest.agentrun import domid_of
-from xenlab.guest.deploy import agent_command, ensure_agent
+from xenlab.deploy import agent_command, ensure_agent
 from xenlab.guest.manager import Guests
 
 SOURCE = Path(__file__).resolve().parent / "c" / "xlping.c"

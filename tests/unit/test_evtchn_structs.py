@@ -95,7 +95,7 @@ def test_agent_errors_round_trip_through_the_cli(capsys):
     line = capsys.readouterr().err.strip()
     assert line.startswith(errors.ERROR_PREFIX)
     from xenlab.errors import ChannelError
-    from xenlab.guest.deploy import agent_reply
+    from xenlab.deploy import agent_reply
 
     with pytest.raises(ChannelError) as caught:
         agent_reply("", "some warning\n" + line, 3, "boom", ChannelError)
@@ -105,7 +105,7 @@ def test_agent_errors_round_trip_through_the_cli(capsys):
 def test_domctl_refusals_use_the_same_convention(capsys, monkeypatch):
     from xenlab.errors import GuestError
     from xenlab.agent import domctl
-    from xenlab.guest.deploy import agent_reply
+    from xenlab.deploy import agent_reply
 
     monkeypatch.setattr(domctl, "domid_of", lambda name: None)
     monkeypatch.setattr(domctl, "read_meta", lambda name: None)
@@ -119,7 +119,7 @@ def test_domctl_refusals_use_the_same_convention(capsys, monkeypatch):
 
 def test_agent_reply_reads_the_result_and_names_a_silent_death():
     from xenlab.errors import ChannelError
-    from xenlab.guest.deploy import agent_reply
+    from xenlab.deploy import agent_reply
 
     assert agent_reply('[{"name": "a"}]', "", 0, "list", ChannelError) == [{"name": "a"}]
     assert agent_reply('{"port": 5}\nnoise\n{"answered": 3}\n', "", 0, "pong", ChannelError) == {"answered": 3}

@@ -11,7 +11,7 @@ from xenlab import templates
 from xenlab.errors import ConfigError
 from xenlab.agent import facts
 from xenlab.build import rootfs
-from xenlab.guest import deploy
+from xenlab import deploy
 from xenlab.agent import iocheck
 from xenlab.guest.manager import pick_address, render_xl_config
 from xenlab.guest.spec import DiskSpec, GuestSpec, check_type_on_lab

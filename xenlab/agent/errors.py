@@ -1,6 +1,6 @@
 """The agent's one error type and how every agent command reports it: one
 line `XENLAB-AGENT-ERROR {json}` on stderr and exit code 3 (results are JSON
-on stdout). The host side (xenlab.guest.deploy.agent_reply) turns it back
+on stdout). The host side (xenlab.deploy.agent_reply) turns it back
 into a XenlabError with the same message and hint."""
 
 from __future__ import annotations

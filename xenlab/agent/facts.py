@@ -25,6 +25,11 @@ DOM0_AGENT_ROOT = "/usr/local/lib/xenlab"
 DOMU_AGENT_ROOT = "/usr/lib/xenlab"
 HOTPLUG_DIR = f"{DOM0_AGENT_ROOT}/hotplug"
 
+# The guest roots xenlab builds, and the kernels it builds them for (a guest
+# may also boot the path of a kernel file of the user's).
+ROOTS = ("busybox", "python")
+KERNELS = ("minimal", "debian")
+
 # Guest files in dom0: shipped kernels and roots, and one directory per guest.
 IMAGES_DIR = "/var/lib/xenlab/images"
 GUESTS_DIR = "/var/lib/xenlab/guests"

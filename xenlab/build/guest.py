@@ -3,9 +3,9 @@ and every guest root for each kernel."""
 
 from __future__ import annotations
 
+from xenlab.agent.facts import KERNELS, ROOTS
 from xenlab.build import dom0, kernel, rootfs
 from xenlab.config import LabConfig
-from xenlab.guest.spec import KERNELS, ROOTS
 from xenlab.paths import cache_dir
 from xenlab.progress import Steps
 

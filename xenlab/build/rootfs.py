@@ -22,7 +22,7 @@ from xenlab.build import extras
 from xenlab.build.dom0 import Dom0Image
 from xenlab.build.initramfs import cpio_archive
 from xenlab.run import run
-from xenlab.guest import deploy
+from xenlab import deploy
 
 BUSYBOX = Path("/bin/busybox")
 BUILD_VERSION = "1"

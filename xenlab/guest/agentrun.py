@@ -9,7 +9,7 @@ import time
 
 from xenlab.agent.facts import AGENT_PACKAGE, DOMU_AGENT_ROOT
 from xenlab.errors import ChannelError
-from xenlab.guest import deploy
+from xenlab import deploy
 from xenlab.lab.ssh import SSHSession
 
 

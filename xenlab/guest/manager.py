@@ -28,7 +28,7 @@ from xenlab.errors import ConfigError, GuestError
 from xenlab.guest.handle import Guest
 from xenlab.guest.spec import GuestSpec, check_type_on_lab
 from xenlab.build import dom0 as images, extras, kernel as kernel_mod, rootfs
-from xenlab.guest import deploy
+from xenlab import deploy
 from xenlab.lab.ssh import CommandResult, SSHSession
 from xenlab.paths import cache_dir
 

@@ -6,12 +6,11 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from xenlab.agent.facts import KERNELS, ROOTS
 from xenlab.config import parse_mib, validate_name
 from xenlab.errors import ConfigError
 
 MODULE_NAME = re.compile(r"^[A-Za-z0-9_-]+$")
-ROOTS = ("busybox", "python")
-KERNELS = ("minimal", "debian")  # or the path of a kernel file of the user's
 TYPES = ("pv", "pvh", "hvm")
 # Seconds a guest gets to be up and Connected unless told otherwise. An HVM
 # guest runs SeaBIOS and a Debian kernel under nested SVM in TCG: 83 s to

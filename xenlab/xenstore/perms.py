@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 from xenlab.errors import XenStoreError
 from xenlab.guest.agentrun import DOMU_AGENT
-from xenlab.guest.deploy import agent_reply
+from xenlab.deploy import agent_reply
 
 
 def run_in_guest(guests, name: str, ops: list[list[str]], timeout: float = 60) -> list[dict]:

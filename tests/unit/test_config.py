@@ -63,3 +63,12 @@ def test_json_round_trip():
 
     data = json.loads(config.load().to_json())
     assert data["dom0"]["suite"] == "bookworm"
+
+
+def test_differences_name_what_a_running_lab_was_not_started_with():
+    running = config.load(overrides={"name": "d"})
+    assert running.differences(running) == []
+    # How it boots is not what runs: no difference.
+    assert config.load(overrides={"name": "d", "boot_timeout": 999, "snapshots": False}).differences(running) == []
+    asked = config.load(overrides={"name": "d", "memory": "3G", "dom0.vcpus": 1})
+    assert asked.differences(running) == [f"memory: {running.memory!r} -> 3072", f"dom0.vcpus: {running.dom0.vcpus!r} -> 1"]

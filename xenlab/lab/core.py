@@ -272,8 +272,16 @@ class Lab:
         was_up = self.state()[0] == "up"
         with self.locked("up", on_wait=wait_note):
             state, why = self.state()
-            if state == "up" and waited and not was_up and (info := self.info()):
-                steps.note(f"lab {self.name} was booted meanwhile by the command we waited for")
+            if state == "up" and (info := self.info()):
+                # As `vagrant up`: a lab already up as asked is used as it is.
+                asked = self.cfg.differences(config_mod.LabConfig.from_dict(info["config"]))
+                if asked:
+                    raise LabError(f"lab {self.name!r} is already up with another configuration ({'; '.join(asked)})",
+                                   f"stop it first (`xenlab down --lab {self.name}`) to boot it so, or leave out what differs")
+                if waited and not was_up:
+                    steps.note(f"lab {self.name} was booted meanwhile by the command we waited for")
+                else:
+                    steps.note(f"lab {self.name} is already up (SSH on 127.0.0.1:{info.get('ssh_port', '?')}): nothing to do")
                 return info
             if state in ("orphaned", "gone"):
                 steps.note(f"lab {self.name} is {state} ({why}): removing what is left and booting again")

@@ -102,10 +102,12 @@ def test_every_lazily_loaded_command_is_the_one_its_name_says():
     names each command apart from the command itself: they must agree."""
     import click
 
-    from xenlab.cli import COMMANDS
+    from xenlab.cli import ALIASES, COMMANDS
 
     ctx = click.Context(main)
     for name in COMMANDS:
         command = main.get_command(ctx, name)
-        assert command is not None and command.name == ("console" if name == "logs" else name), name
+        assert command is not None and command.name == name, name
+    for alias, name in ALIASES.items():
+        assert main.get_command(ctx, alias).name == name and alias not in main.list_commands(ctx)
     assert main.get_command(ctx, "nosuch") is None

@@ -24,10 +24,12 @@ from xenlab.cli.common import XenlabGroup
 COMMANDS = {
     "config": ("lab", "config_cmd"), "doctor": ("lab", "doctor"), "build": ("lab", "build"), "up": ("lab", "up"),
     "reset": ("lab", "reset"), "down": ("lab", "down"), "snapshot": ("lab", "snapshot"), "status": ("lab", "status"),
-    "ssh": ("lab", "ssh"), "cp": ("lab", "cp"), "console": ("lab", "console_cmd"), "logs": ("lab", "console_cmd"),
+    "ssh": ("lab", "ssh"), "cp": ("lab", "cp"), "console": ("lab", "console_cmd"),
     "guest": ("guest", "guest"), "xs": ("xs", "xs"), "trace": ("xs", "trace"), "evtchn": ("evtchn", "evtchn"),
     "ring": ("evtchn", "ring"), "verify": ("verify", "verify"), "debug": ("debug", "debug"),
 }
+# Other names a command answers to, kept out of the command list (its help says them).
+ALIASES = {"logs": "console"}
 
 
 class LazyGroup(XenlabGroup):
@@ -35,6 +37,7 @@ class LazyGroup(XenlabGroup):
         return sorted(COMMANDS)
 
     def get_command(self, ctx, name):
+        name = ALIASES.get(name, name)
         if name not in COMMANDS:
             return None
         module, attr = COMMANDS[name]

@@ -1,4 +1,4 @@
-"""`xenlab guest ...`: PV domUs in the lab."""
+"""`xenlab guest ...`: domUs (PV, PVH, HVM) in the lab."""
 
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ def _traced(ctx, lab: str | None, guest_name: str, enabled: bool, destroying: bo
 
 @click.group()
 def guest():
-    """PV domUs: create, list, exec, check, console, destroy."""
+    """domUs (PV, PVH or HVM): create, list, exec, check, console, destroy."""
 
 
 def _tree_options(f):
@@ -111,7 +111,7 @@ def kernel_dir_cmd(tree, fragment):
 @json_option
 @click.pass_context
 def create(ctx, lab, name, memory, vcpus, disks, net, kernel, modules, load, add, root, guest_type, timeout, extra, hotplug, trace, as_json):
-    """Start a PV domU; returns when it is up and every vbd/vif is Connected
+    """Start a domU (PV unless --type); returns when it is up and every vbd/vif is Connected
     (and every --load module is loaded)."""
     spec = GuestSpec(
         name=name, memory=parse_mib(memory, "--memory"), vcpus=vcpus, disks=tuple(DiskSpec.parse(d) for d in disks),

@@ -232,7 +232,7 @@ def ssh(ctx, lab, command):
 @click.option("-f", "--follow", is_flag=True, help="keep printing new lines")
 @click.pass_context
 def console_cmd(ctx, lab, lines, follow):
-    """Where the serial log (Xen + dom0 console) is, and its tail."""
+    """Where the serial log (Xen + dom0 console) is, and its tail (also: `xenlab logs`)."""
     the_lab = open_lab(ctx, lab)
     shown = the_lab.console_lines(lines, follow)
     click.echo(f"serial log: {the_lab.serial_log}")

@@ -61,6 +61,16 @@ def test_verify_json_and_table_match_the_junit(verified):
     assert "EACCES" in by_name["xenstore.perms"]["evidence"]
     assert "echo requests" in by_name["devchan.echo"]["evidence"]
     assert "skipped inside" not in by_name["xen.tools.test-resource"]["evidence"]  # its PVH domain was built
+    # The figures are data, not only words: as the evidence line says them.
+    data = {name: check["data"] for name, check in by_name.items()}
+    assert data["lab.boot"]["xen_version"].startswith("4.17.") and data["lab.boot"]["boot_seconds"] > 0
+    create = data["guest.create"]
+    assert 0 < create["xl_create_seconds"] <= create["connected_seconds"] and create["ready_seconds"] > 0 and create["devices"] == 3
+    assert f"Connected {create['connected_seconds']:.1f} s" in by_name["guest.create"]["evidence"]
+    assert 0 < data["evtchn.ping"]["p50_us"] <= data["evtchn.ping"]["p99_us"]
+    assert f"p99 {data['evtchn.ping']['p99_us']:.0f} us" in by_name["evtchn.ping"]["evidence"]
+    assert data["devchan.echo"]["requests"] > 0 and data["devchan.echo"]["mb_per_s"] > 0
+    assert data["guest.destroy"]["destroy_seconds"] > 0 and data["xenstore.layout"]["devices"] == 3
     table = verified["proc"].stdout.splitlines()
     assert table[0].split() == ["check", "result", "time", "evidence"]
     for check in report["checks"]:

@@ -132,6 +132,15 @@ def test_runner_states_and_dependencies(tmp_path):
     assert "ZeroDivisionError" in out[4].evidence and "Traceback" in out[4].details
 
 
+def test_a_checks_figures_are_fields_of_its_data(tmp_path):
+    ctx = Context(lab=FakeLab(tmp_path), guest="g")
+    out: list[Result] = []
+    run_one(ctx, out, "lab.boot", lambda c: ("up", "", {"boot_seconds": 3.5}), (), ())
+    run_one(ctx, out, "lab.dom0", lambda c: ("answers", "details"), ("lab.boot",), ())
+    assert [(r.state, r.data, r.details) for r in out] == [("SUCCESS", {"boot_seconds": 3.5}, ""), ("SUCCESS", {}, "details")]
+    assert out[0].to_dict()["data"] == {"boot_seconds": 3.5}
+
+
 def test_runner_turns_a_failure_after_a_panic_into_crash(tmp_path):
     ctx = Context(lab=FakeLab(tmp_path, "(XEN) Xen version\n(XEN) Domain 0 crashed: rebooting machine in 5 seconds.\n"), guest="g")
     out: list[Result] = []

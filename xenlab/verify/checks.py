@@ -1,7 +1,9 @@
 """The checks `xenlab verify` runs (see verify.py for states and the runner).
 
 Each takes the run's Context and returns its evidence (one line, or
-(line, details), or a list of Results), or raises CheckFailed. None of them
+(line, details), or (line, details, data): `data` holds the check's figures
+as JSON fields, for a user to plot without parsing the line), or a list of
+Results, or raises CheckFailed. None of them
 re-implements a check: they call the library's own."""
 
 from __future__ import annotations
@@ -41,8 +43,11 @@ def boot(ctx: Context):
             else f"booted in {st['boot_seconds']:.1f} s")
     how = f"{boot} now" if ctx.booted_here else f"already up {st['uptime_seconds']:.0f} s ({boot})"
     qemu = st.get("versions", {}).get("qemu")
+    data = {"xen_version": st["xen_version"], "accel": st["accel"], "cpu": st["cpu"], "qemu": qemu,
+            "dom0_memory_mib": st["dom0"]["memory_mib"], "dom0_vcpus": st["dom0"]["vcpus"], "booted_here": bool(ctx.booted_here),
+            "restored": bool(st.get("restored")), "boot_seconds": st["boot_seconds"], "uptime_seconds": st["uptime_seconds"]}
     return (f"Xen {st['xen_version']} ({st['accel'].upper()}, {st['cpu']}, QEMU {qemu}), dom0 {st['dom0']['memory_mib']} MiB/{st['dom0']['vcpus']} vCPUs, "
-            f"{how}, SSH 127.0.0.1:{st['ssh_port']}")
+            f"{how}, SSH 127.0.0.1:{st['ssh_port']}"), "", data
 
 
 def dom0_services(ctx: Context):
@@ -76,8 +81,10 @@ def guest_create(ctx: Context):
     if len(devs) != len(spec.disks) + 1 or not_connected:
         raise CheckFailed(f"devices {kinds}, not Connected: {not_connected}")
     t = ctx.created["timings"]
+    data = {"domid": ctx.domid, "devices": len(devs), "xl_create_seconds": t["xl_create"], "connected_seconds": t["connected"],
+            "ready_seconds": t["ready"], "total_seconds": t.get("total")}
     return (f"{ctx.guest} is domid {ctx.domid} ({ctx.created['ip']}), {', '.join(kinds)} Connected both sides; "
-            f"xl create {t['xl_create']:.1f} s, Connected {t['connected']:.1f} s, ready {t['ready']:.1f} s")
+            f"xl create {t['xl_create']:.1f} s, Connected {t['connected']:.1f} s, ready {t['ready']:.1f} s"), "", data
 
 
 def _trace_verdict(timeline, expect_phase: str):
@@ -104,7 +111,7 @@ def trace_create(ctx: Context):
         return ">".join(short.get(state_name(s), state_name(s)) for s in seq)
 
     per = "; ".join(f"{r.device} be {states(r.backend)} fe {states(r.frontend)}" for r in reports)
-    return f"{len(ctx.timeline)} state changes, no violation: {per}", text
+    return f"{len(ctx.timeline)} state changes, no violation: {per}", text, {"state_changes": len(ctx.timeline), "devices": len(reports)}
 
 
 def xenstore_layout(ctx: Context):
@@ -119,7 +126,8 @@ def xenstore_layout(ctx: Context):
         raise CheckFailed(f"{len(layouts)} devices in XenStore, expected {len(ctx.spec().disks) + 1}", text)
     rings = sum(len(d.rings) for d in layouts)
     chans = sum(len(d.event_channels) for d in layouts)
-    return f"{len(layouts)} devices, both directions consistent, {rings} ring refs and {chans} event channels published, all Connected", text
+    return (f"{len(layouts)} devices, both directions consistent, {rings} ring refs and {chans} event channels published, all Connected",
+            text, {"devices": len(layouts), "ring_refs": rings, "event_channels": chans})
 
 
 def xenstore_perms(ctx: Context):
@@ -133,7 +141,8 @@ def xenstore_perms(ctx: Context):
     if failed:
         raise CheckFailed(f"{len(failed)} of {len(checks)} wrong, first: {failed[0].what}: expected {failed[0].expected}, got {failed[0].got}", text)
     denied = sum(c.got == "EACCES" for c in checks)
-    return f"{len(checks)} requests from the guest as expected: own area read/write ok, {denied} refused with xenstored's EACCES (other domain: d{other})", text
+    return (f"{len(checks)} requests from the guest as expected: own area read/write ok, {denied} refused with xenstored's EACCES (other domain: d{other})",
+            text, {"requests": len(checks), "refused": denied, "other_domid": other})
 
 
 def ring_io(ctx: Context):
@@ -159,7 +168,8 @@ def evtchn_catalogue(ctx: Context):
     tried = [c for c in checks if not c.get("not_tried")]
     ops = len({c["seed_op"] for c in tried})
     not_tried = "".join(f"; not tried: {c['check']} ({c['not_tried']})" for c in checks if c.get("not_tried"))
-    return f"{len(tried)} checks covering {ops} operations/refusals, all read back as expected (dom0 and d{ctx.domid}){not_tried}", text
+    return (f"{len(tried)} checks covering {ops} operations/refusals, all read back as expected (dom0 and d{ctx.domid}){not_tried}",
+            text, {"checks": len(tried), "operations": ops, "not_tried": len(checks) - len(tried)})
 
 
 def evtchn_ping(ctx: Context):
@@ -171,15 +181,16 @@ def evtchn_ping(ctx: Context):
         raise CheckFailed(f"{result.get('count')} of {PING_COUNT} round trips timed, the domU answered {result.get('guest_answered')}", text)
     if placed.get("not_restored"):
         raise CheckFailed(f"vCPU affinities not put back: {', '.join(placed['not_restored'])}", text)
+    data = {k: v for k, v in result.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     return (f"{PING_COUNT} round trips dom0<->d{ctx.domid}: mean {result['mean_us']:.0f} us, p50 {result['p50_us']:.0f} us, "
-            f"p99 {result['p99_us']:.0f} us ({placement_text(placed)}; put back after)"), text
+            f"p99 {result['p99_us']:.0f} us ({placement_text(placed)}; put back after)"), text, data
 
 
 def device_channel(ctx: Context):
     """The Python split driver: frontend in the domU, backend in dom0, checksummed echo both ways."""
     result = devchan(ctx.lab, ctx.guest, DEVCHAN_ARGS, devid=7)
     f, b = result["frontend"], result["backend"]
-    text = f"frontend: {f}\nbackend: {b}"
+    text = json.dumps({"frontend": f, "backend": b}, indent=1, default=str)
     problems = []
     if b.get("ended") != "frontend-closed":
         problems.append(f"backend ended with {b.get('ended')}: {b.get('error', '')}")
@@ -191,8 +202,10 @@ def device_channel(ctx: Context):
         problems.append("the backend left grants mapped or the channel bound")
     if problems:
         raise CheckFailed("; ".join(problems), text)
+    data = {"requests": f["requests"], "request_bytes": f["size"], "requests_per_s": f["requests_per_s"], "mb_per_s": f["mb_per_s"],
+            "bytes_out": f.get("bytes_out"), "bytes_in": f.get("bytes_in")}
     return (f"{f['requests']} echo requests of {f['size']} B, {f['requests_per_s']:.0f} req/s, {f['mb_per_s']:.1f} MB/s; "
-            f"backend {'->'.join(b['states'])}; nothing left mapped or bound"), text
+            f"backend {'->'.join(b['states'])}; nothing left mapped or bound"), text, data
 
 
 def guest_destroy(ctx: Context):
@@ -208,13 +221,15 @@ def guest_destroy(ctx: Context):
         raise CheckFailed(f"the guest had crashed; its core is in {result['core_dir']} (`xenlab debug core-log DIR --panic`)")
     if left:
         raise CheckFailed(f"left behind in dom0: {left}")
-    return f"domid {result['domid']} destroyed in {result['seconds']:.1f} s; no backend node, loop device or vif left"
+    return (f"domid {result['domid']} destroyed in {result['seconds']:.1f} s; no backend node, loop device or vif left", "",
+            {"domid": result["domid"], "destroy_seconds": result["seconds"]})
 
 
 def trace_destroy(ctx: Context):
     """The teardown the trace saw is a clean forced teardown (domain destroyed)."""
     reports, text = _trace_verdict(ctx.timeline, "teardown")
-    return f"{len(ctx.timeline)} state changes, no violation; {', '.join(sorted({p for r in reports for p in r.phases}))}", text
+    return (f"{len(ctx.timeline)} state changes, no violation; {', '.join(sorted({p for r in reports for p in r.phases}))}", text,
+            {"state_changes": len(ctx.timeline), "devices": len(reports)})
 
 
 def xen_tool_tests(ctx: Context):
@@ -264,8 +279,9 @@ def crash_scan(ctx: Context):
     crashed = [d["name"] for d in doms if "c" in d["state"]]
     if crashed:
         raise CheckFailed(f"domains in crashed state: {', '.join(crashed)}")
-    return (f"serial log ({ctx.lab.serial_log.stat().st_size >> 10} KiB) has no Xen or dom0 panic; {len(doms)} domains, none crashed"
-            + (f"; {ctx.lab_stalled}" if ctx.lab_stalled else ""))
+    size = ctx.lab.serial_log.stat().st_size
+    return (f"serial log ({size >> 10} KiB) has no Xen or dom0 panic; {len(doms)} domains, none crashed"
+            + (f"; {ctx.lab_stalled}" if ctx.lab_stalled else "")), "", {"serial_log_bytes": size, "domains": len(doms)}
 
 
 def cleanup(ctx: Context) -> None:

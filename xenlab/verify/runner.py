@@ -56,6 +56,7 @@ def run_one(ctx: Context, results: list[Result], name: str, fn: Callable[[Contex
     ctx.log(f"> {name} ...")
     start = time.monotonic()
     details = ""
+    data: dict = {}
     try:
         out = fn(ctx)
         if isinstance(out, list):
@@ -70,7 +71,7 @@ def run_one(ctx: Context, results: list[Result], name: str, fn: Callable[[Contex
                     bad.state, bad.evidence, bad.details = "CRASH", crash[0], crash[1] + "\n\n" + bad.details
             ctx.log(f"  {name}: " + ", ".join(f"{n} {s}" for s, n in summary(out).items() if n and s in STATES))
             return
-        evidence, details = out if isinstance(out, tuple) else (out, "")
+        evidence, details, data = (*out, {})[:3] if isinstance(out, tuple) else (out, "", {})
         state = "SUCCESS"
     except CheckFailed as e:
         state, evidence, details = "FAILURE", e.evidence, e.details
@@ -87,7 +88,7 @@ def run_one(ctx: Context, results: list[Result], name: str, fn: Callable[[Contex
             state, evidence, details = "CRASH", crash[0], crash[1] if details.strip() in crash[1] else crash[1] + "\n\n" + details
         elif ctx.lab_stalled:  # detect_crash read it from the serial log just now
             evidence, details = f"{evidence} ({ctx.lab_stalled})", f"{details}\n\n{ctx.lab_stalled}"
-    r = Result(name, state, round(time.monotonic() - start, 2), one_line(evidence, 400), details)
+    r = Result(name, state, round(time.monotonic() - start, 2), one_line(evidence, 400), details, data=data)
     ctx.log(f"  {r.state} {name} ({r.seconds:.1f} s): {one_line(r.evidence, 120)}")
     results.append(r)
 

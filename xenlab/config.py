@@ -79,11 +79,11 @@ class LabConfig:
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
 
-    def differences(self, running: "LabConfig") -> list[str]:
+    def differences(self, running: LabConfig) -> list[str]:
         """What this configuration asks that the lab `running` was not
         started with, as "key: running value -> asked value" (settings that
         only matter while booting, such as its timeout, left out)."""
-        def flat(cfg: "LabConfig") -> dict:
+        def flat(cfg: LabConfig) -> dict:
             out = {k: v for k, v in cfg.to_dict().items() if k not in ("dom0", *BOOT_ONLY)}
             out.update({f"dom0.{k}": v for k, v in cfg.to_dict()["dom0"].items()})
             return out
@@ -91,7 +91,7 @@ class LabConfig:
         return [f"{k}: {theirs.get(k)!r} -> {v!r}" for k, v in mine.items() if theirs.get(k) != v]
 
     @classmethod
-    def from_dict(cls, data: dict) -> "LabConfig":
+    def from_dict(cls, data: dict) -> LabConfig:
         """The inverse of to_dict (e.g. the config a running lab was started with, from its lab.json)."""
         known = {f.name for f in fields(cls)}
         dom0_known = {f.name for f in fields(Dom0Config)}

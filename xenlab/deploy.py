@@ -16,7 +16,8 @@ from pathlib import Path
 
 from xenlab import agent, templates
 from xenlab.agent.errors import ERROR_PREFIX
-from xenlab.agent.facts import AGENT_PACKAGE, BRIDGE, DOM0_AGENT_ROOT as AGENT_ROOT, DOM0_PATH
+from xenlab.agent.facts import AGENT_PACKAGE, BRIDGE, DOM0_PATH
+from xenlab.agent.facts import DOM0_AGENT_ROOT as AGENT_ROOT
 from xenlab.errors import XenlabError
 
 AGENT_SRC = Path(agent.__file__).resolve().parent

@@ -11,8 +11,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from xenlab.lab import accel, versions
 from xenlab.build import dom0 as images
+from xenlab.lab import accel, versions
 from xenlab.paths import BACKPORTS_INSTALL, cache_base, cache_dir, state_base
 
 SETUP = "run ci/setup-host.sh (or apt-get install {pkg})"

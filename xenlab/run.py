@@ -215,7 +215,7 @@ def _stream(
     sink = _LineSink(on_line)
     # Threads, not a select loop: stdin, stdout and stderr must all move at
     # once or a child filling one pipe while we wait on another deadlocks.
-    threads = [threading.Thread(target=_pump, args=(p, o, sink), daemon=True) for p, o in zip(pipes, outputs)]
+    threads = [threading.Thread(target=_pump, args=(p, o, sink), daemon=True) for p, o in zip(pipes, outputs, strict=True)]
     if input is not None:
         threads.append(threading.Thread(target=_feed, args=(proc.stdin, input), daemon=True))
     for t in threads:

@@ -256,7 +256,8 @@ class IndirectRequest:
         _, iop, nr, id_, sector, handle, *grefs = INDIRECT.unpack_from(data)
         pages = indirect_pages(nr)
         if pages > BLKIF_MAX_INDIRECT_PAGES_PER_REQUEST:
-            raise BadRequest(f"indirect request {id_:#x} claims {nr} segments, more than {MAX_INDIRECT_SEGMENTS} ({BLKIF_MAX_INDIRECT_PAGES_PER_REQUEST} pages)", id_, BLKIF_OP_INDIRECT)
+            raise BadRequest(f"indirect request {id_:#x} claims {nr} segments, more than {MAX_INDIRECT_SEGMENTS} "
+                             f"({BLKIF_MAX_INDIRECT_PAGES_PER_REQUEST} pages)", id_, BLKIF_OP_INDIRECT)
         return cls(iop, id_, sector, nr, tuple(grefs[:pages]), handle)
 
 

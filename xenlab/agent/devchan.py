@@ -37,10 +37,10 @@ import zlib
 
 from .errors import AgentError, Stopped, raise_stopped
 from .evtchn import EventChannel
+from .facts import CLOSED, CLOSING, CONNECTED, INITIALISED, INITIALISING, INITWAIT, STATE_NAMES
 from .grant import PAGE, MappedPages, SharedPages
 from .placement import Placement
 from .ring import PVT_OFFSET, BackRing, FrontRing, RingError, SharedRing, mb
-from .facts import CLOSED, CLOSING, CONNECTED, INITIALISED, INITIALISING, INITWAIT, STATE_NAMES
 from .xs import XenStore, XsError
 
 DEVTYPE = "xlchan"
@@ -223,7 +223,7 @@ def run_backend(domid: int, devid: int = 0, timeout: float = 120.0, keep_nodes: 
     return result
 
 
-def _serve_backend(b: "Backend", domid: int, devid: int, keep_nodes: bool, placement: Placement | None) -> dict:
+def _serve_backend(b: Backend, domid: int, devid: int, keep_nodes: bool, placement: Placement | None) -> dict:
     b.create_nodes()
     print(f'{{"backend": "{b.be}", "frontend": "{b.fe}", "pid": {os.getpid()}}}', flush=True)
     ended, error = "error", None

@@ -26,7 +26,9 @@ import tty
 
 from . import facts
 from .errors import AgentError, report
-from .facts import CONSOLE_LOG, CORES_DIR, EXEC_CHUNK_TAG, EXEC_END_TAG, EXEC_REPLY_TAG, EXEC_REQUEST_TAG, GUEST_PANIC_PATTERNS as CRASH_PATTERNS, GUEST_READY_MARK as READY_MARK, GUESTS_DIR, XEN_TRIPLE_FAULT, state_name
+from .facts import CONSOLE_LOG, CORES_DIR, EXEC_CHUNK_TAG, EXEC_END_TAG, EXEC_REPLY_TAG, EXEC_REQUEST_TAG, GUESTS_DIR, XEN_TRIPLE_FAULT, state_name
+from .facts import GUEST_PANIC_PATTERNS as CRASH_PATTERNS
+from .facts import GUEST_READY_MARK as READY_MARK
 from .xl import parse_xl_list
 from .xs import XenStore
 
@@ -89,7 +91,7 @@ def console_text(name: str) -> str:
 
 
 def console_tail(name: str, lines: int = 25) -> str:
-    text = [l for l in console_text(name).splitlines() if not l.startswith((EXEC_REPLY_TAG + " ", EXEC_CHUNK_TAG + " "))]
+    text = [line for line in console_text(name).splitlines() if not line.startswith((EXEC_REPLY_TAG + " ", EXEC_CHUNK_TAG + " "))]
     return "\n".join(text[-lines:])
 
 
@@ -247,7 +249,8 @@ def _wait_up(store: XenStore, name: str, domid: int, spec: dict, t0: float) -> d
         time.sleep(0.02)
     states = ", ".join(f"{d['kind']}/{d['devid']} front {state_name(d['frontend_state'])} back {state_name(d['backend_state'])}" for d in devices(store, domid))
     raise Refused(
-        f"guest {name!r} was not up after {spec['timeout']:.0f} s (devices: {states or 'none'}; ready line {'seen' if ready_at else 'not seen'})\n--- console ---\n{console_tail(name)}",
+        f"guest {name!r} was not up after {spec['timeout']:.0f} s (devices: {states or 'none'}; "
+        f"ready line {'seen' if ready_at else 'not seen'})\n--- console ---\n{console_tail(name)}",
         "raise --timeout on a slow host, or look at `xenlab guest console`",
     )
 

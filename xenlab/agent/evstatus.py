@@ -113,7 +113,7 @@ class Xc:
             self.lib.xc_interface_close(self.xch)
             self.xch = None
 
-    def __enter__(self) -> "Xc":
+    def __enter__(self) -> Xc:
         return self
 
     def __exit__(self, *exc) -> None:

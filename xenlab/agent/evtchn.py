@@ -181,7 +181,7 @@ class EventChannel:
             os.close(self.fd)
             self.fd = -1
 
-    def __enter__(self) -> "EventChannel":
+    def __enter__(self) -> EventChannel:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -233,16 +233,17 @@ def fast_echo(ev: EventChannel, port: int, count: int, timeout: float) -> int:
     old = signal.signal(signal.SIGALRM, _raise_deadline)
     signal.setitimer(signal.ITIMER_REAL, timeout)
     fd, ioctl, arg = ev.fd, fcntl.ioctl, bytearray(struct.pack("=I", port))
-    n = 0
+    done = 0
     try:
-        for n in range(1, count + 1):
+        for _ in range(count):
             fired = os.read(fd, 4)
             ioctl(fd, IOCTL_NOTIFY, arg)
             os.write(fd, fired)
+            done += 1
     except OSError as e:
         raise _explain("round trip (notify, read, unmask)", e, port=port) from None
     except _Deadline:
-        return n - 1
+        return done
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, old)

@@ -25,8 +25,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .blkif import (BLKIF_OP_DISCARD, BLKIF_OP_READ, BLKIF_OP_WRITE, BLKIF_OP_WRITE_BARRIER,
-                    FEATURE_MAX_INDIRECT_SEGMENTS, MAX_RING_PAGE_ORDER)
+from .blkif import BLKIF_OP_DISCARD, BLKIF_OP_READ, BLKIF_OP_WRITE, BLKIF_OP_WRITE_BARRIER, FEATURE_MAX_INDIRECT_SEGMENTS, MAX_RING_PAGE_ORDER
 from .facts import CLOSED, INITWAIT
 
 

@@ -120,7 +120,7 @@ class SharedPages:
         os.close(self.fd)
         self.fd = -1
 
-    def __enter__(self) -> "SharedPages":
+    def __enter__(self) -> SharedPages:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -172,7 +172,7 @@ class MappedPages:
         os.close(self.fd)
         self.fd = -1
 
-    def __enter__(self) -> "MappedPages":
+    def __enter__(self) -> MappedPages:
         return self
 
     def __exit__(self, *exc) -> None:

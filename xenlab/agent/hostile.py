@@ -16,8 +16,20 @@ from __future__ import annotations
 import time
 
 from .blkif import (
-    BLKIF_OP_READ, BLKIF_OP_WRITE, BLKIF_RSP_EOPNOTSUPP, BLKIF_RSP_ERROR, BLKIF_RSP_OKAY, EVENT_CHANNEL, PROTOCOL, PROTOCOL_X86_64,
-    RING_ENTRY_SIZE, RING_REF, SECTORS, ReadWriteRequest, Response, Segment,
+    BLKIF_OP_READ,
+    BLKIF_OP_WRITE,
+    BLKIF_RSP_EOPNOTSUPP,
+    BLKIF_RSP_ERROR,
+    BLKIF_RSP_OKAY,
+    EVENT_CHANNEL,
+    PROTOCOL,
+    PROTOCOL_X86_64,
+    RING_ENTRY_SIZE,
+    RING_REF,
+    SECTORS,
+    ReadWriteRequest,
+    Response,
+    Segment,
 )
 from .errors import AgentError
 from .evtchn import EventChannel

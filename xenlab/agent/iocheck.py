@@ -73,7 +73,7 @@ def read_cmd(dev: str, offset: int, length: int) -> str:
 def first_difference(a: bytes, b: bytes) -> int | None:
     if a == b:
         return None
-    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+    return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
 
 
 class Check:
@@ -118,7 +118,7 @@ class Check:
         written = [pattern("dom0", off, n) for off, n in places]
         fd = os.open(path, os.O_WRONLY)
         try:
-            for (off, _), data in zip(places, written):
+            for (off, _), data in zip(places, written, strict=True):
                 os.pwrite(fd, data, off)
             os.fsync(fd)
         finally:
@@ -142,7 +142,7 @@ class Check:
         self.record(f"block {disk.get('label', disk['vdev'])}: dom0 writes backing file, guest reads it", ok, detail, started, bytes=total)
 
     def _where_reads_differ(self, dev: str, places: list[tuple[int, int]], got: list[str], want: list[str]) -> str:
-        wrong = [(off, n) for (off, n), g, w in zip(places, got + [""] * len(places), want) if g != w]
+        wrong = [(off, n) for (off, n), g, w in zip(places, got + [""] * len(places), want, strict=False) if g != w]
         off, n = wrong[0]
         _, out, err = self.guest(
             f"{read_cmd(dev, off, n)} > /tmp/got; "
@@ -161,7 +161,8 @@ class Check:
         refused = "dd=0" not in out and "ro=1" in out
         self.record(
             f"block {disk.get('label', disk['vdev'])}: read-only disk refuses writes", refused and before == after,
-            f"guest sees ro=1, dd refused: {next((l for l in err.splitlines() if l.startswith('dd:')), err.strip()[-80:])}; backing file unchanged" if refused and before == after
+            f"guest sees ro=1, dd refused: {next((line for line in err.splitlines() if line.startswith('dd:')), err.strip()[-80:])}; "
+            "backing file unchanged" if refused and before == after
             else f"write was not refused or file changed (guest: {out.strip()} {err.strip()}; file {'unchanged' if before == after else 'CHANGED'})",
             started,
         )
@@ -173,7 +174,8 @@ class Check:
         back = subprocess.run(["busybox", "ping", "-c", "3", "-W", "3", ip], capture_output=True, text=True)
         self.record(
             "net: ping guest -> dom0 and dom0 -> guest", rc == 0 and back.returncode == 0,
-            f"{_ping_summary(out)}; {_ping_summary(back.stdout)}" if rc == 0 and back.returncode == 0 else f"guest: {(out + err).strip()[-200:]} dom0: {back.stdout.strip()[-200:]}",
+            f"{_ping_summary(out)}; {_ping_summary(back.stdout)}" if rc == 0 and back.returncode == 0
+            else f"guest: {(out + err).strip()[-200:]} dom0: {back.stdout.strip()[-200:]}",
             started,
         )
 
@@ -193,7 +195,8 @@ class Check:
         ok = rc == 0 and received.get("sha256") == sent and received.get("bytes") == BULK_BYTES
         self.record(
             "net: bulk guest -> dom0", ok,
-            f"{BULK_BYTES >> 20} MiB, sha256 {sent[:16]} on both ends, {received.get('mb_s')} MB/s" if ok else f"guest sha {sent[:16]} rc {rc} {err.strip()[-200:]}, dom0 got {received}",
+            f"{BULK_BYTES >> 20} MiB, sha256 {sent[:16]} on both ends, {received.get('mb_s')} MB/s" if ok
+            else f"guest sha {sent[:16]} rc {rc} {err.strip()[-200:]}, dom0 got {received}",
             started, bytes=BULK_BYTES, mb_s=received.get("mb_s"),
         )
 
@@ -219,7 +222,8 @@ class Check:
         ok = sent_ok and rc == 0 and got == want
         self.record(
             "net: bulk dom0 -> guest", ok,
-            f"{BULK_BYTES >> 20} MiB, sha256 {want[:16]} on both ends, {BULK_BYTES / took / 1e6:.2f} MB/s" if ok else f"dom0 sha {want[:16]}, guest {out.strip()} {err} {err2}".strip(),
+            f"{BULK_BYTES >> 20} MiB, sha256 {want[:16]} on both ends, {BULK_BYTES / took / 1e6:.2f} MB/s" if ok
+            else f"dom0 sha {want[:16]}, guest {out.strip()} {err} {err2}".strip(),
             started, bytes=BULK_BYTES, mb_s=round(BULK_BYTES / took / 1e6, 2),
         )
 
@@ -246,8 +250,8 @@ def _receive(server: socket.socket, expect: int, out: dict) -> None:
 
 
 def _ping_summary(text: str) -> str:
-    lines = [l for l in text.splitlines() if "packets transmitted" in l or "min/avg/max" in l]
-    return " / ".join(l.strip() for l in lines) or text.strip()[-120:]
+    lines = [line for line in text.splitlines() if "packets transmitted" in line or "min/avg/max" in line]
+    return " / ".join(line.strip() for line in lines) or text.strip()[-120:]
 
 
 def _sha256_file(path: str) -> str:

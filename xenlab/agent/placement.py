@@ -85,7 +85,7 @@ class Placement:
         self.saved: dict[tuple[int, int], str] = {}
         self.report: dict = {}
 
-    def __enter__(self) -> "Placement":
+    def __enter__(self) -> Placement:
         name_this_process(self.handle)
         allowed = os.sched_getaffinity(0)
         try:
@@ -170,7 +170,7 @@ def hold(argv: list[str]) -> int:
     if "--" not in argv:
         raise PlacementError("usage: placement --remote DOMID [--vcpu N] -- CMD ...")
     opts, cmd = argv[:argv.index("--")], argv[argv.index("--") + 1:]
-    values = dict(zip(opts[::2], opts[1::2]))
+    values = dict(zip(opts[::2], opts[1::2], strict=False))
     with Placement(int(values["--remote"]), int(values.get("--vcpu", 0))) as placement:
         rc = subprocess.run(cmd).returncode
     sys.stderr.write(f"placement: {placement.report}\n")
@@ -183,4 +183,4 @@ if __name__ == "__main__":
     try:
         raise SystemExit(hold(sys.argv[1:]))
     except AgentError as e:
-        raise SystemExit(report(e))
+        raise SystemExit(report(e)) from None

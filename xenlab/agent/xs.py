@@ -227,7 +227,7 @@ class XenStore:
         self._fd = -1
         self._sock = None
 
-    def __enter__(self) -> "XenStore":
+    def __enter__(self) -> XenStore:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -12,7 +12,16 @@ import errno as _errno
 import json
 
 from .xs import (
-    XS_DIRECTORY, XS_GET_DOMAIN_PATH, XS_GET_PERMS, XS_MKDIR, XS_READ, XS_RM, XS_SET_PERMS, XS_WRITE, XenStore, XsError,
+    XS_DIRECTORY,
+    XS_GET_DOMAIN_PATH,
+    XS_GET_PERMS,
+    XS_MKDIR,
+    XS_READ,
+    XS_RM,
+    XS_SET_PERMS,
+    XS_WRITE,
+    XenStore,
+    XsError,
 )
 
 OPS = {"ls": XS_DIRECTORY, "read": XS_READ, "get-perms": XS_GET_PERMS, "domain-path": XS_GET_DOMAIN_PATH,

@@ -22,10 +22,10 @@ from pathlib import Path
 
 from xenlab import templates
 from xenlab.agent.facts import NETWORK, XEN_BIN, XEN_VERSIONS
-from xenlab.config import LabConfig
-from xenlab.errors import HostError
 from xenlab.build import initramfs, kit
 from xenlab.build.kernel import decompress_bzimage
+from xenlab.config import LabConfig
+from xenlab.errors import HostError
 from xenlab.paths import cache_dir, sweep_stale_work, work_dir
 from xenlab.progress import Steps
 from xenlab.run import STOP_GRACE_S, run, term_when_parent_dies

@@ -101,7 +101,7 @@ def find_modules(directory: str | Path) -> dict[str, Path]:
 
 def check_modules(modules: dict[str, Path], release: str) -> None:
     """Every module must have been built for the guest kernel (its vermagic's release)."""
-    for name, ko in modules.items():
+    for ko in modules.values():
         vermagic = modinfo(ko.read_bytes(), str(ko)).get("vermagic", "")
         built_for = vermagic.split()[0] if vermagic else "(no vermagic)"
         if built_for != release:

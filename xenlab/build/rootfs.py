@@ -15,14 +15,13 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from xenlab import templates
+from xenlab import deploy, templates
 from xenlab.agent.facts import DOMU_AGENT_ROOT, EXEC_CHUNK_BYTES, EXEC_CHUNK_TAG, EXEC_END_TAG, EXEC_REPLY_TAG, EXEC_REQUEST_TAG, GUEST_PANIC_MARK, GUEST_READY_MARK
-from xenlab.errors import HostError
 from xenlab.build import extras
 from xenlab.build.dom0 import Dom0Image
 from xenlab.build.initramfs import cpio_archive
+from xenlab.errors import HostError
 from xenlab.run import run
-from xenlab import deploy
 
 BUSYBOX = Path("/bin/busybox")
 BUILD_VERSION = "1"

@@ -15,9 +15,9 @@ from pathlib import Path
 # is refused invoke.
 sys.modules.setdefault("invoke", None)
 
-import click
+import click  # noqa: E402 - after the invoke stub above
 
-from xenlab.cli.common import XenlabGroup
+from xenlab.cli.common import XenlabGroup  # noqa: E402 - after the invoke stub above
 
 # Each command's module is imported only when that command runs (or for
 # --help): `xenlab up` does not pay for the guest, verify and debug modules.

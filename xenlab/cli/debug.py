@@ -10,7 +10,9 @@ from pathlib import Path
 import click
 
 from xenlab.cli.common import emit, json_option, lab_option, open_lab
-from xenlab.debug import coredump, gdb, keys as debug_keys, stack as debug_stack, xentrace
+from xenlab.debug import coredump, gdb, xentrace
+from xenlab.debug import keys as debug_keys
+from xenlab.debug import stack as debug_stack
 
 
 @click.group()

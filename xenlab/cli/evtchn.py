@@ -28,15 +28,23 @@ def ls_cmd(ctx, lab, domid, as_json):
 
     def text(d):
         for p in d["ports"]:
-            extra = {
-                "unbound": lambda: f"remote dom {p['remote_domid']}",
-                "interdomain": lambda: f"remote dom {p['remote_domid']} port {p['remote_port']}",
-                "virq": lambda: f"VIRQ {p['virq']} ({p['virq_name']})",
-                "pirq": lambda: f"PIRQ {p['pirq']}",
-            }.get(p["state"], lambda: "")()
+            extra = port_peer(p)
             click.echo(f"{p['port']:5d}  vcpu {p['vcpu']}  {p['state']:<11} {extra}")
 
     emit(data, as_json, text)
+
+
+def port_peer(p: dict) -> str:
+    """What an event channel port is bound to, by its state."""
+    if p["state"] == "unbound":
+        return f"remote dom {p['remote_domid']}"
+    if p["state"] == "interdomain":
+        return f"remote dom {p['remote_domid']} port {p['remote_port']}"
+    if p["state"] == "virq":
+        return f"VIRQ {p['virq']} ({p['virq_name']})"
+    if p["state"] == "pirq":
+        return f"PIRQ {p['pirq']}"
+    return ""
 
 @evtchn.command("ping")
 @lab_option

@@ -101,7 +101,8 @@ def kernel_dir_cmd(tree, fragment):
 @click.option("--load", multiple=True, metavar="'MODULE [PARAMS]'", help="load this module of --modules at boot, before the guest is ready (repeatable, in order)")
 @click.option("--add", multiple=True, metavar="SRC:DEST", help="put a host file (or directory) into the guest at DEST (repeatable)")
 @click.option("--root", type=click.Choice(ROOTS), default="busybox", show_default=True, help="python adds python3 and the xenlab agents")
-@click.option("--type", "guest_type", default="pv", show_default=True, help="pv; pvh or hvm need --kernel debian or your kernel and an SVM CPU model, and under TCG a 1-vCPU lab on Xen 4.20 (--suite trixie) or on QEMU 7.2 (--qemu stock)")
+@click.option("--type", "guest_type", default="pv", show_default=True, help="pv; pvh or hvm need --kernel debian or your kernel and an SVM CPU model, "
+              "and under TCG a 1-vCPU lab on Xen 4.20 (--suite trixie) or on QEMU 7.2 (--qemu stock)")
 @click.option("--timeout", type=float, default=None,
               help="seconds to wait until the guest is up and Connected  [default: 120 for pv, 240 for pvh, 360 for hvm]")
 @click.option("--extra", default="", help="appended to the guest kernel command line")

@@ -16,7 +16,8 @@ from xenlab.build import dom0
 from xenlab.cli.common import emit, json_option, lab_option, load_config, open_lab, print_json
 from xenlab.doctor import checks
 from xenlab.errors import XenlabError
-from xenlab.lab import Lab, list_labs, snapshot as snapshots
+from xenlab.lab import Lab, list_labs
+from xenlab.lab import snapshot as snapshots
 from xenlab.paths import QEMU_STACKS
 from xenlab.progress import Steps, console
 from xenlab.transfer import copy
@@ -80,7 +81,8 @@ def build(ctx, force, suite, as_json):
 @click.option("--xen", default=None, metavar="FILE", help="boot your own Xen (xen.gz or xen from your build)")
 @click.option("--dom0-kernel", default=None, metavar="FILE", help="boot your own dom0 kernel (bzImage or vmlinux)")
 @click.option("--dom0-modules", default=None, metavar="DIR", help="with --dom0-kernel: its modules_install tree")
-@click.option("--qemu", default=None, metavar="STACK|FILE", help="stock, backports, or a qemu-system-x86_64's path (default: [lab] qemu, else backports when installed; docs/versions.md)")
+@click.option("--qemu", default=None, metavar="STACK|FILE", help="stock, backports, or a qemu-system-x86_64's path "
+              "(default: [lab] qemu, else backports when installed; docs/versions.md)")
 @click.option("--cold", is_flag=True, help="boot from scratch even if a matching snapshot exists (a new one replaces it)")
 @click.option("--json", "as_json", is_flag=True, help="print the ready report as JSON")
 @click.pass_context
@@ -90,7 +92,8 @@ def up(ctx, lab, connect, accel, memory, dom0_memory, vcpus, cpu, suite, ssh_por
     The first boot of a configuration is saved as a snapshot; later `up`s
     of the same configuration restore it in seconds ("restored")."""
     cfg = load_config(ctx, name=lab, connect=connect, accel=accel, memory=memory, vcpus=vcpus, cpu=cpu, ssh_port=ssh_port,
-                      xen=_absolute(xen), qemu=qemu if qemu in QEMU_STACKS else _absolute(qemu), **{"dom0.memory": dom0_memory, "dom0.suite": suite, "dom0.kernel": _absolute(dom0_kernel), "dom0.modules": _absolute(dom0_modules)})
+                      xen=_absolute(xen), qemu=qemu if qemu in QEMU_STACKS else _absolute(qemu),
+                      **{"dom0.memory": dom0_memory, "dom0.suite": suite, "dom0.kernel": _absolute(dom0_kernel), "dom0.modules": _absolute(dom0_modules)})
     info = Lab(cfg).up(Steps(), cold=cold)
     emit(info, as_json, _print_ready)
 

@@ -20,7 +20,7 @@ def print_table(results, seconds: float) -> None:
     colors = {"SUCCESS": "green", "SKIP": "yellow", "FAILURE": "red", "ERROR": "red", "CRASH": "red"}
     lines = table_lines(results, seconds)
     click.echo(lines[0])
-    for r, line in zip(results, lines[1:]):
+    for r, line in zip(results, lines[1:], strict=False):
         click.echo(click.style(line, fg=colors[r.state]))  # click drops the colour when not a terminal
     click.echo(lines[-1])
     for r in results:

@@ -89,7 +89,7 @@ def write_cmd(ctx, pairs, lab, timeout):
     """Write each VALUE to its PATH (all in one transaction)."""
     if len(pairs) % 2:
         raise XenlabError(f"`xs write` takes PATH VALUE pairs; {pairs[-1]!r} has no value", "e.g. xenlab xs write /local/domain/0/x 1")
-    items = list(zip(pairs[::2], pairs[1::2]))
+    items = list(zip(pairs[::2], pairs[1::2], strict=True))
     _paths([p for p, _ in items])
     with _store(ctx, lab, timeout) as store:
         store.transaction(lambda tx: [tx.write(p, v) for p, v in items])

@@ -115,7 +115,7 @@ def press(lab, keys: str, force: bool = False) -> list[KeyOutput]:
         script = "; ".join(f"xl debug-keys {shlex.quote(k)} && xl dmesg && echo {_SEPARATOR}" for k in keys)
         out = dom0.check(script, timeout=120)
     results = []
-    for key, chunk in zip(keys, out.split(_SEPARATOR)):
+    for key, chunk in zip(keys, out.split(_SEPARATOR), strict=False):
         lines, complete = after_press(chunk, key)
         parsed = PARSERS[key](lines) if key in PARSERS else {}
         results.append(KeyOutput(key, known[key], lines, complete, parsed))

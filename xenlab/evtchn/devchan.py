@@ -91,7 +91,8 @@ def devchan_peer_death(lab, guest: str, devid: int = 0, run_seconds: float = 3.0
         return {
             "guest": guest, "domid": domid, "backend": back, "frontend_pid": pid,
             "dom0_ports_to_guest_before": before, "dom0_ports_to_guest_after": after,
-            "guest_grants_mapped_before": mapped_before, "guest_grants_mapped_during": mapped_during, "guest_grants_mapped_after": grants_mapped(ssh, domid), "xenstore_left": _xlchan_nodes(ssh, domid, devid),
+            "guest_grants_mapped_before": mapped_before, "guest_grants_mapped_during": mapped_during,
+            "guest_grants_mapped_after": grants_mapped(ssh, domid), "xenstore_left": _xlchan_nodes(ssh, domid, devid),
         }
 
 

@@ -7,11 +7,10 @@ from __future__ import annotations
 import json
 import time
 
+from xenlab import deploy
 from xenlab.agent.facts import AGENT_PACKAGE, DOMU_AGENT_ROOT
 from xenlab.errors import ChannelError
-from xenlab import deploy
 from xenlab.lab.ssh import SSHSession
-
 
 # A command prefix: DOMU_AGENT + "MODULE ARGS" runs an agent module in a python domU.
 DOMU_AGENT = f"PYTHONPATH={DOMU_AGENT_ROOT} python3 -m {AGENT_PACKAGE}."

@@ -53,7 +53,7 @@ class Guest:
 
     def attach_disk(self, size: str | int = "16M", backend: str = "kernel", readonly: bool = False,
                     faults: str = "", vdev: str = "", timeout: float = 60, profile: bool = False,
-                    own_frontend: bool = False) -> "AttachedDisk":
+                    own_frontend: bool = False) -> AttachedDisk:
         """A new empty disk, Connected in the guest when this returns (see Guests.attach);
         use it as a context manager to detach it at the end."""
         return AttachedDisk(self, self._guests.attach(self.name, size, backend, readonly, faults, vdev, timeout, profile, own_frontend))
@@ -83,7 +83,7 @@ class AttachedDisk:
             self.report = self.guest._guests.detach(self.guest.name, self.vdev, timeout)
         return self.report
 
-    def __enter__(self) -> "AttachedDisk":
+    def __enter__(self) -> AttachedDisk:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -18,27 +18,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
-from xenlab import templates
-from xenlab.agent.facts import BRIDGE, GUEST_SUBNET as SUBNET, HOTPLUG_DIR, GUESTS_DIR as REMOTE_GUESTS, IMAGES_DIR as REMOTE_IMAGES
-from xenlab.build.kernel import minimal_vmlinux
+from xenlab import deploy, templates
+from xenlab.agent.facts import BRIDGE, HOTPLUG_DIR
+from xenlab.agent.facts import GUEST_SUBNET as SUBNET
+from xenlab.agent.facts import GUESTS_DIR as REMOTE_GUESTS
+from xenlab.agent.facts import IMAGES_DIR as REMOTE_IMAGES
 from xenlab.agent.faultplan import FaultPlanError, format_plan, load_plan
+from xenlab.build import dom0 as images
+from xenlab.build import extras, rootfs
+from xenlab.build import kernel as kernel_mod
+from xenlab.build.kernel import minimal_vmlinux
 from xenlab.config import parse_mib, validate_name
 from xenlab.debug import coredump
 from xenlab.errors import ConfigError, GuestError
 from xenlab.guest.handle import Guest
 from xenlab.guest.spec import GuestSpec, check_type_on_lab
-from xenlab.build import dom0 as images, extras, kernel as kernel_mod, rootfs
-from xenlab import deploy
 from xenlab.lab.ssh import CommandResult, SSHSession
 from xenlab.paths import cache_dir
-
-
-
-
-
-
-
-
 
 BACKENDS = ("kernel", "python")  # who serves a disk attached to a running guest
 
@@ -75,7 +71,7 @@ def render_xl_config(spec: GuestSpec, kernel: str, ramdisk: str, ip: str, mac: s
     # that QEMU in dom0 answers one access at a time: ~30 s of a boot under TCG.
     early_pci = " pci=noearly" if spec.type == "hvm" else ""
     cmdline = f"console=hvc0 {quiet}{early_pci} xenlab.name={spec.name} xenlab.ip={ip}/24 {spec.extra}".strip()
-    disks = [{"vdev": name, "readonly": d.readonly, "path": f"{gdir}/{name}.img"} for name, d in zip(spec.vdevs(), spec.disks)]
+    disks = [{"vdev": name, "readonly": d.readonly, "path": f"{gdir}/{name}.img"} for name, d in zip(spec.vdevs(), spec.disks, strict=True)]
     return templates.render(
         "xl-guest.cfg.j2", name=spec.name, type=spec.type, kernel=kernel, ramdisk=ramdisk, cmdline=cmdline,
         memory=spec.memory, vcpus=spec.vcpus, disks=disks, net=spec.net, mac=mac, bridge=BRIDGE,
@@ -116,7 +112,7 @@ class Guests:
             self._ssh.close()
             self._ssh = None
 
-    def __enter__(self) -> "Guests":
+    def __enter__(self) -> Guests:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -268,7 +264,7 @@ class Guests:
             "ip": ip, "mac": mac, "net": spec.net, "timeout": spec.timeout, "hotplug": spec.hotplug,
             "disks": [
                 {"path": f"{REMOTE_GUESTS}/{spec.name}/{name}.img", "vdev": name, "size_mib": d.size_mib, "readonly": d.readonly}
-                for name, d in zip(spec.vdevs(), spec.disks)
+                for name, d in zip(spec.vdevs(), spec.disks, strict=True)
             ],
             "config": render_xl_config(spec, prepared.kernel, prepared.ramdisk, ip, mac),
         }

@@ -38,7 +38,7 @@ class DiskSpec:
     readonly: bool = False
 
     @classmethod
-    def parse(cls, text: str) -> "DiskSpec":
+    def parse(cls, text: str) -> DiskSpec:
         """'64M', '1G', '16M:ro'."""
         size, _, mode = text.partition(":")
         if mode not in ("", "ro", "rw"):
@@ -86,7 +86,7 @@ class GuestSpec:
         """Which built root the guest boots: the Debian kernel's carries its frontend modules."""
         return "debian" if self.kernel == "debian" else "minimal"
 
-    def validate(self) -> "GuestSpec":
+    def validate(self) -> GuestSpec:
         validate_name(self.name, "guest name")
         if not self.kernel or (self.user_kernel and "/" not in self.kernel and not self.kernel.endswith(("Image", "vmlinux"))):
             raise ConfigError(f"unknown --kernel {self.kernel!r}", f"choose {', '.join(KERNELS)}, or give the path of a bzImage or vmlinux")

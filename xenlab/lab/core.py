@@ -16,24 +16,28 @@ import signal
 import socket
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import Future
 from contextlib import contextmanager
 from pathlib import Path
-from typing import BinaryIO, Iterator
+from typing import BinaryIO
 
-from xenlab import config as config_mod, templates
+from xenlab import config as config_mod
+from xenlab import templates
 from xenlab.agent.xl import parse_xl_info, parse_xl_list
-from xenlab.config import LabConfig, validate_name
-from xenlab.errors import BootError, ConfigError, LabError, SSHError
-from xenlab.paths import TEMPLATES_DIR, cache_dir, lab_dir, private, state_root
-from xenlab.progress import Steps
-from xenlab.run import pid_alive, process_age, run
 from xenlab.build import dom0 as images
 from xenlab.build.boot import BootFiles, boot_files
-from xenlab.lab import accel as accel_mod, serial, snapshot as snapshots, versions, virt
+from xenlab.config import LabConfig, validate_name
+from xenlab.errors import BootError, ConfigError, LabError, SSHError
+from xenlab.lab import accel as accel_mod
+from xenlab.lab import serial, versions, virt
+from xenlab.lab import snapshot as snapshots
 from xenlab.lab.remote import RemoteHost
 from xenlab.lab.snapshot import SnapshotError
 from xenlab.lab.ssh import SSHSession, generate_key, known_hosts_line
+from xenlab.paths import TEMPLATES_DIR, cache_dir, lab_dir, private, state_root
+from xenlab.progress import Steps
+from xenlab.run import pid_alive, process_age, run
 
 # Shell builtins only (read, kill, test) but for one xenstore-read: every
 # process start in dom0 costs ~100 ms or more under TCG.
@@ -143,7 +147,7 @@ class Lab:
             root.symlink_to(target)
 
     @classmethod
-    def open(cls, name: str | None = None, config: str | Path | None = None, **overrides) -> "Lab":
+    def open(cls, name: str | None = None, config: str | Path | None = None, **overrides) -> Lab:
         """The lab NAME (default: [lab] name) configured by the defaults, then
         the TOML file `config`, then `overrides` (e.g. memory="3G", **{"dom0.vcpus": 1})."""
         return cls(config_mod.load(Path(config) if config else None, {"name": name, **overrides}))
@@ -1091,7 +1095,7 @@ def _move(src: Path, dest: Path) -> None:
         src.unlink()
 
 
-def _digest_async(snap: "snapshots.Snapshot") -> Future:
+def _digest_async(snap: snapshots.Snapshot) -> Future:
     future: Future = Future()
 
     def work() -> None:

@@ -56,7 +56,7 @@ class Dom0:
                 thing.close()
         self._xs = self._ssh = None
 
-    def __enter__(self) -> "Dom0":
+    def __enter__(self) -> Dom0:
         return self
 
     def __exit__(self, *exc) -> None:

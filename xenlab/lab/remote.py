@@ -32,7 +32,7 @@ _clients: dict[tuple, paramiko.SSHClient] = {}
 _clients_lock = threading.Lock()
 
 
-def _forget_client(host: "RemoteHost") -> None:
+def _forget_client(host: RemoteHost) -> None:
     """Drop a broken connection to the host, so the next call connects anew."""
     with _clients_lock:
         client = _clients.pop(host.client_key, None)
@@ -50,7 +50,7 @@ class RemoteHost:
     known_hosts: str  # "" = ~/.ssh/known_hosts
 
     @classmethod
-    def of(cls, uri: str) -> "RemoteHost | None":
+    def of(cls, uri: str) -> RemoteHost | None:
         """The remote host a libvirt URI names, or None for a local URI."""
         parsed = urllib.parse.urlsplit(uri)
         if parsed.scheme not in REMOTE_SCHEMES or not parsed.hostname:

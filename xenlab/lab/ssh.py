@@ -6,7 +6,6 @@ import base64
 import logging
 import os
 import shlex
-import socket
 import threading
 import time
 from dataclasses import dataclass
@@ -67,7 +66,7 @@ class SSHSession:
         self._pinned = paramiko.PKey.from_type_string(kind, base64.b64decode(blob))
         self._client: paramiko.SSHClient | None = None
 
-    def connect(self, timeout: float = 30.0, cancel: threading.Event | None = None) -> "SSHSession":
+    def connect(self, timeout: float = 30.0, cancel: threading.Event | None = None) -> SSHSession:
         """Connect, retrying until `timeout` (or `cancel` is set) while sshd is still starting."""
         deadline = time.monotonic() + timeout
         last: Exception | None = None
@@ -127,7 +126,7 @@ class SSHSession:
             err += _drain(chan.recv_stderr)
             status = chan.recv_exit_status()
             chan.close()
-        except socket.timeout:
+        except TimeoutError:
             raise SSHError(f"command did not finish within {timeout:.0f} s: {cmd}") from None
         except (paramiko.SSHException, OSError, EOFError) as e:
             raise SSHError(f"SSH to {self.where} failed running {cmd!r}: {e}", "is the lab still up? `xenlab status`") from None
@@ -202,7 +201,7 @@ class SSHSession:
             self._client.close()
             self._client = None
 
-    def __enter__(self) -> "SSHSession":
+    def __enter__(self) -> SSHSession:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -197,7 +197,8 @@ def device_channel(ctx: Context):
     if b.get("bad_requests"):
         problems.append(f"{b['bad_requests']} bad requests")
     if f.get("requests") != b.get("requests") or f.get("bytes_out") != b.get("bytes_in") or f.get("bytes_in") != b.get("bytes_out"):
-        problems.append(f"counts differ: frontend {f.get('requests')} req {f.get('bytes_out')}/{f.get('bytes_in')} B, backend {b.get('requests')} req {b.get('bytes_in')}/{b.get('bytes_out')} B")
+        problems.append(f"counts differ: frontend {f.get('requests')} req {f.get('bytes_out')}/{f.get('bytes_in')} B, "
+                        f"backend {b.get('requests')} req {b.get('bytes_in')}/{b.get('bytes_out')} B")
     if b.get("mapped_after") or b.get("bound_after"):
         problems.append("the backend left grants mapped or the channel bound")
     if problems:

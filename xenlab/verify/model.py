@@ -10,7 +10,6 @@ from xenlab.errors import ConfigError, XenlabError
 from xenlab.guest.spec import DiskSpec, GuestSpec
 from xenlab.xenstore.client import XenStore
 
-
 STATES = ("SUCCESS", "SKIP", "FAILURE", "ERROR", "CRASH")
 GUEST_DISKS = ("16M", "8M:ro")
 DEVCHAN_ARGS = "--count 2000 --size 2048 --op echo"

@@ -79,5 +79,6 @@ def table_lines(results, seconds: float, width: int = 200) -> list[str]:
         state = "SKIP*" if r.state == "SKIP" and r.allowed else r.state
         head = f"{one_line(r.name, w):<{w}}  {state:<9}  {r.seconds:>6.1f}s  "
         lines.append(head + one_line(r.evidence, max(40, width - len(head))))
-    lines.append(f"{len(results)} checks in {seconds:.0f} s" + ("; SKIP* = an allowed skip (asked for, or a known limit of the lab, said why)" if any(r.allowed for r in results) else ""))
+    allowed_note = "; SKIP* = an allowed skip (asked for, or a known limit of the lab, said why)" if any(r.allowed for r in results) else ""
+    lines.append(f"{len(results)} checks in {seconds:.0f} s{allowed_note}")
     return lines

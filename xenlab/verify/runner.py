@@ -29,7 +29,17 @@ from xenlab.guest.spec import check_type_for_config
 from xenlab.verify import checks as c
 from xenlab.verify.crash import detect_crash
 from xenlab.verify.model import (
-    STATES, CheckFailed, Context, Result, VerifyError, exit_code, failure_message, one_line, skip_matches, summary, validate_skips,
+    STATES,
+    CheckFailed,
+    Context,
+    Result,
+    VerifyError,
+    exit_code,
+    failure_message,
+    one_line,
+    skip_matches,
+    summary,
+    validate_skips,
 )
 from xenlab.verify.reports import check_output_path, report_dict, write_reports, write_timelines
 

@@ -182,7 +182,7 @@ class XenStore:
 
     # -- opening -----------------------------------------------------------
     @classmethod
-    def over_ssh(cls, ssh, *, timeout: float = DEFAULT_TIMEOUT, socket_path: str | None = None, owned: Any = None) -> "XenStore":
+    def over_ssh(cls, ssh, *, timeout: float = DEFAULT_TIMEOUT, socket_path: str | None = None, owned: Any = None) -> XenStore:
         """Connect through an SSHSession (xenlab.lab.ssh) to dom0's xenstored."""
         router = _Router(SSHConnection(ssh.transport(), socket_path, read_timeout=max(timeout, 5.0)))
         client = _Client(router, timeout)
@@ -197,7 +197,7 @@ class XenStore:
         return xs
 
     @classmethod
-    def for_lab(cls, lab, *, timeout: float = DEFAULT_TIMEOUT) -> "XenStore":
+    def for_lab(cls, lab, *, timeout: float = DEFAULT_TIMEOUT) -> XenStore:
         session = lab.ssh()
         try:
             return cls.over_ssh(session, timeout=timeout, owned=session)
@@ -211,7 +211,7 @@ class XenStore:
             self._owned.close()
             self._owned = None
 
-    def __enter__(self) -> "XenStore":
+    def __enter__(self) -> XenStore:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -347,7 +347,7 @@ class XenStore:
                 raise XenStoreError(f"batch: unknown XenStore operation {op!r}", f"use one of {', '.join(ops)}")
             check_path(path)
             args = [encode(path) + NUL] + ([check_value(path, value[0])] if op == "write" else [])
-            rvar = self._do(op, path, lambda: self._client.send_command(ops[op], *args))
+            rvar = self._do(op, path, lambda op=op, args=args: self._client.send_command(ops[op], *args))
             pending.append((index, rvar))
             if len(pending) >= self.WINDOW:
                 settle(*pending.pop(0))
@@ -356,7 +356,7 @@ class XenStore:
         return results
 
     # -- transactions ----------------------------------------------------------
-    def transaction(self, fn: Callable[["Transaction"], T], *, retries: int = 20) -> T:
+    def transaction(self, fn: Callable[[Transaction], T], *, retries: int = 20) -> T:
         """Run fn(tx) in a XenStore transaction; on EAGAIN (a conflicting
         commit meanwhile) run it again, up to `retries` times. fn must be
         safe to repeat: it sees a fresh view each attempt."""
@@ -385,7 +385,7 @@ class XenStore:
     # -- watches ---------------------------------------------------------------
     _tokens = itertools.count(1)
 
-    def watch(self, path: str, *more: str) -> "Watch":
+    def watch(self, path: str, *more: str) -> Watch:
         """Watch path (and more paths) for changes to them or anything below."""
         return Watch(self, [path, *more], f"xenlab-{os.getpid()}-{next(self._tokens)}")
 
@@ -469,7 +469,7 @@ class Watch:
         self._closed = False
         try:
             for tok, p in self._tokens.items():
-                xs._do("watch", p, lambda: self._monitor.watch(encode(p), encode(tok)))
+                xs._do("watch", p, lambda p=p, tok=tok: self._monitor.watch(encode(p), encode(tok)))
         except BaseException:
             self.close()
             raise
@@ -519,11 +519,11 @@ class Watch:
             if (encode(p), encode(tok)) not in self._monitor.unwatch_queue or not self.xs._client.router.alive:
                 continue
             try:
-                self.xs._do("unwatch", p, lambda: self._monitor.unwatch(encode(p), encode(tok)))
+                self.xs._do("unwatch", p, lambda p=p, tok=tok: self._monitor.unwatch(encode(p), encode(tok)))
             except XenStoreError:
                 pass  # the connection's end removes the watch anyway
 
-    def __enter__(self) -> "Watch":
+    def __enter__(self) -> Watch:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -85,7 +85,7 @@ class Perm:
         return f"{self.access}{self.domid}"
 
     @classmethod
-    def parse(cls, text: str) -> "Perm":
+    def parse(cls, text: str) -> Perm:
         m = _PERM.fullmatch(text.strip())
         if not m:
             raise XenStoreError(

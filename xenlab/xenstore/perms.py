@@ -7,9 +7,9 @@ import json
 import shlex
 from dataclasses import dataclass
 
+from xenlab.deploy import agent_reply
 from xenlab.errors import XenStoreError
 from xenlab.guest.agentrun import DOMU_AGENT
-from xenlab.deploy import agent_reply
 
 
 def run_in_guest(guests, name: str, ops: list[list[str]], timeout: float = 60) -> list[dict]:
@@ -56,7 +56,7 @@ def check_guest(guests, xs, name: str, domid: int, other_domid: int) -> list[Per
         ]
         answers = run_in_guest(guests, name, [req for _, req, _ in plan])
         checks = []
-        for (what, req, expected), answer in zip(plan, answers):
+        for (what, req, expected), answer in zip(plan, answers, strict=False):
             got = "ok" if answer["ok"] else answer["error"]
             detail = repr(answer.get("value")) if answer["ok"] else ""
             checks.append(PermCheck(what, req, expected, got, detail))

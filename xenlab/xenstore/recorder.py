@@ -54,7 +54,7 @@ class XenBusRecorder:
         self.started = 0.0
 
     # -- lifecycle -------------------------------------------------------
-    def start(self) -> "XenBusRecorder":
+    def start(self) -> XenBusRecorder:
         self.started = time.time()
         self._watch = self.xs.watch("/local/domain")
         self._release = self.xs.watch("@releaseDomain")
@@ -74,7 +74,7 @@ class XenBusRecorder:
             raise self.error
         return list(self.timeline)
 
-    def __enter__(self) -> "XenBusRecorder":
+    def __enter__(self) -> XenBusRecorder:
         return self.start()
 
     def __exit__(self, *exc) -> None:

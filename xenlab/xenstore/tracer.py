@@ -35,7 +35,15 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 from xenlab.agent.facts import (  # noqa: F401 - re-exported for the tracer's users
-    CLOSED, CLOSING, CONNECTED, INITIALISED, INITIALISING, INITWAIT, RECONFIGURED, RECONFIGURING, state_name,
+    CLOSED,
+    CLOSING,
+    CONNECTED,
+    INITIALISED,
+    INITIALISING,
+    INITWAIT,
+    RECONFIGURED,
+    RECONFIGURING,
+    state_name,
 )
 
 # Allowed next states per side; a reconnect after Closed starts over.
@@ -81,7 +89,7 @@ class Change:
         return {**asdict(self), "state_name": state_name(self.state) if self.side != "domain" else "released"}
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Change":
+    def from_dict(cls, d: dict) -> Change:
         return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
 
 
@@ -218,7 +226,7 @@ def _check_device(report: DeviceReport, changes: list[Change], released: Change 
             # side whose node moved first towards Closed began the closedown.
             first_closing = side
 
-        def cross(msg: str) -> None:
+        def cross(msg: str, c=c) -> None:
             if c.maybe_skipped:
                 note(f"{msg} (not judged: this value was read after later writes, so the other side's may be out of date)", c)
             else:

@@ -16,11 +16,11 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from contextlib import contextmanager
 from pathlib import Path
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
 from xenlab import config as config_mod
 from xenlab import templates
@@ -38,6 +38,10 @@ from xenlab.lab.ssh import SSHSession, generate_key, known_hosts_line
 from xenlab.paths import TEMPLATES_DIR, cache_dir, lab_dir, private, state_root
 from xenlab.progress import Steps
 from xenlab.run import pid_alive, process_age, run
+
+if TYPE_CHECKING:
+    from xenlab.guest.manager import Guests
+    from xenlab.lab.dom0 import Dom0
 
 # Shell builtins only (read, kill, test) but for one xenstore-read: every
 # process start in dom0 costs ~100 ms or more under TCG.
@@ -301,6 +305,8 @@ class Lab:
         usable snapshot it boots cold and says why."""
         with self.locked("reset"):
             info = self.info() if self.state()[0] == "gone" else self.require_up()  # a dead VM is reset too
+            if info is None:
+                raise LabError(f"lab {self.name!r} is not up", f"start it with `xenlab up --lab {self.name}`")
             self.cfg = config_mod.LabConfig.from_dict(info["config"])  # as it was started, whatever the flags of this call
             started = time.monotonic()
             with steps.step(f"stop lab {self.name}"):
@@ -655,6 +661,8 @@ class Lab:
         """Upload what the VM reads (once per cache entry) and make the lab's
         disk there; the remote paths for the domain XML."""
         host = self.remote
+        if host is None:
+            raise LabError(f"lab {self.name!r} has no remote host", "this is for a lab on a remote libvirt host ([lab] connect)")
         host.check_qemu(conn)
         pool = host.pool(conn)
         rootfs = images.rootfs_qcow2(image)  # about a fifth of the raw image's 2 GiB to send
@@ -772,12 +780,12 @@ class Lab:
                 hint = f"port {port} was taken meanwhile; run `xenlab up` again"
             raise LabError(f"libvirt could not start the lab domain: {msg}", hint) from None
 
-    def _wait_ready(self, dom, steps: Steps, boot_start: float, start_ssh) -> Future:
+    def _wait_ready(self, dom, steps: Steps, boot_start: float, start_ssh: Callable[[], Future]) -> Future:
         """Follow the serial log until dom0 is ready; SSH starts once dom0's
         network is up, so its handshake overlaps the rest of the boot."""
         watch = serial.SerialWatch(self.serial_log)
         deadline = boot_start + self.cfg.boot_timeout
-        ssh_ready = None
+        ssh_ready: Future | None = None
         remote = self.remote  # not re-read from lab.json on every poll
         while True:
             if remote:
@@ -792,7 +800,7 @@ class Lab:
                     f"lab {self.name} crashed during boot: {crash}\n--- last lines of {self.serial_log} ---\n{watch.tail()}",
                     f"full serial log: {self.serial_log}",
                 )
-            if ready:
+            if ready and ssh_ready is not None:  # started above, at the latest on this poll
                 return ssh_ready
             if not virt.is_running(dom):
                 raise BootError(
@@ -813,7 +821,8 @@ class Lab:
 
         def check() -> None:
             try:
-                future.set_result(self._check_services(image, boot, port, cancel))
+                self._check_services(image, boot, port, cancel)
+                future.set_result(None)
             except BaseException as e:  # noqa: BLE001 - handed to the waiting caller
                 future.set_exception(e)
 
@@ -945,13 +954,13 @@ class Lab:
         return True
 
     # -- use ---------------------------------------------------------------
-    def dom0(self):
+    def dom0(self) -> Dom0:
         """A Dom0 handle: run, check, put, get and XenStore (close it when done)."""
         from xenlab.lab.dom0 import Dom0
 
         return Dom0(self)
 
-    def guests(self):
+    def guests(self) -> Guests:
         """The Guests manager of this lab (create, list, exec, destroy; close it when done)."""
         from xenlab.guest.manager import Guests
 
@@ -966,7 +975,10 @@ class Lab:
                     "orphaned": f"`xenlab up --lab {self.name}` restarts the boot, `xenlab down --lab {self.name}` removes it"}
             detail = "" if state == "down" else f": it is {state} ({why})"
             raise LabError(f"lab {self.name!r} is not up{detail}", hint.get(state, f"start it with `xenlab up --lab {self.name}`"))
-        return self.info()
+        info = self.info()
+        if info is None:  # a `down` removed it since state() read it
+            raise LabError(f"lab {self.name!r} is not up: it was stopped just now", f"start it with `xenlab up --lab {self.name}`")
+        return info
 
     def ssh(self, timeout: float = 15.0) -> SSHSession:
         info = self.require_up()
@@ -1007,9 +1019,9 @@ class Lab:
 
     def status(self) -> dict:
         state, why = self.state()
-        if state != "up":
-            return {"name": self.name, "state": state, "hint": why}
         info = self.info()
+        if state != "up" or info is None:
+            return {"name": self.name, "state": state if info else "down", "hint": why}
         try:
             with self.ssh(timeout=5) as ssh:
                 xl_info_text, xl_list_text, release = ssh.check("xl info; echo @@; xl list; echo @@; uname -r", timeout=30).split("@@\n")

@@ -4,15 +4,19 @@ connection that is reopened when it dropped."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from xenlab.lab.ssh import CommandResult, SSHSession
 from xenlab.xenstore.client import XenStore
+
+if TYPE_CHECKING:
+    from xenlab.lab.core import Lab
 
 
 class Dom0:
     """dom0 of a lab: run(), check(), put(), get(), and `xs` (XenStore)."""
 
-    def __init__(self, lab):
+    def __init__(self, lab: Lab) -> None:
         self.lab = lab
         self._ssh: SSHSession | None = None
         self._xs: XenStore | None = None

@@ -290,7 +290,7 @@ def prune(lab: str | None = None) -> list[str]:
             pid = leftover.name.rsplit(".", 1)[-1]
             if not (pid.isdigit() and pid_alive(int(pid))):
                 shutil.rmtree(leftover, ignore_errors=True)
-    newest: dict[str, str] = {}
+    newest: dict[str | None, str] = {}
     every = all_snapshots()  # oldest first
     for snap in every:
         newest[snap.manifest.get("lab")] = snap.key

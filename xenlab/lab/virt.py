@@ -17,6 +17,7 @@ import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from xenlab.errors import LabError
 from xenlab.paths import state_root
@@ -76,7 +77,10 @@ def pool_dir(pool) -> str:
     """The directory of a 'dir' storage pool."""
     import xml.etree.ElementTree as ET
 
-    return ET.fromstring(pool.XMLDesc(0)).findtext("target/path")
+    path = ET.fromstring(pool.XMLDesc(0)).findtext("target/path")
+    if path is None:
+        raise LabError(f"libvirt's storage pool {pool.name()} names no directory (target/path)", "use a pool of type 'dir'")
+    return path
 
 
 def error_class() -> type[Exception]:
@@ -133,7 +137,7 @@ def prepare_embed_root(root: Path, shared_cache: Path) -> None:
 # register QEMU"), which a pytest session resetting its lab per test, or a
 # soak, reaches. The cost: while a process holds a lab's embed root, other
 # processes wait for it (see connect).
-_connections: dict[tuple[str, int], object] = {}
+_connections: dict[tuple[str, int], Any] = {}  # libvirt.virConnect (libvirt-python has no types)
 _connections_lock = threading.Lock()
 
 

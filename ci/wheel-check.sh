@@ -22,6 +22,8 @@ from xenlab import Lab
 from xenlab.build import kernel
 assert kernel.fragment_path().is_file() and "site-packages" in str(kernel.fragment_path())
 assert "libvirt" not in sys.modules, "importing the library must not load libvirt"
+from pathlib import Path
+assert (Path(xenlab.__file__).parent / "py.typed").is_file(), "the wheel must carry py.typed (PEP 561)"
 print("wheel-check: config, resources and imports ok from", xenlab.__file__)
 PY
 "$work/venv/bin/xenlab" doctor --no-probe

@@ -17,7 +17,20 @@ Errors are xenlab.errors.XenlabError and its subclasses (message + hint)."""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 __version__ = "0.1.0"
+
+if TYPE_CHECKING:  # the names below, for editors and type checkers (imported lazily at run time)
+    from xenlab.config import LabConfig
+    from xenlab.config import load as load_config
+    from xenlab.errors import XenlabError
+    from xenlab.guest.handle import AttachedDisk, Guest
+    from xenlab.guest.manager import Guests
+    from xenlab.guest.spec import DiskSpec, GuestSpec
+    from xenlab.lab.core import Lab
+    from xenlab.lab.dom0 import Dom0
+    from xenlab.xenstore.client import XenStore
 
 _PUBLIC = {
     "Lab": "xenlab.lab.core",
@@ -32,7 +45,11 @@ _PUBLIC = {
     "XenStore": "xenlab.xenstore.client",
     "XenlabError": "xenlab.errors",
 }
-__all__ = sorted(_PUBLIC)
+# Written out (not sorted(_PUBLIC)) so that linters and type checkers see the
+# names exported; tests/unit/test_layering.py checks the two agree.
+__all__ = [
+    "AttachedDisk", "DiskSpec", "Dom0", "Guest", "GuestSpec", "Guests", "Lab", "LabConfig", "XenStore", "XenlabError", "load_config",
+]
 
 
 def __getattr__(name: str):

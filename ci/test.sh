@@ -63,8 +63,8 @@ trap ledger EXIT
 
 # The wheel as users install it, run from outside the checkout.
 phase wheel-check bash ci/wheel-check.sh
-# The linter over the library (its rules: pyproject.toml [tool.ruff]).
-phase lint "$venv/bin/ruff" check xenlab
+# The linter and the type checker over the library (pyproject.toml [tool.ruff], [tool.mypy]).
+phase lint bash -c "'$venv/bin/ruff' check xenlab && '$venv/bin/mypy' xenlab"
 # setup-host.sh keeps the stock QEMU when backports cannot be had; CI must not
 # then run both halves on one stack: this fails with the reason instead.
 phase qemu-backports bash ci/qemu-backports.sh >/dev/null

@@ -95,7 +95,7 @@ class LabConfig:
         """The inverse of to_dict (e.g. the config a running lab was started with, from its lab.json)."""
         known = {f.name for f in fields(cls)}
         dom0_known = {f.name for f in fields(Dom0Config)}
-        dom0 = {k: tuple(v) if isinstance(v, list) else v for k, v in data.get("dom0", {}).items() if k in dom0_known}
+        dom0: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in data.get("dom0", {}).items() if k in dom0_known}
         return _check(cls(dom0=Dom0Config(**dom0), **{k: v for k, v in data.items() if k in known and k != "dom0"}))
 
 

@@ -25,10 +25,16 @@ import fcntl
 import hashlib
 import os
 import re
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:
+    from xenlab.guest.handle import Guest
+    from xenlab.lab.core import Lab
 
 ARTIFACTS_KEY = "xenlab_artifacts"
 _LAB = "_xenlab_lab"  # the session's Lab, set once the lab fixture ran
@@ -227,7 +233,7 @@ def guest_name(nodeid: str, n: int) -> str:
 
 
 @pytest.fixture
-def xenlab_guest_factory(xenlab_lab, request):
+def xenlab_guest_factory(xenlab_lab: Lab, request: pytest.FixtureRequest) -> Iterator[Callable[..., Guest]]:
     """make(name=None, *, memory="128M", vcpus=1, disks=(), net=False, root="busybox",
     kernel=None, modules=None, load=None, add=(), timeout=None, extra="") -> xenlab.Guest.
     kernel, modules and load default to --xenlab-guest-kernel (else "minimal"),

@@ -210,8 +210,10 @@ def _stream(
     # A group of its own, so that stopping it reaches its children too.
     proc = subprocess.Popen(args, stdin=stdin, stdout=subprocess.PIPE, stderr=stderr, cwd=cwd,
                             process_group=0, preexec_fn=term_when_parent_dies)
-    pipes = [proc.stdout] if merged else [proc.stdout, proc.stderr]
-    outputs = [log_to] if merged else [io.BytesIO(), io.BytesIO()]
+    # Popen opened a pipe for each stream given as PIPE: stdout, and stderr unless merged.
+    pipes = [p for p in (proc.stdout, proc.stderr) if p is not None]
+    captured = [] if merged else [io.BytesIO(), io.BytesIO()]
+    outputs = [log_to] if merged else captured
     sink = _LineSink(on_line)
     # Threads, not a select loop: stdin, stdout and stderr must all move at
     # once or a child filling one pipe while we wait on another deadlocks.
@@ -232,7 +234,7 @@ def _stream(
         p.close()
     if merged:
         return subprocess.CompletedProcess(args, proc.returncode, b"", b"")
-    return subprocess.CompletedProcess(args, proc.returncode, *(o.getvalue() for o in outputs))
+    return subprocess.CompletedProcess(args, proc.returncode, *(o.getvalue() for o in captured))
 
 
 def _feed(stdin: IO[bytes], data: bytes) -> None:
@@ -254,4 +256,5 @@ def _wait(proc: subprocess.Popen, threads: list[threading.Thread], timeout: floa
     for t in threads:
         t.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
         if t.is_alive():  # a grandchild still holds the pipe open
+            assert timeout is not None  # join(None) returns only once the thread has ended
             raise subprocess.TimeoutExpired(proc.args, timeout)

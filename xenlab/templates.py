@@ -12,7 +12,7 @@ def environment() -> jinja2.Environment:
     return jinja2.Environment(
         loader=jinja2.FileSystemLoader(TEMPLATES_DIR),
         undefined=jinja2.StrictUndefined,
-        autoescape=lambda name: bool(name) and name.endswith(".xml.j2"),
+        autoescape=lambda name: name is not None and name.endswith(".xml.j2"),
         keep_trailing_newline=True,
         trim_blocks=True,
         lstrip_blocks=True,

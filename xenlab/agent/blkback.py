@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import json
+import mmap
 import os
 import signal
 import subprocess
@@ -35,6 +36,7 @@ import sys
 import time
 import traceback
 from pathlib import Path
+from typing import NoReturn
 
 from . import facts, faultplan
 from .blkif import (
@@ -122,7 +124,7 @@ class BlockBackend:
         self.fd = os.open(self.path, os.O_RDONLY if self.readonly else os.O_RDWR)
         self.sectors = os.fstat(self.fd).st_size // SECTOR_SIZE
         self.mapper = GrantMapper()
-        self.ring_map = None
+        self.ring_map: mmap.mmap | None = None
         self.ev: EventChannel | None = None
         self.persistent: dict[int, tuple] = {}  # gref -> (index, mapping, memoryview)
         self.use_persistent = False
@@ -134,7 +136,8 @@ class BlockBackend:
         self.fired: dict[str, int] = {}
         self.stats = {"requests": 0, "responses": 0, "errors": 0, "bytes_read": 0, "bytes_written": 0, "flushes": 0,
                       "discards": 0, "indirect": 0, "notifies_sent": 0, "wakeups": 0, "grants_mapped": 0,
-                      "persistent_grants": 0, "max_segments": 0, "ops": {}}
+                      "persistent_grants": 0, "max_segments": 0}
+        self.ops: dict[str, int] = {}  # requests per operation name: the report's "ops"
         self.counts = {"data_requests": 0, "batches": 0, "events": 0}
 
     # -- XenStore: the toolstack's part and the handshake ------------------------
@@ -186,7 +189,10 @@ class BlockBackend:
                              "the frontend to reach Initialised", gone_ok=True)
         if state != INITIALISED:
             raise BlkbackError(f"frontend moved to {facts.state_name(state)} instead of Initialised")
-        read = lambda key, default=None: self.xs.try_read(f"{self.fe}/{key}", default)  # noqa: E731
+        def read(key: str, default: str = "") -> str:
+            value = self.xs.try_read(f"{self.fe}/{key}")
+            return default if value is None else value
+
         protocol = read(PROTOCOL, PROTOCOL_X86_64)
         if protocol != PROTOCOL_X86_64:
             self._refuse(f"frontend protocol {protocol!r}; only {PROTOCOL_X86_64} is handled")
@@ -198,7 +204,7 @@ class BlockBackend:
         try:
             refs = [int(read(key)) for key in ring_ref_keys(order)]
             port = int(read(EVENT_CHANNEL))
-        except (TypeError, ValueError):
+        except ValueError:  # a missing node reads "" here
             self._refuse(f"frontend published no usable {', '.join(ring_ref_keys(order))} / {EVENT_CHANNEL}")
         self.use_persistent = read(FEATURE_PERSISTENT, "0") == "1"
         try:
@@ -217,7 +223,7 @@ class BlockBackend:
         self.set_state(CONNECTED)
         self.log("connected", ring_pages=1 << order, ring_slots=self.ring.size, port=self.port, persistent=self.use_persistent)
 
-    def _refuse(self, why: str) -> None:
+    def _refuse(self, why: str) -> NoReturn:
         self.xs.write(f"{self.be}/error", why)
         raise BlkbackError(why, "the frontend's request cannot be served; the device is closed")
 
@@ -232,7 +238,7 @@ class BlockBackend:
             return [self._respond(e.request_id, e.operation, BLKIF_RSP_ERROR)]
         rsp_op = req.indirect_op if isinstance(req, IndirectRequest) else req.operation
         name = OP_NAMES.get(rsp_op, str(rsp_op))
-        self.stats["ops"][name] = self.stats["ops"].get(name, 0) + 1
+        self.ops[name] = self.ops.get(name, 0) + 1
         try:
             status = self._serve(req)
         except (BlkbackError, GrantError) as e:
@@ -303,8 +309,8 @@ class BlockBackend:
         self._check_range(sector, count, OP_NAMES[op])
         self.stats["max_segments"] = max(self.stats["max_segments"], len(segments))
         self.counts["data_requests"] += 1
-        for fault in self.io_errors:
-            if fault.matches(op, sector, count):
+        for io_error in self.io_errors:
+            if io_error.matches(op, sector, count):
                 self.fire("io-error", op=OP_NAMES[op], sector=sector, sectors=count)
                 return BLKIF_RSP_ERROR
         fault = self.faults.get("unmappable-grant")
@@ -411,6 +417,7 @@ class BlockBackend:
                         self.owed_event = None
                         self._notify()
                         continue
+                assert self.ev is not None  # bound by connect(), which serving follows
                 fired, _ = self.ev.wait_or_watch(self.xs, wait)
                 self.stats["wakeups"] += bool(fired)
                 mb()
@@ -487,6 +494,7 @@ class BlockBackend:
             self._notify()
 
     def _notify(self) -> None:
+        assert self.ev is not None  # bound by connect(); only the ring loop notifies
         self.ev.notify(self.port)
         self.stats["notifies_sent"] += 1
 
@@ -500,7 +508,7 @@ class BlockBackend:
     def disconnect(self) -> None:
         if getattr(self, "sring", None) is not None:
             self.sring.release()
-            self.sring = None
+            del self.sring  # it exists only while connected (the getattr above)
         for index, mapping, view in self.persistent.values():
             view.release()
             self.mapper.unmap(index, mapping)
@@ -526,7 +534,8 @@ def serve(spec: dict) -> dict:
     """The backend process: create the nodes, connect, serve until detach or the frontend goes."""
     signal.signal(signal.SIGTERM, raise_stopped)
     b = BlockBackend(spec)
-    ended, error = "error", None
+    ended = "error"
+    error: Exception | None = None
     t0 = time.monotonic()
     try:
         b.create_nodes()
@@ -566,6 +575,7 @@ def serve(spec: dict) -> dict:
         "ended": ended, "domid": b.domid, "devid": b.devid, "vdev": b.vdev, "states": b.states,
         "seconds": round(time.monotonic() - t0, 3), "faults_fired": b.fired, "poisoned": b.poisoned,
         "ring_slots": b.ring.size if getattr(b, "ring", None) else 0, "persistent": b.use_persistent, **b.stats,
+        "ops": b.ops,
     }
     if error is not None:
         result["error"] = str(error) if isinstance(error, AgentError) else repr(error)
@@ -575,12 +585,11 @@ def serve(spec: dict) -> dict:
 def serve_profiled(spec: dict, top: int = 15) -> dict:
     """serve() under cProfile; the report gains the functions that took the most time of their own."""
     import cProfile
-    import pstats
 
     profiler = cProfile.Profile()
     result = profiler.runcall(serve, spec)
-    stats = pstats.Stats(profiler)
-    rows = sorted(stats.stats.items(), key=lambda item: item[1][2], reverse=True)[:top]  # (cc, nc, tottime, cumtime, callers)
+    profiler.create_stats()  # the table pstats.Stats(profiler) would take over
+    rows = sorted(profiler.stats.items(), key=lambda item: item[1][2], reverse=True)[:top]  # (cc, nc, tottime, cumtime, callers)
     result["profile"] = [{"function": f"{Path(file).name}:{line}:{func}", "calls": nc, "own_s": round(tt, 3), "cumulative_s": round(ct, 3)}
                          for (file, line, func), (cc, nc, tt, ct, callers) in rows]
     return result
@@ -659,9 +668,9 @@ def attach(name: str, size_mib: int, backend: str, readonly: bool, faults: str, 
             else:
                 spec = f"format=raw,vdev={vdev},access={'ro' if readonly else 'rw'},target={image}"
                 xl("block-attach", name, spec, timeout=timeout)
-                record["backend_path"] = f"/local/domain/0/backend/vbd/{domid}/{devid}"
-                record["frontend_path"] = f"/local/domain/{domid}/device/vbd/{devid}"
-                _wait_connected(xs, record["backend_path"], record["frontend_path"], timeout, backend_only=own_frontend)
+                back, front = f"/local/domain/0/backend/vbd/{domid}/{devid}", f"/local/domain/{domid}/device/vbd/{devid}"
+                record.update(backend_path=back, frontend_path=front)
+                _wait_connected(xs, back, front, timeout, backend_only=own_frontend)
         except BaseException:
             _undo(xs, record)
             raise
@@ -816,6 +825,7 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("serve")
     p.add_argument("spec")
     args = parser.parse_args(argv)
+    result: dict | list[dict]
     try:
         if args.verb == "serve":
             spec = json.loads(args.spec)

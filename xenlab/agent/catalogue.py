@@ -24,7 +24,7 @@ NO_SUCH_DOMID = 31000  # below DOMID_FIRST_RESERVED, never a real domain in a la
 
 
 class Catalogue:
-    def __init__(self):
+    def __init__(self) -> None:
         self.xc = Xc()
         self.checks: list[dict] = []
         self.handles: list[EventChannel] = []
@@ -42,7 +42,7 @@ class Catalogue:
         try:
             value = func(*args)
         except EvtchnError as e:
-            self.record(name, seed_op, e.errno == expect, expected=errno.errorcode[expect], got=errno.errorcode.get(e.errno), message=e.message)
+            self.record(name, seed_op, e.errno == expect, expected=errno.errorcode[expect], got=errno.errorcode.get(e.errno) if e.errno is not None else None, message=e.message)
             return
         self.record(name, seed_op, False, expected=errno.errorcode[expect], got=f"succeeded ({value})")
 
@@ -186,7 +186,7 @@ class Catalogue:
             self.xc.status(0, 1 << 20)
             self.record("status of an invalid port", "EVTCHNOP_status (refusal)", False, got="succeeded")
         except AgentError as e:
-            self.record("status of an invalid port", "EVTCHNOP_status (refusal)", e.errno == errno.EINVAL, got=errno.errorcode.get(e.errno))
+            self.record("status of an invalid port", "EVTCHNOP_status (refusal)", e.errno == errno.EINVAL, got=errno.errorcode.get(e.errno) if e.errno is not None else None)
         a.unbind(other)
 
     def restrict(self) -> None:

@@ -37,9 +37,10 @@ def parse(func, args: list[str]) -> dict:
             kwargs[param.name] = True
             continue
         if not eq:
-            value = next(it, None)
-            if value is None:
+            following = next(it, None)
+            if following is None:
                 raise AgentError(f"option --{key} needs a value")
+            value = following
         try:
             kwargs[param.name] = _convert(param, value)
         except ValueError:

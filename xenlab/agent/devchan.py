@@ -84,7 +84,7 @@ class Backend:
         self.pages: MappedPages | None = None
         self.ev: EventChannel | None = None
         self.stats = {"requests": 0, "bytes_in": 0, "bytes_out": 0, "bad_requests": 0, "notifies_sent": 0, "wakeups": 0}
-        self.states = []
+        self.states: list[str] = []
 
     def set_state(self, state: int) -> None:
         self.xs.write(f"{self.be}/state", state)
@@ -173,6 +173,7 @@ class Backend:
                     continue
                 if self.sring.mv[ALIVE] == 0:
                     return "peer-died"
+                assert self.ev is not None  # bound by connect(), which serving follows
                 fired, _ = self.ev.wait_or_watch(self.xs, 2.0)
                 self.stats["wakeups"] += bool(fired)
                 mb()
@@ -185,6 +186,7 @@ class Backend:
             self.xs.unwatch(f"{self.fe}/state", token)
 
     def _notify(self) -> None:
+        assert self.ev is not None  # bound by connect(); only the ring loop notifies
         self.ev.notify(self.port)
         self.stats["notifies_sent"] += 1
 
@@ -193,7 +195,7 @@ class Backend:
         if getattr(self, "sring", None) is not None:
             self.data.release()
             self.sring.release()
-            self.sring = None
+            del self.sring  # it exists only while connected (the getattr above)
         if self.pages is not None:
             self.pages.close()
             self.pages = None
@@ -226,7 +228,8 @@ def run_backend(domid: int, devid: int = 0, timeout: float = 120.0, keep_nodes: 
 def _serve_backend(b: Backend, domid: int, devid: int, keep_nodes: bool, placement: Placement | None) -> dict:
     b.create_nodes()
     print(f'{{"backend": "{b.be}", "frontend": "{b.fe}", "pid": {os.getpid()}}}', flush=True)
-    ended, error = "error", None
+    ended = "error"
+    error: AgentError | OSError | None = None
     t0 = time.monotonic()
     try:
         b.connect()
@@ -274,10 +277,11 @@ class Frontend:
         self.domid = int(self.xs.read("domid")) if self.xs.try_read("domid") is not None else 0
         self.devid, self.timeout = devid, timeout
         _, self.fe = paths(self.domid, devid)
-        self.be = self.xs.try_read(f"{self.fe}/backend")
-        if self.be is None:
+        be = self.xs.try_read(f"{self.fe}/backend")
+        if be is None:
             raise DevchanError(f"no device {DEVTYPE}/{devid} for domain {self.domid} ({self.fe}/backend missing)",
                                "start the backend in dom0 first (it creates the device's XenStore nodes)")
+        self.be = be
         self.backend_id = int(self.xs.read(f"{self.fe}/backend-id"))
         self.npages = data_pages
         self.shared: SharedPages | None = None
@@ -317,6 +321,7 @@ class Frontend:
         self.set_state(CONNECTED)
 
     def run(self, count: int, size: int, op: int, burst: bool, delay: float, evil: str) -> dict:
+        assert self.ev is not None  # bound by connect(), which running follows
         ring, data = self.ring, self.data
         free_pages = list(range(self.npages))
         inflight: dict[int, tuple[int, int, int]] = {}  # id -> (page, len, crc of what we expect back)
@@ -415,7 +420,7 @@ class Frontend:
         if getattr(self, "sring", None) is not None:
             self.data.release()
             self.sring.release()
-            self.sring = None
+            del self.sring  # it exists only while connected (the getattr above)
         if self.shared is not None:
             self.shared.close()
             self.shared = None
@@ -435,6 +440,7 @@ def run_frontend(devid: int = 0, count: int = 1000, size: int = 512, op: str = "
     f = Frontend(devid, data_pages, timeout)
     try:
         f.connect(start_index)
+        assert f.shared is not None  # connect() shared the pages
         print(f'{{"connected": true, "pid": {os.getpid()}, "port": {f.port}, "ring_ref": {f.shared.refs[0]}}}', flush=True)
         result = f.run(count, size, ops[op], burst, delay, evil)
         if hold:

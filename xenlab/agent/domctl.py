@@ -290,6 +290,7 @@ def destroy(name: str, timeout: float) -> dict:
         before = _core_records(name, domid)
         core = None if before else dump_core(name)
     if domid is None:
+        assert meta is not None  # refused above when both are missing
         domid = meta["domid"]
     t0 = time.monotonic()
     left = _remove(name, domid, timeout)
@@ -538,6 +539,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("domid", type=int)
     p.add_argument("name")
     args = parser.parse_args(argv)
+    result: dict | list[dict]
     try:
         if args.verb == "create":
             result = create(json.load(sys.stdin))

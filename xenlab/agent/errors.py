@@ -28,6 +28,11 @@ class AgentError(Exception):
         return self.message if not self.hint else f"{self.message} (hint: {self.hint})"
 
 
+def errno_name(number: int | None) -> str | int | None:
+    """An errno's symbolic name (ENOENT), or the number where it has none; None for no errno."""
+    return None if number is None else _errno.errorcode.get(number, number)
+
+
 def report(error: AgentError) -> int:
     """Write `error` the way the host reads it; the exit code to return."""
     sys.stderr.write(ERROR_PREFIX + json.dumps(error.to_dict()) + "\n")

@@ -18,7 +18,7 @@ import signal
 import struct
 import time
 
-from .errors import AgentError
+from .errors import AgentError, errno_name
 
 DEVICE = "/dev/xen/evtchn"
 
@@ -44,7 +44,7 @@ class EvtchnError(AgentError):
 
 def _explain(op: str, err: OSError, **what) -> EvtchnError:
     detail = ", ".join(f"{k}={v}" for k, v in what.items())
-    hints = {
+    hints: dict[int | None, str] = {
         errno.ESRCH: "no such domain: check the domid with `xl list`",
         errno.EINVAL: "the port does not exist, is not bound on this handle, or is not offered to this domain",
         errno.EEXIST: "that VIRQ is already bound on this vCPU (by the kernel or another process)",
@@ -54,7 +54,7 @@ def _explain(op: str, err: OSError, **what) -> EvtchnError:
         errno.EPERM: "not permitted for this domain",
     }
     return EvtchnError(
-        f"evtchn {op}({detail}) failed: {errno.errorcode.get(err.errno, err.errno)} ({err.strerror})",
+        f"evtchn {op}({detail}) failed: {errno_name(err.errno)} ({err.strerror})",
         hints.get(err.errno, ""), errno_=err.errno,
     )
 
@@ -252,7 +252,7 @@ def fast_echo(ev: EventChannel, port: int, count: int, timeout: float) -> int:
 
 def pingpong(ev: EventChannel, port: int, count: int, timeout: float = 5.0, spin: bool = False) -> list[float]:
     """Send on `port` and wait for the answer, `count` times; round trips in seconds."""
-    samples = []
+    samples: list[float] = []
     for _ in range(count):
         t0 = time.perf_counter()
         ev.notify(port)
@@ -319,6 +319,7 @@ def _commands():
         together, alone on a physical CPU (see placement.py); put back afterwards."""
         from .placement import Placement
 
+        placement: Placement | None = None
         if place:
             placement = Placement(remote, vcpu, "xlping")
         else:
@@ -327,13 +328,12 @@ def _commands():
             allowed = os.sched_getaffinity(0)
             vcpu = min(allowed) if len(allowed) == 1 else _current_cpu()
             os.sched_setaffinity(0, {vcpu})
-            placement = contextlib.nullcontext()
         # Terminated or hung up: still leave the with below, which puts the pins back.
         for sig in (signal.SIGTERM, signal.SIGHUP):
             signal.signal(sig, _raise_stopped)
-        with placement, EventChannel() as ev:
+        with placement or contextlib.nullcontext(), EventChannel() as ev:
             port = ev.bind_unbound(remote)
-            if place:
+            if placement is not None:
                 from .evstatus import Xc  # ctypes: present in dom0, not in a python domU's root
 
                 placement.route()
@@ -347,7 +347,7 @@ def _commands():
             t0 = time.perf_counter()
             samples = run(count)
             overall = (time.perf_counter() - t0) / count
-        placed = placement.report if place else None
+        placed = placement.report if placement is not None else None
         # overall_mean_us: the whole run over `count`; robust to the PV clock's
         # clamping, which under TCG can make a single short sample read as 0.
         return {"mode": "interdomain" + (", spinning" if spin else ", blocking"), "remote": remote, "port": port,

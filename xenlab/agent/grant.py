@@ -8,13 +8,12 @@ learns we died."""
 
 from __future__ import annotations
 
-import errno
 import fcntl
 import mmap
 import os
 import struct
 
-from .errors import AgentError
+from .errors import AgentError, errno_name
 
 PAGE = 4096
 GNTALLOC = "/dev/xen/gntalloc"
@@ -59,7 +58,7 @@ def pack_alloc_gref(domid: int, count: int, writable: bool = True) -> bytearray:
     return bytearray(head + bytes(size - len(head)))
 
 
-def unpack_alloc_gref(buf: bytes, count: int) -> tuple[int, list[int]]:
+def unpack_alloc_gref(buf: bytes | bytearray, count: int) -> tuple[int, list[int]]:
     index = struct.unpack_from("=Q", buf, 8)[0]
     return index, list(struct.unpack_from(f"={count}I", buf, 16))
 
@@ -150,7 +149,7 @@ class MappedPages:
             self._unmap_ref()
             os.close(self.fd)
             raise GrantError(
-                f"cannot map grant ref(s) {self.refs[:8]} of domain {domid}: {errno.errorcode.get(e.errno, e.errno)} ({e.strerror})",
+                f"cannot map grant ref(s) {self.refs[:8]} of domain {domid}: {errno_name(e.errno)} ({e.strerror})",
                 "the domain must exist and have granted these refs to this domain (check the domid and the refs it published)",
                 errno_=e.errno,
             ) from None
@@ -203,7 +202,7 @@ class GrantMapper:
             self._unmap_ref(index, len(refs))
             raise GrantError(
                 f"cannot map grant ref(s) {refs[:8]} of domain {domid} {'read-write' if writable else 'read-only'}: "
-                f"{errno.errorcode.get(e.errno, e.errno)} ({e.strerror})", errno_=e.errno) from None
+                f"{errno_name(e.errno)} ({e.strerror})", errno_=e.errno) from None
         self.live += len(refs)
         return index, m
 

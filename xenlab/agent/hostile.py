@@ -76,6 +76,7 @@ class HostileFrontend:
 
     def connect(self) -> None:
         state = self.xs.wait_for(f"{self.be}/state", lambda v: int(v) >= INITWAIT, self.timeout, "blkback to reach InitWait")
+        assert state is not None  # without gone_ok, wait_for returns the value or raises
         if int(state) != INITWAIT:
             raise HostileError(f"blkback is {state_name(state)}, not InitWait", "is the guest's own blkfront bound to the disk?")
         self.pages = SharedPages(self.backend_id, 1 + DATA_PAGES)
@@ -90,6 +91,7 @@ class HostileFrontend:
             self.xs.write(f"{self.fe}/{PROTOCOL}", PROTOCOL_X86_64, tx)
             self.xs.write(f"{self.fe}/state", INITIALISED, tx)
         state = self.xs.wait_for(f"{self.be}/state", lambda v: int(v) >= CONNECTED, self.timeout, "blkback to reach Connected")
+        assert state is not None  # without gone_ok, wait_for returns the value or raises
         if int(state) != CONNECTED:
             raise HostileError(f"blkback went {state_name(state)} instead of Connected")
         self.sectors = int(self.xs.read(f"{self.be}/{SECTORS}"))

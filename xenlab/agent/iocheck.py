@@ -104,9 +104,9 @@ class Check:
         if rc == 0:
             with open(path, "rb") as f:
                 for off, n in places:
-                    got = os.pread(f.fileno(), n, off)
-                    if (d := first_difference(got, pattern("domU", off, n))) is not None:
-                        bad.append(f"offset {off + d}: got {got[d:d + 32]!r}")
+                    on_disk = os.pread(f.fileno(), n, off)
+                    if (d := first_difference(on_disk, pattern("domU", off, n))) is not None:
+                        bad.append(f"offset {off + d}: got {on_disk[d:d + 32]!r}")
         where = ", ".join(f"{n >> 10} KiB at {off}" for off, n in places)
         self.record(
             f"block {disk.get('label', disk['vdev'])}: guest writes, dom0 backing file matches", rc == 0 and not bad,

@@ -57,7 +57,7 @@ class XenStore:
             raise XsError("no XenStore: neither xenstored's socket nor /dev/xen/xenbus could be opened", "is this a Xen domain with xenbus?")
         self._buf = b""
         self._req = 0
-        self.events: collections.deque = collections.deque()
+        self.events: collections.deque[tuple[str, ...]] = collections.deque()
 
     # -- transport -----------------------------------------------------------
     def _send(self, data: bytes) -> None:
@@ -173,7 +173,7 @@ class XenStore:
         except XsError:
             pass
 
-    def wait_watch(self, timeout: float | None) -> tuple[str, str] | None:
+    def wait_watch(self, timeout: float | None) -> tuple[str, ...] | None:
         if self.events:
             return self.events.popleft()
         msg = self._recv_message(timeout)

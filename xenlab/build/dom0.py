@@ -329,7 +329,9 @@ def _build_in_user_namespace(cfg: LabConfig, steps: Steps, force: bool) -> Dom0I
         user = pwd.getpwuid(os.getuid()).pw_name
         raise HostError(f"building the dom0 image as {user} (not root) needs a user namespace with subordinate ids: {problem}",
                         f"{subid_setup_hint(user)}; or run `sudo xenlab build`")
-    argv = [shutil.which("unshare", path=_SBIN_PATH), "--user", "--map-root-user", "--map-auto", "--mount", "--",
+    unshare = shutil.which("unshare", path=_SBIN_PATH)
+    assert unshare is not None  # user_namespace_problem() found it
+    argv = [unshare, "--user", "--map-root-user", "--map-auto", "--mount", "--",
             sys.executable, "-m", "xenlab.build.dom0", json.dumps({"config": cfg.to_dict(), "force": force, "quiet": steps.quiet})]
     child = subprocess.Popen(argv, stdout=subprocess.PIPE, env={**os.environ, "PATH": _SBIN_PATH}, preexec_fn=term_when_parent_dies)
     try:

@@ -96,7 +96,7 @@ def modinfo(data: bytes, what: str = "the module") -> dict[str, str]:
     info = sections(data, what).get(".modinfo")
     if info is None:
         raise ConfigError(f"{what} has no .modinfo section: not a Linux kernel module (.ko)")
-    out = {}
+    out: dict[str, str] = {}
     for entry in info.split(b"\0"):
         key, sep, value = entry.decode(errors="replace").partition("=")
         if sep:

@@ -3,6 +3,8 @@ and every guest root for each kernel."""
 
 from __future__ import annotations
 
+from typing import Any
+
 from xenlab.agent.facts import KERNELS, ROOTS
 from xenlab.build import dom0, kernel, rootfs
 from xenlab.config import LabConfig
@@ -17,7 +19,7 @@ def build_all(cfg: LabConfig, steps: Steps, force: bool = False) -> dict:
     with steps.step("minimal guest kernel (about 5 min on 2 cores when not cached)"):
         built = kernel.build_minimal(cache_dir() / "guest", force=force)
         kernel.minimal_vmlinux(built.bzimage)
-    result = {"kernel": str(built.bzimage), "kernel_build": built.to_dict(), "roots": {},
+    result: dict[str, Any] = {"kernel": str(built.bzimage), "kernel_build": built.to_dict(), "roots": {},
               # As `guest build --json` reported it before builds went out of tree.
               "kernel_manifest": {"recipe_id": built.bzimage.parent.name, "bzimage_bytes": built.bzimage.stat().st_size,
                                   "build_seconds": kernel.build_stamp(built).get("build_seconds")}}

@@ -4,6 +4,7 @@ initramfs (busybox + the modules that mount the virtio root disk)."""
 from __future__ import annotations
 
 import shutil
+from collections.abc import Collection
 from pathlib import Path
 
 from xenlab import templates
@@ -23,7 +24,7 @@ def builtin_names(moddir: Path) -> set[str]:
     return {Path(line).name.split(".ko")[0].replace("-", "_") for line in text.split()}
 
 
-def module_order(modules_dep: str, wanted: tuple[str, ...], builtin: set[str] = frozenset()) -> list[str]:
+def module_order(modules_dep: str, wanted: tuple[str, ...], builtin: Collection[str] = frozenset()) -> list[str]:
     """Relative module paths for `wanted`, each after its dependencies (modules.dep order);
     modules in `builtin` are skipped."""
     deps: dict[str, list[str]] = {}

@@ -13,7 +13,7 @@ from pathlib import Path
 # ssh_config's `Match exec`, which xenlab never reads: 60 ms of every
 # command's 300 ms start. This is the command's own process, so no one else
 # is refused invoke.
-sys.modules.setdefault("invoke", None)
+sys.modules.setdefault("invoke", None)  # type: ignore[arg-type]  # None makes the import fail (documented); typeshed allows only modules
 
 import click  # noqa: E402 - after the invoke stub above
 

@@ -126,8 +126,9 @@ def _extent(table: list, name: str) -> tuple[int, int] | None:
 def printk_records(core: CoreFile, table: list) -> list[str] | None:
     """The log as dmesg prints it ("[   1.234567] text"), in sequence order,
     or None when the map lacks the ring's symbols."""
-    extents = [_extent(table, name) for name in (LOG_BUFFER, DESCS, INFOS)]
-    if None in extents:
+    names = (LOG_BUFFER, DESCS, INFOS)
+    extents = [e for e in (_extent(table, name) for name in names) if e is not None]
+    if len(extents) < len(names):
         return None
     (text_at, text_room), (descs_at, descs_room), (infos_at, infos_room) = extents
     ring_size = 1 << (text_room.bit_length() - 1)  # a power of two; the symbol gap may hold padding

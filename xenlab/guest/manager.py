@@ -5,6 +5,7 @@ over the lab's SSH connection, one round trip per operation."""
 from __future__ import annotations
 
 import base64
+import builtins
 import gzip
 import hashlib
 import io
@@ -16,7 +17,7 @@ import subprocess
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from xenlab import deploy, templates
 from xenlab.agent.facts import BRIDGE, HOTPLUG_DIR
@@ -35,6 +36,9 @@ from xenlab.guest.handle import Guest
 from xenlab.guest.spec import GuestSpec, check_type_on_lab
 from xenlab.lab.ssh import CommandResult, SSHSession
 from xenlab.paths import cache_dir
+
+if TYPE_CHECKING:
+    from xenlab.lab import Lab
 
 BACKENDS = ("kernel", "python")  # who serves a disk attached to a running guest
 
@@ -98,7 +102,7 @@ def pick_address(used: set[str]) -> tuple[str, str]:
 class Guests:
     """The domUs of one lab, driven over one SSH session to dom0."""
 
-    lab: object  # xenlab.lab.Lab
+    lab: Lab
     _ssh: SSHSession | None = field(default=None, repr=False)
     _agent_ready: bool = field(default=False, repr=False)
 
@@ -123,14 +127,15 @@ class Guests:
             deploy.ensure_agent(self.ssh())
             self._agent_ready = True
 
-    def agent(self, module: str, *args: str, request: dict | None = None, timeout: float = 300) -> dict | list:
-        """Run an agent module in dom0: its JSON reply, or its refusal as GuestError."""
+    def agent(self, module: str, *args: str, request: dict | None = None, timeout: float = 300) -> Any:
+        """Run an agent module in dom0: its JSON reply (a dict or a list, as the
+        module and verb give), or its refusal as GuestError."""
         self._agent()
         stdin = json.dumps(request).encode() if request is not None else None
         result = self.ssh().run(deploy.agent_command(module, *args), timeout=timeout, input=stdin)
         return deploy.agent_reply(result.stdout, result.stderr, result.exit_status, f"the dom0 agent ({module} {' '.join(args)})", GuestError)
 
-    def domctl(self, verb: str, *args: str, request: dict | None = None, timeout: float = 300) -> dict | list:
+    def domctl(self, verb: str, *args: str, request: dict | None = None, timeout: float = 300) -> Any:
         return self.agent("domctl", verb, *args, request=request, timeout=timeout)
 
     # -- images ----------------------------------------------------------
@@ -248,13 +253,14 @@ class Guests:
         self.check_type(spec)
         prepared = prepared or self.prepare(spec)
         used = prepared.used
-        for attempt in range(3):
+        for _ in range(2):
             try:
                 return self._create(spec, prepared, used)
             except GuestError as e:
-                if "is taken by guest" not in e.message or attempt == 2:
+                if "is taken by guest" not in e.message:
                     raise
                 used = set(used) | {e.message.split()[1]}  # taken meanwhile by a create running at the same time
+        return self._create(spec, prepared, used)  # the third and last try
 
     def _create(self, spec: GuestSpec, prepared: Prepared, used: set[str]) -> dict:
         ip, mac = pick_address(used)
@@ -268,6 +274,7 @@ class Guests:
             ],
             "config": render_xl_config(spec, prepared.kernel, prepared.ramdisk, ip, mac),
         }
+        assert spec.timeout is not None  # GuestSpec.__post_init__ put in the type's default
         try:
             return self.domctl("create", request=request, timeout=spec.timeout + 60)
         except KeyboardInterrupt:
@@ -390,11 +397,11 @@ class Guests:
         validate_name(name, "guest name")
         return self.agent("blkback", "detach", name, vdev, "--timeout", str(timeout), timeout=timeout + 90)
 
-    def attached(self, name: str) -> list[dict]:
+    def attached(self, name: str) -> builtins.list[dict]:  # builtins: list is a method here
         validate_name(name, "guest name")
         return self.agent("blkback", "list", name)
 
-    def check(self, name: str, timeout: float = 600) -> list[dict]:
+    def check(self, name: str, timeout: float = 600) -> builtins.list[dict]:
         """Block and network ring I/O checks on the real frontends/backends (run in dom0)."""
         validate_name(name, "guest name")
         return self.agent("iocheck", name, timeout=timeout)

@@ -117,6 +117,7 @@ class GuestSpec:
             raise ConfigError(f"{len(self.disks)} disks asked, at most {MAX_DISKS}", "drop some --disk options")
         if self.hotplug not in HOTPLUG:
             raise ConfigError(f"unknown --hotplug {self.hotplug!r}", f"choose one of {', '.join(HOTPLUG)}")
+        assert self.timeout is not None  # __post_init__ put in the type's default
         if self.timeout <= 0:
             raise ConfigError(f"timeout must be positive, got {self.timeout}")
         if re.search(r"[\"\\\n]", self.extra):

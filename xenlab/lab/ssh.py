@@ -10,7 +10,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, Protocol
 
 import paramiko
 from cryptography.hazmat.primitives import serialization
@@ -21,6 +21,15 @@ from xenlab.errors import SSHError
 # Connecting while sshd starts fails a few times by design; paramiko would log
 # each failure with a traceback.
 logging.getLogger("paramiko.transport").setLevel(logging.CRITICAL)
+
+
+class Output(Protocol):
+    """Where stream() writes a command's output as it comes: a binary file, or
+    anything with the same write and flush (the guest exec's framing)."""
+
+    def write(self, data: bytes, /) -> object: ...
+
+    def flush(self) -> object: ...
 
 
 @dataclass(frozen=True)
@@ -138,7 +147,7 @@ class SSHSession:
             raise SSHError(f"`{result.command}` failed in dom0 with exit code {result.exit_status}: {result.stderr.strip()[-800:]}")
         return result.stdout
 
-    def stream(self, command: str, stdin: BinaryIO | None, stdout: BinaryIO, stderr: BinaryIO) -> int:
+    def stream(self, command: str, stdin: BinaryIO | None, stdout: Output, stderr: Output) -> int:
         """Run `command` with its output written to stdout/stderr as it comes
         and `stdin` (when given) forwarded until its end, as OpenSSH does; the exit status."""
         try:

@@ -93,6 +93,21 @@ def save_running_flag() -> int:
     return _libvirt().VIR_DOMAIN_SAVE_RUNNING
 
 
+def create(conn, xml: str):
+    """Start a transient domain from its XML; the domain."""
+    return conn.createXML(xml, 0)
+
+
+def save(dom, path: Path) -> None:
+    """Save the running domain's memory to `path` (the domain stops); restored, it runs."""
+    dom.saveFlags(str(path), None, save_running_flag())
+
+
+def restore(conn, path: Path, xml: str) -> None:
+    """Start the domain saved in `path` with the definition `xml`, running."""
+    conn.restoreFlags(str(path), xml, save_running_flag())
+
+
 # A UNIX socket path holds at most 107 bytes (sun_path, with its NUL), and
 # libvirt puts QEMU's monitor at ROOT/lib/qemu/domain-ID-NAME/monitor.sock,
 # NAME being the domain name cut to 20 characters.

@@ -116,6 +116,7 @@ def trace_create(ctx: Context):
 
 def xenstore_layout(ctx: Context):
     """Frontend and backend directories point at each other; rings and event channels published."""
+    assert ctx.domid is not None  # set by guest.create, which this check needs
     layouts = check_domain(ctx.store(), ctx.domid)
     text = "\n".join(f"{d.kind}/{d.devid}: {d.backend} fe {d.frontend_state} be {d.backend_state} rings {d.rings} evtchn {d.event_channels}"
                      + "".join(f"\n  problem: {p}" for p in d.problems) for d in layouts)
@@ -132,6 +133,7 @@ def xenstore_layout(ctx: Context):
 
 def xenstore_perms(ctx: Context):
     """From inside the guest: its own area is writable; dom0's and another domain's nodes are EACCES."""
+    assert ctx.domid is not None  # set by guest.create, which this check needs
     with ctx.lab.ssh() as ssh:
         others = [d["id"] for d in parse_xl_list(ssh.check("xl list")) if d["id"] not in (0, ctx.domid)]
     other = others[0] if others else 0  # no other domU running: dom0 stands in as "another domain"
@@ -147,6 +149,7 @@ def xenstore_perms(ctx: Context):
 
 def ring_io(ctx: Context):
     """Block and network ring I/O on the real frontends/backends (the dom0 I/O check)."""
+    assert ctx.guests is not None  # set by guest.create, which this check needs
     out = []
     for r in ctx.guests.check(ctx.guest):
         out.append(Result(f"ring.{r['check']}", "SUCCESS" if r["ok"] else "FAILURE", r["seconds"], one_line(r["detail"], 400),
@@ -211,6 +214,7 @@ def device_channel(ctx: Context):
 
 def guest_destroy(ctx: Context):
     """xl destroy, traced; dom0 keeps no backend node, loop device or vif of the guest."""
+    assert ctx.guests is not None  # set by guest.create, which this check needs
     with traced(ctx.store(), ctx.guest) as recorder:
         ctx.traces["destroy"] = recorder.timeline  # the live list: kept when the destroy fails half-way
         result = ctx.guests.destroy(ctx.guest)

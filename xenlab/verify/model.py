@@ -5,10 +5,15 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING
 
 from xenlab.errors import ConfigError, XenlabError
 from xenlab.guest.spec import DiskSpec, GuestSpec
 from xenlab.xenstore.client import XenStore
+
+if TYPE_CHECKING:
+    from xenlab.guest.manager import Guests
+    from xenlab.lab import Lab
 
 STATES = ("SUCCESS", "SKIP", "FAILURE", "ERROR", "CRASH")
 GUEST_DISKS = ("16M", "8M:ro")
@@ -94,12 +99,12 @@ def one_line(text: str, width: int = 160) -> str:
 
 @dataclass
 class Context:
-    lab: object  # xenlab.lab.Lab
+    lab: Lab
     guest: str
     guest_extra: str = ""
     guest_type: str = "pv"  # pvh: Debian's kernel (xenlab's minimal one is PV only)
-    guests: object | None = None  # guest.manager.Guests
-    xs: object | None = None  # xenstore.XenStore
+    guests: Guests | None = None
+    xs: XenStore | None = None
     domid: int | None = None
     created: dict | None = None
     timeline: list = field(default_factory=list)
@@ -110,12 +115,12 @@ class Context:
     booted_here: bool = False
     log: Callable[[str], None] = lambda line: None
 
-    def spec(self):
+    def spec(self) -> GuestSpec:
         return GuestSpec(name=self.guest, memory=128, disks=tuple(DiskSpec.parse(d) for d in GUEST_DISKS), net=True,
                          root="python", extra=self.guest_extra, type=self.guest_type,
                          kernel="minimal" if self.guest_type == "pv" else "debian").validate()
 
-    def store(self):
+    def store(self) -> XenStore:
         if self.xs is None or not self.xs.connected:
             self.xs = XenStore.for_lab(self.lab, timeout=30)
         return self.xs

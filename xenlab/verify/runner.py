@@ -174,8 +174,9 @@ def run(lab, guest: str = "verify", skips: tuple[str, ...] = (), guest_extra: st
     seconds = time.monotonic() - t0
     report = report_dict(lab.name, results, seconds, started_at, guest, (lab.info() or {}).get("versions"))
     report.update(guest_type=guest_type, suite=lab.running_config().dom0.suite, lab_stalled=ctx.lab_stalled)
-    if json_path or junit_path:
-        report["xenbus_timelines"] = write_timelines(ctx.traces, json_path or junit_path, guest)
+    first_report = json_path or junit_path
+    if first_report:
+        report["xenbus_timelines"] = write_timelines(ctx.traces, first_report, guest)
     write_reports(results, report, json_path, junit_path)
     report.update(json_path=str(json_path) if json_path else None, junit_path=str(junit_path) if junit_path else None)
     stopped = bool(down_after and ctx.booted_here)

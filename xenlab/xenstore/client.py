@@ -24,6 +24,7 @@ import time
 from collections.abc import Callable, Iterator
 from copy import copy
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, TypeVar
 
 from pyxs._internal import NUL, Op, Packet, next_rq_id
@@ -64,7 +65,7 @@ class _Router(PyXSRouter):
     ending the thread and leaving callers waiting forever. Watch events
     carry the time they arrived."""
 
-    def __init__(self, connection):
+    def __init__(self, connection) -> None:
         super().__init__(connection)
         self.thread.name = "xenstore-router"
         self.failure: str | None = None
@@ -122,7 +123,7 @@ class _Router(PyXSRouter):
 def _reason(e: BaseException) -> str:
     """The most specific account of a connection failure: our transport's
     OSError (which pyxs wraps with its args tuple) when there is one."""
-    seen = e
+    seen: BaseException | None = e
     while seen is not None:
         if isinstance(seen, OSError) and seen.strerror:
             return seen.strerror
@@ -347,7 +348,7 @@ class XenStore:
                 raise XenStoreError(f"batch: unknown XenStore operation {op!r}", f"use one of {', '.join(ops)}")
             check_path(path)
             args = [encode(path) + NUL] + ([check_value(path, value[0])] if op == "write" else [])
-            rvar = self._do(op, path, lambda op=op, args=args: self._client.send_command(ops[op], *args))
+            rvar = self._do(op, path, partial(self._client.send_command, ops[op], *args))
             pending.append((index, rvar))
             if len(pending) >= self.WINDOW:
                 settle(*pending.pop(0))
@@ -469,7 +470,7 @@ class Watch:
         self._closed = False
         try:
             for tok, p in self._tokens.items():
-                xs._do("watch", p, lambda p=p, tok=tok: self._monitor.watch(encode(p), encode(tok)))
+                xs._do("watch", p, partial(self._monitor.watch, encode(p), encode(tok)))
         except BaseException:
             self.close()
             raise
@@ -502,7 +503,9 @@ class Watch:
 
     def __iter__(self) -> Iterator[WatchEvent]:
         while True:
-            yield self.get(None)
+            event = self.get(None)
+            assert event is not None  # without a timeout, get waits until there is one
+            yield event
 
     def drain(self) -> list[WatchEvent]:
         """Every event already received, without waiting."""
@@ -519,7 +522,7 @@ class Watch:
             if (encode(p), encode(tok)) not in self._monitor.unwatch_queue or not self.xs._client.router.alive:
                 continue
             try:
-                self.xs._do("unwatch", p, lambda p=p, tok=tok: self._monitor.unwatch(encode(p), encode(tok)))
+                self.xs._do("unwatch", p, partial(self._monitor.unwatch, encode(p), encode(tok)))
             except XenStoreError:
                 pass  # the connection's end removes the watch anyway
 

@@ -130,5 +130,5 @@ def _published(xs: XenStore, d: DeviceLayout, fe: str, fe_keys: set[str]) -> Non
     if not d.event_channels:
         d.problems.append(f"frontend {fe} published no event-channel")
     for key, value in {**d.rings, **d.event_channels}.items():
-        if _int(value) is None or _int(value) <= 0:
+        if (number := _int(value)) is None or number <= 0:
             d.problems.append(f"{fe}/{key} = {value!r} is not a positive number")

@@ -153,8 +153,9 @@ class XenBusRecorder:
             return [(path, parsed)] if self._wanted(parsed[3]) else []
         # A removed directory fires one event for itself, not for its children:
         # every state node under it is read again (and found gone).
+        # Each path in _last parsed as a state node's when it was recorded.
         prefix = path.rstrip("/") + "/"
-        return [(p, parse_state_path(p)) for p in self._last if p.startswith(prefix)]
+        return [(p, parsed) for p in self._last if p.startswith(prefix) and (parsed := parse_state_path(p)) is not None]
 
     def _check_released(self, when: float) -> None:
         for domid in {c.domid for c in self.timeline} - self._released:

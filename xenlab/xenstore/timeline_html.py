@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from xenlab.agent.facts import CONNECTED, STATE_NAMES, state_name
 from xenlab.templates import render
@@ -131,7 +132,7 @@ def render_html(timeline: list[Change], reports: list[DeviceReport], title: str)
     def x(t: float) -> float:
         return round(LABEL_WIDTH + (t - start) / (end - start) * PLOT_WIDTH, 1)
 
-    devices = []
+    devices: list[dict[str, Any]] = []  # the template's view of each device
     number = 0
     for report in reports:
         lanes = [_lane(timeline, report, side, end) for side in ("frontend", "backend")]

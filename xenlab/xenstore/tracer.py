@@ -193,7 +193,7 @@ def _check_device(report: DeviceReport, changes: list[Change], released: Change 
             if prev != CLOSED:
                 if forced or released is not None:
                     note(f"{side} node removed while {state_name(prev)}: the domain was destroyed, no closedown", c)
-                elif c.maybe_skipped and CLOSED in table.get(prev, set()):
+                elif c.maybe_skipped and prev is not None and CLOSED in table.get(prev, set()):
                     # The node was written (its own event) but gone when read: that write was most likely Closed.
                     note(f"{side} node removed right after a write not read in time (from {state_name(prev)}, most likely Closed)", c)
                 else:
@@ -266,7 +266,7 @@ def _phases(report: DeviceReport, first_closing: str | None, forced: bool, relea
 class TimelineFormatter:
     """One line per change, naming the transition (it remembers each node's last state)."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.last: dict[tuple[int, str, str], int | None] = {}
 
     def line(self, c: Change) -> str:

@@ -45,7 +45,7 @@ def walk_levels(xs, top: str, perms: bool = False) -> Iterator[tuple[str, str | 
     while level:
         requests = [(op, p) for p in level for op in (("ls", "read", "get-perms") if perms else ("ls", "read"))]
         answers = iter(xs.batch(requests))
-        following = []
+        following: list[str] = []
         for p in level:
             children, value = next(answers), next(answers)
             node_perms = next(answers) if perms else None
@@ -114,7 +114,7 @@ def dump(xs, path: str = "/") -> dict:
     built: dict[str, dict] = {}
     root = None
     for p, value, _children, node_perms in walk_levels(xs, path, perms=True):
-        node = {"value": value, "perms": [str(x) for x in node_perms or []], "children": {}}
+        node: dict = {"value": value, "perms": [str(x) for x in node_perms or []], "children": {}}
         built[p] = node
         if root is None:
             root = node

@@ -15,27 +15,12 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import IO
 
+from xenlab.agent.sysutil import pid_alive as pid_alive  # the one pid_alive; the library's callers import it from here
 from xenlab.errors import CommandError
 
 log = logging.getLogger("xenlab.run")
 
 LineCallback = Callable[[str], None]
-
-
-def pid_alive(pid: int) -> bool:
-    """Whether `pid` runs (a zombie does not: a daemonized QEMU's parent is
-    init, which may take seconds to reap it)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return True  # no procfs: the signal's answer stands
-    return stat.rsplit(")", 1)[-1].split()[0] not in ("Z", "X")
 
 
 def pids_using(path: Path) -> list[int]:

@@ -9,7 +9,6 @@ import shutil
 import subprocess
 import sys
 from contextlib import contextmanager
-from pathlib import Path
 
 import pytest
 
@@ -148,10 +147,6 @@ def fresh_guest(lab, spec):
     finally:
         with Guests(lab) as guests:
             guests.destroy(spec.name)
-
-
-def pid_alive(pid: int) -> bool:
-    return Path(f"/proc/{pid}").exists()
 
 
 @pytest.hookimpl(tryfirst=True)

@@ -15,13 +15,14 @@ import re
 import pytest
 
 from xenlab.agent.facts import GUESTS_DIR
+from xenlab.errors import XenlabError
 from xenlab.evtchn.catalogue import grants_mapped
 from xenlab.guest.hardening import READ_BYTES, STANDARD_PLANS, WRITE_BLOCKS, probe, run_io
 from xenlab.guest.manager import Guests
 from xenlab.guest.spec import GuestSpec
-from xenlab.errors import XenlabError
 
 from .conftest import LAB, fresh_guest, xenlab
+
 
 def _guest_spec(name: str) -> GuestSpec:
     return GuestSpec(name=name)

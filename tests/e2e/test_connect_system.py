@@ -14,7 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import IN_CI, pid_alive, xenlab
+from xenlab.run import pid_alive
+
+from .conftest import IN_CI, xenlab
 
 pytestmark = [pytest.mark.full, pytest.mark.own_labs]  # boots labs of its own: under xdist, beside the session lab's tests
 

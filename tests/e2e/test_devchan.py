@@ -8,8 +8,8 @@ import json
 
 import pytest
 
-from xenlab.evtchn.devchan import devchan, devchan_peer_death
 from xenlab.evtchn.catalogue import grants_mapped
+from xenlab.evtchn.devchan import devchan, devchan_peer_death
 from xenlab.guest.agentrun import DOMU_AGENT
 from xenlab.guest.manager import Guests
 from xenlab.guest.spec import GuestSpec

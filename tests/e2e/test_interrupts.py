@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shlex
 import shutil
 import signal
@@ -18,12 +17,11 @@ import time
 
 import pytest
 
-from xenlab.lab import snapshot as snapshots
-
 from xenlab.agent.facts import DOM0_AGENT_ROOT, GUESTS_DIR
-from xenlab.run import pids_using
+from xenlab.lab import snapshot as snapshots
+from xenlab.run import pid_alive, pids_using
 
-from .conftest import pid_alive, xenlab
+from .conftest import xenlab
 
 pytestmark = pytest.mark.own_labs  # boots labs of its own: under xdist, beside the session lab's tests
 

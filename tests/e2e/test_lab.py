@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 
 from xenlab.agent.xl import parse_xl_info
+from xenlab.run import pid_alive
 
-from .conftest import LAB, XENLAB, lab_prerequisites, pid_alive, xenlab
+from .conftest import LAB, XENLAB, lab_prerequisites, xenlab
 
 
 @pytest.mark.gate

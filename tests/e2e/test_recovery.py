@@ -15,7 +15,9 @@ import time
 
 import pytest
 
-from .conftest import lab_prerequisites, pid_alive, xenlab
+from xenlab.run import pid_alive
+
+from .conftest import lab_prerequisites, xenlab
 
 pytestmark = [pytest.mark.full, pytest.mark.own_labs]  # boots labs of its own: under xdist, beside the session lab's tests
 

@@ -8,8 +8,8 @@ from __future__ import annotations
 import json
 import os
 import pwd
-import socket
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile

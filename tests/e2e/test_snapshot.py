@@ -15,8 +15,9 @@ from pathlib import Path
 import pytest
 
 from xenlab.lab import snapshot as snapshots
+from xenlab.run import pid_alive
 
-from .conftest import pid_alive, xenlab
+from .conftest import xenlab
 
 pytestmark = pytest.mark.own_labs  # boots labs of its own: under xdist, beside the session lab's tests
 

@@ -65,3 +65,53 @@ def test_scratch_of_a_killed_build_is_swept_and_a_live_one_kept(tmp_path):
     said = paths.sweep_stale_work(tmp_path, ".img.")
     assert not stale.exists() and live.exists() and foreign.exists()
     assert said == [f"removed {stale}, left by an interrupted build (pid {dead.pid})"]
+
+
+def test_atomic_write_leaves_the_whole_file_with_open_s_mode_and_no_temporary(tmp_path):
+    import os
+
+    from xenlab.agent.sysutil import atomic_write
+
+    target = tmp_path / "f.json"
+    atomic_write(target, "first")
+    atomic_write(target, b"second")
+    assert target.read_text() == "second" and os.listdir(tmp_path) == ["f.json"]
+    old = os.umask(0o027)
+    try:
+        atomic_write(target, "x")
+    finally:
+        os.umask(old)
+    assert target.stat().st_mode & 0o777 == 0o640
+    atomic_write(target, "y", mode=0o600)
+    assert target.stat().st_mode & 0o777 == 0o600
+
+
+def test_atomic_write_that_fails_leaves_the_old_file_and_no_temporary(tmp_path):
+    import os
+
+    import pytest
+
+    from xenlab.agent.sysutil import atomic_write
+
+    target = tmp_path / "f"
+    target.write_text("old")
+    with pytest.raises(TypeError):
+        atomic_write(target, 12345)  # type: ignore[arg-type]
+    assert target.read_text() == "old" and os.listdir(tmp_path) == ["f"]
+
+
+def test_pid_alive_is_false_for_a_zombie_and_true_for_this_process():
+    import os
+    import subprocess
+    import time
+
+    from xenlab.agent.sysutil import pid_alive
+
+    assert pid_alive(os.getpid())
+    child = subprocess.Popen(["true"])
+    deadline = time.monotonic() + 10
+    while open(f"/proc/{child.pid}/stat").read().rsplit(")", 1)[-1].split()[0] != "Z" and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not pid_alive(child.pid)  # exited, not yet reaped
+    child.wait()
+    assert not pid_alive(child.pid)

@@ -84,12 +84,13 @@ from .blkif import (
     unpack_request,
     xvd_devid,
 )
-from .domctl import domid_of, guest_dir, pid_alive, xl
+from .domctl import domid_of, guest_dir, xl
 from .errors import AgentError, Stopped, raise_stopped, report
 from .evtchn import EventChannel
 from .facts import CLOSED, CLOSING, CONNECTED, INITIALISED, INITIALISING, INITWAIT, PY_BLOCK_BACKEND, STATE_NAMES
 from .grant import PAGE, GrantError, GrantMapper
 from .ring import RSP_PROD, BackRing, RingError, SharedRing, mb
+from .sysutil import pid_alive
 from .xs import XenStore, XsError
 
 MAX_INDIRECT_SEGMENTS = 256  # what we offer (kernel blkback's default); blkfront caps it at its own 32

@@ -29,6 +29,7 @@ from .errors import AgentError, report
 from .facts import CONSOLE_LOG, CORES_DIR, EXEC_CHUNK_TAG, EXEC_END_TAG, EXEC_REPLY_TAG, EXEC_REQUEST_TAG, GUESTS_DIR, XEN_TRIPLE_FAULT, state_name
 from .facts import GUEST_PANIC_PATTERNS as CRASH_PATTERNS
 from .facts import GUEST_READY_MARK as READY_MARK
+from .sysutil import pid_alive
 from .xl import parse_xl_list
 from .xs import XenStore
 
@@ -353,14 +354,6 @@ def _remove(name: str, domid: int | None, timeout: float) -> dict:
     shutil.rmtree(guest_dir(name), ignore_errors=True)
     release_addresses(name)
     return left
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(") ", 1)[1][0] != "Z"
-    except (OSError, IndexError):
-        return False
 
 
 def _wait_disk_backends(name: str, deadline: float) -> None:

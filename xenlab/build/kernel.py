@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from xenlab import progress
+from xenlab.agent.sysutil import atomic_write
 from xenlab.build import compression
 from xenlab.errors import ConfigError, HostError, XenlabError
 from xenlab.paths import GUEST_KERNEL_DIR, sweep_stale_work, work_dir
@@ -276,7 +277,5 @@ def minimal_vmlinux(bzimage: Path) -> Path:
     """The ELF inside `bzimage` beside it (what is shipped to dom0), renewed when the bzImage is."""
     elf = bzimage.with_name("vmlinux")
     if not elf.exists() or elf.stat().st_mtime_ns < bzimage.stat().st_mtime_ns:
-        part = elf.with_suffix(".part")
-        part.write_bytes(decompress_bzimage(bzimage.read_bytes()))
-        part.rename(elf)
+        atomic_write(elf, decompress_bzimage(bzimage.read_bytes()))
     return elf

@@ -11,6 +11,8 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
+from xenlab.agent.sysutil import atomic_write
+
 # "ffffffff81000000 T _stext" (System.map, kallsyms) or with " [module]" (kallsyms)
 _LINE = re.compile(r"^([0-9a-fA-F]{8,16})\s+([a-zA-Z])\s+(\S+)")
 KERNEL_SPACE = 0xFFFF800000000000  # below: per-cpu offsets and other non-addresses
@@ -96,7 +98,5 @@ def symbol_elf(symbols: list[Symbol], path: Path) -> Path:
     blob = header + symtab + bytes(strtab) + shstrtab
     blob += bytes(sections_at - len(blob)) + sections
     path.parent.mkdir(parents=True, exist_ok=True)
-    part = path.with_name(path.name + ".part")
-    part.write_bytes(blob)
-    part.replace(path)
+    atomic_write(path, blob)
     return path

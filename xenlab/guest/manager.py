@@ -25,6 +25,7 @@ from xenlab.agent.facts import GUEST_SUBNET as SUBNET
 from xenlab.agent.facts import GUESTS_DIR as REMOTE_GUESTS
 from xenlab.agent.facts import IMAGES_DIR as REMOTE_IMAGES
 from xenlab.agent.faultplan import FaultPlanError, format_plan, load_plan
+from xenlab.agent.sysutil import atomic_write
 from xenlab.build import dom0 as images
 from xenlab.build import extras, rootfs
 from xenlab.build import kernel as kernel_mod
@@ -62,9 +63,7 @@ def _system_map_of(elf: Path) -> Path | None:
     listed = subprocess.run(["nm", "-n", str(elf)], capture_output=True, text=True) if shutil.which("nm") else None
     if listed is None or listed.returncode != 0 or not listed.stdout.strip():
         return None
-    part = target.with_suffix(".map.part")
-    part.write_text(listed.stdout)
-    part.rename(target)
+    atomic_write(target, listed.stdout)
     return target
 
 
@@ -228,9 +227,7 @@ class Guests:
         local = cache_dir() / "guest" / "user-kernels" / f"{digest}.vmlinux"
         if not local.exists():
             local.parent.mkdir(parents=True, exist_ok=True)
-            part = local.with_suffix(".part")
-            part.write_bytes(kernel.elf)
-            part.rename(local)
+            atomic_write(local, kernel.elf)
         return local, f"user-{digest}.vmlinux", kernel.release, _system_map_of(local)
 
     def _with_extras(self, spec: GuestSpec, base: Path, release: str) -> Path:
@@ -241,9 +238,7 @@ class Guests:
         target = cache_dir() / "guest" / "custom" / f"{base.name.removesuffix('.cpio.gz')}+{hashlib.sha256(blob).hexdigest()[:12]}.cpio.gz"
         if not target.exists():
             target.parent.mkdir(parents=True, exist_ok=True)
-            part = target.with_suffix(".part")
-            part.write_bytes(base.read_bytes() + blob)  # concatenated archives: the kernel unpacks both
-            part.rename(target)
+            atomic_write(target, base.read_bytes() + blob)  # concatenated archives: the kernel unpacks both
         return target
 
     # -- lifecycle -------------------------------------------------------

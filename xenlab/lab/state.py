@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import BinaryIO, Self
 
 from xenlab import config as config_mod
+from xenlab.agent.sysutil import atomic_write
 from xenlab.build import dom0 as images
 from xenlab.config import LabConfig, validate_name
 from xenlab.errors import LabError
@@ -317,9 +318,7 @@ def _read_json(path: Path) -> dict | None:
 
 def _write_json(path: Path, data: dict) -> None:
     """Whole or not at all: a reader never sees half a file."""
-    part = path.with_suffix(".part")
-    part.write_text(json.dumps(data, indent=2))
-    part.replace(path)
+    atomic_write(path, json.dumps(data, indent=2))
 
 
 def _move(src: Path, dest: Path) -> None:

@@ -92,7 +92,9 @@ def agent_error(stderr: str, what: str, exit_status: int, error_cls: type[Xenlab
     for line in reversed(stderr.splitlines()):
         if line.startswith(ERROR_PREFIX):
             err = json.loads(line[len(ERROR_PREFIX):])
-            return error_cls(err["error"], err.get("hint", ""))
+            error = error_cls(err["error"], err.get("hint", ""))
+            error.code, error.detail = err.get("code", ""), err.get("detail") or {}
+            return error
     return error_cls(f"{what} failed (exit {exit_status}): {stderr.strip()[-1500:]}")
 
 

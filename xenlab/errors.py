@@ -13,6 +13,9 @@ class XenlabError(Exception):
         super().__init__(message)
         self.message = message
         self.hint = hint
+        # Set on an error the dom0 agent reported: its code (agent/errors.py) and data.
+        self.code = ""
+        self.detail: dict = {}
 
     def __str__(self) -> str:
         return self.message if not self.hint else f"{self.message}\n  hint: {self.hint}"

@@ -127,3 +127,21 @@ def test_agent_reply_reads_the_result_and_names_a_silent_death():
         agent_reply("", "Killed", 137, "pong", ChannelError)
     with pytest.raises(ChannelError, match="printed no JSON"):
         agent_reply("hello", "", 0, "pong", ChannelError)
+
+
+def test_a_refusal_the_host_acts_on_crosses_as_a_code_with_its_data(capsys, tmp_path, monkeypatch):
+    """Two creates that picked one address: the host re-picks on the code, not on the message's words."""
+    from xenlab.agent import domctl
+    from xenlab.deploy import agent_reply
+    from xenlab.errors import GuestError
+
+    monkeypatch.setattr(domctl, "ADDRESSES_DIR", str(tmp_path / "addresses"))
+    monkeypatch.setattr(domctl, "guest_dir", lambda name: str(tmp_path / name))
+    (tmp_path / "first").mkdir()
+    domctl.claim_address("10.99.0.7", "first")
+    with pytest.raises(domctl.Refused) as refused:
+        domctl.claim_address("10.99.0.7", "second")
+    errors.report(refused.value)
+    with pytest.raises(GuestError) as caught:
+        agent_reply("", capsys.readouterr().err, errors.ERROR_EXIT, "domctl create", GuestError)
+    assert caught.value.code == errors.ADDRESS_TAKEN and caught.value.detail == {"address": "10.99.0.7"}

@@ -25,7 +25,7 @@ import time
 import tty
 
 from . import facts
-from .errors import AgentError, report
+from .errors import ADDRESS_TAKEN, AgentError, report
 from .facts import CONSOLE_LOG, CORES_DIR, EXEC_CHUNK_TAG, EXEC_END_TAG, EXEC_REPLY_TAG, EXEC_REQUEST_TAG, GUESTS_DIR, XEN_TRIPLE_FAULT, state_name
 from .facts import GUEST_PANIC_PATTERNS as CRASH_PATTERNS
 from .facts import GUEST_READY_MARK as READY_MARK
@@ -391,7 +391,8 @@ def claim_address(ip: str, name: str) -> None:
         with open(claim) as f:
             owner = f.read().strip()
         if owner != name and os.path.isdir(guest_dir(owner)):
-            raise Refused(f"address {ip} is taken by guest {owner!r}", "another create picked it at the same time: pick again") from None
+            raise Refused(f"address {ip} is taken by guest {owner!r}", "another create picked it at the same time: pick again",
+                          code=ADDRESS_TAKEN, detail={"address": ip}) from None
         fd = os.open(claim, os.O_WRONLY | os.O_TRUNC)  # a leftover of a guest that is gone
     with os.fdopen(fd, "w") as f:
         f.write(name)

@@ -13,15 +13,22 @@ ERROR_PREFIX = "XENLAB-AGENT-ERROR "
 ERROR_EXIT = 3
 
 
+# Codes for the refusals the host acts on (not only shows): it matches these,
+# never the message's words.
+ADDRESS_TAKEN = "address-taken"
+
+
 class AgentError(Exception):
-    def __init__(self, message: str, hint: str = "", errno_: int | None = None):
+    def __init__(self, message: str, hint: str = "", errno_: int | None = None, code: str = "", detail: dict | None = None):
         super().__init__(message)
         self.message, self.hint, self.errno = message, hint, errno_
+        self.code, self.detail = code, detail or {}
 
     def to_dict(self) -> dict:
         return {
             "error": self.message, "hint": self.hint, "kind": type(self).__name__,
             "errno": _errno.errorcode.get(self.errno) if self.errno else None,
+            "code": self.code, "detail": self.detail,
         }
 
     def __str__(self) -> str:

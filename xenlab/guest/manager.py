@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
 from xenlab import deploy, templates
+from xenlab.agent.errors import ADDRESS_TAKEN
 from xenlab.agent.facts import BRIDGE, HOTPLUG_DIR
 from xenlab.agent.facts import GUEST_SUBNET as SUBNET
 from xenlab.agent.facts import GUESTS_DIR as REMOTE_GUESTS
@@ -252,9 +253,9 @@ class Guests:
             try:
                 return self._create(spec, prepared, used)
             except GuestError as e:
-                if "is taken by guest" not in e.message:
+                if e.code != ADDRESS_TAKEN:
                     raise
-                used = set(used) | {e.message.split()[1]}  # taken meanwhile by a create running at the same time
+                used = set(used) | {e.detail["address"]}  # taken meanwhile by a create running at the same time
         return self._create(spec, prepared, used)  # the third and last try
 
     def _create(self, spec: GuestSpec, prepared: Prepared, used: set[str]) -> dict:

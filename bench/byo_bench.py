@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from lab_bench import host, summary, timed  # noqa: E402
 
 from xenlab.evtchn.devchan import python_backend  # noqa: E402
-from xenlab.lab import Lab  # noqa: E402
+from xenlab import Lab  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 GUEST = "bench-byo"

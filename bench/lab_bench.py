@@ -63,7 +63,7 @@ def on_host(script: str) -> str:
 
 def process_costs(count: int) -> dict:
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-    from xenlab.lab import Lab
+    from xenlab import Lab
 
     lab = Lab.open(NAME)  # a running lab: its suite is the one it was started with
 

@@ -23,7 +23,7 @@ from xenlab import config
 from xenlab.evtchn.devchan import devchan
 from xenlab.guest.manager import Guests
 from xenlab.guest.spec import GuestSpec
-from xenlab.lab import Lab
+from xenlab import Lab
 
 XENLAB = [sys.executable, "-m", "xenlab"]
 

@@ -23,7 +23,7 @@ from lab_bench import host, summary  # noqa: E402
 
 from xenlab.agent.xl import parse_xl_info  # noqa: E402
 from xenlab.guest.spec import DiskSpec, GuestSpec  # noqa: E402
-from xenlab.lab import Lab  # noqa: E402
+from xenlab import Lab  # noqa: E402
 from xenlab.progress import Steps  # noqa: E402
 
 GUEST = "soak-g"

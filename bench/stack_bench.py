@@ -22,7 +22,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from lab_bench import XENLAB, host, per_start_ms, summary, timed  # noqa: E402
 
-from xenlab.lab import Lab  # noqa: E402
+from xenlab import Lab  # noqa: E402
 from xenlab.lab.versions import qemu_version  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent

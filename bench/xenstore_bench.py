@@ -19,7 +19,7 @@ import statistics
 import time
 
 from xenlab.config import load
-from xenlab.lab import Lab
+from xenlab import Lab
 from xenlab.xenstore.client import XenStore
 
 NODE = "/xenlab-bench"

@@ -22,19 +22,19 @@ from typing import TYPE_CHECKING
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:  # the names below, for editors and type checkers (imported lazily at run time)
+    from xenlab.api import Lab
     from xenlab.config import LabConfig
     from xenlab.config import load as load_config
+    from xenlab.dom0 import Dom0
     from xenlab.errors import XenlabError
     from xenlab.guest.handle import AttachedDisk, Guest
     from xenlab.guest.manager import Guests
     from xenlab.guest.spec import DiskSpec, GuestSpec
-    from xenlab.lab.core import Lab
-    from xenlab.lab.dom0 import Dom0
     from xenlab.xenstore.client import XenStore
 
 _PUBLIC = {
-    "Lab": "xenlab.lab.core",
-    "Dom0": "xenlab.lab.dom0",
+    "Lab": "xenlab.api",
+    "Dom0": "xenlab.dom0",
     "Guest": "xenlab.guest.handle",
     "AttachedDisk": "xenlab.guest.handle",
     "Guests": "xenlab.guest.manager",

@@ -9,6 +9,7 @@ import shutil
 from pathlib import Path
 
 from xenlab.agent.facts import CONSOLE_LOG, EXEC_CHUNK_TAG, EXEC_REPLY_TAG, GUEST_PANIC_PATTERNS
+from xenlab.guest.manager import Guests
 from xenlab.lab.serial import CRASH_PATTERNS, PLATFORM_TIMER_WRAP_S, STALL_PATTERN
 from xenlab.run import tail
 
@@ -122,7 +123,7 @@ def _crashed_guest_cores(lab, folder: Path) -> list[str]:
     panic is then readable after the guest is gone (`xenlab debug core-log`)."""
     written = []
     try:
-        with lab.guests() as guests:
+        with Guests(lab) as guests:
             for row in guests.list():
                 if row.get("state") == "crashed":
                     taken = guests.dump_core(row["name"], folder / "cores")

@@ -33,8 +33,8 @@ from typing import TYPE_CHECKING
 import pytest
 
 if TYPE_CHECKING:
+    from xenlab.api import Lab
     from xenlab.guest.handle import Guest
-    from xenlab.lab.core import Lab
 
 ARTIFACTS_KEY = "xenlab_artifacts"
 _LAB = "_xenlab_lab"  # the session's Lab, set once the lab fixture ran
@@ -167,7 +167,7 @@ def worker_uri(config) -> str:
 
 
 def _lab_from_options(config):
-    from xenlab.lab import Lab
+    from xenlab.api import Lab
 
     opt = config.getoption
     own = {"xen": opt("--xenlab-xen"), "dom0.kernel": opt("--xenlab-dom0-kernel"), "dom0.modules": opt("--xenlab-dom0-modules")}

@@ -10,11 +10,15 @@ import os
 import posixpath
 import shlex
 import stat
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from xenlab.config import validate_name
+from xenlab.dom0 import Dom0
 from xenlab.errors import ConfigError, XenlabError
+from xenlab.guest.manager import Guests
+from xenlab.lab.ssh import CommandResult
 
 
 class CopyError(XenlabError):
@@ -88,7 +92,9 @@ def copy(lab, src: str, dest: str) -> dict:
         raise ConfigError(f"xenlab cp {src} {dest}: one side must be on this host and the other dom0:PATH or GUEST:PATH",
                           "copy between two lab machines through the host")
     remote = a if a.where != "host" else b
-    with lab.dom0() as dom0, lab.guests() as guests:
+    # dom0's and a guest's run/exec differ past the command; only the command is passed.
+    run: Callable[[str], CommandResult]
+    with Dom0(lab) as dom0, Guests(lab) as guests:
         if remote.where == "dom0":
             run, put = dom0.run, dom0.put
         else:

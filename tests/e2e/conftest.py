@@ -80,7 +80,7 @@ class Dom0Shell:
 
     def _connected(self):
         from xenlab import config
-        from xenlab.lab import Lab
+        from xenlab import Lab
 
         if self.session is None or not self.session.active:
             self.close()
@@ -127,7 +127,7 @@ def dom0(_dom0_shell):
 def lab(lab_info):
     """The shared lab as a Lab object, for tests that use the Python API."""
     from xenlab import config
-    from xenlab.lab import Lab
+    from xenlab import Lab
 
     return Lab(config.load(overrides={"name": LAB}))
 

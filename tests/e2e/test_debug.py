@@ -14,7 +14,7 @@ import time
 import pytest
 
 from xenlab.agent.facts import CORES_DIR
-from xenlab.debug import coredump
+from xenlab.guest import coredump
 from xenlab.guest.manager import Guests
 from xenlab.guest.spec import GuestSpec
 

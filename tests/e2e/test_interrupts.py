@@ -87,7 +87,7 @@ def restore_held(lab_name: str):
     and every later destroy of the domain waited on it
     (docs/reliability.md#interruptions). Returns the release (SIGCONT), for
     a signal the process is to handle."""
-    from xenlab.lab import Lab
+    from xenlab import Lab
 
     lab = Lab.open(lab_name)
     status = lab.embed_root / "run" / "qemu" / f"{lab.domain_name}.xml"
@@ -218,7 +218,7 @@ def kill_lab_up_again(request):
     if xenlab("down", "--lab", LAB, check=False, timeout=300).returncode == 0 and \
             xenlab("up", "--lab", LAB, check=False, timeout=600).returncode == 0:
         return
-    from xenlab.lab import Lab
+    from xenlab import Lab
 
     for line in processes_of_lab(LAB):
         os.kill(int(line.split(":")[0]), signal.SIGKILL)

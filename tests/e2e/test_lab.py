@@ -161,7 +161,7 @@ def test_one_process_uses_libvirt_many_times():
     """libvirt registers its embedded QEMU driver at every open and a process
     has about 20 slots: a long session (a soak, a reset per test) must reuse
     one connection, not run out ("Too many drivers")."""
-    from xenlab.lab import Lab
+    from xenlab import Lab
 
     lab_prerequisites()
     lab = Lab.open("e2e-conn")

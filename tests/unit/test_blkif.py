@@ -7,9 +7,24 @@ import pytest
 
 from xenlab.agent import blkif
 from xenlab.agent.blkif import (
-    BLKIF_OP_DISCARD, BLKIF_OP_FLUSH_DISKCACHE, BLKIF_OP_INDIRECT, BLKIF_OP_READ, BLKIF_OP_RESERVED_1,
-    BLKIF_OP_WRITE, BLKIF_OP_WRITE_BARRIER, BLKIF_RSP_EOPNOTSUPP, BLKIF_RSP_ERROR, BadRequest, BlkifError,
-    DiscardRequest, IndirectRequest, OtherRequest, ReadWriteRequest, Response, Segment, unpack_request,
+    BLKIF_OP_DISCARD,
+    BLKIF_OP_FLUSH_DISKCACHE,
+    BLKIF_OP_INDIRECT,
+    BLKIF_OP_READ,
+    BLKIF_OP_RESERVED_1,
+    BLKIF_OP_WRITE,
+    BLKIF_OP_WRITE_BARRIER,
+    BLKIF_RSP_EOPNOTSUPP,
+    BLKIF_RSP_ERROR,
+    BadRequest,
+    BlkifError,
+    DiscardRequest,
+    IndirectRequest,
+    OtherRequest,
+    ReadWriteRequest,
+    Response,
+    Segment,
+    unpack_request,
 )
 from xenlab.agent.ring import HEADER_SIZE, SharedRing
 

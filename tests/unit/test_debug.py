@@ -6,7 +6,9 @@ import subprocess
 
 import pytest
 
-from xenlab.debug import coredump, keys, stack, symbols
+from xenlab.build import symbols
+from xenlab.debug import keys, stack
+from xenlab.guest import coredump
 
 SYSTEM_MAP = """\
 0000000000000000 D __per_cpu_start

@@ -94,8 +94,8 @@ def test_agent_errors_round_trip_through_the_cli(capsys):
     assert cmdline.run_main({"boom": boom}, ["boom"]) == errors.ERROR_EXIT
     line = capsys.readouterr().err.strip()
     assert line.startswith(errors.ERROR_PREFIX)
-    from xenlab.errors import ChannelError
     from xenlab.deploy import agent_reply
+    from xenlab.errors import ChannelError
 
     with pytest.raises(ChannelError) as caught:
         agent_reply("", "some warning\n" + line, 3, "boom", ChannelError)
@@ -103,9 +103,9 @@ def test_agent_errors_round_trip_through_the_cli(capsys):
 
 
 def test_domctl_refusals_use_the_same_convention(capsys, monkeypatch):
-    from xenlab.errors import GuestError
     from xenlab.agent import domctl
     from xenlab.deploy import agent_reply
+    from xenlab.errors import GuestError
 
     monkeypatch.setattr(domctl, "domid_of", lambda name: None)
     monkeypatch.setattr(domctl, "read_meta", lambda name: None)
@@ -118,8 +118,8 @@ def test_domctl_refusals_use_the_same_convention(capsys, monkeypatch):
 
 
 def test_agent_reply_reads_the_result_and_names_a_silent_death():
-    from xenlab.errors import ChannelError
     from xenlab.deploy import agent_reply
+    from xenlab.errors import ChannelError
 
     assert agent_reply('[{"name": "a"}]', "", 0, "list", ChannelError) == [{"name": "a"}]
     assert agent_reply('{"port": 5}\nnoise\n{"answered": 3}\n', "", 0, "pong", ChannelError) == {"answered": 3}

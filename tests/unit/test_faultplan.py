@@ -5,7 +5,15 @@ import pytest
 from xenlab.agent.blkif import BLKIF_OP_DISCARD, BLKIF_OP_FLUSH_DISKCACHE, BLKIF_OP_READ, BLKIF_OP_WRITE
 from xenlab.agent.facts import CLOSED, INITWAIT
 from xenlab.agent.faultplan import (
-    FAULTS, STATE_JUMP_TARGETS, Fault, FaultPlanError, SectorRange, describe_faults, format_plan, load_plan, parse_plan,
+    FAULTS,
+    STATE_JUMP_TARGETS,
+    Fault,
+    FaultPlanError,
+    SectorRange,
+    describe_faults,
+    format_plan,
+    load_plan,
+    parse_plan,
 )
 
 EVERY_FAULT = {

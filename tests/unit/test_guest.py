@@ -7,12 +7,10 @@ import tarfile
 
 import pytest
 
-from xenlab import templates
-from xenlab.errors import ConfigError
-from xenlab.agent import facts
+from xenlab import deploy, templates
+from xenlab.agent import facts, iocheck
 from xenlab.build import rootfs
-from xenlab import deploy
-from xenlab.agent import iocheck
+from xenlab.errors import ConfigError
 from xenlab.guest.manager import pick_address, render_xl_config
 from xenlab.guest.spec import DiskSpec, GuestSpec, check_type_on_lab
 

@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from xenlab.errors import HostError, XenlabError
 from xenlab.build import kernel
+from xenlab.errors import HostError, XenlabError
 
 REQUIRED = """
 64BIT PRINTK TTY BLK_DEV_INITRD RD_GZIP BINFMT_ELF BINFMT_SCRIPT PROC_FS SYSFS

@@ -1,8 +1,9 @@
 import pytest
 
 from xenlab import config
+from xenlab.build import dom0 as images
+from xenlab.build import initramfs, kernel
 from xenlab.errors import HostError
-from xenlab.build import dom0 as images, initramfs, kernel
 
 DEP = """kernel/drivers/virtio/virtio_pci.ko: kernel/drivers/virtio/virtio_pci_legacy_dev.ko kernel/drivers/virtio/virtio.ko kernel/drivers/virtio/virtio_ring.ko
 kernel/drivers/virtio/virtio.ko: kernel/drivers/virtio/virtio_ring.ko

@@ -128,18 +128,10 @@ def test_the_graph_sees_imports():
 # only its own and those before it. The root package (`from xenlab import
 # errors`) is a lazy facade and counts as nothing.
 ORDER = (
-    "agent", "errors", "run", "paths", "templates", "progress", "config", "transfer", "deploy", "build",
-    "lab", "debug", "guest", "xenstore", "evtchn", "diagnostics", "doctor", "verify", "pytest_plugin", "cli", "__main__",
+    "agent", "errors", "run", "paths", "templates", "progress", "config", "deploy", "build",
+    "lab", "guest", "xenstore", "dom0", "debug", "evtchn", "transfer", "diagnostics", "api",
+    "doctor", "verify", "pytest_plugin", "cli", "__main__",
 )
-# Upward imports still to remove, each named by its two modules: Lab's
-# dom0() and guests() handles (to go with the split of Lab). Nothing may be
-# added here; the test below fails when one of them is gone, so the list shrinks.
-KNOWN_UPWARD = {
-    ("xenlab.lab.core", "xenlab.guest.manager"),
-    ("xenlab.lab.dom0", "xenlab.xenstore.client"),
-}
-
-
 def layer(module: str) -> str:
     parts = module.split(".")
     return parts[1] if len(parts) > 1 else ""
@@ -160,15 +152,9 @@ def test_every_package_has_a_place_in_the_order():
 
 
 def test_packages_import_only_those_below_them():
-    new = sorted(upward_imports() - KNOWN_UPWARD)
+    new = sorted(upward_imports())
     assert new == [], "imports against xenlab's package order (tests/unit/test_layering.py ORDER):\n" + \
         "\n".join(f"{m} imports {t} ({layer(t)} is above {layer(m)})" for m, t in new)
-
-
-def test_the_known_upward_imports_still_exist():
-    # One removed: take it off KNOWN_UPWARD, so it cannot come back unnoticed.
-    assert KNOWN_UPWARD - upward_imports() == set()
-
 
 
 def test_the_root_package_exports_its_lazy_names_and_imports_nothing_at_run_time():

@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 
 from xenlab import paths
+from xenlab.doctor import _private_check
 from xenlab.errors import LabError
 from xenlab.lab import Lab
 from xenlab.lab.virt import embed_root_fits
-from xenlab.doctor import _private_check
 
 
 def mode(p) -> int:

@@ -1,5 +1,5 @@
-from xenlab.lab import serial
 from xenlab.agent.xl import parse_xl_info, parse_xl_list
+from xenlab.lab import serial
 
 
 def test_serial_watch_progress_then_ready(tmp_path):

@@ -6,7 +6,8 @@ import json
 import pytest
 
 from xenlab.errors import LabError
-from xenlab.lab import snapshot as snapshots, versions
+from xenlab.lab import snapshot as snapshots
+from xenlab.lab import versions
 
 IDENTITY = {"format": snapshots.SNAPSHOT_FORMAT, "image_id": "dom0-a", "memory": 2048, "qemu": "7.2.19"}
 

@@ -9,9 +9,9 @@ import pytest
 from click.testing import CliRunner
 
 from xenlab.cli import main
+from xenlab.diagnostics import guest_crash, serial_crash, serial_stall
 from xenlab.errors import ConfigError, XenlabError
 from xenlab.verify.model import CheckFailed, Context, Result, exit_code, failure_message, skip_matches, summary, validate_skips
-from xenlab.diagnostics import guest_crash, serial_crash, serial_stall
 from xenlab.verify.reports import junit_xml
 from xenlab.verify.runner import run_one
 

@@ -10,8 +10,8 @@ import click
 from rich.markup import escape
 
 from xenlab import config as config_mod
+from xenlab.api import Lab
 from xenlab.errors import XenlabError
-from xenlab.lab import Lab
 from xenlab.progress import console
 
 

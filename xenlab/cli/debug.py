@@ -10,9 +10,10 @@ from pathlib import Path
 import click
 
 from xenlab.cli.common import emit, json_option, lab_option, open_lab
-from xenlab.debug import coredump, gdb, xentrace
+from xenlab.debug import gdb, xentrace
 from xenlab.debug import keys as debug_keys
 from xenlab.debug import stack as debug_stack
+from xenlab.guest import coredump
 
 
 @click.group()

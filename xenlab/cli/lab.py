@@ -12,11 +12,12 @@ from rich.table import Table
 
 from xenlab import config as config_mod
 from xenlab.agent.facts import XEN_VERSIONS
+from xenlab.api import Lab
 from xenlab.build import dom0
 from xenlab.cli.common import emit, json_option, lab_option, load_config, open_lab, print_json
 from xenlab.doctor import checks
 from xenlab.errors import XenlabError
-from xenlab.lab import Lab, list_labs
+from xenlab.lab import list_labs
 from xenlab.lab import snapshot as snapshots
 from xenlab.paths import QEMU_STACKS
 from xenlab.progress import Steps, console

@@ -13,8 +13,9 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from xenlab.build import symbols
 from xenlab.build.elf import sections as elf_sections
-from xenlab.debug import symbols
+from xenlab.dom0 import Dom0
 from xenlab.errors import LabError
 
 XEN_SYMBOLS = "/proc/xen/xensyms"  # Xen's own table, read by dom0 through XENPF_get_symbol
@@ -134,7 +135,7 @@ def session(lab, gdb_args: list[str]) -> GdbSession:
     against the attached VM)."""
     binary = gdb_binary()
     port = ensure_stub(lab)
-    with lab.dom0() as dom0:
+    with Dom0(lab) as dom0:
         files, notes = symbol_files(lab, dom0)
     argv = [binary, "-q", "-ex", "set pagination off", "-ex", "set confirm off"]
     for path in files.values():

@@ -9,6 +9,7 @@ import re
 import shlex
 from dataclasses import dataclass, field
 
+from xenlab.dom0 import Dom0
 from xenlab.errors import LabError
 
 _PREFIX = re.compile(r"^\(XEN\)\s?(\[[^\]]*\]\s?)?")  # "(XEN) " and an optional console timestamp
@@ -106,7 +107,7 @@ def press(lab, keys: str, force: bool = False) -> list[KeyOutput]:
     risky = [k for k in keys if k in DANGEROUS]
     if risky and not force:
         raise LabError(f"debug key {risky[0]!r} {DANGEROUS[risky[0]]}", "press it anyway with --force")
-    with lab.dom0() as dom0:
+    with Dom0(lab) as dom0:
         known = handlers(dom0)
         unknown = [k for k in keys if k not in known]
         if unknown:

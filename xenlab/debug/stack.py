@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 from xenlab.agent.facts import XEN_BIN
 from xenlab.errors import GuestError
+from xenlab.guest.manager import Guests
 
 XENCTX = f"{XEN_BIN}/xenctx"
 _FRAME = re.compile(r"\[<([0-9a-f]+)>\]\s+(\S+)?")
@@ -56,7 +57,7 @@ def parse_xenctx(text: str, first_vcpu: int = 0) -> list[VcpuStack]:
 
 def guest_stack(lab, name: str, vcpu: int | None = None) -> GuestStack:
     """Registers and stack of each vCPU of guest `name` (or of one)."""
-    with lab.guests() as guests:
+    with Guests(lab) as guests:
         row = next((r for r in guests.list() if r["name"] == name and "domid" in r), None)
         if row is None:
             raise GuestError(f"no running guest named {name!r} in lab {lab.name}", "list them with `xenlab guest list`")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import shlex
 from dataclasses import dataclass, field
 
+from xenlab.dom0 import Dom0
 from xenlab.errors import LabError
 
 CLASSES = {
@@ -91,7 +92,7 @@ awk {shlex.quote(COUNT_AWK)} "$d/decoded"
 echo "{_MARK} decoded $(wc -l <"$d/decoded")"
 head -n {int(max_lines)} "$d/decoded"
 """
-    with lab.dom0() as dom0:
+    with Dom0(lab) as dom0:
         result = dom0.run(script, timeout=timeout)
     if result.exit_status == 97 or _MARK not in result.stdout:
         raise LabError(f"xentrace failed in dom0 (exit {result.exit_status}): {result.stderr.strip()[-800:]}",

@@ -32,8 +32,8 @@ from xenlab.build import extras, rootfs
 from xenlab.build import kernel as kernel_mod
 from xenlab.build.kernel import minimal_vmlinux
 from xenlab.config import parse_mib, validate_name
-from xenlab.debug import coredump
 from xenlab.errors import ConfigError, GuestError
+from xenlab.guest import coredump
 from xenlab.guest.handle import Guest
 from xenlab.guest.spec import GuestSpec, check_type_on_lab
 from xenlab.lab.ssh import CommandResult, SSHSession
@@ -281,7 +281,7 @@ class Guests:
 
     def _abandon(self, name: str) -> None:
         try:
-            with self.lab.guests() as fresh:  # this session's channel may be mid-reply
+            with Guests(self.lab) as fresh:  # this session's channel may be mid-reply
                 fresh.destroy(name, timeout=30)
         except Exception:  # noqa: BLE001 - best effort while interrupted; `guest list` shows a leftover
             pass

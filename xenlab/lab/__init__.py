@@ -1,7 +1,7 @@
-"""The lab: Xen and a Debian dom0 in one QEMU VM under libvirt (boot, state,
-SSH, accelerator choice, serial log), and the Dom0 handle."""
+"""The lab VM: Xen and a Debian dom0 in one QEMU VM under libvirt (boot,
+restore, state, SSH, accelerator choice, serial log). The handles to work in
+it (Dom0, Guests) sit above it; xenlab.Lab (xenlab/api.py) joins them."""
 
 from xenlab.lab.core import Lab, list_labs
-from xenlab.lab.dom0 import Dom0
 
-__all__ = ["Dom0", "Lab", "list_labs"]
+__all__ = ["Lab", "list_labs"]

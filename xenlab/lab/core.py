@@ -10,7 +10,6 @@ import shutil
 import signal
 import threading
 import time
-from typing import TYPE_CHECKING
 
 from xenlab import config as config_mod
 from xenlab.agent.xl import parse_xl_info, parse_xl_list
@@ -26,10 +25,6 @@ from xenlab.lab.snapshot import SnapshotError
 from xenlab.lab.state import READY_CHECK, REQUIRED_READY, STATES, _read_json, _reason, _write_json, free_port, list_labs, port_in_use, ports_lock, tail_lines
 from xenlab.progress import Steps
 from xenlab.run import pid_alive
-
-if TYPE_CHECKING:
-    from xenlab.guest.manager import Guests
-    from xenlab.lab.dom0 import Dom0
 
 # Other modules name these as xenlab.lab.core's.
 __all__ = ["READY_CHECK", "REQUIRED_READY", "STATES", "Lab", "free_port", "list_labs", "port_in_use", "tail_lines"]
@@ -238,18 +233,6 @@ class Lab(LabSnapshots):
         return True
 
     # -- use ---------------------------------------------------------------
-    def dom0(self) -> Dom0:
-        """A Dom0 handle: run, check, put, get and XenStore (close it when done)."""
-        from xenlab.lab.dom0 import Dom0
-
-        return Dom0(self)
-
-    def guests(self) -> Guests:
-        """The Guests manager of this lab (create, list, exec, destroy; close it when done)."""
-        from xenlab.guest.manager import Guests
-
-        return Guests(self)
-
     def openssh_argv(self, *command: str, tty: bool = False) -> list[str]:
         """OpenSSH to dom0 with the lab's key and pinned known_hosts (for interactive use)."""
         info = self.require_up()

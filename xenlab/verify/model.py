@@ -12,8 +12,8 @@ from xenlab.guest.spec import DiskSpec, GuestSpec
 from xenlab.xenstore.client import XenStore
 
 if TYPE_CHECKING:
+    from xenlab.api import Lab
     from xenlab.guest.manager import Guests
-    from xenlab.lab import Lab
 
 STATES = ("SUCCESS", "SKIP", "FAILURE", "ERROR", "CRASH")
 GUEST_DISKS = ("16M", "8M:ro")

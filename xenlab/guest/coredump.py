@@ -19,7 +19,7 @@ import zlib
 from pathlib import Path
 
 from xenlab.agent.facts import KERNEL_PANIC
-from xenlab.debug import symbols
+from xenlab.build import symbols
 from xenlab.errors import GuestError
 
 START_KERNEL_MAP = 0xFFFFFFFF80000000

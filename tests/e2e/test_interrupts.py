@@ -17,7 +17,7 @@ import time
 
 import pytest
 
-from xenlab.agent.facts import DOM0_AGENT_ROOT, GUESTS_DIR
+from xenlab.agent.facts import DOM0_AGENT_ROOT, GUESTS_DIR, LOCK_DIR
 from xenlab.lab import snapshot as snapshots
 from xenlab.run import pid_alive, pids_using
 
@@ -141,7 +141,7 @@ def create_held(name: str, phase: str):
     disks and xl.cfg made, `xl create` about to run) or "connecting" (the
     domain made, its devices not yet all Connected), by its create lock's pid."""
     made = {"xl-create": "xl.cfg", "connecting": "meta.json"}[phase]
-    return held_in_dom0(f"test -e {GUESTS_DIR}/{name}/{made}", f"head -n1 /run/xenlab/create-{name}.lock")
+    return held_in_dom0(f"test -e {GUESTS_DIR}/{name}/{made}", f"head -n1 {LOCK_DIR}/create-{name}.lock")
 
 
 def dom0(command: str, check: bool = True) -> subprocess.CompletedProcess:

@@ -145,3 +145,15 @@ def test_a_refusal_the_host_acts_on_crosses_as_a_code_with_its_data(capsys, tmp_
     with pytest.raises(GuestError) as caught:
         agent_reply("", capsys.readouterr().err, errors.ERROR_EXIT, "domctl create", GuestError)
     assert caught.value.code == errors.ADDRESS_TAKEN and caught.value.detail == {"address": "10.99.0.7"}
+
+
+def test_agent_commands_take_their_required_parameters_as_arguments_in_order():
+    def leftovers(domid: int, name: str, timeout: float = 30.0, quick: bool = False):
+        return None
+
+    assert cmdline.parse(leftovers, ["7", "g", "--timeout", "5", "--quick"]) == {"domid": 7, "name": "g", "timeout": 5.0, "quick": True}
+    assert cmdline.parse(leftovers, ["--name", "g", "--domid", "7"]) == {"domid": 7, "name": "g"}
+    with pytest.raises(AgentError, match="bad value for DOMID: 'seven'"):
+        cmdline.parse(leftovers, ["seven", "g"])
+    with pytest.raises(AgentError, match="missing option"):
+        cmdline.parse(leftovers, ["7"])

@@ -25,20 +25,19 @@ frontend that closes on its own, or a domain that goes away, ends it too."""
 
 from __future__ import annotations
 
-import argparse
 import ctypes
 import json
 import mmap
 import os
 import signal
-import subprocess
 import sys
 import time
 import traceback
 from pathlib import Path
 from typing import NoReturn
 
-from . import facts, faultplan
+from . import blkattach, facts, faultplan
+from .blkattach import BlkbackError, node_state, paths
 from .blkif import (
     BLKIF_OP_DISCARD,
     BLKIF_OP_FLUSH_DISKCACHE,
@@ -82,34 +81,20 @@ from .blkif import (
     Response,
     ring_ref_keys,
     unpack_request,
-    xvd_devid,
 )
-from .domctl import domid_of, guest_dir, xl
-from .errors import AgentError, Stopped, raise_stopped, report
+from .cmdline import run_main
+from .errors import AgentError, Stopped, raise_stopped
 from .evtchn import EventChannel
-from .facts import CLOSED, CLOSING, CONNECTED, INITIALISED, INITIALISING, INITWAIT, PY_BLOCK_BACKEND, STATE_NAMES
+from .facts import CLOSED, CLOSING, CONNECTED, INITIALISED, INITIALISING, INITWAIT, STATE_NAMES
 from .grant import PAGE, GrantError, GrantMapper
 from .ring import RSP_PROD, BackRing, RingError, SharedRing, mb
-from .sysutil import pid_alive
+from .sysutil import atomic_write
 from .xs import XenStore, XsError
 
 MAX_INDIRECT_SEGMENTS = 256  # what we offer (kernel blkback's default); blkfront caps it at its own 32
 MAX_PERSISTENT_GRANTS = 1056  # kernel blkback's default: beyond it, grants are mapped per request
 FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE = 0x01, 0x02
 LATE_EVENT_SECONDS = 0.5  # lost-notify: the event a skipped one is made up by, when no request comes
-
-
-class BlkbackError(AgentError):
-    pass
-
-
-def paths(domid: int, devid: int) -> tuple[str, str]:
-    return (f"/local/domain/0/backend/{PY_BLOCK_BACKEND}/{domid}/{devid}", f"/local/domain/{domid}/device/vbd/{devid}")
-
-
-def _state(xs: XenStore, path: str) -> int | None:
-    value = xs.try_read(f"{path}/state")
-    return int(value) if value is not None and value.isdigit() else None
 
 
 class BlockBackend:
@@ -182,7 +167,7 @@ class BlockBackend:
     def connect(self) -> None:
         self.set_state(INITWAIT)
         deadline = time.monotonic() + self.timeout
-        while (state := _state(self.xs, self.fe)) is not None and state < INITIALISED:
+        while (state := node_state(self.xs, self.fe)) is not None and state < INITIALISED:
             if time.monotonic() > deadline:
                 raise BlkbackError(f"the frontend {self.fe} stayed {STATE_NAMES[state]} for {self.timeout:.0f} s",
                                    "is the guest's blkfront loaded? see the guest's console")
@@ -404,7 +389,7 @@ class BlockBackend:
             while True:
                 if not self.poisoned:
                     self._drain()
-                fe_state = _state(self.xs, self.fe)
+                fe_state = node_state(self.xs, self.fe)
                 if fe_state is None:
                     return "frontend-gone"
                 if fe_state == CLOSED or (fe_state == CLOSING and self.closing_since is None):
@@ -563,7 +548,7 @@ def serve(spec: dict) -> dict:
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the closedown runs to its end
         b.disconnect()
-        if _state(b.xs, b.fe) not in (None, CLOSED):
+        if node_state(b.xs, b.fe) not in (None, CLOSED):
             b.start_closing()
             try:
                 b.xs.wait_for(f"{b.fe}/state", lambda v: v == str(CLOSED), 10, "the frontend to reach Closed", gone_ok=True)
@@ -595,258 +580,39 @@ def serve_profiled(spec: dict, top: int = 15) -> dict:
                          for (file, line, func), (cc, nc, tt, ct, callers) in rows]
     return result
 
+# -- entry point -------------------------------------------------------------------------
+# `python3 -m xenlab_agent.blkback VERB [NAME] [--option value]` (cmdline.run_main).
 
-# -- attach / detach: the toolstack's part, run per command ------------------------------
-def _attach_dir(name: str) -> str:
-    return os.path.join(guest_dir(name), facts.ATTACHED_DIR)
-
-
-def _record(name: str, vdev: str) -> str:
-    return os.path.join(_attach_dir(name), f"{vdev}.json")
-
-
-def _vbds(xs: XenStore, domid: int) -> list[int]:
-    return [int(d) for d in xs.try_directory(f"/local/domain/{domid}/device/vbd") if d.isdigit()]
+def serve_cmd(spec: str) -> None:
+    """The backend process itself (attach starts it, detached); its report goes to the spec's result file."""
+    request = json.loads(spec)
+    result = serve_profiled(request) if request.get("profile") else serve(request)
+    atomic_write(request["result"], json.dumps(result))
 
 
-def _pick_vdev(xs: XenStore, domid: int, name: str, wanted: str) -> str:
-    """The first xvd name the guest never had: a blkfront may still hold an
-    earlier device of that name (a process stuck in I/O on it), and a new
-    device under the same XenStore path would not be probed afresh."""
-    used = set(_vbds(xs, domid))
-    if wanted:
-        devid = xvd_devid(wanted)  # raises on a bad name
-        if devid in used:
-            raise BlkbackError(f"the guest already has {wanted}", "pick another --vdev, or detach it first")
-        return wanted
-    had = {entry.split(".", 1)[0] for entry in os.listdir(_attach_dir(name))}
-    for letter in "bcdefghijklmnop":
-        if xvd_devid(f"xvd{letter}") not in used and f"xvd{letter}" not in had:
-            return f"xvd{letter}"
-    raise BlkbackError("the guest has no xvd name left that it never used (xvdb..xvdp)", "name one with --vdev, or use a new guest")
-
-
-def _wait_connected(xs: XenStore, back: str, front: str, timeout: float, alive=lambda: True, backend_only: bool = False) -> None:
-    """Until both ends are Connected; backend_only: until the backend waits
-    in InitWait for a frontend of the guest's own making."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        fe, be = _state(xs, front), _state(xs, back)
-        if (fe == CONNECTED and be == CONNECTED) or (backend_only and be == INITWAIT):
-            return
-        if not alive():
-            break
-        time.sleep(0.1)
-    raise BlkbackError(
-        f"the disk did not connect in {timeout:.0f} s (frontend {facts.state_name(_state(xs, front))}, backend {facts.state_name(_state(xs, back))})",
-        "see the guest's console (`xenlab guest console`) and the backend's log")
-
-
-def attach(name: str, size_mib: int, backend: str, readonly: bool, faults: str, vdev: str, timeout: float,
-           profile: bool = False, own_frontend: bool = False) -> dict:
-    domid = domid_of(name)
-    if domid is None:
-        raise BlkbackError(f"no running guest named {name!r}", "see `xenlab guest list`")
-    if not os.path.isdir(guest_dir(name)):
-        raise BlkbackError(f"guest {name!r} was not made by xenlab", "attach disks to guests made with `xenlab guest create`")
-    if faults and backend != "python":
-        raise BlkbackError("--faults needs --backend python", "kernel blkback carries out no fault plan")
-    plan = faultplan.format_plan(faultplan.parse_plan(faults)) if faults else ""
-    os.makedirs(_attach_dir(name), exist_ok=True)
-    xs = XenStore()
+def attach_cmd(name: str, size_mib: int, backend: str = "kernel", readonly: bool = False, faults: str = "", vdev: str = "",
+               timeout: float = 60.0, profile: bool = False, own_frontend: bool = False) -> dict:
+    if backend not in ("python", "kernel"):
+        raise BlkbackError(f"--backend {backend!r}: python or kernel")
     try:
-        vdev = _pick_vdev(xs, domid, name, vdev)
-        devid = xvd_devid(vdev)
-        image = os.path.join(_attach_dir(name), f"{vdev}.img")
-        with open(image, "wb") as f:
-            f.truncate(size_mib << 20)
-        record = {"name": name, "domid": domid, "vdev": vdev, "devid": devid, "backend": backend, "path": image,
-                  "size_mib": size_mib, "readonly": readonly, "faults": plan, "own_frontend": own_frontend}
-        t0 = time.monotonic()
-        try:
-            if backend == "python":
-                record.update(_start_python(xs, record, timeout, profile, own_frontend))
-            else:
-                spec = f"format=raw,vdev={vdev},access={'ro' if readonly else 'rw'},target={image}"
-                xl("block-attach", name, spec, timeout=timeout)
-                back, front = f"/local/domain/0/backend/vbd/{domid}/{devid}", f"/local/domain/{domid}/device/vbd/{devid}"
-                record.update(backend_path=back, frontend_path=front)
-                _wait_connected(xs, back, front, timeout, backend_only=own_frontend)
-        except BaseException:
-            _undo(xs, record)
-            raise
-        record["seconds"] = round(time.monotonic() - t0, 2)
-        with open(_record(name, vdev), "w") as f:
-            json.dump(record, f)
-        return record
-    finally:
-        xs.close()
+        return blkattach.attach(name, size_mib, backend, readonly, faults, vdev, timeout, profile, own_frontend)
+    except faultplan.FaultPlanError as e:
+        raise BlkbackError(str(e), "see `xenlab guest attach --help` for the fault names") from None
 
 
-def _start_python(xs: XenStore, record: dict, timeout: float, profile: bool, own_frontend: bool) -> dict:
-    base = os.path.join(_attach_dir(record["name"]), record["vdev"])
-    spec = {k: record[k] for k in ("domid", "devid", "vdev", "path", "readonly", "faults")}
-    spec.update(timeout=timeout, result=f"{base}.result.json", profile=profile)
-    if os.path.exists(spec["result"]):
-        os.unlink(spec["result"])  # an earlier attach's report
-    with open(f"{base}.log", "ab") as log:
-        proc = subprocess.Popen([sys.executable, "-m", f"{facts.AGENT_PACKAGE}.blkback", "serve", json.dumps(spec)],
-                                stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True, env=os.environ.copy())
-    back, front = paths(record["domid"], record["devid"])
-    record.update(pid=proc.pid, backend_path=back, frontend_path=front, log=f"{base}.log", result=f"{base}.result.json")
-    try:
-        _wait_connected(xs, back, front, timeout, alive=lambda: proc.poll() is None, backend_only=own_frontend)
-    except BlkbackError as e:
-        if proc.poll() is not None:
-            raise BlkbackError(f"the Python backend ended before the disk connected: {_result_error(record)}", e.hint) from None
-        raise
-    return {"pid": proc.pid}
+def detach_cmd(name: str, vdev: str, timeout: float = 30.0) -> dict:
+    return blkattach.detach(name, vdev, timeout)
 
 
-def _result_error(record: dict) -> str:
-    try:
-        with open(record["result"]) as f:
-            return json.load(f).get("error", "no error recorded")
-    except (OSError, ValueError):
-        try:
-            with open(record["log"]) as f:
-                return f.read()[-800:]
-        except OSError:
-            return "(no log)"
+def list_cmd(name: str) -> list[dict]:
+    return blkattach.list_attached(name)
 
 
-def _stop_python(record: dict, timeout: float) -> dict:
-    pid = record["pid"]
-    if pid_alive(pid) and _is_our_backend(pid, record):
-        os.kill(pid, signal.SIGTERM)
-        deadline = time.monotonic() + timeout + 15
-        while pid_alive(pid) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        if pid_alive(pid):
-            os.kill(pid, signal.SIGKILL)
-    try:
-        with open(record["result"]) as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return {"ended": "killed", "error": "the backend wrote no report"}
-
-
-def _is_our_backend(pid: int, record: dict) -> bool:
-    """The pid is still this disk's backend (not a process that reused the number)."""
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return record["result"].encode() in f.read()
-    except OSError:
-        return False
-
-
-def _undo(xs: XenStore, record: dict) -> None:
-    """Whatever an attach or detach left: the backend process, both directories, the image."""
-    if record.get("pid"):
-        _stop_python(record, 5)
-    for path in (record.get("frontend_path"), record.get("backend_path")):
-        if path and record["backend"] == "python":
-            try:
-                xs.rm(path)
-            except XsError:
-                pass
-    try:
-        os.unlink(record["path"])
-    except OSError:
-        pass
-
-
-def detach(name: str, vdev: str, timeout: float) -> dict:
-    try:
-        with open(_record(name, vdev)) as f:
-            record = json.load(f)
-    except FileNotFoundError:
-        attached = [r["vdev"] for r in list_attached(name)]
-        raise BlkbackError(f"guest {name!r} has no attached disk {vdev!r}",
-                           f"attached: {', '.join(attached) or 'none'} (disks given at create go with the guest)") from None
-    t0 = time.monotonic()
-    xs = XenStore()
-    try:
-        if record["backend"] == "python":
-            report_ = _stop_python(record, timeout)
-        else:
-            proc = xl("block-detach", name, vdev, check=False, timeout=timeout + 30)
-            report_ = {"ended": "detached" if proc.returncode == 0 else f"xl block-detach failed: {proc.stderr.strip()[-400:]}"}
-        deadline = time.monotonic() + timeout
-        left = [p for p in (record["frontend_path"], record["backend_path"]) if xs.try_read(p) is not None]
-        while left and time.monotonic() < deadline:
-            time.sleep(0.1)
-            left = [p for p in (record["frontend_path"], record["backend_path"]) if xs.try_read(p) is not None]
-        try:
-            os.unlink(record["path"])
-        except OSError:
-            pass
-        result = {"name": name, "vdev": vdev, "backend": record["backend"], "seconds": round(time.monotonic() - t0, 2),
-                  "report": report_, "xenstore_left": left}
-        with open(os.path.join(_attach_dir(name), f"{vdev}.detached.json"), "w") as f:
-            json.dump({**record, "detached": result}, f)  # kept until the guest goes: the name stays taken
-        os.unlink(_record(name, vdev))
-        return result
-    finally:
-        xs.close()
-
-
-def list_attached(name: str) -> list[dict]:
-    out = []
-    folder = _attach_dir(name)
-    for entry in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
-        if entry.endswith(".json") and entry.count(".") == 1:  # not .result.json, .detached.json
-            with open(os.path.join(folder, entry)) as f:
-                record = json.load(f)
-            if record["backend"] == "python":
-                record["running"] = pid_alive(record["pid"])
-            out.append(record)
-    return out
+COMMANDS = {"serve": serve_cmd, "attach": attach_cmd, "detach": detach_cmd, "list": list_cmd}
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="xenlab_agent.blkback")
-    sub = parser.add_subparsers(dest="verb", required=True)
-    p = sub.add_parser("attach")
-    p.add_argument("name")
-    p.add_argument("--size-mib", type=int, required=True)
-    p.add_argument("--backend", choices=("python", "kernel"), default="kernel")
-    p.add_argument("--readonly", action="store_true")
-    p.add_argument("--faults", default="")
-    p.add_argument("--vdev", default="")
-    p.add_argument("--timeout", type=float, default=60)
-    p.add_argument("--profile", action="store_true")
-    p.add_argument("--own-frontend", action="store_true")
-    p = sub.add_parser("detach")
-    p.add_argument("name")
-    p.add_argument("vdev")
-    p.add_argument("--timeout", type=float, default=30)
-    p = sub.add_parser("list")
-    p.add_argument("name")
-    p = sub.add_parser("serve")
-    p.add_argument("spec")
-    args = parser.parse_args(argv)
-    result: dict | list[dict]
-    try:
-        if args.verb == "serve":
-            spec = json.loads(args.spec)
-            result = serve_profiled(spec) if spec.get("profile") else serve(spec)
-            with open(spec["result"] + ".tmp", "w") as f:
-                json.dump(result, f)
-            os.replace(spec["result"] + ".tmp", spec["result"])
-        elif args.verb == "attach":
-            result = attach(args.name, args.size_mib, args.backend, args.readonly, args.faults, args.vdev, args.timeout,
-                            args.profile, args.own_frontend)
-        elif args.verb == "detach":
-            result = detach(args.name, args.vdev, args.timeout)
-        else:
-            result = list_attached(args.name)
-    except faultplan.FaultPlanError as e:
-        return report(BlkbackError(str(e), "see `xenlab guest attach --help` for the fault names"))
-    except AgentError as e:
-        return report(e)
-    json.dump(result, sys.stdout)
-    return 0
+    return run_main(COMMANDS, argv)
 
 
 if __name__ == "__main__":

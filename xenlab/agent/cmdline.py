@@ -1,8 +1,9 @@
 """Tiny command dispatcher for the agent modules (stdlib only, no argparse
-boilerplate per module): `python3 -m xenlab_agent.MOD COMMAND --key value ...`.
+boilerplate per module): `python3 -m xenlab_agent.MOD COMMAND [ARG ...] --key value ...`.
 
-Options come from the command function's signature and defaults; the result
-is printed as one JSON document on stdout. An AgentError is reported as
+Arguments and options come from the command function's signature: its
+parameters without a default are the arguments, in order (or given as
+options), the others options; the result is printed as one JSON document on stdout. An AgentError is reported as
 errors.report does (one prefixed JSON line on stderr, exit code 3)."""
 
 from __future__ import annotations
@@ -27,8 +28,16 @@ def parse(func, args: list[str]) -> dict:
     sig = inspect.signature(func)
     params = {name.replace("_", "-"): p for name, p in sig.parameters.items()}
     kwargs: dict = {}
+    positional = [p for p in sig.parameters.values() if p.default is inspect.Parameter.empty]
     it = iter(args)
     for arg in it:
+        if not arg.startswith("--") and positional:
+            param = positional.pop(0)
+            try:
+                kwargs[param.name] = _convert(param, arg)
+            except ValueError:
+                raise AgentError(f"bad value for {param.name.upper()}: {arg!r}") from None
+            continue
         if not arg.startswith("--") or arg[2:].split("=")[0] not in params:
             raise AgentError(f"unknown option {arg!r}", "options: " + " ".join(f"--{n}" for n in params))
         key, eq, value = arg[2:].partition("=")

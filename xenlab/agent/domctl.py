@@ -7,98 +7,36 @@ on stdout; a refusal is reported as every agent error is (errors.report)."""
 
 from __future__ import annotations
 
-import argparse
 import base64
 import fcntl
 import glob
 import json
 import os
 import re
-import secrets
-import select
 import shutil
 import signal
 import subprocess
 import sys
-import termios
 import time
-import tty
 
 from . import facts
-from .errors import ADDRESS_TAKEN, AgentError, report
-from .facts import CONSOLE_LOG, CORES_DIR, EXEC_CHUNK_TAG, EXEC_END_TAG, EXEC_REPLY_TAG, EXEC_REQUEST_TAG, GUESTS_DIR, XEN_TRIPLE_FAULT, state_name
+from .cmdline import run_main
+from .consoleexec import exec_in, stream_frame
+from .domains import CONNECTED, Refused, console_tail, console_text, devices, domid_of, guest_dir, read_meta, xl
+from .errors import ADDRESS_TAKEN
+from .facts import CONSOLE_LOG, CORES_DIR, GUESTS_DIR, LOCK_DIR, XEN_TRIPLE_FAULT, state_name
 from .facts import GUEST_PANIC_PATTERNS as CRASH_PATTERNS
 from .facts import GUEST_READY_MARK as READY_MARK
 from .sysutil import pid_alive
-from .xl import parse_xl_list
+from .xl import parse_xl_info, parse_xl_list
 from .xs import XenStore
 
-CONNECTED = str(facts.CONNECTED)  # as XenStore holds it
 ADDRESSES_DIR = os.path.join(GUESTS_DIR, ".addresses")  # one file per address in use, naming its guest
 
-
-class Refused(AgentError):
-    pass
-
-
-def xl(*args: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess:
-    proc = subprocess.run(["xl", *args], capture_output=True, text=True, timeout=timeout)
-    if check and proc.returncode != 0:
-        raise Refused(f"`xl {' '.join(args)}` failed (exit {proc.returncode}): {proc.stderr.strip()[-1500:]}")
-    return proc
-
-
-def domid_of(name: str) -> int | None:
-    proc = xl("domid", name, check=False)
-    return int(proc.stdout) if proc.returncode == 0 and proc.stdout.strip().isdigit() else None
-
-
-def guest_dir(name: str) -> str:
-    return os.path.join(GUESTS_DIR, name)
-
-
-def read_meta(name: str) -> dict | None:
-    try:
-        with open(os.path.join(guest_dir(name), "meta.json")) as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return None
-
-
-def devices(store: XenStore, domid: int) -> list[dict]:
-    """Every frontend of the domain with its backend and both states."""
-    out = []
-    base = f"/local/domain/{domid}/device"
-    for kind in store.try_directory(base):
-        if kind not in ("vbd", "vif"):
-            continue  # the console is not a XenBus split device here
-        for devid in store.try_directory(f"{base}/{kind}"):
-            front = f"{base}/{kind}/{devid}"
-            back = store.try_read(f"{front}/backend") or ""
-            out.append({
-                "kind": kind, "devid": devid, "frontend": front, "backend": back,
-                "frontend_state": store.try_read(f"{front}/state"),
-                "backend_state": store.try_read(f"{back}/state") if back else None,
-            })
-    return out
-
-
-def console_text(name: str) -> str:
-    try:
-        with open(CONSOLE_LOG.format(name=name), "rb") as f:
-            return f.read().decode(errors="replace").replace("\r", "")
-    except FileNotFoundError:
-        return ""
-
-
-def console_tail(name: str, lines: int = 25) -> str:
-    text = [line for line in console_text(name).splitlines() if not line.startswith((EXEC_REPLY_TAG + " ", EXEC_CHUNK_TAG + " "))]
-    return "\n".join(text[-lines:])
 
 
 # -- create ----------------------------------------------------------------
 
-LOCK_DIR = "/run/xenlab"  # dom0's per-guest locks: one create, one console request at a time
 
 
 def _create_lock_path(name: str) -> str:
@@ -210,12 +148,7 @@ def _create(spec: dict) -> dict:
 
 
 def _xl_info() -> dict:
-    out = {}
-    for line in xl("info").stdout.splitlines():
-        key, sep, value = line.partition(":")
-        if sep:
-            out[key.strip()] = value.strip()
-    return out
+    return parse_xl_info(xl("info").stdout)
 
 
 def xen_said_why(domid: int) -> str:
@@ -431,136 +364,45 @@ def list_guests() -> list[dict]:
     return out
 
 
-# -- exec over the console ---------------------------------------------------
-
-def exec_in(name: str, script: str, stdin: bytes, timeout: float, on_chunk=None) -> dict:
-    """Send one request to the guest's exec agent on hvc0 and wait for its reply.
-    Output comes in pieces while the command runs; each goes to
-    on_chunk(fd, bytes) when given, and all of it into the result."""
-    domid = domid_of(name)
-    if domid is None:
-        raise Refused(f"no running guest named {name!r}", "see `xenlab guest list`")
-    with XenStore() as store:
-        tty_path = store.try_read(f"/local/domain/{domid}/console/tty")
-    if not tty_path:
-        raise Refused(f"guest {name!r} has no console pty (xenconsoled not attached)")
-    os.makedirs(LOCK_DIR, exist_ok=True)
-    with open(f"{LOCK_DIR}/console-{name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # one request at a time on a console
-        fd = os.open(tty_path, os.O_RDWR | os.O_NOCTTY | os.O_NONBLOCK)
-        try:
-            tty.setraw(fd)
-            termios.tcflush(fd, termios.TCIFLUSH)
-            req_id = secrets.token_hex(6)
-            stdin_field = base64.b64encode(stdin).decode() if stdin else "-"
-            frame = f"\n{EXEC_REQUEST_TAG} {req_id} {base64.b64encode(script.encode()).decode()} {stdin_field}\n".encode()
-            _write_all(fd, frame, timeout)
-            # A piece is whole once its line ends; the final reply (from older
-            # agents with all the output in it) closes the request.
-            answer = re.compile(rf"{EXEC_CHUNK_TAG} {req_id} ([12]) ([A-Za-z0-9+/=]*)[\r\n]|"
-                                rf"{EXEC_REPLY_TAG} {req_id} (\d+) ([A-Za-z0-9+/=-]*) ([A-Za-z0-9+/=-]*) {EXEC_END_TAG}".encode())
-            output = {1: bytearray(), 2: bytearray()}
-
-            def take(fdno: int, piece: bytes) -> None:
-                output[fdno] += piece
-                if on_chunk is not None:
-                    on_chunk(fdno, piece)
-
-            buf = bytearray()
-            deadline = time.monotonic() + timeout
-            while True:
-                consumed = 0
-                for m in answer.finditer(buf):
-                    consumed = m.end()
-                    if m.group(1):
-                        take(int(m.group(1)), base64.b64decode(m.group(2)))
-                        continue
-                    for fdno, field in ((1, m.group(4)), (2, m.group(5))):
-                        if field != b"-" and field:
-                            take(fdno, base64.b64decode(field))
-                    return {"rc": int(m.group(3)), "stdout": base64.b64encode(output[1]).decode(), "stderr": base64.b64encode(output[2]).decode()}
-                del buf[:consumed]
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise Refused(f"guest {name!r} did not answer within {timeout:.0f} s", "the command may still run; see `xenlab guest console`")
-                if select.select([fd], [], [], min(left, 0.5))[0]:
-                    try:
-                        buf += os.read(fd, 1 << 16)
-                    except BlockingIOError:
-                        pass
-        finally:
-            os.close(fd)
-
-
-def stream_frame(fd: int, piece: bytes) -> None:
-    """`exec` with "stream": a piece of output as one line on stdout (O or E, base64)."""
-    sys.stdout.write(f"{'O' if fd == 1 else 'E'} {base64.b64encode(piece).decode()}\n")
-    sys.stdout.flush()
-
-
-def _write_all(fd: int, data: bytes, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    view = memoryview(data)
-    while view:
-        if time.monotonic() > deadline:
-            raise Refused("timed out writing the request to the guest console")
-        select.select([], [fd], [], 0.5)
-        try:
-            n = os.write(fd, view)
-        except BlockingIOError:
-            continue
-        view = view[n:]
-
-
 # -- entry point -------------------------------------------------------------
+# `python3 -m xenlab_agent.domctl VERB [NAME] [--option value]` (cmdline.run_main);
+# create and exec read their request as JSON on stdin.
+
+def create_cmd() -> dict:
+    return create(json.load(sys.stdin))
+
+
+def destroy_cmd(name: str, timeout: float = 30.0) -> dict:
+    return destroy(name, timeout)
+
+
+def exec_cmd(name: str) -> dict:
+    """{"script", "stdin_b64", "timeout", "stream"} on stdin; streamed, the
+    output goes out as it comes and only the exit code is left to say."""
+    req = json.load(sys.stdin)
+    streamed = bool(req.get("stream"))
+    result = exec_in(name, req["script"], base64.b64decode(req.get("stdin_b64", "")), req.get("timeout", 120),
+                     on_chunk=stream_frame if streamed else None)
+    return {"rc": result["rc"]} if streamed else result
+
+
+def console_cmd(name: str, lines: int = 40) -> dict:
+    if domid_of(name) is None and read_meta(name) is None and not console_text(name):
+        raise Refused(f"no guest named {name!r}", "see `xenlab guest list`")
+    return {"name": name, "log": CONSOLE_LOG.format(name=name), "tail": console_tail(name, lines)}
+
+
+def leftovers_cmd(domid: int, name: str) -> dict:
+    with XenStore() as store:
+        return leftovers(store, domid, name)
+
+
+COMMANDS = {"create": create_cmd, "destroy": destroy_cmd, "list": list_guests, "exec": exec_cmd, "console": console_cmd,
+            "dump-core": dump_core, "leftovers": leftovers_cmd}
+
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="xenlab_agent.domctl")
-    sub = parser.add_subparsers(dest="verb", required=True)
-    sub.add_parser("create")  # spec as JSON on stdin
-    p = sub.add_parser("destroy")
-    p.add_argument("name")
-    p.add_argument("--timeout", type=float, default=30)
-    sub.add_parser("list")
-    p = sub.add_parser("exec")  # {"script", "stdin_b64", "timeout"} on stdin
-    p.add_argument("name")
-    p = sub.add_parser("console")
-    p.add_argument("name")
-    p.add_argument("-n", "--lines", type=int, default=40)
-    p = sub.add_parser("dump-core")
-    p.add_argument("name")
-    p = sub.add_parser("leftovers")
-    p.add_argument("domid", type=int)
-    p.add_argument("name")
-    args = parser.parse_args(argv)
-    result: dict | list[dict]
-    try:
-        if args.verb == "create":
-            result = create(json.load(sys.stdin))
-        elif args.verb == "destroy":
-            result = destroy(args.name, args.timeout)
-        elif args.verb == "list":
-            result = list_guests()
-        elif args.verb == "dump-core":
-            result = dump_core(args.name)
-        elif args.verb == "exec":
-            req = json.load(sys.stdin)
-            streamed = bool(req.get("stream"))
-            result = exec_in(args.name, req["script"], base64.b64decode(req.get("stdin_b64", "")), req.get("timeout", 120),
-                             on_chunk=stream_frame if streamed else None)
-            if streamed:  # the output went out as it came: only the exit code is left to say
-                result = {"rc": result["rc"]}
-        elif args.verb == "console":
-            if domid_of(args.name) is None and read_meta(args.name) is None and not console_text(args.name):
-                raise Refused(f"no guest named {args.name!r}", "see `xenlab guest list`")
-            result = {"name": args.name, "log": CONSOLE_LOG.format(name=args.name), "tail": console_tail(args.name, args.lines)}
-        else:
-            with XenStore() as store:
-                result = leftovers(store, args.domid, args.name)
-    except AgentError as e:
-        return report(e)
-    json.dump(result, sys.stdout)
-    return 0
+    return run_main(COMMANDS, argv)
 
 
 if __name__ == "__main__":

@@ -30,6 +30,10 @@ HOTPLUG_DIR = f"{DOM0_AGENT_ROOT}/hotplug"
 ROOTS = ("busybox", "python")
 KERNELS = ("minimal", "debian")
 
+# dom0's per-guest locks (create-NAME.lock holds the create's pid): one create,
+# one console request at a time.
+LOCK_DIR = "/run/xenlab"
+
 # Guest files in dom0: shipped kernels and roots, and one directory per guest.
 IMAGES_DIR = "/var/lib/xenlab/images"
 GUESTS_DIR = "/var/lib/xenlab/guests"

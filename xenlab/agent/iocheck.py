@@ -20,7 +20,7 @@ import sys
 import threading
 import time
 
-from . import blkback, domctl, facts
+from . import blkattach, domctl, facts
 from .errors import AgentError, report
 
 RECORD = 32
@@ -270,7 +270,7 @@ def run(name: str) -> list[dict]:
         check.block(rw[0])
     if ro:
         check.readonly(ro[0])
-    for disk in blkback.list_attached(name):  # every disk attached later, whichever backend serves it
+    for disk in blkattach.list_attached(name):  # every disk attached later, whichever backend serves it
         label = {**disk, "label": f"{disk['vdev']} ({disk['backend']} backend)"}
         (check.readonly if disk["readonly"] else check.block)(label)
     if meta["net"]:

@@ -259,8 +259,10 @@ class Lab(LabSnapshots):
     def status(self) -> dict:
         state, why = self.state()
         info = self.info()
-        if state != "up" or info is None:
-            return {"name": self.name, "state": state if info else "down", "hint": why}
+        if state != "up":
+            return {"name": self.name, "state": state, "hint": why}
+        if info is None:  # a `down` removed it since state() read it
+            return {"name": self.name, "state": "down", "hint": "it was stopped just now"}
         try:
             with self.ssh(timeout=5) as ssh:
                 xl_info_text, xl_list_text, release = ssh.check("xl info; echo @@; xl list; echo @@; uname -r", timeout=30).split("@@\n")

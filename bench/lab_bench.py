@@ -6,7 +6,7 @@
   /bin/true, `xl list`, `xenstore-read`, `python3 -c pass` (each timed by
   dom0's own clock over a loop), and an SSH connection plus its first command.
 
-Prints one JSON document. `--build` also rebuilds the dom0 image (~90 s).
+Prints one JSON document. `--build` also rebuilds the dom0 image (about 80 s: docs/performance.md).
 Usage: .venv/bin/python bench/lab_bench.py [--runs N] [--build] [--suite trixie]"""
 
 from __future__ import annotations

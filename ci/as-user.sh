@@ -6,7 +6,7 @@
 # its home (the checkout may sit where it cannot read) and runs there with a
 # venv of its own; run as an ordinary user, it runs in place. The user's
 # caches are its own: its first run builds the dom0 image and the guest
-# kernel (~8 min), later runs reuse them.
+# kernel (minutes: docs/performance.md), later runs reuse them.
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 reports=${XENLAB_REPORTS:-$repo/artifacts}

@@ -1,5 +1,6 @@
-"""dom0 side of `xenlab guest ...`: create, destroy, list, exec and console
-for PV domUs, run in dom0 as `python3 -m xenlab_agent.domctl VERB`.
+"""dom0 side of `xenlab guest ...`: create, destroy, list, console, exec
+(consoleexec.py) and cores, for PV, PVH and HVM domUs, run in dom0 as
+`python3 -m xenlab_agent.domctl VERB`.
 
 One SSH round trip per verb: the waiting (XenBus states, the guest's
 readiness line, teardown) happens here, next to xenstored. Replies are JSON

@@ -6,7 +6,7 @@ channel interrupt is delivered to are made one and the same, and that vCPU
 gets a physical CPU of its own: the domU and dom0's other vCPUs are pinned
 to the remaining ones. Everything is put back afterwards.
 
-Why: under TCG (measured, see the README) a round trip costs ~280 us placed
+Why: under TCG (measured: docs/performance.md) a round trip costs ~280 us placed
 this way, but 470-600 us when the event lands on another dom0 vCPU than the
 one waiting for it (an extra cross-vCPU wake-up) or when the domU shares the
 waiting vCPU's physical CPU (a domain switch per event). Each of those is a

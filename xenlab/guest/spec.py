@@ -13,8 +13,8 @@ from xenlab.errors import ConfigError
 MODULE_NAME = re.compile(r"^[A-Za-z0-9_-]+$")
 TYPES = ("pv", "pvh", "hvm")
 # Seconds a guest gets to be up and Connected unless told otherwise. An HVM
-# guest runs SeaBIOS and a Debian kernel under nested SVM in TCG: 83 s to
-# ready on Xen 4.17 with QEMU 7.2 on a quiet host, past 120 s on a slow one.
+# guest runs SeaBIOS and a Debian kernel under nested SVM in TCG: over a
+# minute to ready on a quiet host, past 120 s on a slow one (docs/performance.md).
 UP_TIMEOUTS = {"pv": 120.0, "pvh": 240.0, "hvm": 360.0}
 # What PVH and HVM guests need of the lab under TCG (docs/guest-types.md): a
 # CPU model with SVM and nested paging,

@@ -20,7 +20,7 @@ from .blkif import (
 from .domains import domid_of, guest_dir, xl
 from .errors import AgentError
 from .facts import CONNECTED, INITWAIT, PY_BLOCK_BACKEND
-from .sysutil import pid_alive
+from .sysutil import atomic_write, pid_alive
 from .xs import XenStore, XsError
 
 
@@ -118,8 +118,7 @@ def attach(name: str, size_mib: int, backend: str, readonly: bool, faults: str, 
             _undo(xs, record)
             raise
         record["seconds"] = round(time.monotonic() - t0, 2)
-        with open(_record(name, vdev), "w") as f:
-            json.dump(record, f)
+        atomic_write(_record(name, vdev), json.dumps(record))  # `list` reads it meanwhile
         return record
     finally:
         xs.close()
@@ -225,8 +224,8 @@ def detach(name: str, vdev: str, timeout: float) -> dict:
             pass
         result = {"name": name, "vdev": vdev, "backend": record["backend"], "seconds": round(time.monotonic() - t0, 2),
                   "report": report_, "xenstore_left": left}
-        with open(os.path.join(_attach_dir(name), f"{vdev}.detached.json"), "w") as f:
-            json.dump({**record, "detached": result}, f)  # kept until the guest goes: the name stays taken
+        # Kept until the guest goes: the name stays taken.
+        atomic_write(os.path.join(_attach_dir(name), f"{vdev}.detached.json"), json.dumps({**record, "detached": result}))
         os.unlink(_record(name, vdev))
         return result
     finally:

@@ -28,7 +28,7 @@ from .errors import ADDRESS_TAKEN
 from .facts import CONSOLE_LOG, CORES_DIR, GUESTS_DIR, LOCK_DIR, XEN_TRIPLE_FAULT, state_name
 from .facts import GUEST_PANIC_PATTERNS as CRASH_PATTERNS
 from .facts import GUEST_READY_MARK as READY_MARK
-from .sysutil import pid_alive
+from .sysutil import atomic_write, pid_alive
 from .xl import parse_xl_info, parse_xl_list
 from .xs import XenStore
 
@@ -135,8 +135,7 @@ def _create(spec: dict) -> dict:
         meta = {k: spec[k] for k in ("name", "memory", "vcpus", "root", "kernel", "ip", "mac", "disks", "net", "hotplug")}
         meta.update(kernel_file=spec.get("kernel_file", ""), symbol_map=spec.get("symbol_map", ""))
         meta.update(domid=domid, created_at=time.time())
-        with open(os.path.join(gdir, "meta.json"), "w") as f:
-            json.dump(meta, f)
+        atomic_write(os.path.join(gdir, "meta.json"), json.dumps(meta))  # `list` and destroy read it meanwhile
         with XenStore() as store:
             timings = _wait_up(store, name, domid, spec, t0)
             timings["xl_create"] = round(xl_seconds, 2)
@@ -255,8 +254,7 @@ def dump_core(name: str) -> dict:
              "seconds": round(time.monotonic() - t0, 2), "crashed": crashed,
              "kernel_file": meta.get("kernel_file", ""), "symbol_map": meta.get("symbol_map", "")}
     if crashed:  # a crashed guest's state no longer changes: this core is its core
-        with open(path + ".json", "w") as f:
-            json.dump(taken, f)
+        atomic_write(path + ".json", json.dumps(taken))
     return taken
 
 

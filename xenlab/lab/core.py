@@ -215,7 +215,7 @@ class Lab(LabSnapshots):
                 return {"name": self.name, "was_running": False, "qemu_pid": None, "forgotten": had}
             try:
                 stopped, pid = self._stop_domain()
-            except (LabError, virt.library().libvirtError) as e:
+            except (LabError, virt.error_class()) as e:
                 if not (host := self.remote):
                     raise
                 raise LabError(f"cannot stop lab {self.name!r} on its libvirt host {host.where}: {_reason(e)}",

@@ -123,10 +123,7 @@ class RemoteHost:
 
     def check_qemu(self, conn) -> None:
         """Refuse, before anything is sent, a host whose libvirt has no QEMU for x86_64 guests."""
-        import xml.etree.ElementTree as ET
-
-        caps = ET.fromstring(conn.getCapabilities())
-        if not any(g.find("arch[@name='x86_64']/emulator") is not None for g in caps.findall("guest")):
+        if not virt.has_x86_64_emulator(conn):
             raise LabError(f"the libvirt host {self.where} has no QEMU for x86_64 guests (its libvirt lists none)",
                            "install qemu-system-x86 there (and qemu-utils, for the lab's disk overlay), "
                            "and make sure its libvirt daemon finds them on its PATH")
@@ -136,40 +133,21 @@ class RemoteHost:
         """xenlab's directory pool on the host (made once: under the user's home,
         or /var/lib/xenlab as root), refreshed: each call is a few round trips,
         so callers look it up once for their uploads and deletes."""
-        lib = virt.library()
-        try:
-            pool = conn.storagePoolLookupByName(POOL)
-        except lib.libvirtError:
+        def place() -> str:
             home = self.run("printf %s \"$HOME\"").decode()
-            path = "/var/lib/xenlab/pool" if self.user == "root" else f"{home}/.local/share/xenlab/pool"
-            xml = f"<pool type='dir'><name>{POOL}</name><target><path>{path}</path></target></pool>"
-            try:
-                pool = conn.storagePoolDefineXML(xml, 0)
-                pool.build(0)
-                pool.setAutostart(1)
-            except lib.libvirtError as e:
-                raise LabError(f"cannot make storage pool {POOL!r} at {path} on {self.where}: {e}") from None
-        if not pool.isActive():
-            pool.create(0)
-        pool.refresh(0)
-        return pool
+            return "/var/lib/xenlab/pool" if self.user == "root" else f"{home}/.local/share/xenlab/pool"
 
-    @staticmethod
-    def _complete(pool, name: str, size: int):
-        """The volume `name` if the pool has it at `size` bytes (a finished
-        upload: names come from content-addressed cache entries), else None."""
         try:
-            vol = pool.storageVolLookupByName(name)
-        except virt.library().libvirtError:
-            return None
-        return vol if vol.info()[1] == size else None
+            return virt.dir_pool(conn, POOL, place)
+        except virt.error_class() as e:
+            raise LabError(f"cannot make storage pool {POOL!r} on {self.where}: {e}") from None
 
     def check_space(self, pool, files: dict[str, Path], also: int = 0) -> None:
         """Refuse, before anything is sent, when the pool has no room for the
         files still to upload plus `also` bytes."""
         sizes = {name: path.stat().st_size for name, path in files.items()}
-        needed = sum(size for name, size in sizes.items() if not self._complete(pool, name, size)) + also
-        available = pool.info()[3]
+        needed = sum(size for name, size in sizes.items() if not virt.volume_path(pool, name, size)) + also
+        available = virt.pool_free_bytes(pool)
         if needed > available:
             raise LabError(f"the storage pool {POOL!r} on {self.where} ({virt.pool_dir(pool)}) has {available >> 20} MiB free; "
                            f"this lab needs {needed >> 20} MiB there ({(needed - also) >> 20} MiB to upload, {also >> 20} MiB for its disk)",
@@ -180,42 +158,24 @@ class RemoteHost:
         """`local` as volume `name` in the pool (kept: a volume of that name and
         size is that file, as names come from content-addressed cache entries);
         its path on the host."""
-        lib = virt.library()
         size = local.stat().st_size
-        if done := self._complete(pool, name, size):
-            return done.path()
-        self.delete(pool, name)  # a half-made upload: its size is the file's only once complete
-        vol = pool.createXML(f"<volume><name>{name}</name><capacity unit='bytes'>{size}</capacity>"
-                             "<target><format type='raw'/></target></volume>", 0)
-        stream = pool.connect().newStream(0)
+        if done := virt.volume_path(pool, name, size):
+            return done
+        virt.delete_volumes(pool, name)  # a half-made upload: its size is the file's only once complete
         try:
-            vol.upload(stream, 0, size, 0)
-            with open(local, "rb") as f:
-                stream.sendAll(lambda _stream, n, f: f.read(n), f)
-            stream.finish()
-        except BaseException as e:
-            try:
-                stream.abort()
-                vol.delete(0)
-            except lib.libvirtError:
-                pass
-            if isinstance(e, lib.libvirtError):
-                raise LabError(f"uploading {local.name} ({size >> 20} MiB) to {self.where} failed: {e}",
-                               "check the space in the pool's directory on that host") from None
-            raise
-        return vol.path()
+            return virt.upload_volume(pool, local, name, size)
+        except virt.error_class() as e:
+            raise LabError(f"uploading {local.name} ({size >> 20} MiB) to {self.where} failed: {e}",
+                           "check the space in the pool's directory on that host") from None
 
     def overlay(self, pool, name: str, backing: str, capacity: int) -> str:
         """A new qcow2 volume backed by the qcow2 volume at `backing`; its path."""
-        self.delete(pool, name)
+        virt.delete_volumes(pool, name)
         try:
-            vol = pool.createXML(f"<volume><name>{name}</name><capacity unit='bytes'>{capacity}</capacity>"
-                                 "<target><format type='qcow2'/></target>"
-                                 f"<backingStore><path>{backing}</path><format type='qcow2'/></backingStore></volume>", 0)
-        except virt.library().libvirtError as e:
+            return virt.qcow2_overlay(pool, name, backing, capacity)
+        except virt.error_class() as e:
             raise LabError(f"cannot make the lab's disk {name} on {self.where}: {e}",
                            "libvirt makes it with qemu-img: install qemu-utils there") from None
-        return vol.path()
 
     @staticmethod
     def file_path(pool, name: str) -> str:
@@ -224,9 +184,4 @@ class RemoteHost:
 
     @staticmethod
     def delete(pool, *names: str) -> None:
-        lib = virt.library()
-        for name in names:
-            try:
-                pool.storageVolLookupByName(name).delete(0)
-            except lib.libvirtError:
-                pass
+        virt.delete_volumes(pool, *names)

@@ -80,7 +80,7 @@ class LabSnapshots(LabMachine):
         stage = snapshots.staging(key)
         try:
             with steps.step(f"save snapshot {key}"):
-                uuid = dom.UUIDString()
+                uuid = virt.uuid(dom)
                 try:
                     virt.save(dom, stage / "memory.save")
                 except virt.error_class() as e:

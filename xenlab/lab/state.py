@@ -212,7 +212,7 @@ class LabState:
         if qemu is None:  # remote: ask libvirt (without the lab's lock, which `up` may hold)
             try:
                 qemu = self._vm_running()
-            except (LabError, virt.library().libvirtError) as e:
+            except (LabError, virt.error_class()) as e:
                 if not (host := self.remote):
                     raise
                 return "unreachable", f"its libvirt host {host.where} does not answer ({_reason(e)})"

@@ -15,6 +15,7 @@ import shutil
 import signal
 import threading
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -91,6 +92,87 @@ def error_class() -> type[Exception]:
 def save_running_flag() -> int:
     """For save and restore: the domain runs (not paused) once restored."""
     return _libvirt().VIR_DOMAIN_SAVE_RUNNING
+
+
+def uuid(dom) -> str:
+    return dom.UUIDString()
+
+
+def has_x86_64_emulator(conn) -> bool:
+    """Whether the host's libvirt lists a QEMU for x86_64 guests."""
+    import xml.etree.ElementTree as ET
+
+    caps = ET.fromstring(conn.getCapabilities())
+    return any(g.find("arch[@name='x86_64']/emulator") is not None for g in caps.findall("guest"))
+
+
+# -- storage pools (a lab on a remote libvirt host keeps its files in one) --------------
+def dir_pool(conn, name: str, place: Callable[[], str]):
+    """The directory pool `name`, defined at `place()` (made, autostarted) the
+    first time, started if it is not, refreshed: each call is a few round
+    trips, so callers look it up once for their uploads and deletes."""
+    try:
+        pool = conn.storagePoolLookupByName(name)
+    except error_class():
+        xml = f"<pool type='dir'><name>{name}</name><target><path>{place()}</path></target></pool>"
+        pool = conn.storagePoolDefineXML(xml, 0)
+        pool.build(0)
+        pool.setAutostart(1)
+    if not pool.isActive():
+        pool.create(0)
+    pool.refresh(0)
+    return pool
+
+
+def pool_free_bytes(pool) -> int:
+    return pool.info()[3]
+
+
+def volume_path(pool, name: str, size: int) -> str | None:
+    """The path of volume `name` if the pool has it at `size` bytes (a finished
+    upload: names come from content-addressed cache entries), else None."""
+    try:
+        vol = pool.storageVolLookupByName(name)
+    except error_class():
+        return None
+    return vol.path() if vol.info()[1] == size else None
+
+
+def upload_volume(pool, local: Path, name: str, size: int) -> str:
+    """`local` as a new raw volume `name` of `size` bytes; its path. Half an
+    upload is deleted again."""
+    vol = pool.createXML(f"<volume><name>{name}</name><capacity unit='bytes'>{size}</capacity>"
+                         "<target><format type='raw'/></target></volume>", 0)
+    stream = pool.connect().newStream(0)
+    try:
+        vol.upload(stream, 0, size, 0)
+        with open(local, "rb") as f:
+            stream.sendAll(lambda _stream, n, f: f.read(n), f)
+        stream.finish()
+    except BaseException:
+        try:
+            stream.abort()
+            vol.delete(0)
+        except error_class():
+            pass
+        raise
+    return vol.path()
+
+
+def qcow2_overlay(pool, name: str, backing: str, capacity: int) -> str:
+    """A new qcow2 volume backed by the qcow2 volume at `backing`; its path."""
+    vol = pool.createXML(f"<volume><name>{name}</name><capacity unit='bytes'>{capacity}</capacity>"
+                         "<target><format type='qcow2'/></target>"
+                         f"<backingStore><path>{backing}</path><format type='qcow2'/></backingStore></volume>", 0)
+    return vol.path()
+
+
+def delete_volumes(pool, *names: str) -> None:
+    for name in names:
+        try:
+            pool.storageVolLookupByName(name).delete(0)
+        except error_class():
+            pass
 
 
 def create(conn, xml: str):

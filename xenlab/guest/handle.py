@@ -6,6 +6,7 @@ import shlex
 from pathlib import Path
 
 from xenlab.errors import GuestError
+from xenlab.lab.ssh import CommandResult
 
 
 class Guest:
@@ -21,7 +22,7 @@ class Guest:
         self.domid: int = info["domid"]
         self.ip: str | None = info["ip"] if info.get("net") else None
 
-    def exec(self, command: str | list[str], input: bytes = b"", timeout: float = 120):
+    def exec(self, command: str | list[str], input: bytes = b"", timeout: float = 120) -> CommandResult:
         """Run a command in the guest: CommandResult (exit_status, stdout, stderr, ok).
         A string is a shell command line; a list is an argv, run exactly as given."""
         return self._guests.exec(self.name, command, input=input, timeout=timeout)

@@ -115,3 +115,14 @@ def test_pid_alive_is_false_for_a_zombie_and_true_for_this_process():
     assert not pid_alive(child.pid)  # exited, not yet reaped
     child.wait()
     assert not pid_alive(child.pid)
+
+
+def test_pid_alive_is_false_for_a_process_reaped_between_the_signal_and_proc(monkeypatch):
+    # The race a detach hit: kill(pid, 0) still succeeded, then /proc/PID was gone.
+    import os
+
+    from xenlab.agent import sysutil
+
+    monkeypatch.setattr(sysutil.os, "kill", lambda pid, sig: None)
+    assert sysutil.pid_alive(2**22 + 12345) is False  # above pid_max's default: no /proc entry
+    assert os.path.exists("/proc/self")

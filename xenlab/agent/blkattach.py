@@ -164,7 +164,10 @@ def _stop_python(record: dict, timeout: float) -> dict:
         while pid_alive(pid) and time.monotonic() < deadline:
             time.sleep(0.05)
         if pid_alive(pid):
-            os.kill(pid, signal.SIGKILL)
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass  # it ended meanwhile
     try:
         with open(record["result"]) as f:
             return json.load(f)

@@ -308,7 +308,10 @@ def _wait_disk_backends(name: str, deadline: float) -> None:
         time.sleep(0.05)
         pids = [p for p in pids if pid_alive(p)]
     for pid in pids:
-        os.kill(pid, signal.SIGKILL)
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass  # it ended meanwhile
 
 
 def claim_address(ip: str, name: str) -> None:

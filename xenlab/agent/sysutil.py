@@ -19,8 +19,11 @@ def pid_alive(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/stat") as f:
             stat = f.read()
+    except FileNotFoundError:
+        # Reaped since the signal went: gone. Only without a procfs does the signal's answer stand.
+        return not os.path.exists("/proc/self")
     except OSError:
-        return True  # no procfs: the signal's answer stands
+        return True
     return stat.rsplit(")", 1)[-1].split()[0] not in ("Z", "X")
 
 

@@ -52,7 +52,7 @@ def test_parse_xl_info():
 def test_tail_lines_reads_back_from_the_end_in_blocks():
     import io
 
-    from xenlab.lab.core import tail_lines
+    from xenlab.lab.state import tail_lines
 
     f = io.BytesIO(b"".join(b"line %d\n" % n for n in range(5000)))
     assert tail_lines(f, 3, block=64) == [b"line 4997", b"line 4998", b"line 4999"]

@@ -58,7 +58,7 @@ def _listening(port: int) -> bool:
 def ensure_stub(lab) -> int:
     """The port of the lab VM's gdbstub on 127.0.0.1, started when it is not
     (a restored or rebooted VM has none); the port is remembered per VM."""
-    from xenlab.lab.core import free_port
+    from xenlab.lab.state import free_port
 
     info = lab.require_up()
     state_file = lab.dir / "gdbstub.json"

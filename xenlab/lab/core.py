@@ -22,20 +22,17 @@ from xenlab.lab import virt
 from xenlab.lab.machine import BootPlan
 from xenlab.lab.restore import LabSnapshots
 from xenlab.lab.snapshot import SnapshotError
-from xenlab.lab.state import READY_CHECK, REQUIRED_READY, STATES, _read_json, _reason, _write_json, free_port, list_labs, port_in_use, ports_lock, tail_lines
+from xenlab.lab.state import _read_json, _reason, _write_json, ports_lock
 from xenlab.progress import Steps
 from xenlab.run import pid_alive
-
-# Other modules name these as xenlab.lab.core's.
-__all__ = ["READY_CHECK", "REQUIRED_READY", "STATES", "Lab", "free_port", "list_labs", "port_in_use", "tail_lines"]
 
 
 class Lab(LabSnapshots):
     """One lab: Xen + dom0 in a libvirt domain, named by its config.
 
     `Lab.open("mylab")` reads the configuration (defaults, a TOML file,
-    overrides); `ensure_up()` boots it unless it is up; `dom0()` and
-    `guests()` are the handles to work in it; `down()` stops it."""
+    overrides); `ensure_up()` boots it unless it is up; `down()` stops it.
+    The handles to work in it, dom0() and guests(), are xenlab.Lab's (api.py)."""
 
     # -- up ----------------------------------------------------------------
     def up(self, steps: Steps, cold: bool = False) -> dict:

@@ -17,7 +17,7 @@ from xenlab.errors import XenlabError
 from xenlab.evtchn.catalogue import catalogue
 from xenlab.evtchn.devchan import devchan
 from xenlab.evtchn.ping import ping, placement_text
-from xenlab.lab.core import READY_CHECK, REQUIRED_READY
+from xenlab.lab.state import READY_CHECK, REQUIRED_READY
 from xenlab.verify.crash import detect_crash
 from xenlab.verify.model import DEVCHAN_ARGS, PING_COUNT, TOOL_TEST_TIMEOUT, CheckFailed, Context, Result, one_line
 from xenlab.xenstore.layout import check_domain

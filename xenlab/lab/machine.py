@@ -23,11 +23,8 @@ from xenlab.lab.remote import RemoteHost
 from xenlab.lab.ssh import generate_key, known_hosts_line
 from xenlab.lab.state import (
     READY_CHECK,
-    REMOTE_DISK_HEADROOM,
     REQUIRED_READY,
-    STRAY_PROBE_AGE_S,
     LabState,
-    _wait_gone,
     _write_json,
     free_port,
     port_in_use,
@@ -35,6 +32,12 @@ from xenlab.lab.state import (
 )
 from xenlab.progress import Steps
 from xenlab.run import pid_alive, process_age, run
+
+# Room a remote lab needs in the pool beyond its uploads: its disk overlay
+# grows with what dom0 and its guests write, and the serial log.
+REMOTE_DISK_HEADROOM = 256 << 20
+# A capability probe of libvirt older than this is a stray whoever started it.
+STRAY_PROBE_AGE_S = 120
 
 
 @dataclass(frozen=True)
@@ -373,3 +376,9 @@ class LabMachine(LabState):
                     continue
                 *done, partial = (partial + chunk).split(b"\n")
                 yield from (line.decode(errors="replace") for line in done)
+
+
+def _wait_gone(pid: int, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while pid_alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.1)

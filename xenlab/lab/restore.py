@@ -3,11 +3,14 @@ seconds instead of booting again (docs/snapshots.md)."""
 
 from __future__ import annotations
 
+import errno
 import hashlib
+import os
 import shutil
 import threading
 import time
 from concurrent.futures import Future
+from pathlib import Path
 
 from xenlab.build.boot import BootFiles
 from xenlab.errors import BootError, SSHError
@@ -16,7 +19,7 @@ from xenlab.lab import versions, virt
 from xenlab.lab.machine import BootPlan, LabMachine
 from xenlab.lab.snapshot import SnapshotError
 from xenlab.lab.ssh import SSHSession, known_hosts_line
-from xenlab.lab.state import READY_CHECK, REQUIRED_READY, _move, ports_lock
+from xenlab.lab.state import READY_CHECK, REQUIRED_READY, ports_lock
 from xenlab.paths import TEMPLATES_DIR
 from xenlab.progress import Steps
 from xenlab.run import run
@@ -205,3 +208,13 @@ def _digest_async(snap: snapshots.Snapshot) -> Future:
 
     threading.Thread(target=work, name="snapshot-digest", daemon=True).start()
     return future
+
+
+def _move(src: Path, dest: Path) -> None:
+    try:
+        os.replace(src, dest)
+    except OSError as e:
+        if e.errno != errno.EXDEV:
+            raise
+        shutil.copyfile(src, dest)  # the cache and the state directory on different filesystems
+        src.unlink()

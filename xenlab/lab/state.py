@@ -7,12 +7,10 @@ for the default embedded driver, libvirt's own root."""
 
 from __future__ import annotations
 
-import errno
 import fcntl
 import hashlib
 import json
 import os
-import shutil
 import socket
 import time
 from contextlib import contextmanager
@@ -38,10 +36,6 @@ READY_CHECK = (
     "xenstore-read domid >/dev/null 2>&1 && echo xs:answers"
 )
 REQUIRED_READY = {"proc:xenstored", "proc:xenconsoled", "dev:evtchn", "dev:gntdev", "dev:gntalloc", "xs:answers"}
-
-# Room a remote lab needs in the pool beyond its uploads: its disk overlay
-# grows with what dom0 and its guests write, and the serial log.
-REMOTE_DISK_HEADROOM = 256 << 20
 
 # What `status` can say of a lab, each decided from its state files and the
 # QEMU process (no libvirt call for local labs: an `up` in progress holds the
@@ -319,22 +313,3 @@ def _read_json(path: Path) -> dict | None:
 def _write_json(path: Path, data: dict) -> None:
     """Whole or not at all: a reader never sees half a file."""
     atomic_write(path, json.dumps(data, indent=2))
-
-
-def _move(src: Path, dest: Path) -> None:
-    try:
-        os.replace(src, dest)
-    except OSError as e:
-        if e.errno != errno.EXDEV:
-            raise
-        shutil.copyfile(src, dest)  # the cache and the state directory on different filesystems
-        src.unlink()
-
-
-STRAY_PROBE_AGE_S = 120
-
-
-def _wait_gone(pid: int, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while pid_alive(pid) and time.monotonic() < deadline:
-        time.sleep(0.1)

@@ -84,8 +84,9 @@ class LabConfig:
         started with, as "key: running value -> asked value" (settings that
         only matter while booting, such as its timeout, left out)."""
         def flat(cfg: LabConfig) -> dict:
-            out = {k: v for k, v in cfg.to_dict().items() if k not in ("dom0", *BOOT_ONLY)}
-            out.update({f"dom0.{k}": v for k, v in cfg.to_dict()["dom0"].items()})
+            whole = cfg.to_dict()
+            out = {k: v for k, v in whole.items() if k not in ("dom0", *BOOT_ONLY)}
+            out.update({f"dom0.{k}": v for k, v in whole["dom0"].items()})
             return out
         mine, theirs = flat(self), flat(running)
         return [f"{k}: {theirs.get(k)!r} -> {v!r}" for k, v in mine.items() if theirs.get(k) != v]

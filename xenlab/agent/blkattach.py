@@ -14,9 +14,7 @@ import sys
 import time
 
 from . import facts, faultplan
-from .blkif import (
-    xvd_devid,
-)
+from .blkif import xvd_devid
 from .domains import domid_of, guest_dir, xl
 from .errors import AgentError
 from .facts import CONNECTED, INITWAIT, PY_BLOCK_BACKEND

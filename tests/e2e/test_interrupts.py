@@ -18,6 +18,7 @@ import time
 import pytest
 
 from xenlab.agent.facts import DOM0_AGENT_ROOT, GUESTS_DIR, LOCK_DIR
+from xenlab.agent.server import RUNNING_DIR
 from xenlab.lab import snapshot as snapshots
 from xenlab.run import pid_alive, pids_using
 
@@ -114,7 +115,7 @@ def held_in_dom0(condition: str, pid_of: str):
     """A `hold` for killed_at, made before the command starts: in dom0, a
     loop waits until the shell test `condition` holds, then stops (SIGSTOP)
     the process `pid_of` prints (xenlab's own agent there, found by its lock
-    file or its command line), so the host command is killed while dom0's
+    file or the agent server's record of it), so the host command is killed while dom0's
     side stands inside the phase the test names, on any host speed. The
     release (after the signal) lets that process go on (SIGCONT), as it
     would have gone on from there."""
@@ -258,8 +259,9 @@ def test_guest_destroy_killed_then_destroy_again_leaves_nothing(kill_lab, phase)
     there): the next destroy finishes the job."""
     name = "gd"
     xenlab("guest", "create", "--lab", LAB, name, "--disk", "8M", "--net")
-    hold = None if phase == "start" else held_in_dom0("pgrep -f 'xenlab_agent[.]domctl destroy' >/dev/null",
-                                                       "pgrep -f 'xenlab_agent[.]domctl destroy' | head -n1")
+    # The agent server records what each of its requests runs (RUNNING_DIR/PID).
+    hold = None if phase == "start" else held_in_dom0(f"grep -qs '^domctl destroy' {RUNNING_DIR}/*",
+                                                       f"grep -ls '^domctl destroy' {RUNNING_DIR}/* | head -n1 | xargs basename")
     killed_at(["guest", "destroy", "--lab", LAB, name], None, 0.0, hold=hold)
     result = xenlab("guest", "destroy", "--lab", LAB, name, check=False)
     assert result.returncode == 0 or "no guest named" in result.stderr, result.stderr
@@ -340,9 +342,9 @@ def test_verify_killed_then_verify_again_passes_leaving_nothing(kill_lab, check)
     # one, are skipped in both runs (test_verify.py runs them): they took two
     # thirds of this test's time.
     skips = [arg for name in ("ring", "evtchn.catalogue", "evtchn.ping", "xenstore.perms", "xen.tools") for arg in ("--skip", name)]
-    backend = "xenlab_agent[.]devchan backend"
     hold = create_held("verify", "connecting") if check == "guest.create" else \
-        held_in_dom0(f"pgrep -f '{backend}' >/dev/null", f"pgrep -f '{backend}' | head -n1")
+        held_in_dom0(f"grep -qs '^devchan backend' {RUNNING_DIR}/*",
+                     f"grep -ls '^devchan backend' {RUNNING_DIR}/* | head -n1 | xargs basename")
     killed_at(["verify", "--lab", LAB, *skips], f"> {check}", 0.0, hold=hold)
     # The next verify finds what the killed one left (its guest, a device
     # channel backend in dom0) and still passes.

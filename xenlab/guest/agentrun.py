@@ -9,7 +9,7 @@ import time
 
 from xenlab import deploy
 from xenlab.agent.facts import AGENT_PACKAGE, DOMU_AGENT_ROOT
-from xenlab.errors import ChannelError
+from xenlab.errors import ChannelError, SSHError
 from xenlab.lab.ssh import SSHSession
 
 # A command prefix: DOMU_AGENT + "MODULE ARGS" runs an agent module in a python domU.
@@ -19,64 +19,41 @@ DOMU_AGENT = f"PYTHONPATH={DOMU_AGENT_ROOT} python3 -m {AGENT_PACKAGE}."
 def agent(ssh: SSHSession, module: str, *args: str, timeout: float = 300) -> dict:
     """Run an agent command in dom0; its JSON result, or its error as ChannelError."""
     deploy.ensure_agent(ssh)
-    result = ssh.run(deploy.agent_command(module, *args), timeout=timeout)
-    return deploy.agent_reply(result.stdout, result.stderr, result.exit_status, f"{module} {' '.join(args)}", ChannelError)
+    status, out, err = deploy.run_agent(ssh, module, *args, timeout=timeout)
+    return deploy.agent_reply(out, err, status, f"{module} {' '.join(args)}", ChannelError)
 
 
 class Dom0Process:
-    """An agent command left running in dom0 over its own SSH channel."""
+    """An agent command left running in dom0 (a request of the agent server)."""
 
     def __init__(self, ssh: SSHSession, module: str, *args: str):
         deploy.ensure_agent(ssh)
-        self.ssh = ssh
-        self.command = deploy.agent_command(module, *args)
-        self.chan = ssh.transport().open_session(timeout=10)
-        self.chan.exec_command(self.command)
-        self.out = b""
-        self.err = b""
-
-    def _pump(self, timeout: float) -> bool:
-        self.chan.settimeout(timeout)
-        got = False
-        try:
-            if self.chan.recv_ready() or not self.chan.recv_stderr_ready():
-                chunk = self.chan.recv(65536)
-                self.out += chunk
-                got = bool(chunk)
-            while self.chan.recv_stderr_ready():
-                self.err += self.chan.recv_stderr(65536)
-                got = True
-        except TimeoutError:
-            pass
-        except OSError:
-            pass
-        return got
+        self.call = deploy.AgentCall.start(ssh, module, list(args))
+        self.command = self.call.what
 
     def readline(self, timeout: float) -> dict:
         """The first JSON line (the rendezvous the command prints once it is ready)."""
         deadline = time.monotonic() + timeout
-        while b"\n" not in self.out:
-            if self.chan.exit_status_ready() and not self.chan.recv_ready():
-                self._pump(0.1)
-                if b"\n" not in self.out:
-                    raise deploy.agent_error(self.err.decode(errors="replace"), self.command, self.chan.recv_exit_status(), ChannelError)
+        while b"\n" not in self.call.stdout:
+            if self.call.status is not None:
+                raise deploy.agent_error(self.call.stderr.decode(errors="replace"), self.command, self.call.status, ChannelError)
             if time.monotonic() > deadline:
-                raise ChannelError(f"dom0 side gave no sign of life within {timeout:.0f} s: {self.command}", self.err.decode(errors="replace")[-500:])
-            self._pump(0.5)
-        line, _, self.out = self.out.partition(b"\n")
+                raise ChannelError(f"dom0 side gave no sign of life within {timeout:.0f} s: {self.command}",
+                                   self.call.stderr.decode(errors="replace")[-500:])
+            self.call.pump(0.5)
+        line, _, rest = bytes(self.call.stdout).partition(b"\n")
+        self.call.stdout[:] = rest
         return json.loads(line)
 
     def wait(self, timeout: float) -> dict:
-        deadline = time.monotonic() + timeout
-        while not self.chan.exit_status_ready():
-            if time.monotonic() > deadline:
-                raise ChannelError(f"dom0 side did not finish within {timeout:.0f} s: {self.command}")
-            self._pump(0.5)
-        while self._pump(0.2):
-            pass
-        rc = self.chan.recv_exit_status()
-        self.chan.close()
-        return deploy.agent_reply(self.out.decode(), self.err.decode(errors="replace"), rc, self.command, ChannelError)
+        try:
+            rc = self.call.wait(timeout)
+        except SSHError as e:
+            raise ChannelError(f"dom0 side did not finish within {timeout:.0f} s: {self.command}"
+                               if "did not finish" in str(e) else str(e)) from None
+        finally:
+            self.call.close()
+        return deploy.agent_reply(self.call.stdout.decode(), self.call.stderr.decode(errors="replace"), rc, self.command, ChannelError)
 
 
 # -- guests ----------------------------------------------------------------------

@@ -132,8 +132,8 @@ class Guests:
         module and verb give), or its refusal as GuestError."""
         self._agent()
         stdin = json.dumps(request).encode() if request is not None else None
-        result = self.ssh().run(deploy.agent_command(module, *args), timeout=timeout, input=stdin)
-        return deploy.agent_reply(result.stdout, result.stderr, result.exit_status, f"the dom0 agent ({module} {' '.join(args)})", GuestError)
+        status, out, err = deploy.run_agent(self.ssh(), module, *args, input=stdin, timeout=timeout)
+        return deploy.agent_reply(out, err, status, f"the dom0 agent ({module} {' '.join(args)})", GuestError)
 
     def domctl(self, verb: str, *args: str, request: dict | None = None, timeout: float = 300) -> Any:
         return self.agent("domctl", verb, *args, request=request, timeout=timeout)
@@ -346,7 +346,7 @@ class Guests:
         self._agent()
         frames = _OutputFrames(stdout, stderr)
         agent_stderr = io.BytesIO()
-        status = self.ssh().stream(deploy.agent_command("domctl", "exec", name), io.BytesIO(json.dumps(request).encode()), frames, agent_stderr)
+        status = deploy.stream_agent(self.ssh(), "domctl", ["exec", name], json.dumps(request).encode(), frames.write, agent_stderr.write)
         reply = deploy.agent_reply(frames.rest(), agent_stderr.getvalue().decode(errors="replace"), status,
                                    f"the dom0 agent (domctl exec {name})", GuestError)
         return reply["rc"]

@@ -182,6 +182,17 @@ class SSHSession:
         chan.close()
         return status
 
+    def open_local(self, port: int, timeout: float = 10.0) -> paramiko.Channel | None:
+        """A channel to 127.0.0.1:PORT on the far side (direct-tcpip, as `ssh -L`
+        opens), or None when nothing listens there."""
+        try:
+            return self.transport().open_channel("direct-tcpip", ("127.0.0.1", port), ("127.0.0.1", 0), timeout=timeout)
+        except paramiko.ChannelException:
+            return None
+        except (paramiko.SSHException, OSError, EOFError) as e:
+            raise SSHError(f"SSH to {self.where} failed opening a channel to its port {port}: {e}",
+                           "is the lab still up? `xenlab status`") from None
+
     def put(self, data: bytes, remote: str, mode: int = 0o644) -> None:
         sftp = self.client.open_sftp()
         try:

@@ -38,7 +38,7 @@ def echo_test(lab, count: int) -> dict:
         guest = guests.get(GUEST)
         with python_backend(lab, GUEST, devid=DEVID) as backend:
             deadline = time.monotonic() + 300
-            while "xlecho:" not in (log := guest.exec("dmesg | grep 'xlecho:' || true").stdout):
+            while "echo requests of" not in (log := guest.exec("dmesg | grep 'xlecho:' || true").stdout):
                 if time.monotonic() > deadline:
                     sys.exit(f"the driver never reported: {guest.exec('dmesg | tail').stdout}")
                 time.sleep(0.5)

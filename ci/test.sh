@@ -69,14 +69,6 @@ phase lint bash -c "'$venv/bin/ruff' check xenlab && '$venv/bin/mypy' xenlab"
 # then run both halves on one stack: this fails with the reason instead.
 phase qemu-backports bash ci/qemu-backports.sh >/dev/null
 phase builds bash -c "'$venv/bin/xenlab' build && '$venv/bin/xenlab' build --suite trixie && '$venv/bin/xenlab' guest build"
-# One worker: two (-n 2 --dist loadgroup, tests/e2e/conftest.py) gained
-# little on two cores (docs/testing.md#two-workers). --durations: where the
-# time goes; every test's time is in $reports/pytest.xml, and a failed e2e
-# test's lab logs in $reports/xenlab-artifacts/ (the plugin's).
-phase pytest "$venv/bin/python" -m pytest tests -v -p no:cacheprovider --durations=40 --junitxml "$reports/pytest.xml" \
-  --xenlab-artifacts "$reports/xenlab-artifacts" \
-  ${slice_args[@]+"${slice_args[@]}"} ${pytest_args[@]+"${pytest_args[@]}"}
-
 has_step() { [[ " $steps " == *" $1 "* ]]; }
 # `xenlab verify` with its reports kept as $reports/verify-NAME.{json,xml};
 # run once more (reports verify-NAME-again.*) only when its report says the
@@ -103,13 +95,6 @@ qemu_stock_hvm() {
 qemu_stock_pv() {
   phase verify-qemu-stock-pv verify_kept qemu-stock --config "$qemu_stock_config" verify --lab ci-qemu-stock
 }
-qemu_stock() {
-  local failed=0
-  qemu_stock_hvm || failed=1
-  [ "$failed" = 1 ] || qemu_stock_pv || failed=1
-  "$venv/bin/xenlab" down --lab ci-qemu-stock >/dev/null
-  return "$failed"
-}
 # Debian trixie's Xen 4.20 with a PVH guest.
 trixie_pvh() {
   local config="$reports/trixie.toml"
@@ -121,38 +106,49 @@ as_user() {
   phase as-user env XENLAB_REPORTS="$(cd "$reports" && pwd)" bash ci/as-user.sh
 }
 
-if [ "$full" = 1 ]; then
-  # Under TCG every vCPU is a host thread: the stock and trixie labs have one
-  # each, on two cores. The HVM verify goes first, so that its guest's long
-  # boot meets only the trixie lab; the ordinary user's lab comes later,
-  # beside the PV verify. The side's output is printed when both are done.
-  side_log="$reports/side.log"
-  (
-    side_failed=0
-    trixie_pvh || side_failed=1
-    as_user || side_failed=1
-    exit "$side_failed"
-  ) >"$side_log" 2>&1 &
-  side_pid=$!
-  # If the stock half fails, this script still waits for the side (its verifies
-  # take their labs down) and then makes sure the trixie lab is gone.
-  trap 'wait "$side_pid" 2>/dev/null; cat "$side_log"; "$venv/bin/xenlab" down --lab ci-trixie >/dev/null 2>&1 || true; ledger' EXIT
-  stock_failed=0
-  qemu_stock || stock_failed=1
-  side_failed=0
-  wait "$side_pid" || side_failed=1
-  trap ledger EXIT
-  echo "--- trixie dom0 with a PVH guest, then the ordinary user (ran beside the stock-QEMU verifies; $side_log):"
-  cat "$side_log"
-  [ "$stock_failed" = 0 ] && [ "$side_failed" = 0 ]
-else
-  failed=0
+# The steps after pytest run beside it, started first and niced (5): its lab
+# has two vCPUs but keeps about 1.2 of the two cores busy on average, and the
+# steps' labs have one vCPU each, so they take what pytest leaves idle
+# (docs/testing.md#the-steps-beside-pytest). In order: the stock-QEMU HVM
+# verify first (its guest's boot is the longest), then the PV verify on the
+# same lab, the trixie PVH verify, and the ordinary user. Their output is
+# printed once pytest and they are done; a failed pytest still waits for
+# them, so their labs are down when this script ends.
+side_log="$reports/side.log"
+side_steps() {
+  renice -n 5 -p "$BASHPID" >/dev/null
+  local failed=0
   if has_step qemu-stock-hvm || has_step qemu-stock-pv; then
     if has_step qemu-stock-hvm; then qemu_stock_hvm || failed=1; fi
-    if has_step qemu-stock-pv; then qemu_stock_pv || failed=1; fi
-    "$venv/bin/xenlab" down --lab ci-qemu-stock >/dev/null
+    if [ "$failed" = 0 ] && has_step qemu-stock-pv; then qemu_stock_pv || failed=1; fi
+    "$venv/bin/xenlab" down --lab ci-qemu-stock >/dev/null || failed=1
   fi
   if has_step trixie-pvh; then trixie_pvh || failed=1; fi
   if has_step as-user; then as_user || failed=1; fi
-  [ "$failed" = 0 ]
-fi
+  return "$failed"
+}
+side_steps >"$side_log" 2>&1 &
+side_pid=$!
+side_done() {
+  local rc=0
+  wait "$side_pid" || rc=$?
+  if [ -n "$steps" ]; then
+    echo "--- the steps after pytest, run beside it ($steps; $side_log):"
+    cat "$side_log"
+  fi
+  return "$rc"
+}
+trap 'side_done || true; "$venv/bin/xenlab" down --lab ci-qemu-stock >/dev/null 2>&1 || true; "$venv/bin/xenlab" down --lab ci-trixie >/dev/null 2>&1 || true; ledger' EXIT
+
+# One worker: two (-n 2 --dist loadgroup, tests/e2e/conftest.py) gained
+# little on two cores (docs/testing.md#two-workers). --durations: where the
+# time goes; every test's time is in $reports/pytest.xml, and a failed e2e
+# test's lab logs in $reports/xenlab-artifacts/ (the plugin's).
+pytest_rc=0
+phase pytest "$venv/bin/python" -m pytest tests -v -p no:cacheprovider --durations=40 --junitxml "$reports/pytest.xml" \
+  --xenlab-artifacts "$reports/xenlab-artifacts" \
+  ${slice_args[@]+"${slice_args[@]}"} ${pytest_args[@]+"${pytest_args[@]}"} || pytest_rc=$?
+side_rc=0
+side_done || side_rc=$?
+trap ledger EXIT
+[ "$pytest_rc" = 0 ] && [ "$side_rc" = 0 ]

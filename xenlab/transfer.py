@@ -65,24 +65,27 @@ def _host_write(path: str, name: str, data: bytes, mode: int) -> str:
 
 
 def _remote_read(run, where: str, path: str) -> tuple[bytes, int]:
-    """`run(command) -> CommandResult` on dom0 or in a guest: mode and content (base64: the console carries text)."""
+    """`run(command, input) -> CommandResult` on dom0 or in a guest: mode and content (base64: the console carries text)."""
     q = shlex.quote(path)
     result = run(f"if [ -f {q} ]; then stat -c %a {q} && base64 {q}; elif [ -e {q} ]; then echo 'not a regular file' >&2; exit 2; "
-                 f"else echo 'No such file or directory' >&2; exit 1; fi")
+                 f"else echo 'No such file or directory' >&2; exit 1; fi", b"")
     if not result.ok:
         raise CopyError(f"{where}:{path}: {result.stderr.strip() or f'exit {result.exit_status}'}")
     mode, _, body = result.stdout.partition("\n")
     return base64.b64decode(body), int(mode.strip(), 8)
 
 
-def _remote_write(run, put, where: str, path: str, name: str, data: bytes, mode: int) -> str:
-    q = shlex.quote(path)
-    probe = run(f"if [ -d {q} ]; then echo dir; elif [ -d \"$(dirname {q})\" ]; then echo file; else echo missing; fi").stdout.strip()
-    if probe == "missing":
-        raise CopyError(f"{where}:{path}: No such file or directory (its directory does not exist)")
-    target = posixpath.join(path, name) if probe == "dir" else path
-    put(data, target, mode)
-    return target
+def _remote_write(run, where: str, path: str, name: str, data: bytes, mode: int) -> str:
+    """`run(command, input)` on dom0 or in a guest: one round trip that finds
+    the target (PATH, or PATH/NAME when PATH is a directory), writes and chmods it."""
+    script = (f"p={shlex.quote(path)}; if [ -d \"$p\" ]; then t=\"$p\"/{shlex.quote(name)}; "
+              "elif [ -d \"$(dirname \"$p\")\" ]; then t=\"$p\"; "
+              "else echo 'No such file or directory (its directory does not exist)' >&2; exit 3; fi; "
+              f"cat > \"$t\" && chmod {mode:o} \"$t\" && echo \"$t\"")
+    result = run(script, data)
+    if not result.ok:
+        raise CopyError(f"{where}:{path}: {result.stderr.strip() or f'exit {result.exit_status}'}")
+    return result.stdout.strip().splitlines()[-1]
 
 
 def copy(lab, src: str, dest: str) -> dict:
@@ -92,17 +95,18 @@ def copy(lab, src: str, dest: str) -> dict:
         raise ConfigError(f"xenlab cp {src} {dest}: one side must be on this host and the other dom0:PATH or GUEST:PATH",
                           "copy between two lab machines through the host")
     remote = a if a.where != "host" else b
-    # dom0's and a guest's run/exec differ past the command; only the command is passed.
-    run: Callable[[str], CommandResult]
+    # dom0's run and a guest's exec differ past the command and its input; only those are passed.
+    run: Callable[[str, bytes], CommandResult]
     with Dom0(lab) as dom0, Guests(lab) as guests:
         if remote.where == "dom0":
-            run, put = dom0.run, dom0.put
+            def run(command: str, data: bytes) -> CommandResult:
+                return dom0.run(command, input=data, timeout=600)
         else:
-            guest = guests.get(remote.where)
-            run, put = guest.exec, guest.put
+            def run(command: str, data: bytes) -> CommandResult:
+                return guests.exec(remote.where, command, input=data, timeout=600)
         if a.where == "host":
             data, mode = _host_read(a.path)
-            written = _remote_write(run, put, b.where, b.path, Path(a.path).name, data, mode)
+            written = _remote_write(run, b.where, b.path, Path(a.path).name, data, mode)
             target = f"{b.where}:{written}"
         else:
             data, mode = _remote_read(run, a.where, a.path)

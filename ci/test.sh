@@ -2,9 +2,10 @@
 # The test suite (docs/testing.md): host set-up (idempotent), the wheel check,
 # the dom0 images and the guest kernel and roots (cached; the first guest
 # kernel build takes ~5 min), unit tests, then the e2e tests on the real lab
-# (Xen under QEMU; TCG here), then the steps after pytest: `xenlab verify` on
-# Debian's QEMU 7.2 (HVM and PV guests) and on a trixie dom0 (Xen 4.20, a PVH
-# guest), and the lab tests and verify again as an ordinary user.
+# (Xen under QEMU; TCG here), and beside them the steps "after pytest" (their
+# old place): `xenlab verify` on Debian's QEMU 7.2 (HVM and PV guests) and on
+# a trixie dom0 (Xen 4.20, a PVH guest), and the lab tests and verify again
+# as an ordinary user.
 #
 #   bash ci/test.sh            the gate tier and one slice of the full tier, with
 #                              that slice's steps after pytest (tests/tiers.py:

@@ -128,14 +128,14 @@ class AgentCall:
     def start(cls, ssh, module: str, args: list[str], stdin: bytes = b"", on_stdout: Callable[[bytes], object] | None = None,
               on_stderr: Callable[[bytes], object] | None = None) -> AgentCall:
         """Send the request, starting the server first when none (or one of another agent version) listens."""
-        started = other_version = False
-        for _ in range(3):
+        starts, other_version = 0, False
+        for _ in range(4):
             chan = ssh.open_local(SERVER_PORT)
             if chan is None:
-                if started:
+                if starts == 2:  # twice: a command starting it at the same time may have lost the race as well
                     break
                 _start_server(ssh)
-                started = True
+                starts += 1
                 continue
             call = cls(ssh, chan, module, args, on_stdout, on_stderr)
             if call._send(stdin):
@@ -143,7 +143,7 @@ class AgentCall:
             call.close()
             other_version = True
             _start_server(ssh)  # it ran another agent version and has stopped: start this one
-            started = True
+            starts += 1
         if other_version:
             raise SSHError(f"dom0's agent server at {ssh.where} keeps changing agent versions: another xenlab, of another "
                            "version, is using this lab at the same time", "use one xenlab per lab, or `xenlab reset` it")

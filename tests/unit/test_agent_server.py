@@ -43,14 +43,19 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture
-def server(tmp_path):
+def _agent_copy(tmp_path) -> dict:
+    """The agent package as dom0 has it, with the probe module; the environment that runs it."""
     package = tmp_path / AGENT_PACKAGE
     shutil.copytree(deploy.AGENT_SRC, package, ignore=shutil.ignore_patterns("__pycache__"))
     (package / "probe.py").write_text(PROBE)
     (package / "VERSION").write_text(deploy.agent_version())
+    return {**os.environ, "PYTHONPATH": str(tmp_path)}
+
+
+@pytest.fixture
+def server(tmp_path):
+    env = _agent_copy(tmp_path)
     port, running = _free_port(), tmp_path / "running"
-    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
     started = subprocess.run([sys.executable, "-m", f"{AGENT_PACKAGE}.server", str(port), str(running)],
                              env=env, capture_output=True, text=True, timeout=60)
     assert started.stdout.strip() == "started", started.stderr
@@ -96,7 +101,7 @@ def test_each_request_is_a_process_of_its_own_recorded_while_it_runs(server):
     _, _, err2 = server("0")
     assert out1.splitlines()[-1] == f"probe record {server.running}"
     assert err1 != err2  # two pids
-    assert os.listdir(server.running) == []  # records go when the request ends
+    assert [f for f in os.listdir(server.running) if not f.startswith(".")] == []  # records go when the request ends
 
 
 def test_uncaught_exception_and_signal_give_pythons_exit_codes(server):
@@ -129,3 +134,25 @@ def test_a_server_gone_mid_request_is_an_error_naming_the_command(server):
     with pytest.raises(SSHError, match="hung up during `probe 0`"):
         deploy.AgentCall(_Where(), chan, "probe", ["0"])._send(b"")
     listener.close()
+
+
+def test_starters_at_once_leave_one_server_and_all_succeed(tmp_path):
+    """Two commands at once may both find no server and both start one: one
+    listens, the others say it runs (a test of the lab saw both fail)."""
+    env = _agent_copy(tmp_path)
+    port, running = _free_port(), str(tmp_path / "running")
+    starters = [subprocess.Popen([sys.executable, "-m", f"{AGENT_PACKAGE}.server", str(port), running],
+                                 env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(4)]
+    said = [p.communicate(timeout=60) for p in starters]
+    try:
+        assert [p.returncode for p in starters] == [0] * 4, said
+        assert sorted(out.strip() for out, _ in said) == ["running"] * 3 + ["started"], said
+    finally:
+        chan = socket.create_connection(("127.0.0.1", port))
+        real = deploy.agent_version
+        deploy.agent_version = lambda: "another"  # type: ignore[assignment]
+        try:
+            assert deploy.AgentCall(_Where(), chan, "probe", [])._send(b"") is False  # and the server ends
+        finally:
+            deploy.agent_version = real
+            chan.close()

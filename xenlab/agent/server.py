@@ -22,6 +22,7 @@ dropped)."""
 from __future__ import annotations
 
 import errno
+import fcntl
 import importlib
 import json
 import os
@@ -195,19 +196,26 @@ def serve(listener: socket.socket, running_dir: str) -> None:
 def start(port: int = SERVER_PORT, running_dir: str = RUNNING_DIR) -> int:
     """Listen on 127.0.0.1:PORT and serve in the background; print "started",
     or "running" when a server already listens there."""
+    os.makedirs(running_dir, exist_ok=True)
     listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    # SO_REUSEADDR: a new version's server binds over the old one's TIME_WAIT
+    # connections. It also lets two starters bind at once, and then both
+    # listen() calls fail (seen in the lab): starters take turns under a lock,
+    # so a later one finds the port taken and the server running.
     listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        listener.bind(("127.0.0.1", port))
-    except OSError as e:
-        if e.errno != errno.EADDRINUSE:
-            raise
-        print("running", flush=True)
-        return 0
-    listener.listen(64)
+    with open(os.path.join(running_dir, ".start.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            listener.bind(("127.0.0.1", port))
+            listener.listen(64)
+        except OSError as e:
+            if e.errno != errno.EADDRINUSE:
+                raise
+            listener.close()
+            print("running", flush=True)
+            return 0
     for name in PRELOADED:
         importlib.import_module(f"{AGENT_PACKAGE}.{name}")
-    os.makedirs(running_dir, exist_ok=True)
     if os.fork() > 0:
         print("started", flush=True)
         return 0

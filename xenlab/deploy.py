@@ -20,8 +20,8 @@ from pathlib import Path
 from xenlab import agent, templates
 from xenlab.agent.errors import ERROR_PREFIX
 from xenlab.agent.facts import AGENT_PACKAGE, BRIDGE, DOM0_PATH
+from xenlab.agent.facts import AGENT_SERVER_PORT as SERVER_PORT
 from xenlab.agent.facts import DOM0_AGENT_ROOT as AGENT_ROOT
-from xenlab.agent.server import SERVER_PORT
 from xenlab.errors import SSHError, XenlabError
 
 AGENT_SRC = Path(agent.__file__).resolve().parent
@@ -109,6 +109,10 @@ def stream_agent(ssh, module: str, args: list[str], stdin: bytes, on_stdout: Cal
         call.close()
 
 
+class AgentTimeout(SSHError):
+    """An agent command did not finish within its time (AgentCall.wait)."""
+
+
 class AgentCall:
     """One request to dom0's agent server (the agent must be installed:
     ensure_agent), its output read frame by frame (agent/server.py)."""
@@ -190,12 +194,12 @@ class AgentCall:
         return True
 
     def wait(self, timeout: float | None) -> int:
-        """The exit code, once the command ends (SSHError after `timeout` seconds)."""
+        """The exit code, once the command ends (AgentTimeout after `timeout` seconds)."""
         deadline = None if timeout is None else time.monotonic() + timeout
         while self.status is None:
             left = None if deadline is None else deadline - time.monotonic()
             if left is not None and left <= 0:
-                raise SSHError(f"command did not finish within {timeout:.0f} s: {self.what}")
+                raise AgentTimeout(f"command did not finish within {timeout:.0f} s: {self.what}")
             self.pump(left)
         return self.status
 

@@ -17,8 +17,8 @@ import time
 
 import pytest
 
+from xenlab.agent.facts import AGENT_RUNNING_DIR as RUNNING_DIR
 from xenlab.agent.facts import DOM0_AGENT_ROOT, GUESTS_DIR, LOCK_DIR
-from xenlab.agent.server import RUNNING_DIR
 from xenlab.lab import snapshot as snapshots
 from xenlab.run import pid_alive, pids_using
 

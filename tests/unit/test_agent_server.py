@@ -5,6 +5,7 @@ request function talking to it over a plain socket."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
@@ -52,6 +53,13 @@ def _agent_copy(tmp_path) -> dict:
     return {**os.environ, "PYTHONPATH": str(tmp_path)}
 
 
+def _stop_server(port: int) -> None:
+    """A request of another agent version stops the server (and is refused: b"V")."""
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as chan:
+        chan.sendall(json.dumps({"version": "another", "module": "probe", "args": [], "stdin": 0}).encode() + b"\n")
+        assert chan.recv(5)[:1] == b"V"
+
+
 @pytest.fixture
 def server(tmp_path):
     env = _agent_copy(tmp_path)
@@ -77,10 +85,10 @@ def server(tmp_path):
 
     call.port, call.running, call.env = port, running, env
     yield call
-    try:  # another version's request stops the server
-        call(version="another")
-    except OSError:
-        pass
+    try:
+        _stop_server(port)
+    except ConnectionRefusedError:
+        pass  # a test stopped it already
 
 
 def test_a_second_start_finds_it_running(server):
@@ -148,11 +156,4 @@ def test_starters_at_once_leave_one_server_and_all_succeed(tmp_path):
         assert [p.returncode for p in starters] == [0] * 4, said
         assert sorted(out.strip() for out, _ in said) == ["running"] * 3 + ["started"], said
     finally:
-        chan = socket.create_connection(("127.0.0.1", port))
-        real = deploy.agent_version
-        deploy.agent_version = lambda: "another"  # type: ignore[assignment]
-        try:
-            assert deploy.AgentCall(_Where(), chan, "probe", [])._send(b"") is False  # and the server ends
-        finally:
-            deploy.agent_version = real
-            chan.close()
+        _stop_server(port)

@@ -34,6 +34,11 @@ KERNELS = ("minimal", "debian")
 # one console request at a time.
 LOCK_DIR = "/run/xenlab"
 
+# The agent server in dom0 (agent/server.py): its port on dom0's 127.0.0.1 only,
+# and AGENT_RUNNING_DIR/PID ("MODULE ARGS") for each request while it runs.
+AGENT_SERVER_PORT = 7017
+AGENT_RUNNING_DIR = f"{LOCK_DIR}/agents"
+
 # Guest files in dom0: shipped kernels and roots, and one directory per guest.
 IMAGES_DIR = "/var/lib/xenlab/images"
 GUESTS_DIR = "/var/lib/xenlab/guests"

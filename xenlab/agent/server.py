@@ -4,7 +4,7 @@ already imported, which runs each request (`MODULE ARGS`, as
 
 Under TCG a new python3 with the agent's imports costs about a second per
 command; a fork of this process costs a few hundredths. The host reaches it
-through its SSH connection (a direct-tcpip channel to 127.0.0.1:SERVER_PORT
+through its SSH connection (a direct-tcpip channel to 127.0.0.1:AGENT_SERVER_PORT
 in dom0, never a guest-reachable address).
 
 A request is one JSON line {"version", "module", "args", "stdin"} (stdin's
@@ -15,7 +15,7 @@ starts the current one), then b"O" stdout, b"E" stderr and last b"X" the
 exit code (ASCII).
 
 Each request runs as it would under SSH: its own pid (recorded in
-RUNNING_DIR/PID as "MODULE ARGS" while it runs), stdin from the request,
+AGENT_RUNNING_DIR/PID as "MODULE ARGS" while it runs), stdin from the request,
 and it goes on to its end when the host goes away (its output is then
 dropped)."""
 
@@ -34,10 +34,8 @@ import struct
 import sys
 import traceback
 
-from .facts import AGENT_PACKAGE, LOCK_DIR
+from .facts import AGENT_PACKAGE, AGENT_RUNNING_DIR, AGENT_SERVER_PORT
 
-SERVER_PORT = 7017
-RUNNING_DIR = f"{LOCK_DIR}/agents"
 # Imported once by the server: what the host's commands run (a module left out still works, imported per request).
 PRELOADED = ("domctl", "blkattach", "blkback", "iocheck", "evtchn", "devchan", "catalogue", "evstatus", "grant", "ring",
              "hostile", "xsprobe")
@@ -114,7 +112,7 @@ def _worker(request: dict, stdin: bytes, out_w: int, err_w: int, running_dir: st
         os._exit(code)
 
 
-def _relay(conn: socket.socket, request: dict, stdin: bytes, running_dir: str) -> int:
+def _relay(conn: socket.socket, request: dict, stdin: bytes, running_dir: str) -> None:
     """In the per-request child: run the worker, forward its output as frames, then its exit code."""
     out_r, out_w = os.pipe()
     err_r, err_w = os.pipe()
@@ -153,7 +151,6 @@ def _relay(conn: socket.socket, request: dict, stdin: bytes, running_dir: str) -
         pass
     code = os.waitstatus_to_exitcode(status)
     send(frame(b"X", str(code if code >= 0 else 128 - code).encode()))
-    return 0
 
 
 def serve(listener: socket.socket, running_dir: str) -> None:
@@ -187,13 +184,14 @@ def serve(listener: socket.socket, running_dir: str) -> None:
             listener.close()
             signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # the worker's own subprocesses must be waited for
             try:
-                os._exit(_relay(conn, request, stdin, running_dir))
+                _relay(conn, request, stdin, running_dir)
+                os._exit(0)
             except BaseException:  # noqa: BLE001 - a relay never returns into the accept loop
                 os._exit(1)
         conn.close()
 
 
-def start(port: int = SERVER_PORT, running_dir: str = RUNNING_DIR) -> int:
+def start(port: int = AGENT_SERVER_PORT, running_dir: str = AGENT_RUNNING_DIR) -> int:
     """Listen on 127.0.0.1:PORT and serve in the background; print "started",
     or "running" when a server already listens there."""
     os.makedirs(running_dir, exist_ok=True)
@@ -234,4 +232,5 @@ def start(port: int = SERVER_PORT, running_dir: str = RUNNING_DIR) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(start(int(sys.argv[1]) if len(sys.argv) > 1 else SERVER_PORT, sys.argv[2] if len(sys.argv) > 2 else RUNNING_DIR))
+    raise SystemExit(start(int(sys.argv[1]) if len(sys.argv) > 1 else AGENT_SERVER_PORT,
+                           sys.argv[2] if len(sys.argv) > 2 else AGENT_RUNNING_DIR))

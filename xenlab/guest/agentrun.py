@@ -48,9 +48,10 @@ class Dom0Process:
     def wait(self, timeout: float) -> dict:
         try:
             rc = self.call.wait(timeout)
+        except deploy.AgentTimeout:
+            raise ChannelError(f"dom0 side did not finish within {timeout:.0f} s: {self.command}") from None
         except SSHError as e:
-            raise ChannelError(f"dom0 side did not finish within {timeout:.0f} s: {self.command}"
-                               if "did not finish" in str(e) else str(e)) from None
+            raise ChannelError(e.message, e.hint) from None
         finally:
             self.call.close()
         return deploy.agent_reply(self.call.stdout.decode(), self.call.stderr.decode(errors="replace"), rc, self.command, ChannelError)

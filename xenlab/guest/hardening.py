@@ -51,7 +51,7 @@ def run_io(guest: Guest, dev: str, wait: float = 20) -> dict:
     head, _, dmesg = out.partition("---\n")
     lines = [line for line in dmesg.splitlines()[before:] if line.strip()]
     return {
-        "finished": "wrc=" in head and "rrc=" in head, "write_ok": "wrc=0" in head, "read_ok": "rrc=0" in head,
+        "vdev": dev.removeprefix("/dev/"), "finished": "wrc=" in head and "rrc=" in head, "write_ok": "wrc=0" in head, "read_ok": "rrc=0" in head,
         "same": "SAME" in head, "out": head.strip(), "kernel_log": lines,
     }
 

@@ -32,6 +32,7 @@ FULL_SLICES = {
     # slice 1, with the trixie PVH verify
     "test_interrupts.py": 1,
     "test_snapshot.py": 1,
+    "test_module_reload.py": 1,
     # slice 2, with the QEMU 7.2 HVM verify
     "test_debug.py": 2,
     "test_boot_failure.py": 2,

@@ -20,7 +20,7 @@ pytestmark = pytest.mark.gate
 
 def test_blkback_refuses_a_hostile_frontend(lab):
     bystander_spec = GuestSpec(name="hf-bystander", disks=(DiskSpec(16),))
-    attacker_spec = GuestSpec(name="hf-attacker", root="python", memory=128, extra=NO_BLKFRONT)
+    attacker_spec = GuestSpec(name="hf-attacker", root="python", memory=128, no_stock=NO_BLKFRONT)
     with fresh_guest(lab, bystander_spec), Guests(lab) as guests:
         if any(g["name"] == "hf-attacker" for g in guests.list()):
             guests.destroy("hf-attacker")

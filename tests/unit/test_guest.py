@@ -126,11 +126,12 @@ def test_first_difference():
 
 
 def test_domu_init_rendering():
-    text = templates.render("domu-init.sh.j2", python=True, modules=["xen-blkfront", "xen-netfront"], **rootfs.init_facts())
-    assert "insmod /lib/modules/xen-blkfront.ko" in text and "PYTHONHOME=/usr" in text
+    text = templates.render("domu-init.sh.j2", python=True, modules=["xen_blkfront", "xen_netfront"], **rootfs.init_facts())
+    assert 'stock="xen_blkfront xen_netfront"' in text and f"load \"$mod\" {rootfs.STOCK_MODULE_DIR}/$mod.ko stock" in text
+    assert "xenlab.no_stock=*" in text and "PYTHONHOME=/usr" in text
     assert "XENLAB-GUEST-READY" in text and "stty -F /dev/hvc0 raw -echo" in text
     plain = templates.render("domu-init.sh.j2", python=False, modules=[], **rootfs.init_facts())
-    assert "insmod /lib/modules/xen-" not in plain and "PYTHONHOME" not in plain
+    assert 'stock=""' in plain and "PYTHONHOME" not in plain
     assert "/etc/xenlab/load" in plain  # the user's modules, whatever the root
     for script in (text, templates.render("domu-exec-agent.sh.j2", **rootfs.exec_facts())):
         subprocess.run(["sh", "-n"], input=script.encode(), check=True)

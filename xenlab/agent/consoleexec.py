@@ -14,8 +14,9 @@ import termios
 import time
 import tty
 
-from .domains import Refused, domid_of
-from .facts import EXEC_CHUNK_TAG, EXEC_END_TAG, EXEC_REPLY_TAG, EXEC_REQUEST_TAG, LOCK_DIR
+from .domains import Refused, console_text, domid_of
+from .facts import EXEC_CHUNK_TAG, EXEC_END_TAG, EXEC_FRAMED_INPUT, EXEC_REPLY_TAG, EXEC_REQUEST_TAG, LOCK_DIR
+from .facts import GUEST_READY_MARK as READY_MARK
 from .xs import XenStore
 
 # -- exec over the console ---------------------------------------------------
@@ -39,8 +40,12 @@ def exec_in(name: str, script: str, stdin: bytes, timeout: float, on_chunk=None)
             tty.setraw(fd)
             termios.tcflush(fd, termios.TCIFLUSH)
             req_id = secrets.token_hex(6)
-            stdin_field = base64.b64encode(stdin).decode() if stdin else "-"
+            encoded = base64.b64encode(stdin) if stdin else b""
+            framed = bool(encoded) and f"{READY_MARK} {name} {EXEC_FRAMED_INPUT}" in console_text(name)
+            stdin_field = "-" if not encoded else f"+{len(encoded)}" if framed else encoded.decode()
             frame = f"\n{EXEC_REQUEST_TAG} {req_id} {base64.b64encode(script.encode()).decode()} {stdin_field}\n".encode()
+            if framed:
+                frame += encoded + b"\n"  # the newline after the input: an empty line the agent skips
             _write_all(fd, frame, timeout)
             # A piece is whole once its line ends; the final reply (from older
             # agents with all the output in it) closes the request.

@@ -24,7 +24,7 @@ from . import facts
 from .cmdline import run_main
 from .consoleexec import exec_in, stream_frame
 from .domains import CONNECTED, Refused, console_tail, console_text, devices, domid_of, guest_dir, read_meta, xl
-from .errors import ADDRESS_TAKEN
+from .errors import ADDRESS_TAKEN, CRASHED_STARTING, AgentError
 from .facts import CONSOLE_LOG, CORES_DIR, GUESTS_DIR, LOCK_DIR, XEN_TRIPLE_FAULT, state_name
 from .facts import GUEST_PANIC_PATTERNS as CRASH_PATTERNS
 from .facts import GUEST_READY_MARK as READY_MARK
@@ -141,8 +141,12 @@ def _create(spec: dict) -> dict:
             timings["xl_create"] = round(xl_seconds, 2)
             timings["total"] = round(time.monotonic() - started, 2)
             return {**meta, "timings": timings, "devices": devices(store, domid)}
-    except BaseException:
-        # Nothing half-made stays: the domain, its backends, its files, its address.
+    except BaseException as e:
+        # A guest that panicked while starting leaves its core, as one that
+        # crashes later does; then nothing half-made stays: the domain, its
+        # backends, its files, its address.
+        if isinstance(e, Refused) and e.code == CRASHED_STARTING and domid is not None:
+            e.detail["core"] = _core_of_panicked(name, domid)
         _remove(name, domid if domid is not None else domid_of(name), 30)
         raise
 
@@ -160,14 +164,17 @@ def xen_said_why(domid: int) -> str:
 
 
 def _wait_up(store: XenStore, name: str, domid: int, spec: dict, t0: float) -> dict:
-    """Until every vbd/vif is Connected on both sides and the guest printed
-    its readiness line; a panic or a vanished domain fails at once."""
+    """Until every vbd/vif is Connected on both sides (of a kind whose stock
+    frontend is kept off: its backend in InitWait) and the guest printed its
+    readiness line; a panic or a vanished domain fails at once."""
     want = len(spec["disks"]) + (1 if spec["net"] else 0)
+    unattended = {facts.STOCK_FRONTEND_KINDS.get(m) for m in spec.get("no_stock", ())}
     deadline = t0 + spec["timeout"]
     connected_at = ready_at = None
     while time.monotonic() < deadline:
         devs = devices(store, domid)
         if connected_at is None and len(devs) == want and all(
+            d["backend_state"] == str(facts.INITWAIT) if d["kind"] in unattended else
             d["frontend_state"] == CONNECTED and d["backend_state"] == CONNECTED for d in devs
         ):
             connected_at = time.monotonic()
@@ -179,7 +186,10 @@ def _wait_up(store: XenStore, name: str, domid: int, spec: dict, t0: float) -> d
         crash = next((m.group(0) for p in CRASH_PATTERNS if (m := p.search(text))), None)
         if crash or store.try_read(f"/local/domain/{domid}/name") is None:
             why = f"crashed: {crash}" if crash else "vanished" + xen_said_why(domid)
-            raise Refused(f"guest {name!r} {why} while starting\n--- console ---\n{console_tail(name)}")
+            # The kernel's own panic (not the init's mark for a module that did not load): keep its core.
+            panicked = crash is not None and CRASH_PATTERNS[0].search(text) is not None
+            raise Refused(f"guest {name!r} {why} while starting\n--- console ---\n{console_tail(name)}",
+                          code=CRASHED_STARTING if panicked else "")
         time.sleep(0.02)
     states = ", ".join(f"{d['kind']}/{d['devid']} front {state_name(d['frontend_state'])} back {state_name(d['backend_state'])}" for d in devices(store, domid))
     raise Refused(
@@ -232,6 +242,22 @@ def destroy(name: str, timeout: float) -> dict:
         os.unlink(record)
     return {"name": name, "domid": domid, "seconds": round(time.monotonic() - t0, 2), "leftovers": left,
             **({"core": core} if core else {}), **({"core_taken_before": True} if before else {})}
+
+
+def _core_of_panicked(name: str, domid: int, settle: float = 10.0) -> dict | None:
+    """The core of a guest whose console showed a panic, once Xen has it
+    crashed (the kernel prints the panic before it tells Xen); None when none
+    could be taken (the error says so)."""
+    deadline = time.monotonic() + settle
+    while not _crashed(domid) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    try:
+        taken = dump_core(name)
+    except (AgentError, OSError, subprocess.SubprocessError):
+        return None
+    if taken.get("crashed"):
+        os.unlink(taken["core"] + ".json")  # its record goes with the domain; the host fetches the core now
+    return taken
 
 
 def _crashed(domid: int) -> bool:

@@ -16,6 +16,7 @@ ERROR_EXIT = 3
 # Codes for the refusals the host acts on (not only shows): it matches these,
 # never the message's words.
 ADDRESS_TAKEN = "address-taken"
+CRASHED_STARTING = "crashed-starting"  # detail["core"]: the core taken before the domain went (None: none could be)
 
 
 class AgentError(Exception):

@@ -51,6 +51,10 @@ CONSOLE_LOG = "/var/log/xen/console/guest-{name}.log"
 NETWORK = {"nic": "eth0", "dom0_ip": "10.0.2.15", "gateway": "10.0.2.2", "bridge": "xenbr0", "bridge_ip": "10.99.0.1"}
 BRIDGE = NETWORK["bridge"]
 DOM0_BRIDGE_IP = NETWORK["bridge_ip"]
+# The device kind each stock frontend module drives: with the module kept
+# off (--no-stock), a guest's devices of that kind wait in InitWait for a
+# frontend of the user's, and `guest create` does not wait for them.
+STOCK_FRONTEND_KINDS = {"xen_blkfront": "vbd", "xen_netfront": "vif"}
 GUEST_SUBNET = DOM0_BRIDGE_IP.rsplit(".", 1)[0]  # guests get GUEST_SUBNET.10 and up
 
 # XenBus states (xen/include/public/io/xenbus.h).
@@ -74,6 +78,10 @@ def state_name(state: int | str | None) -> str:
 EXEC_REQUEST_TAG, EXEC_REPLY_TAG, EXEC_END_TAG = "XLX1", "XLR1", "XLE1"
 EXEC_CHUNK_TAG = "XLO1"  # a piece of a running command's output
 EXEC_CHUNK_BYTES = 12288  # at most, per piece (one pipe read in the guest)
+# A guest whose ready line ends with this takes a request's input after the
+# line, "+LEN" in its place (LEN bytes of base64), read in blocks: busybox's
+# `read` takes a line one byte (one syscall, a Xen round trip) at a time.
+EXEC_FRAMED_INPUT = "exec=2"
 
 # Lines on a guest's console: its init says it is ready, or that it panicked.
 GUEST_READY_MARK = "XENLAB-GUEST-READY"

@@ -2,7 +2,7 @@
 `python3 -m xenlab_agent.hostile run --devid N --attacks a,b,c`.
 
 It does the XenBus handshake of a vbd the guest's own blkfront does not
-drive (the guest boots with `initcall_blacklist=xlblk_init`), then sends
+drive (the guest is created with `--no-stock xen-blkfront`), then sends
 requests no honest blkfront sends and records what came back. ATTACKS lists
 each with what blkback must do; `valid-read` is the control, run first and
 last, showing the ring still serves honest requests after the refusals.

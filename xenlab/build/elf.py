@@ -91,14 +91,22 @@ def build_id(data: bytes, what: str = "the file") -> str | None:
     return next((n.desc.hex() for n in notes(data, what) if n.name == "GNU" and n.type == NT_GNU_BUILD_ID), None)
 
 
-def modinfo(data: bytes, what: str = "the module") -> dict[str, str]:
-    """A kernel module's .modinfo as {key: value} (vermagic, license, depends, ...)."""
+def modinfo_entries(data: bytes, what: str = "the module") -> list[tuple[str, str]]:
+    """A kernel module's .modinfo as (key, value) pairs, in order (a key such as alias repeats)."""
     info = sections(data, what).get(".modinfo")
     if info is None:
         raise ConfigError(f"{what} has no .modinfo section: not a Linux kernel module (.ko)")
-    out: dict[str, str] = {}
+    out = []
     for entry in info.split(b"\0"):
         key, sep, value = entry.decode(errors="replace").partition("=")
         if sep:
-            out.setdefault(key, value)
+            out.append((key, value))
+    return out
+
+
+def modinfo(data: bytes, what: str = "the module") -> dict[str, str]:
+    """A kernel module's .modinfo as {key: value} (vermagic, license, depends, ...; a repeated key's first value)."""
+    out: dict[str, str] = {}
+    for key, value in modinfo_entries(data, what):
+        out.setdefault(key, value)
     return out

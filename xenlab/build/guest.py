@@ -26,6 +26,6 @@ def build_all(cfg: LabConfig, steps: Steps, force: bool = False) -> dict:
     for root in ROOTS:
         for kern in KERNELS:
             with steps.step(f"guest root {root} for the {kern} kernel"):
-                path = rootfs.build(image, root, kern, cache_dir() / "guest")
+                path = rootfs.build(image, root, kern, cache_dir() / "guest", kernel.stock_modules(built))
             result["roots"][f"{root}/{kern}"] = {"path": str(path), "bytes": path.stat().st_size}
     return result

@@ -29,11 +29,16 @@ from xenlab.run import run
 BUILD_VERSION = "2"
 SOURCE_GLOB = "linux-source-*.tar.xz"
 SOURCE_DIR = Path("/usr/src")
-_OPTION_Y = re.compile(r"^(CONFIG_\w+)=y$", re.MULTILINE)
+_OPTION = re.compile(r"^(CONFIG_\w+)=([ym])$", re.MULTILINE)
 
 
 def fragment_path() -> Path:
     return GUEST_KERNEL_DIR / "minimal.config"
+
+
+def stock_modules_fragment_path() -> Path:
+    """The minimal kernel's layer on top of fragment_path(): its frontends as modules."""
+    return GUEST_KERNEL_DIR / "stock-modules.config"
 
 
 def _version_key(path: Path) -> tuple[int, ...]:
@@ -54,19 +59,21 @@ def source_tarball() -> Path:
 
 
 def missing_options(fragment_text: str, config_text: str) -> list[str]:
-    """Options the fragment sets =y that are not =y in the final .config."""
-    have = set(_OPTION_Y.findall(config_text))
-    return [opt for opt in _OPTION_Y.findall(fragment_text) if opt not in have]
+    """Options the fragment sets =y or =m (a later line wins) that the final
+    .config does not have set so."""
+    have = dict(_OPTION.findall(config_text))
+    return [opt for opt, value in dict(_OPTION.findall(fragment_text)).items() if have.get(opt) != value]
 
 
-def verify_config(fragment: Path, config: Path) -> None:
+def verify_config(fragments: Path | list[Path], config: Path) -> None:
     # olddefconfig silently drops options whose dependencies are unmet; a
     # kernel without e.g. XEN_PV would only fail much later, at domU boot.
-    missing = missing_options(fragment.read_text(), config.read_text())
+    layers = [fragments] if isinstance(fragments, Path) else fragments
+    missing = missing_options("\n".join(f.read_text() for f in layers), config.read_text())
     if missing:
         raise XenlabError(
             f"kernel options did not survive olddefconfig: {', '.join(missing)}",
-            f"add their dependencies to {fragment} (see `make menuconfig` help)",
+            f"add their dependencies to {' or '.join(str(f) for f in layers)} (see `make menuconfig` help)",
         )
 
 
@@ -123,8 +130,7 @@ def _configure(tree: Path, out: Path, fragments: list[Path], log_file: Path) -> 
     _make(tree, out, "tinyconfig", log_file=log_file)
     run([tree / "scripts/kconfig/merge_config.sh", "-m", "-O", out, out / ".config", *fragments], cwd=out, log_file=log_file)
     _make(tree, out, "olddefconfig", log_file=log_file)
-    for fragment in fragments:
-        verify_config(fragment, out / ".config")
+    verify_config(fragments, out / ".config")
 
 
 def _compile(tree: Path, out: Path, log_file: Path, steps) -> int:
@@ -148,16 +154,18 @@ def _compile(tree: Path, out: Path, log_file: Path, steps) -> int:
     return compiled.count
 
 
-def build_tree(tree: Path, cache: Path, config: Path | None = None, force: bool = False, trust_stamp: bool = False) -> KernelBuild:
+def build_tree(tree: Path, cache: Path, config: Path | None = None, force: bool = False, trust_stamp: bool = False,
+               layers: tuple[Path, ...] = ()) -> KernelBuild:
     """Build a Linux tree out of tree with xenlab's fragment (and `config`, a
     fragment of the user's) merged into tinyconfig. One build directory per
     (tree, fragments), kept: an unchanged tree is not rebuilt at all, a
     changed one is rebuilt incrementally by make. A build that fails leaves
     no entry that could be used (its stamp is written only at the end).
     trust_stamp: a finished build is taken without reading the tree again
-    (xenlab's own source tree, which nothing but xenlab writes)."""
+    (xenlab's own source tree, which nothing but xenlab writes). layers:
+    xenlab's fragments merged between its own and the user's."""
     tree = check_tree(Path(tree))
-    fragments = [fragment_path()] + ([Path(config).expanduser().resolve()] if config else [])
+    fragments = [fragment_path(), *layers] + ([Path(config).expanduser().resolve()] if config else [])
     for fragment in fragments:
         if not fragment.is_file():
             raise ConfigError(f"--config {fragment}: no such file", "give a Kconfig fragment: lines like CONFIG_FOO=y")
@@ -188,6 +196,7 @@ def build_tree(tree: Path, cache: Path, config: Path | None = None, force: bool 
         shutil.copy2(out / "arch/x86/boot/bzImage", part)
         part.replace(bzimage)
         stamp.write_text(json.dumps({"digest": digest, "release": release, "tree": str(tree), "fragments": [str(f) for f in fragments],
+                                     "user_config": str(fragments[-1]) if config else None,
                                      "build_seconds": round(time.monotonic() - started, 1), "compiled": count}, indent=2) + "\n")
         return KernelBuild(tree, out, bzimage, release, count)
 
@@ -237,17 +246,34 @@ def minimal_source(cache: Path) -> Path:
 
 def build_minimal(cache: Path, force: bool = False, trust_stamp: bool = False) -> KernelBuild:
     """xenlab's own guest kernel: Debian's linux-source with the fragment alone."""
-    built = build_tree(minimal_source(cache), cache, force=force, trust_stamp=trust_stamp)
+    built = build_tree(minimal_source(cache), cache, force=force, trust_stamp=trust_stamp, layers=(stock_modules_fragment_path(),))
     if built.compiled:
         _prune_minimal(cache, built)
     return built
+
+
+def stock_modules(built: KernelBuild) -> dict[str, Path]:
+    """{module name: .ko} a build made (modules.order: the minimal kernel's
+    frontends), in load order; names with underscores, as the kernel has them."""
+    order = built.build_dir / "modules.order"
+    names = order.read_text().split() if order.is_file() else []
+    found = {}
+    for rel in names:
+        ko = built.build_dir / (rel[:-2] + ".ko" if rel.endswith(".o") else rel)
+        if not ko.is_file():
+            raise HostError(f"the kernel build in {built.build_dir} lists {rel} but has no {ko.name}", "rebuild it: `xenlab guest build --force`")
+        found[ko.name.removesuffix(".ko").replace("-", "_")] = ko
+    return found
 
 
 def _prune_minimal(cache: Path, current: KernelBuild) -> None:
     """Earlier minimal kernels (another fragment, another builder) are dead weight: ~150 MB each."""
     for stamp in cache.glob("kernels/*/stamp.json"):
         done = _read_stamp(stamp)
-        if stamp.parent != current.bzimage.parent and done.get("tree") == str(current.tree) and len(done.get("fragments", [])) == 1:
+        # A build with a fragment of the user's is theirs (stamps before
+        # "user_config" had one fragment of xenlab's and nothing else).
+        xenlabs = not done.get("user_config") if "user_config" in done else len(done.get("fragments", [])) == 1
+        if stamp.parent != current.bzimage.parent and done.get("tree") == str(current.tree) and xenlabs:
             shutil.rmtree(stamp.parent, ignore_errors=True)
     for old in cache.glob("guest-kernel-*"):  # the layout before out-of-tree builds
         shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink(missing_ok=True)

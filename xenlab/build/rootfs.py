@@ -3,8 +3,11 @@
 Two roots: `busybox` (busybox-static, the init and the console exec agent:
 about 1 MB) and `python` (busybox plus python3.11 with a compiled standard
 library zip from the dom0 image's kit and the xenlab agent package, for the
-agents that run inside guests). A `--kernel debian` guest also gets the
-Debian frontend modules, loaded by the init."""
+agents that run inside guests). Each root is built for a kernel: the
+minimal kernel's gets that kernel's stock frontend modules, the Debian
+kernel's the Debian ones, both loaded by the init (a module of the user's
+by the same name replaces one); the root for a kernel of the user's has
+none."""
 
 from __future__ import annotations
 
@@ -16,7 +19,17 @@ import tempfile
 from pathlib import Path
 
 from xenlab import deploy, templates
-from xenlab.agent.facts import DOMU_AGENT_ROOT, EXEC_CHUNK_BYTES, EXEC_CHUNK_TAG, EXEC_END_TAG, EXEC_REPLY_TAG, EXEC_REQUEST_TAG, GUEST_PANIC_MARK, GUEST_READY_MARK
+from xenlab.agent.facts import (
+    DOMU_AGENT_ROOT,
+    EXEC_CHUNK_BYTES,
+    EXEC_CHUNK_TAG,
+    EXEC_END_TAG,
+    EXEC_FRAMED_INPUT,
+    EXEC_REPLY_TAG,
+    EXEC_REQUEST_TAG,
+    GUEST_PANIC_MARK,
+    GUEST_READY_MARK,
+)
 from xenlab.build import extras
 from xenlab.build.dom0 import Dom0Image
 from xenlab.build.initramfs import cpio_archive
@@ -24,7 +37,9 @@ from xenlab.errors import HostError
 from xenlab.run import run
 
 BUSYBOX = Path("/bin/busybox")
-BUILD_VERSION = "1"
+BUILD_VERSION = "2"
+STOCK_MODULE_DIR = "/lib/modules/stock"  # in the guest: the kernel's own modules, loaded at boot
+MODULES_IN_USE = "/run/xenlab/modules"  # in the guest: one "name file origin" a line, what is loaded
 TEMPLATES = ("domu-init.sh.j2", "domu-exec-agent.sh.j2")
 
 
@@ -37,12 +52,27 @@ def exec_facts() -> dict:
 def init_facts() -> dict:
     """What the guest's init must agree on with the agent in dom0."""
     return {"agent_root": DOMU_AGENT_ROOT, "ready_mark": GUEST_READY_MARK, "panic_mark": GUEST_PANIC_MARK,
-            "module_dir": extras.MODULE_DIR, "load_list": extras.LOAD_LIST}
+            "module_dir": extras.MODULE_DIR, "load_list": extras.LOAD_LIST, "stock_dir": STOCK_MODULE_DIR, "framed_input": EXEC_FRAMED_INPUT,
+            "in_use": MODULES_IN_USE}
 
 
-def recipe_id(image: Dom0Image, root: str, kernel: str) -> str:
+def stock_of(image: Dom0Image, kernel: str, minimal: dict[str, Path] | None = None) -> dict[str, Path]:
+    """{module name: .ko} the root for `kernel` loads at boot, in order:
+    `minimal` (kernel.stock_modules of the minimal build) or Debian's."""
+    if kernel == "minimal":
+        if minimal is None:
+            raise HostError("the minimal kernel's root needs that kernel's modules")
+        return minimal
+    if kernel == "debian":
+        kit = image.domu_kit / "modules"
+        return {name.replace("-", "_"): kit / f"{name}.ko" for name in (kit / "modules.order").read_text().split()}
+    return {}
+
+
+def recipe_id(image: Dom0Image, root: str, kernel: str, stock: dict[str, Path] | None = None) -> str:
     digest = hashlib.sha256()
     parts = [BUILD_VERSION, root, kernel, image.id, _file_digest(BUSYBOX)]
+    parts += [f"{name}={_file_digest(ko)}" for name, ko in (stock or {}).items()]
     parts += [templates.source(t) for t in TEMPLATES]
     if root == "python":
         parts.append(deploy.agent_version())
@@ -59,15 +89,18 @@ def _file_digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def build(image: Dom0Image, root: str, kernel: str, cache: Path) -> Path:
-    """The cached initramfs (cpio.gz) for this root and kernel; built if missing."""
-    target = cache / f"{recipe_id(image, root, kernel)}.cpio.gz"
+def build(image: Dom0Image, root: str, kernel: str, cache: Path, minimal: dict[str, Path] | None = None) -> Path:
+    """The cached initramfs (cpio.gz) for this root and kernel ("minimal",
+    "debian", or "user": a kernel of the user's); built if missing. minimal:
+    the minimal kernel's stock modules (kernel.stock_modules)."""
+    stock = stock_of(image, kernel, minimal)
+    target = cache / f"{recipe_id(image, root, kernel, stock)}.cpio.gz"
     if target.exists():
         return target
     cache.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".domu-root-", dir=cache) as work:
         tree = Path(work) / "root"
-        modules = _populate(tree, image, root, kernel)
+        modules = _populate(tree, image, root, stock)
         init = tree / "init"
         init.write_text(templates.render("domu-init.sh.j2", python=root == "python", modules=modules, **init_facts()))
         agent = tree / "bin/xenlab-exec-agent"
@@ -91,8 +124,8 @@ def _prune(cache: Path, image: Dom0Image, current: Path, prefix: str) -> None:
             old.unlink(missing_ok=True)
 
 
-def _populate(tree: Path, image: Dom0Image, root: str, kernel: str) -> list[str]:
-    for sub in ("bin", "sbin", "usr/bin", "usr/sbin", "dev", "proc", "sys", "tmp", "run", "root", "etc", "lib/modules"):
+def _populate(tree: Path, image: Dom0Image, root: str, stock: dict[str, Path]) -> list[str]:
+    for sub in ("bin", "sbin", "usr/bin", "usr/sbin", "dev", "proc", "sys", "tmp", "run", "root", "etc", STOCK_MODULE_DIR.lstrip("/")):
         (tree / sub).mkdir(parents=True, exist_ok=True)
     shutil.copy2(BUSYBOX, tree / "bin/busybox")
     # Applet links made here, not by `busybox --install` at every boot.
@@ -115,9 +148,6 @@ def _populate(tree: Path, image: Dom0Image, root: str, kernel: str) -> list[str]
             tar.write(deploy.agent_tarball())
             tar.flush()
             run(["tar", "-x", "-f", tar.name, "-C", agent_dir])
-    if kernel == "debian":
-        names = (kit / "modules/modules.order").read_text().split()
-        for name in names:
-            shutil.copy2(kit / "modules" / f"{name}.ko", tree / "lib/modules" / f"{name}.ko")
-        return names
-    return []
+    for name, ko in stock.items():
+        shutil.copy2(ko, tree / STOCK_MODULE_DIR.lstrip("/") / f"{name}.ko")
+    return list(stock)

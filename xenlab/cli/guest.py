@@ -100,6 +100,9 @@ def kernel_dir_cmd(tree, fragment):
 @click.option("--modules", default="", metavar="DIR", help="your kernel modules (.ko files or a modules_install tree), put into the guest")
 @click.option("--load", multiple=True, metavar="'MODULE [PARAMS]'", help="load this module of --modules at boot, before the guest is ready (repeatable, in order)")
 @click.option("--add", multiple=True, metavar="SRC:DEST", help="put a host file (or directory) into the guest at DEST (repeatable)")
+@click.option("--no-stock", "no_stock", multiple=True, metavar="MODULE",
+              help="keep this stock module of the kernel off at boot, e.g. xen-blkfront for a frontend of your own (repeatable); "
+                   "a module of --modules by a stock name replaces it without this")
 @click.option("--root", type=click.Choice(ROOTS), default="busybox", show_default=True, help="python adds python3 and the xenlab agents")
 @click.option("--type", "guest_type", default="pv", show_default=True, help="pv; pvh or hvm need --kernel debian or your kernel and an SVM CPU model, "
               "and under TCG a 1-vCPU lab on Xen 4.20 (--suite trixie) or on QEMU 7.2 (--qemu stock)")
@@ -111,13 +114,13 @@ def kernel_dir_cmd(tree, fragment):
 @click.option("--trace", is_flag=True, help="trace the XenBus states of its devices coming up (as `xenlab trace`)")
 @json_option
 @click.pass_context
-def create(ctx, lab, name, memory, vcpus, disks, net, kernel, modules, load, add, root, guest_type, timeout, extra, hotplug, trace, as_json):
+def create(ctx, lab, name, memory, vcpus, disks, net, kernel, modules, load, add, no_stock, root, guest_type, timeout, extra, hotplug, trace, as_json):
     """Start a domU (PV unless --type); returns when it is up and every vbd/vif is Connected
     (and every --load module is loaded)."""
     spec = GuestSpec(
         name=name, memory=parse_mib(memory, "--memory"), vcpus=vcpus, disks=tuple(DiskSpec.parse(d) for d in disks),
         net=net, kernel=kernel, root=root, type=guest_type, timeout=timeout, extra=extra, hotplug=hotplug,
-        modules=modules, load=tuple(load), add=tuple(add),
+        modules=modules, load=tuple(load), add=tuple(add), no_stock=tuple(no_stock),
     ).validate()
     steps = Steps(quiet=as_json)
     with open_lab(ctx, lab).guests() as guests:
@@ -269,6 +272,54 @@ def attach(ctx, lab, name, size, backend, faults, readonly, vdev, own_frontend, 
         f"{r['vdev']} attached to {name}: {r['size_mib']} MiB{' read-only' if r['readonly'] else ''}, {r['backend']} backend"
         + (f" (pid {r['pid']} in dom0, faults: {r['faults'] or 'none'})" if r["backend"] == "python" else "")
         + (f", backend waiting in InitWait after {r['seconds']:.1f} s" if r.get("own_frontend") else f", connected in {r['seconds']:.1f} s")))
+
+
+@guest.command("module")
+@lab_option
+@click.argument("name")
+@click.argument("action", type=click.Choice(("ls", "load", "unload", "reload")))
+@click.argument("target", required=False, default="")
+@click.argument("params", nargs=-1)
+@click.option("--timeout", type=float, default=60, show_default=True, help="seconds each device gets to close down and to connect again")
+@json_option
+@click.pass_context
+def module_cmd(ctx, lab, name, action, target, params, timeout, as_json):
+    """A running guest's kernel modules: ls; load FILE.ko [PARAMS]; unload
+    NAME; reload FILE.ko [PARAMS]. The devices a frontend module drives are
+    taken away (a clean XenBus closedown) and given back to the new module
+    (a fresh bring-up), both traced; a module that does not load leaves the
+    old one in."""
+    from xenlab.drivers.guest import module_command
+
+    with open_lab(ctx, lab).guests() as guests:
+        result = module_command(guests, name, action, target, " ".join(params), echo=None if as_json else click.echo, timeout=timeout)
+    if action == "ls":
+        def table(r):
+            t = Table(title=f"modules of {name} (Linux {r['release']})")
+            for col in ("module", "origin", "size", "devices", "file"):
+                t.add_column(col)
+            for m in r["modules"]:
+                t.add_row(m["name"] + ("" if m["loaded"] else " (not loaded)"), m["origin"], str(m["size"] or ""),
+                          ", ".join(m["devices"]), escape(m["file"]))
+            console.print(t)
+            for key, what in (("unbound", "devices no driver drives"), ("unplugged", "devices waiting to be given back")):
+                if r[key]:
+                    console.print(f"{what}: {', '.join(r[key])}")
+        emit(result, as_json, table)
+        return
+
+    def text(r):
+        for line in r["kernel_log"]:
+            click.echo(f"  {line}")
+        for line in r["verdicts"]:
+            click.echo(line)
+        moved = ", ".join(f"{p['kind']}/{p['devid']}" for p in r.get("plugged", [])) or "no devices"
+        verb = {"load": "loaded", "unload": "unloaded", "reload": "reloaded"}[action]
+        console.print(f"[green]{r['module']} {verb} in {name}[/]" + ("" if action == "unload" else f"; {moved} connected to it"))
+
+    emit(result, as_json, text)
+    if result["violation"]:
+        raise XenlabError(f"the XenBus handshake broke the protocol: {result['violation']}", "the timeline above shows the offending transition")
 
 
 @guest.command()

@@ -91,14 +91,14 @@ def outcome(result: dict) -> str:
 
 
 # -- the mirror: a hostile frontend against dom0's kernel blkback ------------------------
-# Kernel command line that keeps the guest's own blkfront off its disks, so a
-# frontend of ours can drive them (a built-in driver's initcall, by name).
-NO_BLKFRONT = "initcall_blacklist=xlblk_init"
+# The stock module kept off at boot (GuestSpec.no_stock), so that a frontend
+# of ours drives the guest's disks instead of blkfront.
+NO_BLKFRONT = ("xen-blkfront",)
 
 
 def attack_blkback(guest: Guest, disk, attacks: str = "", timeout: float = 180) -> dict:
     """Run the hostile frontend (agent/hostile.py) in `guest` (a python-root
-    guest booted with NO_BLKFRONT) against `disk` (attached with
+    guest created with no_stock=NO_BLKFRONT) against `disk` (attached with
     own_frontend=True, kernel backend); per attack what blkback answered,
     and what dom0's kernel logged meanwhile."""
     from xenlab.guest.agentrun import guest_run

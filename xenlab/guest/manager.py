@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
 from xenlab import deploy, templates
-from xenlab.agent.errors import ADDRESS_TAKEN
+from xenlab.agent.errors import ADDRESS_TAKEN, CRASHED_STARTING
 from xenlab.agent.facts import BRIDGE, HOTPLUG_DIR
 from xenlab.agent.facts import GUEST_SUBNET as SUBNET
 from xenlab.agent.facts import GUESTS_DIR as REMOTE_GUESTS
@@ -74,7 +74,8 @@ def render_xl_config(spec: GuestSpec, kernel: str, ramdisk: str, ip: str, mac: s
     # HVM: the kernel's early PCI scans (the AGP aperture checks) are port I/O
     # that QEMU in dom0 answers one access at a time: ~30 s of a boot under TCG.
     early_pci = " pci=noearly" if spec.type == "hvm" else ""
-    cmdline = f"console=hvc0 {quiet}{early_pci} xenlab.name={spec.name} xenlab.ip={ip}/24 {spec.extra}".strip()
+    kept_off = f" xenlab.no_stock={','.join(spec.kept_off)}" if spec.kept_off else ""
+    cmdline = f"console=hvc0 {quiet}{early_pci} xenlab.name={spec.name} xenlab.ip={ip}/24{kept_off} {spec.extra}".strip()
     disks = [{"vdev": name, "readonly": d.readonly, "path": f"{gdir}/{name}.img"} for name, d in zip(spec.vdevs(), spec.disks, strict=True)]
     return templates.render(
         "xl-guest.cfg.j2", name=spec.name, type=spec.type, kernel=kernel, ramdisk=ramdisk, cmdline=cmdline,
@@ -173,7 +174,13 @@ class Guests:
         ship what is missing. Returns their dom0 paths and the used addresses."""
         image = self._image()
         local_kernel, kernel_name, release, local_map = self._kernel(spec, image)
-        ramdisk = rootfs.build(image, spec.root, spec.root_flavour, cache_dir() / "guest")
+        minimal = kernel_mod.stock_modules(kernel_mod.build_minimal(cache_dir() / "guest", trust_stamp=True)) if spec.kernel == "minimal" else None
+        stock = rootfs.stock_of(image, spec.root_flavour, minimal)
+        unknown = [name for name in spec.kept_off if name not in stock]
+        if unknown:
+            raise ConfigError(f"--no-stock {', '.join(unknown)}: the {spec.kernel} kernel has no such stock module",
+                              f"its stock modules: {', '.join(stock) or 'none'}")
+        ramdisk = rootfs.build(image, spec.root, spec.root_flavour, cache_dir() / "guest", minimal)
         if spec.modules or spec.add:
             ramdisk = self._with_extras(spec, ramdisk, release)
         files = {f"{REMOTE_IMAGES}/{kernel_name}": local_kernel, f"{REMOTE_IMAGES}/{ramdisk.name}": ramdisk}
@@ -263,7 +270,7 @@ class Guests:
         request = {
             "name": spec.name, "memory": spec.memory, "vcpus": spec.vcpus, "root": spec.root, "kernel": spec.kernel,
             "kernel_file": prepared.kernel, "symbol_map": prepared.symbol_map,
-            "ip": ip, "mac": mac, "net": spec.net, "timeout": spec.timeout, "hotplug": spec.hotplug,
+            "ip": ip, "mac": mac, "net": spec.net, "timeout": spec.timeout, "hotplug": spec.hotplug, "no_stock": list(spec.kept_off),
             "disks": [
                 {"path": f"{REMOTE_GUESTS}/{spec.name}/{name}.img", "vdev": name, "size_mib": d.size_mib, "readonly": d.readonly}
                 for name, d in zip(spec.vdevs(), spec.disks, strict=True)
@@ -273,11 +280,24 @@ class Guests:
         assert spec.timeout is not None  # GuestSpec.__post_init__ put in the type's default
         try:
             return self.domctl("create", request=request, timeout=spec.timeout + 60)
+        except GuestError as e:
+            if e.code == CRASHED_STARTING:
+                raise self._with_core(e) from None
+            raise
         except KeyboardInterrupt:
             # Interrupted here (Ctrl-C, SIGTERM): the agent in dom0 goes on with
             # the create; take the guest down so nothing half-made stays.
             self._abandon(spec.name)
             raise
+
+    def _with_core(self, error: GuestError) -> GuestError:
+        """A guest that panicked while starting: its core fetched as destroy
+        fetches a crashed guest's, and named in the error."""
+        taken = error.detail.get("core")
+        if not taken:
+            return GuestError(error.message, "no core could be taken of it (see dom0's `xl dmesg`)")
+        folder = self._fetch_core(taken, None)
+        return GuestError(error.message, f"its core is in {folder} (`xenlab debug core-log {folder} --panic`)")
 
     def _abandon(self, name: str) -> None:
         try:
@@ -366,7 +386,7 @@ class Guests:
         Returns when blkfront in the guest is Connected: {vdev, devid, backend, path, ...}.
         profile: run the Python backend under cProfile (its report at detach lists where the time went).
         own_frontend: the guest drives the disk with a frontend of its own (its
-        blkfront kept off, e.g. `initcall_blacklist=xlblk_init`): return once
+        blkfront kept off: GuestSpec.no_stock): return once
         the backend waits in InitWait."""
         validate_name(name, "guest name")
         if backend not in BACKENDS:

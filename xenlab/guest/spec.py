@@ -65,6 +65,7 @@ class GuestSpec:
     modules: str = ""  # a directory of .ko files (or a modules_install tree) put into the guest
     load: tuple[str, ...] = ()  # "module [params]", loaded in order at boot, before the ready line
     add: tuple[str, ...] = ()  # "SRC:DEST": host files put into the guest root
+    no_stock: tuple[str, ...] = ()  # stock modules of the kernel kept off at boot (xen_blkfront, ...)
 
     def __post_init__(self):
         if self.timeout is None:
@@ -83,8 +84,14 @@ class GuestSpec:
 
     @property
     def root_flavour(self) -> str:
-        """Which built root the guest boots: the Debian kernel's carries its frontend modules."""
-        return "debian" if self.kernel == "debian" else "minimal"
+        """Which built root the guest boots: the minimal and the Debian kernel's
+        carry their stock frontend modules; the one for a kernel of the user's none."""
+        return "user" if self.user_kernel else self.kernel
+
+    @property
+    def kept_off(self) -> tuple[str, ...]:
+        """--no-stock names as the kernel has them (xen-blkfront -> xen_blkfront)."""
+        return tuple(name.removesuffix(".ko").replace("-", "_") for name in self.no_stock)
 
     def validate(self) -> GuestSpec:
         validate_name(self.name, "guest name")
@@ -96,6 +103,12 @@ class GuestSpec:
                 raise ConfigError(f"--load {entry!r}: write a module name and optional parameters", "e.g. --load xlecho or --load 'xlecho count=500'")
         if self.load and not self.modules:
             raise ConfigError("--load needs --modules DIR: the directory holding the modules to load")
+        for name in self.no_stock:
+            if not MODULE_NAME.match(name.removesuffix(".ko")):
+                raise ConfigError(f"--no-stock {name!r} is not a module name", "e.g. --no-stock xen-blkfront")
+        if self.no_stock and self.user_kernel:
+            raise ConfigError("--no-stock: a guest of your own kernel loads no stock modules",
+                              "leave the driver out of your kernel's config, or boot --kernel minimal")
         for entry in self.add:
             src, sep, dest = entry.rpartition(":")
             if not sep or not src or not dest.startswith("/") or ".." in dest.split("/"):

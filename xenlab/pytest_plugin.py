@@ -9,6 +9,10 @@ Fixtures:
                           files in and out, and a XenStore client (`.xs`)
     xenlab_guest_factory  (function) make(...) -> a fresh xenlab.Guest for
                           this test, destroyed when the test ends
+    xenlab_attach         (function) attach(guest, size, ...) -> a disk on the
+                          Python block backend (or kernel blkback), detached at the end
+    xenlab_reload         (function) reload(guest, ko, params) -> the module
+                          swapped in a running guest, traced; stock again at the end
 Marker: @pytest.mark.xenlab makes a test use the lab without naming a fixture.
 
 When a test that uses the lab fails, the serial log, `xl dmesg`, `xl list`,
@@ -303,6 +307,38 @@ def xenlab_attach():
         except XenlabError as e:
             if "no running guest" not in e.message and "has no attached disk" not in e.message:
                 raise
+
+
+@pytest.fixture
+def xenlab_reload(xenlab_lab: Lab):
+    """reload(guest, ko, params="") -> dict: swap a kernel module in a running
+    guest (`xenlab guest module GUEST reload`): the devices it drives close
+    down and come up again under the new module, traced (the result's
+    `devices`, `violation` and `kernel_log`). Each module a test swapped in
+    is swapped back to the guest's stock one when the test ends, so the next
+    test starts from stock."""
+    from xenlab.drivers.guest import change
+    from xenlab.errors import XenlabError
+
+    guests = xenlab_lab.guests()
+    swapped: list[tuple[str, str]] = []
+
+    def reload(guest, ko: str | Path, params: str = "") -> dict:
+        name = getattr(guest, "name", guest)
+        result = change(guests, name, "reload", path=str(ko), params=params)
+        swapped.append((name, result["module"]))
+        return result
+
+    yield reload
+    try:
+        for name, module in reversed(swapped):
+            try:
+                change(guests, name, "restore", module=module)
+            except XenlabError as e:
+                if "no running guest" not in e.message and "no stock module" not in e.message:
+                    raise
+    finally:
+        guests.close()
 
 
 # -- artifacts of failed tests ----------------------------------------------------------

@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 
@@ -170,3 +171,11 @@ def vcpu_affinities(lab) -> dict:
     with lab.ssh() as ssh:
         rows = [line.split() for line in ssh.check("xl vcpu-list").splitlines()[1:]]
     return {(r[-8], r[-7]): " ".join(r[-3:]) for r in rows}
+
+
+@pytest.fixture(scope="module")
+def kernel_dir(lab_info) -> Path:
+    """The minimal guest kernel's build directory, as `xenlab guest kernel-dir` prints it."""
+    path = Path(xenlab("guest", "kernel-dir").stdout.strip())
+    assert (path / "Module.symvers").exists() and (path / ".config").exists() and (path / "source").is_dir()
+    return path

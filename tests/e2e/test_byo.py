@@ -32,13 +32,6 @@ COUNT = 2000
 
 
 @pytest.fixture(scope="module")
-def kernel_dir(lab_info) -> Path:
-    path = Path(xenlab("guest", "kernel-dir").stdout.strip())
-    assert (path / "Module.symvers").exists() and (path / ".config").exists()
-    return path
-
-
-@pytest.fixture(scope="module")
 def xlecho(kernel_dir, tmp_path_factory) -> Path:
     """The example driver, built out of tree against the guest kernel as its README says."""
     src = tmp_path_factory.mktemp("xlecho")

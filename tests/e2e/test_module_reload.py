@@ -26,13 +26,6 @@ BLOCK = "reload-keeps-data\n" * 227  # 4086 bytes, one block once padded
 
 
 @pytest.fixture(scope="module")
-def kernel_dir(lab_info) -> Path:
-    path = Path(xenlab("guest", "kernel-dir").stdout.strip())
-    assert (path / "Module.symvers").exists() and (path / "source").is_dir()
-    return path
-
-
-@pytest.fixture(scope="module")
 def patched_blkfront(kernel_dir, tmp_path_factory) -> Path:
     """examples/patched-blkfront built as its Makefile says (`make`)."""
     src = tmp_path_factory.mktemp("patched-blkfront")
@@ -158,3 +151,16 @@ def test_a_guest_that_panics_while_starting_leaves_its_core(lab):
     log = xenlab("debug", "core-log", folder, "--panic").stdout
     assert "Kernel panic - not syncing: VFS: Unable to mount root fs" in log, log
     assert "mod-panic" not in xenlab("guest", "list", "--name", LAB).stdout
+
+
+@pytest.mark.full
+def test_the_plugins_reload_fixture_and_restore_to_stock(xenlab_guest_factory, xenlab_reload, patched_blkfront):
+    guest = xenlab_guest_factory(disks=["8M"])
+    swapped = xenlab_reload(guest, patched_blkfront)
+    assert swapped["violation"] is None and any("xen-blkfront (patched)" in line for line in swapped["kernel_log"])
+    assert modules_of(guest.name)["xen_blkfront"]["origin"] == "reloaded"
+    back = json.loads(module(guest.name, "restore", "xen-blkfront", "--json").stdout)
+    assert back["outcome"] == ["loaded"] and back["violation"] is None
+    now = modules_of(guest.name)["xen_blkfront"]
+    assert now["origin"] == "stock" and now["devices"] == ["vbd/51712"], now
+    assert guest.exec("dd if=/dev/xvda of=/dev/null bs=4096 count=1 iflag=direct").ok

@@ -61,6 +61,9 @@ vif-0 - -
 console-0 - -
 @@
 /dev/xvdb
+@@
+xen_blkfront.ko
+xen_netfront.ko
 """
 
 
@@ -76,7 +79,7 @@ def test_the_guests_report_is_parsed(monkeypatch):
     assert set(now.loaded) == {"xen_blkfront", "xlecho"} and now.loaded["xen_blkfront"]["size"] == 49152
     assert now.bound_to("xen_blkfront") == [{"kind": "vbd", "devid": 51728, "driver": "vbd", "module": "xen_blkfront"}]
     assert [d["kind"] for d in now.devices if not d["driver"]] == ["vif", "console"]
-    assert now.mounted == ["/dev/xvdb"]
+    assert now.mounted == ["/dev/xvdb"] and now.stock == ["xen_blkfront", "xen_netfront"]
     with pytest.raises(GuestError, match="has /dev/xvdb mounted"):
         modules._check_unmounted(now, now.bound_to("xen_blkfront"), "g1")
 
@@ -88,12 +91,14 @@ def test_devices_xenlab_cannot_give_back_are_refused():
 
 
 def test_the_swap_script_puts_the_old_module_back_when_the_new_one_fails():
-    script = modules._swap_script("xen_blkfront", "/run/xenlab/modules.d/xen_blkfront-ab.ko", "feature_persistent=0", False)
+    script = modules._swap_script("xen_blkfront", "/run/xenlab/modules.d/xen_blkfront-ab.ko", "feature_persistent=0", "ship")
     assert "rmmod xen_blkfront" in script and "insmod /run/xenlab/modules.d/xen_blkfront-ab.ko feature_persistent=0" in script
     assert 'insmod "$old"' in script and "result=old-back" in script
     assert "cat > /run/xenlab/modules.d/xen_blkfront-ab.ko" in script
-    unload = modules._swap_script("xen_blkfront", "", "", True)
+    unload = modules._swap_script("xen_blkfront", "", "", "unload")
     assert "insmod" not in unload and "result=unloaded" in unload
+    stock = modules._swap_script("xen_blkfront", "/lib/modules/stock/xen_blkfront.ko", "", "stock")
+    assert "cat >" not in stock and "rm -f /lib/modules/stock" not in stock and "xen_blkfront.ko stock" in stock
 
 
 def test_bad_parameters_and_actions_are_refused_before_the_guest_is_touched():

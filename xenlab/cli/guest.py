@@ -277,7 +277,7 @@ def attach(ctx, lab, name, size, backend, faults, readonly, vdev, own_frontend, 
 @guest.command("module")
 @lab_option
 @click.argument("name")
-@click.argument("action", type=click.Choice(("ls", "load", "unload", "reload")))
+@click.argument("action", type=click.Choice(("ls", "load", "unload", "reload", "restore")))
 @click.argument("target", required=False, default="")
 @click.argument("params", nargs=-1)
 @click.option("--timeout", type=float, default=60, show_default=True, help="seconds each device gets to close down and to connect again")
@@ -285,7 +285,7 @@ def attach(ctx, lab, name, size, backend, faults, readonly, vdev, own_frontend, 
 @click.pass_context
 def module_cmd(ctx, lab, name, action, target, params, timeout, as_json):
     """A running guest's kernel modules: ls; load FILE.ko [PARAMS]; unload
-    NAME; reload FILE.ko [PARAMS]. The devices a frontend module drives are
+    NAME; reload FILE.ko [PARAMS]; restore NAME (its stock module back). The devices a frontend module drives are
     taken away (a clean XenBus closedown) and given back to the new module
     (a fresh bring-up), both traced; a module that does not load leaves the
     old one in."""
@@ -314,7 +314,7 @@ def module_cmd(ctx, lab, name, action, target, params, timeout, as_json):
         for line in r["verdicts"]:
             click.echo(line)
         moved = ", ".join(f"{p['kind']}/{p['devid']}" for p in r.get("plugged", [])) or "no devices"
-        verb = {"load": "loaded", "unload": "unloaded", "reload": "reloaded"}[action]
+        verb = {"load": "loaded", "unload": "unloaded", "reload": "reloaded", "restore": "back to stock"}[action]
         console.print(f"[green]{r['module']} {verb} in {name}[/]" + ("" if action == "unload" else f"; {moved} connected to it"))
 
     emit(result, as_json, text)

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from xenlab.build.elf import modinfo_entries
-from xenlab.build.rootfs import MODULES_IN_USE
+from xenlab.build.rootfs import MODULES_IN_USE, STOCK_MODULE_DIR
 from xenlab.errors import ConfigError, GuestError
 from xenlab.guest.manager import Guests
 from xenlab.xenstore.client import XenStore
@@ -68,6 +68,7 @@ class GuestModules:
     loaded: dict[str, dict]  # /proc/modules: name -> {size, used_by}
     devices: list[dict] = field(default_factory=list)  # {kind, devid, module (or ""), driver}
     mounted: list[str] = field(default_factory=list)  # /dev/xvd* in use (mounts, swaps)
+    stock: list[str] = field(default_factory=list)  # the stock modules its root carries
 
     def bound_to(self, module: str) -> list[dict]:
         return [d for d in self.devices if d["module"] == module]
@@ -78,7 +79,8 @@ _STATE_SCRIPT = (
     "for dev in /sys/bus/xen/devices/*; do [ -e \"$dev\" ] || continue; d=${dev##*/}; "
     "m=''; drv=''; if [ -e \"$dev/driver\" ]; then drv=$(readlink \"$dev/driver\"); drv=${drv##*/}; "
     "m=$(readlink \"$dev/driver/module\" 2>/dev/null); m=${m##*/}; fi; echo \"$d ${drv:--} ${m:--}\"; done; echo @@; "
-    "grep -o '^/dev/xvd[a-z]*' /proc/mounts /proc/swaps 2>/dev/null | sed 's/.*://'"
+    "grep -o '^/dev/xvd[a-z]*' /proc/mounts /proc/swaps 2>/dev/null | sed 's/.*://'; echo @@; "
+    f"ls {STOCK_MODULE_DIR} 2>/dev/null"
 )
 
 
@@ -101,7 +103,7 @@ def state(guests: Guests, name: str, lock: bool = False) -> GuestModules:
                          f"wait for it to finish; a lock left by a command that died expires after {STALE_LOCK_S} s")
     if result.exit_status != 0 and "@@" not in result.stdout:
         raise GuestError(f"could not read guest {name!r}'s modules: {result.stderr.strip()[-300:]}")
-    release, in_use, proc, devices, mounted = (part.strip() for part in (result.stdout.split("@@") + [""] * 5)[:5])
+    release, in_use, proc, devices, mounted, stock = (part.strip() for part in (result.stdout.split("@@") + [""] * 6)[:6])
     found = GuestModules(release.splitlines()[-1] if release else "", {}, {})
     for line in in_use.splitlines():
         mod, file, origin = (line.split() + ["", ""])[:3]
@@ -117,6 +119,7 @@ def state(guests: Guests, name: str, lock: bool = False) -> GuestModules:
             found.devices.append({"kind": kind, "devid": int(devid), "driver": "" if driver == "-" else driver,
                                   "module": "" if module == "-" else module})
     found.mounted = sorted(set(mounted.split()))
+    found.stock = [f.removesuffix(".ko") for f in stock.split() if f.endswith(".ko")]
     return found
 
 
@@ -159,8 +162,10 @@ def _check_unmounted(now: GuestModules, devices: list[dict], name: str) -> None:
                      f"unmount them first (`xenlab guest exec {name} -- umount /dev/xvdX`)")
 
 
-def _swap_script(module: str, new: str, params: str, unload_only: bool) -> str:
-    """rmmod the loaded module, insmod `new` (stdin), the old file back if it does not load."""
+def _swap_script(module: str, new: str, params: str, mode: str) -> str:
+    """rmmod the loaded module, insmod `new` (mode "ship": written from stdin
+    first; "stock": the root's own file), the old file back if it does not
+    load; mode "unload": rmmod only."""
     q = shlex.quote
     record = (f"grep -v '^{module} ' {MODULES_IN_USE} > {MODULES_IN_USE}.new 2>/dev/null; "
               f"echo \"{module} $1 $2\" >> {MODULES_IN_USE}.new; mv {MODULES_IN_USE}.new {MODULES_IN_USE}")
@@ -172,25 +177,29 @@ def _swap_script(module: str, new: str, params: str, unload_only: bool) -> str:
         f"  if ! rmmod {module} 2>/tmp/rmmod.err; then echo result=rmmod-failed; cat /tmp/rmmod.err; exit 0; fi",
         "fi",
     ]
-    if unload_only:
+    if mode == "unload":
         lines += ["note - unloaded", "echo result=unloaded"]
     else:
+        origin, drop_new = ("reloaded", f"rm -f {q(new)}") if mode == "ship" else ("stock", ":")
         lines += [
-            f"mkdir -p {LOADED_DIR}; cat > {q(new)}",
-            f"if insmod {q(new)} {params} 2>/tmp/insmod.err; then note {q(new)} reloaded; echo result=loaded",
+            f"mkdir -p {LOADED_DIR}; cat > {q(new)}" if mode == "ship" else ":",
+            f"if insmod {q(new)} {params} 2>/tmp/insmod.err; then note {q(new)} {origin}; echo result=loaded",
             f"  case \"$old\" in {LOADED_DIR}/*) rm -f \"$old\" ;; esac  # an earlier reload's file",
             "else echo result=insmod-failed; cat /tmp/insmod.err",
             "  if [ -n \"$old\" ] && insmod \"$old\" 2>/tmp/insmod-old.err; then echo result=old-back",
-            f"  else note - none; rm -f {q(new)}; fi",
+            f"  else note - none; {drop_new}; fi",
             "fi",
         ]
     lines += ["echo @@", "dmesg | tail -n +$((before + 1))"]
     return "\n".join(lines)
 
 
-def _run_swap(guests: Guests, name: str, mod: ModuleFile | None, module: str, params: str) -> dict:
-    new = f"{LOADED_DIR}/{module}-{secrets.token_hex(3)}.ko"
-    script = _swap_script(module, new, params, mod is None)
+def _run_swap(guests: Guests, name: str, mod: ModuleFile | None, module: str, params: str, action: str) -> dict:
+    if action == "restore":
+        new, mode = f"{STOCK_MODULE_DIR}/{module}.ko", "stock"
+    else:
+        new, mode = f"{LOADED_DIR}/{module}-{secrets.token_hex(3)}.ko", "ship" if mod else "unload"
+    script = _swap_script(module, new, params, mode)
     result = guests.exec(name, script, input=mod.data if mod else b"", timeout=120)
     head, _, log = result.stdout.partition("@@")
     outcome = [line[7:] for line in head.splitlines() if line.startswith("result=")]
@@ -210,11 +219,11 @@ def change(guests: Guests, name: str, action: str, path: str = "", module: str =
     given back around it, traced. Returns the outcome, the module's kernel
     log lines, each device's handshake verdicts; raises GuestError when the
     new module did not load (saying which module the guest has now)."""
-    if action not in ("load", "unload", "reload"):
-        raise ConfigError(f"unknown module action {action!r}", "ls, load, unload or reload")
+    if action not in ("load", "unload", "reload", "restore"):
+        raise ConfigError(f"unknown module action {action!r}", "ls, load, unload, reload or restore")
     if params and any(c in params for c in "\"'\\\n;&|$`<>"):
         raise ConfigError(f"module parameters {params!r}: write them as name=value words", "e.g. 'feature_persistent=0'")
-    mod = read_module(path) if action != "unload" else None
+    mod = read_module(path) if action in ("load", "reload") else None
     module = mod.name if mod else module.removesuffix(".ko").replace("-", "_")
     now = state(guests, name, lock=True)
     result: dict = {}
@@ -233,6 +242,8 @@ def _change(guests: Guests, name: str, action: str, mod: ModuleFile | None, modu
         raise GuestError(f"guest {name!r} has {module} loaded already", f"replace it with `xenlab guest module {name} reload {path}`")
     if action == "unload" and module not in now.loaded:
         raise GuestError(f"guest {name!r} has no {module} loaded", f"loaded: {', '.join(sorted(now.loaded)) or 'none'}")
+    if action == "restore" and module not in now.stock:
+        raise GuestError(f"guest {name!r}'s kernel has no stock module {module}", f"its stock modules: {', '.join(now.stock) or 'none'}")
     devices = _devices_to_unplug(now, module, name) if module in now.loaded else []
     _check_unmounted(now, devices, name)
     kinds = sorted({d["kind"] for d in devices} | set(mod.kinds if mod else ()))
@@ -242,7 +253,7 @@ def _change(guests: Guests, name: str, action: str, mod: ModuleFile | None, modu
             result["unplugged"] = guests.agent("replug", "unplug", name, "--devices",
                                                ",".join(f"{d['kind']}/{d['devid']}" for d in devices), "--timeout", str(timeout),
                                                timeout=timeout + 60)["unplugged"]
-        swap = _run_swap(guests, name, mod, module, params)
+        swap = _run_swap(guests, name, mod, module, params, action)
         result.update(outcome=swap["outcome"], kernel_log=swap["kernel_log"])
         if action != "unload" and kinds:
             # Given back to whichever module is in now: the new one, or the old one put back.
@@ -280,12 +291,14 @@ def _raise_on_failure(result: dict, swap: dict, name: str, module: str, path: st
 
 def module_command(guests: Guests, name: str, action: str, target: str = "", params: str = "",
                    echo: Callable[[str], None] | None = None, timeout: float = 60) -> dict:
-    """`xenlab guest module GUEST ACTION [TARGET] [PARAMS]`: ls, load FILE, unload NAME, reload FILE."""
+    """`xenlab guest module GUEST ACTION [TARGET] [PARAMS]`: ls, load FILE, unload NAME, reload FILE,
+    restore NAME (the guest's own stock module put back)."""
     if action == "ls":
         return listing(guests, name)
-    if action in ("load", "reload", "unload") and not target:
-        raise ConfigError(f"`module {action}` needs " + ("the module's name" if action == "unload" else "the .ko file"),
-                          f"e.g. xenlab guest module {name} {action} " + ("xen-blkfront" if action == "unload" else "./xen-blkfront.ko"))
-    if action == "unload":
-        return change(guests, name, "unload", module=target, echo=echo, timeout=timeout)
+    by_name = action in ("unload", "restore")
+    if action in ("load", "reload", "unload", "restore") and not target:
+        raise ConfigError(f"`module {action}` needs " + ("the module's name" if by_name else "the .ko file"),
+                          f"e.g. xenlab guest module {name} {action} " + ("xen-blkfront" if by_name else "./xen-blkfront.ko"))
+    if action in ("unload", "restore"):
+        return change(guests, name, action, module=target, echo=echo, timeout=timeout)
     return change(guests, name, action, path=target, params=params, echo=echo, timeout=timeout)

@@ -94,7 +94,7 @@ def test_the_swap_script_puts_the_old_module_back_when_the_new_one_fails():
     script = modules._swap_script("xen_blkfront", "/run/xenlab/modules.d/xen_blkfront-ab.ko", "feature_persistent=0", "ship")
     assert "rmmod xen_blkfront" in script and "insmod /run/xenlab/modules.d/xen_blkfront-ab.ko feature_persistent=0" in script
     assert 'insmod "$old"' in script and "result=old-back" in script
-    assert "cat > /run/xenlab/modules.d/xen_blkfront-ab.ko" in script
+    assert "zcat > /run/xenlab/modules.d/xen_blkfront-ab.ko" in script
     unload = modules._swap_script("xen_blkfront", "", "", "unload")
     assert "insmod" not in unload and "result=unloaded" in unload
     stock = modules._swap_script("xen_blkfront", "/lib/modules/stock/xen_blkfront.ko", "", "stock")

@@ -155,13 +155,17 @@ def test_missing_options_ignores_prefix_matches():
 
 def test_earlier_minimal_kernels_are_pruned_not_other_trees(tmp_path, fake_make):
     tree, cache = fake_tree(tmp_path / "linux"), tmp_path / "cache"
-    old = kernel.build_tree(tree, cache)
+    stock = tmp_path / "stock.config"
+    stock.write_text("CONFIG_XEN_BLKDEV_FRONTEND=m\n")
+    old = kernel.build_tree(tree, cache, layers=(stock,), minimal=True)
     kernel.fragment_path().write_text("CONFIG_XEN=y\nCONFIG_MODULES=y\n")  # the fragment changed: a new kernel
     mine = tmp_path / "mine.config"
     mine.write_text("CONFIG_FOO=y\n")
     users = kernel.build_tree(tree, cache, config=mine)
+    plain = kernel.build_tree(tree, cache)  # `--kernel-tree` of the minimal kernel's own tree, no config: the user's too
     (cache / "guest-kernel-0123").mkdir()
-    new = kernel.build_tree(tree, cache)
+    new = kernel.build_tree(tree, cache, layers=(stock,), minimal=True)
     kernel._prune_minimal(cache, new)
     assert new.bzimage.exists() and users.bzimage.exists() and not old.bzimage.parent.exists()
+    assert plain.bzimage.exists()
     assert not (cache / "guest-kernel-0123").exists()

@@ -155,7 +155,7 @@ def _compile(tree: Path, out: Path, log_file: Path, steps) -> int:
 
 
 def build_tree(tree: Path, cache: Path, config: Path | None = None, force: bool = False, trust_stamp: bool = False,
-               layers: tuple[Path, ...] = ()) -> KernelBuild:
+               layers: tuple[Path, ...] = (), minimal: bool = False) -> KernelBuild:
     """Build a Linux tree out of tree with xenlab's fragment (and `config`, a
     fragment of the user's) merged into tinyconfig. One build directory per
     (tree, fragments), kept: an unchanged tree is not rebuilt at all, a
@@ -163,7 +163,8 @@ def build_tree(tree: Path, cache: Path, config: Path | None = None, force: bool 
     no entry that could be used (its stamp is written only at the end).
     trust_stamp: a finished build is taken without reading the tree again
     (xenlab's own source tree, which nothing but xenlab writes). layers:
-    xenlab's fragments merged between its own and the user's."""
+    xenlab's fragments merged between its own and the user's. minimal: this
+    is xenlab's own guest kernel (recorded, so only those are ever pruned)."""
     tree = check_tree(Path(tree))
     fragments = [fragment_path(), *layers] + ([Path(config).expanduser().resolve()] if config else [])
     for fragment in fragments:
@@ -196,7 +197,7 @@ def build_tree(tree: Path, cache: Path, config: Path | None = None, force: bool 
         shutil.copy2(out / "arch/x86/boot/bzImage", part)
         part.replace(bzimage)
         stamp.write_text(json.dumps({"digest": digest, "release": release, "tree": str(tree), "fragments": [str(f) for f in fragments],
-                                     "user_config": str(fragments[-1]) if config else None,
+                                     "user_config": str(fragments[-1]) if config else None, "minimal": minimal,
                                      "build_seconds": round(time.monotonic() - started, 1), "compiled": count}, indent=2) + "\n")
         return KernelBuild(tree, out, bzimage, release, count)
 
@@ -246,7 +247,8 @@ def minimal_source(cache: Path) -> Path:
 
 def build_minimal(cache: Path, force: bool = False, trust_stamp: bool = False) -> KernelBuild:
     """xenlab's own guest kernel: Debian's linux-source with the fragment alone."""
-    built = build_tree(minimal_source(cache), cache, force=force, trust_stamp=trust_stamp, layers=(stock_modules_fragment_path(),))
+    built = build_tree(minimal_source(cache), cache, force=force, trust_stamp=trust_stamp,
+                       layers=(stock_modules_fragment_path(),), minimal=True)
     if built.compiled:
         _prune_minimal(cache, built)
     return built
@@ -270,9 +272,13 @@ def _prune_minimal(cache: Path, current: KernelBuild) -> None:
     """Earlier minimal kernels (another fragment, another builder) are dead weight: ~150 MB each."""
     for stamp in cache.glob("kernels/*/stamp.json"):
         done = _read_stamp(stamp)
-        # A build with a fragment of the user's is theirs (stamps before
-        # "user_config" had one fragment of xenlab's and nothing else).
-        xenlabs = not done.get("user_config") if "user_config" in done else len(done.get("fragments", [])) == 1
+        # Builds of this tree by `--kernel-tree` are the user's. Stamps before
+        # "minimal" had no layers: a user's build had a "user_config" (and
+        # before that, a second fragment).
+        if "minimal" in done:
+            xenlabs = done["minimal"]
+        else:
+            xenlabs = not done.get("user_config") if "user_config" in done else len(done.get("fragments", [])) == 1
         if stamp.parent != current.bzimage.parent and done.get("tree") == str(current.tree) and xenlabs:
             shutil.rmtree(stamp.parent, ignore_errors=True)
     for old in cache.glob("guest-kernel-*"):  # the layout before out-of-tree builds

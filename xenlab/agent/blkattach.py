@@ -15,7 +15,7 @@ import time
 
 from . import facts, faultplan
 from .blkif import xvd_devid
-from .domains import domid_of, guest_dir, xl
+from .domains import domid_of, guest_dir, wait_nodes, xl
 from .errors import AgentError
 from .facts import CONNECTED, INITWAIT, PY_BLOCK_BACKEND
 from .sysutil import atomic_write, pid_alive
@@ -214,11 +214,7 @@ def detach(name: str, vdev: str, timeout: float) -> dict:
         else:
             proc = xl("block-detach", name, vdev, check=False, timeout=timeout + 30)
             report_ = {"ended": "detached" if proc.returncode == 0 else f"xl block-detach failed: {proc.stderr.strip()[-400:]}"}
-        deadline = time.monotonic() + timeout
-        left = [p for p in (record["frontend_path"], record["backend_path"]) if xs.try_read(p) is not None]
-        while left and time.monotonic() < deadline:
-            time.sleep(0.1)
-            left = [p for p in (record["frontend_path"], record["backend_path"]) if xs.try_read(p) is not None]
+        left = wait_nodes(xs, [record["frontend_path"], record["backend_path"]], True, timeout)
         try:
             os.unlink(record["path"])
         except OSError:

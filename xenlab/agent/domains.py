@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import time
 
 from . import facts
 from .errors import AgentError
@@ -74,3 +75,17 @@ def console_tail(name: str, lines: int = 25) -> str:
     text = [line for line in console_text(name).splitlines() if not line.startswith((EXEC_REPLY_TAG + " ", EXEC_CHUNK_TAG + " "))]
     return "\n".join(text[-lines:])
 
+
+
+def wait_nodes(xs: XenStore, paths: list[str], gone: bool, timeout: float) -> list[str]:
+    """Of `paths` (device directories), those not yet removed (gone) or not
+    yet Connected, after at most `timeout` s."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if gone:
+            left = [p for p in paths if xs.try_read(p) is not None]
+        else:
+            left = [p for p in paths if xs.try_read(f"{p}/state") != CONNECTED]
+        if not left or time.monotonic() > deadline:
+            return left
+        time.sleep(0.1)

@@ -17,9 +17,9 @@ import os
 import sys
 import time
 
-from .domains import domid_of, guest_dir, xl
+from .domains import domid_of, guest_dir, wait_nodes, xl
 from .errors import AgentError
-from .facts import CONNECTED, PY_BLOCK_BACKEND
+from .facts import PY_BLOCK_BACKEND
 from .sysutil import atomic_write
 from .xs import XenStore
 
@@ -79,19 +79,6 @@ def _attach_spec(record: dict) -> str:
     return f"mac={record['mac']},bridge={record['bridge']}{kind}{script}"
 
 
-def _wait(xs: XenStore, paths: list[str], gone: bool, timeout: float) -> list[str]:
-    """Paths not yet removed (gone) or not yet Connected, after at most `timeout` s."""
-    deadline = time.monotonic() + timeout
-    while True:
-        if gone:
-            left = [p for p in paths if xs.try_read(p) is not None]
-        else:
-            left = [p for p in paths if xs.try_read(f"{p}/state") != str(CONNECTED)]
-        if not left or time.monotonic() > deadline:
-            return left
-        time.sleep(0.1)
-
-
 def unplug(name: str, devices: str, timeout: float = 30.0) -> dict:
     """Detach DEVICES ("vbd/51728,vif/0") of guest NAME, recording each to plug it back."""
     domid = _domid(name)
@@ -112,7 +99,7 @@ def unplug(name: str, devices: str, timeout: float = 30.0) -> dict:
             t0 = time.monotonic()
             verb = "block-detach" if record["kind"] == "vbd" else "network-detach"
             proc = xl(verb, name, str(record["devid"]), check=False, timeout=timeout + 30)
-            left = _wait(xs, [record["frontend_path"], record["backend_path"]], True, timeout)
+            left = wait_nodes(xs, [record["frontend_path"], record["backend_path"]], True, timeout)
             if proc.returncode != 0 or left:
                 raise ReplugError(f"{record['kind']}/{record['devid']} did not detach in {timeout:.0f} s"
                                   + (f": {proc.stderr.strip()[-300:]}" if proc.returncode else f" ({', '.join(left)} still there)"),
@@ -149,7 +136,7 @@ def plug(name: str, kinds: str = "vbd,vif", timeout: float = 60.0) -> dict:
             os.unlink(os.path.join(_dir(name), f"{record['kind']}-{record['devid']}.json"))
             front = f"/local/domain/{domid}/device/{record['kind']}/{record['devid']}"
             back = f"/local/domain/0/backend/{record['kind']}/{domid}/{record['devid']}"
-            left = _wait(xs, [front, back], False, timeout)
+            left = wait_nodes(xs, [front, back], False, timeout)
             if left:
                 raise ReplugError(f"{record['kind']}/{record['devid']} was attached again but is not Connected after {timeout:.0f} s "
                                   f"({', '.join(p + ' ' + (xs.try_read(p + '/state') or 'gone') for p in left)})",

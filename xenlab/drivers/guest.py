@@ -275,11 +275,11 @@ def _change(guests: Guests, name: str, action: str, mod: ModuleFile | None, modu
     result["devices"] = [r.to_dict() for r in reports]
     result["verdicts"] = format_reports(reports)
     result["violation"] = violation_summary(reports)
-    _raise_on_failure(result, swap, name, module, path)
+    _raise_on_failure(swap, name, module, path)
     return result
 
 
-def _raise_on_failure(result: dict, swap: dict, name: str, module: str, path: str) -> None:
+def _raise_on_failure(swap: dict, name: str, module: str, path: str) -> None:
     outcome = swap["outcome"]
     log = "\n".join(swap["kernel_log"][-12:])
     if "rmmod-failed" in outcome:

@@ -52,6 +52,7 @@ FULL_SLICES = {
     "test_xenbus_trace.py": 3,
     "test_connect_system.py": 3,
     "test_plugin.py": 3,
+    "test_backend_reload.py": 3,
 }
 
 # The steps after pytest (ci/test.sh), each in one slice: the ordinary user's

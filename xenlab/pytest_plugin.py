@@ -13,6 +13,8 @@ Fixtures:
                           Python block backend (or kernel blkback), detached at the end
     xenlab_reload         (function) reload(guest, ko, params) -> the module
                           swapped in a running guest, traced; stock again at the end
+    xenlab_dom0_reload    (function) reload(ko, params) -> a backend module swapped
+                          in dom0 under every guest it serves; Debian's again at the end
 Marker: @pytest.mark.xenlab makes a test use the lab without naming a fixture.
 
 When a test that uses the lab fails, the serial log, `xl dmesg`, `xl list`,
@@ -337,6 +339,30 @@ def xenlab_reload(xenlab_lab: Lab):
             except XenlabError as e:
                 if "no running guest" not in e.message and "no stock module" not in e.message:
                     raise
+    finally:
+        guests.close()
+
+
+@pytest.fixture
+def xenlab_dom0_reload(xenlab_lab: Lab):
+    """reload(ko, params="") -> dict: swap a backend module in dom0 (`xenlab
+    dom0 module reload`): every guest device it serves closes down and comes
+    up again under the new module, traced. Each backend a test swapped is
+    Debian's own again when the test ends."""
+    from xenlab.drivers.dom0 import change
+
+    guests = xenlab_lab.guests()
+    swapped: list[str] = []
+
+    def reload(ko: str | Path, params: str = "") -> dict:
+        result = change(guests, "reload", path=str(ko), params=params)
+        swapped.append(result["module"])
+        return result
+
+    yield reload
+    try:
+        for module in dict.fromkeys(reversed(swapped)):
+            change(guests, "restore", module=module)
     finally:
         guests.close()
 

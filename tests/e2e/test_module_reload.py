@@ -164,3 +164,29 @@ def test_the_plugins_reload_fixture_and_restore_to_stock(xenlab_guest_factory, x
     now = modules_of(guest.name)["xen_blkfront"]
     assert now["origin"] == "stock" and now["devices"] == ["vbd/51712"], now
     assert guest.exec("dd if=/dev/xvda of=/dev/null bs=4096 count=1 iflag=direct").ok
+
+
+OOPSING_FRONTEND = """#include <linux/module.h>
+static int __init oops(void) { pr_info("xen-blkfront (oopsing) loading\\n"); *(volatile int *)0 = 1; return 0; }
+module_init(oops);
+MODULE_LICENSE("GPL");
+MODULE_ALIAS("xen:vbd");
+"""
+
+
+@pytest.mark.full
+def test_a_module_that_oopses_leaves_the_guest_running_with_its_core(lab, kernel_dir, tmp_path):
+    (tmp_path / "xen-blkfront.c").write_text(OOPSING_FRONTEND)
+    (tmp_path / "Makefile").write_text("obj-m := xen-blkfront.o\n")
+    made = subprocess.run(["make", "-C", str(kernel_dir), f"M={tmp_path}", "modules"], capture_output=True, text=True, timeout=600)
+    assert made.returncode == 0, made.stdout[-2000:] + made.stderr[-2000:]
+    name = "mod-oops"
+    with fresh_guest(lab, GuestSpec(name=name, disks=(DiskSpec(8),))):
+        failed = module(name, "reload", str(tmp_path / "xen-blkfront.ko"), check=False)
+        said = failed.stdout + failed.stderr
+        assert failed.returncode == 1 and f"oopsed in guest '{name}'" in said and "its core is in " in said, said
+        folder = said.split("its core is in ")[1].split()[0]
+        log = xenlab("debug", "core-log", folder).stdout
+        assert "xen-blkfront (oopsing) loading" in log and "Oops" in log, log[-2000:]
+        with lab.guests() as guests:
+            assert guests.exec(name, "echo alive").stdout.strip() == "alive"  # the guest runs on

@@ -55,6 +55,7 @@ DOM0_BRIDGE_IP = NETWORK["bridge_ip"]
 # off (--no-stock), a guest's devices of that kind wait in InitWait for a
 # frontend of the user's, and `guest create` does not wait for them.
 STOCK_FRONTEND_KINDS = {"xen_blkfront": "vbd", "xen_netfront": "vif"}
+STOCK_BACKEND_KINDS = {"xen_blkback": ("vbd",), "xen_netback": ("vif",)}  # dom0's kernel backends xenlab can swap
 GUEST_SUBNET = DOM0_BRIDGE_IP.rsplit(".", 1)[0]  # guests get GUEST_SUBNET.10 and up
 
 # XenBus states (xen/include/public/io/xenbus.h).
@@ -89,4 +90,7 @@ GUEST_PANIC_MARK = "XENLAB-GUEST-PANIC"
 # Xen's line when an HVM/PVH vCPU triple-faults: "d27v0 Triple fault - invoking HVM shutdown action 1".
 XEN_TRIPLE_FAULT = "Triple fault - invoking HVM shutdown action"
 KERNEL_PANIC = "Kernel panic - not syncing"  # Linux's panic() line, in dom0's and guests' logs
+# Linux's lines for an oops that did not panic (the guest runs on, the task
+# that oopsed killed): an extended regex, for grep -E in a guest and re in Python.
+KERNEL_OOPS = r"Oops: [0-9a-f]{4}|BUG: kernel NULL pointer|BUG: unable to handle|general protection fault|kernel BUG at"
 GUEST_PANIC_PATTERNS = (re.compile(re.escape(KERNEL_PANIC) + ".*"), re.compile(GUEST_PANIC_MARK + r": .*"))

@@ -25,7 +25,7 @@ COMMANDS = {
     "config": ("lab", "config_cmd"), "doctor": ("lab", "doctor"), "build": ("lab", "build"), "up": ("lab", "up"),
     "reset": ("lab", "reset"), "down": ("lab", "down"), "snapshot": ("lab", "snapshot"), "status": ("lab", "status"),
     "ssh": ("lab", "ssh"), "cp": ("lab", "cp"), "console": ("lab", "console_cmd"),
-    "guest": ("guest", "guest"), "xs": ("xs", "xs"), "trace": ("xs", "trace"), "evtchn": ("evtchn", "evtchn"),
+    "dom0": ("dom0", "dom0"), "guest": ("guest", "guest"), "xs": ("xs", "xs"), "trace": ("xs", "trace"), "evtchn": ("evtchn", "evtchn"),
     "ring": ("evtchn", "ring"), "verify": ("verify", "verify"), "debug": ("debug", "debug"),
 }
 # Other names a command answers to, kept out of the command list (its help says them).

@@ -11,14 +11,15 @@ that does not load leaves the old one in, its devices given back to it."""
 from __future__ import annotations
 
 import gzip
+import re
 import secrets
 import shlex
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 
-from xenlab.build.elf import modinfo_entries
+from xenlab.agent.facts import KERNEL_OOPS
 from xenlab.build.rootfs import MODULES_IN_USE, STOCK_MODULE_DIR
+from xenlab.drivers.modules import ModuleFile, read_module
 from xenlab.errors import ConfigError, GuestError
 from xenlab.guest.manager import Guests
 from xenlab.xenstore.client import XenStore
@@ -29,34 +30,6 @@ LOADED_DIR = MODULES_IN_USE + ".d"  # in the guest: the module files loaded by `
 CHANGE_LOCK = MODULES_IN_USE + ".lock"  # in the guest: a directory while a load/unload/reload runs (its start time inside)
 STALE_LOCK_S = 600  # a lock older than this was left by a command that died
 REPLUGGED = ("vbd", "vif")  # the device kinds xenlab can take away and give back (replug.py)
-
-
-@dataclass(frozen=True)
-class ModuleFile:
-    """A .ko of the user's, read on the host."""
-
-    path: Path
-    name: str  # as the kernel names it (underscores)
-    release: str  # from its vermagic
-    kinds: tuple[str, ...]  # the XenBus device types it drives (its xen:TYPE aliases)
-    data: bytes
-
-
-def read_module(path: str | Path) -> ModuleFile:
-    p = Path(path).expanduser()
-    if not p.is_file():
-        raise ConfigError(f"{path}: no such file", "give the .ko your build made (make -C \"$(xenlab guest kernel-dir)\" M=$PWD modules)")
-    data = p.read_bytes()
-    if not data.startswith(b"\x7fELF"):
-        raise ConfigError(f"{path} is not a kernel module (not an ELF file)", "give the .ko file your module build made")
-    entries = modinfo_entries(data, str(path))
-    info = dict(reversed(entries))
-    vermagic = info.get("vermagic", "")
-    if not vermagic:
-        raise ConfigError(f"{path} has no vermagic: not a module built by kbuild", "build it with `make -C KERNEL_DIR M=$PWD modules`")
-    name = info.get("name") or p.name.removesuffix(".ko").replace("-", "_")
-    kinds = tuple(sorted({value[4:] for key, value in entries if key == "alias" and value.startswith("xen:")}))
-    return ModuleFile(p, name, vermagic.split()[0], kinds, data)
 
 
 @dataclass
@@ -187,7 +160,9 @@ def _swap_script(module: str, new: str, params: str, mode: str) -> str:
             f"if insmod {q(new)} {params} 2>/tmp/insmod.err; then note {q(new)} {origin}; echo result=loaded",
             f"  case \"$old\" in {LOADED_DIR}/*) rm -f \"$old\" ;; esac  # an earlier reload's file",
             "else echo result=insmod-failed; cat /tmp/insmod.err",
-            "  if [ -n \"$old\" ] && insmod \"$old\" 2>/tmp/insmod-old.err; then echo result=old-back",
+            # A module whose init oopsed stays half-loaded: loading the old one would wait for it forever.
+            f"  if dmesg | tail -n +$((before + 1)) | grep -qE {q(KERNEL_OOPS)}; then echo result=oopsed; note - oopsed",
+            "  elif [ -n \"$old\" ] && insmod \"$old\" 2>/tmp/insmod-old.err; then echo result=old-back",
             f"  else note - none; {drop_new}; fi",
             "fi",
         ]
@@ -212,7 +187,7 @@ def _run_swap(guests: Guests, name: str, mod: ModuleFile | None, module: str, pa
             "before": before}
 
 
-_NET_UP = ("for arg in $(cat /proc/cmdline); do case $arg in xenlab.ip=*) ip=${arg#xenlab.ip=} ;; esac; done; "
+NET_UP = ("for arg in $(cat /proc/cmdline); do case $arg in xenlab.ip=*) ip=${arg#xenlab.ip=} ;; esac; done; "
            "if [ -n \"$ip\" ] && [ -e /sys/class/net/eth0 ]; then ip link set eth0 up; ip addr add \"$ip\" dev eth0 2>/dev/null; fi; true")
 
 
@@ -258,13 +233,18 @@ def _change(guests: Guests, name: str, action: str, mod: ModuleFile | None, modu
                                                timeout=timeout + 60)["unplugged"]
         swap = _run_swap(guests, name, mod, module, params, action)
         result.update(outcome=swap["outcome"], kernel_log=swap["kernel_log"])
-        if action != "unload" and kinds:
+        if kinds and ({"loaded", "old-back"} & set(swap["outcome"])):
             # Given back to whichever module is in now: the new one, or the old one put back.
-            plugged = guests.agent("replug", "plug", name, "--kinds", ",".join(kinds), "--timeout", str(timeout), timeout=timeout + 60)["plugged"]
+            try:
+                plugged = guests.agent("replug", "plug", name, "--kinds", ",".join(kinds), "--timeout", str(timeout),
+                                       timeout=timeout + 60)["plugged"]
+            except GuestError as e:
+                _raise_if_oopsed(guests, name, swap["before"], path or module, module, e.message)
+                raise
             result["plugged"] = plugged
         # One last round trip: eth0's address back, the kernel's lines since
         # the swap (the new module's, as its devices connected), the lock freed.
-        net_up = _NET_UP + "; " if any(p["kind"] == "vif" for p in result.get("plugged", [])) else ""
+        net_up = NET_UP + "; " if any(p["kind"] == "vif" for p in result.get("plugged", [])) else ""
         last = guests.exec(name, f"{net_up}dmesg | tail -n +{swap['before'] + 1}; rm -rf {CHANGE_LOCK}", timeout=30)
         result["unlocked"] = last.ok
         if last.ok:
@@ -275,8 +255,25 @@ def _change(guests: Guests, name: str, action: str, mod: ModuleFile | None, modu
     result["devices"] = [r.to_dict() for r in reports]
     result["verdicts"] = format_reports(reports)
     result["violation"] = violation_summary(reports)
+    if "oopsed" in swap["outcome"]:
+        _raise_if_oopsed(guests, name, swap["before"], path, module, swap["error"])
     _raise_on_failure(swap, name, module, path)
     return result
+
+
+def _raise_if_oopsed(guests: Guests, name: str, before: int, what: str, module: str, error: str) -> None:
+    """An oops in the guest's kernel since the swap began (the module's init or
+    its probe): its core taken (the guest runs on), and said."""
+    log = guests.exec(name, f"dmesg | tail -n +{before + 1}", timeout=30).stdout.splitlines()
+    oops = next((line for line in log if re.search(KERNEL_OOPS, line)), None)
+    if oops is None:
+        return
+    folder = guests.dump_core(name)["core_dir"]
+    raise GuestError(f"{what} oopsed in guest {name!r} ({oops.strip()}); {error.strip() or 'its devices did not come back'}. "
+                     f"The guest runs on without a working {module}: a module that oopsed stays half-loaded, "
+                     f"so no {module} loads again until the guest restarts",
+                     f"its core is in {folder} (`xenlab debug core-log {folder}`); "
+                     f"`xenlab guest destroy {name}` and create it again to start over")
 
 
 def _raise_on_failure(swap: dict, name: str, module: str, path: str) -> None:

@@ -179,3 +179,13 @@ def kernel_dir(lab_info) -> Path:
     path = Path(xenlab("guest", "kernel-dir").stdout.strip())
     assert (path / "Module.symvers").exists() and (path / ".config").exists() and (path / "source").is_dir()
     return path
+
+
+def build_module(kernel_dir: Path, where: Path, file_name: str, source: str) -> Path:
+    """A one-file module (`file_name`.c holding `source`) built against kernel_dir in `where`: its .ko."""
+    where.mkdir(parents=True, exist_ok=True)
+    (where / f"{file_name}.c").write_text(source)
+    (where / "Makefile").write_text(f"obj-m := {file_name}.o\n")
+    made = subprocess.run(["make", "-C", str(kernel_dir), f"M={where}", "modules"], capture_output=True, text=True, timeout=600)
+    assert made.returncode == 0, made.stdout[-2000:] + made.stderr[-2000:]
+    return where / f"{file_name}.ko"

@@ -19,7 +19,7 @@ from xenlab.agent.backendswap import SWAP_LOCK
 from xenlab.agent.facts import DOM0_BRIDGE_IP
 from xenlab.guest.spec import DiskSpec, GuestSpec
 
-from .conftest import LAB, fresh_guest, xenlab
+from .conftest import LAB, build_module, fresh_guest, xenlab
 
 REPO = Path(__file__).resolve().parents[2]
 BLOCK = "backend-reload-keeps-data\n" * 157  # 4082 bytes, one block once padded
@@ -104,14 +104,10 @@ def test_patched_blkback_reloaded_under_a_running_guest(lab, patched_blkback, st
 
 @pytest.mark.full
 def test_a_backend_that_does_not_load_leaves_the_old_one_in(lab, dom0_dirs, patched_blkback, tmp_path, stock_after):
-    build, _ = dom0_dirs
-    (tmp_path / "xen-blkback.c").write_text(FAILING_BACKEND)
-    (tmp_path / "Makefile").write_text("obj-m := xen-blkback.o\n")
-    made = subprocess.run(["make", "-C", str(build), f"M={tmp_path}", "modules"], capture_output=True, text=True, timeout=600)
-    assert made.returncode == 0, made.stdout[-2000:] + made.stderr[-2000:]
+    failing = build_module(dom0_dirs[0], tmp_path, "xen-blkback", FAILING_BACKEND)
     name = "be-refused"
     with fresh_guest(lab, GuestSpec(name=name, disks=(DiskSpec(8),))):
-        failed = dom0_module("reload", str(tmp_path / "xen-blkback.ko"), check=False)
+        failed = dom0_module("reload", str(failing), check=False)
         said = failed.stdout + failed.stderr
         assert failed.returncode != 0 and "did not load in dom0" in said and "has its old xen_blkback back" in said, said
         assert "xen-blkback (refusing) loaded" in said, said  # dom0's kernel lines, shown
@@ -163,18 +159,13 @@ def test_netback_unloaded_then_restored_gives_the_vifs_back(lab, stock_after):
 def test_refusals_name_what_is_wrong(lab, kernel_dir, tmp_path):
     (tmp_path / "notes.ko").write_text("not a module")
     blkfront = kernel_dir / "drivers/block/xen-blkfront.ko"
-    other = tmp_path / "other"  # a backend built for the guest kernel, not dom0's
-    other.mkdir()
-    (other / "xen-blkback.c").write_text(FAILING_BACKEND)
-    (other / "Makefile").write_text("obj-m := xen-blkback.o\n")
-    made = subprocess.run(["make", "-C", str(kernel_dir), f"M={other}", "modules"], capture_output=True, text=True, timeout=600)
-    assert made.returncode == 0, made.stdout[-2000:] + made.stderr[-2000:]
+    other = build_module(kernel_dir, tmp_path / "other", "xen-blkback", FAILING_BACKEND)  # for the guest kernel, not dom0's
     for args, says in ((("reload", str(tmp_path / "notes.ko")), "is not a kernel module (not an ELF file)"),
                        (("reload", str(tmp_path / "none.ko")), "no such file"),
                        (("reload", str(blkfront)), "is not a backend xenlab can swap"),
                        (("unload", "xen-pciback"), "is not a backend xenlab can swap"),
                        (("reload",), "needs the .ko file"),
-                       (("reload", str(other / "xen-blkback.ko")), "but dom0 runs"),
+                       (("reload", str(other)), "but dom0 runs"),
                        (("reload", str(blkfront), "a=1;reboot"), "write them as name=value words")):
         refused = dom0_module(*args, check=False)
         assert refused.returncode != 0 and says in refused.stdout + refused.stderr, (args, refused.stdout + refused.stderr)

@@ -19,7 +19,7 @@ from xenlab.agent.facts import DOM0_BRIDGE_IP
 from xenlab.drivers.guest import CHANGE_LOCK
 from xenlab.guest.spec import DiskSpec, GuestSpec
 
-from .conftest import LAB, fresh_guest, xenlab
+from .conftest import LAB, build_module, fresh_guest, xenlab
 
 REPO = Path(__file__).resolve().parents[2]
 BLOCK = "reload-keeps-data\n" * 227  # 4086 bytes, one block once padded
@@ -176,13 +176,10 @@ MODULE_ALIAS("xen:vbd");
 
 @pytest.mark.full
 def test_a_module_that_oopses_leaves_the_guest_running_with_its_core(lab, kernel_dir, tmp_path):
-    (tmp_path / "xen-blkfront.c").write_text(OOPSING_FRONTEND)
-    (tmp_path / "Makefile").write_text("obj-m := xen-blkfront.o\n")
-    made = subprocess.run(["make", "-C", str(kernel_dir), f"M={tmp_path}", "modules"], capture_output=True, text=True, timeout=600)
-    assert made.returncode == 0, made.stdout[-2000:] + made.stderr[-2000:]
+    oopsing = build_module(kernel_dir, tmp_path, "xen-blkfront", OOPSING_FRONTEND)
     name = "mod-oops"
     with fresh_guest(lab, GuestSpec(name=name, disks=(DiskSpec(8),))):
-        failed = module(name, "reload", str(tmp_path / "xen-blkfront.ko"), check=False)
+        failed = module(name, "reload", str(oopsing), check=False)
         said = failed.stdout + failed.stderr
         assert failed.returncode == 1 and f"oopsed in guest '{name}'" in said and "its core is in " in said, said
         folder = said.split("its core is in ")[1].split()[0]

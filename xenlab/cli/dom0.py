@@ -4,12 +4,9 @@ directory and its backend modules, swapped under the guests they serve."""
 from __future__ import annotations
 
 import click
-from rich.markup import escape
-from rich.table import Table
 
-from xenlab.cli.common import emit, json_option, lab_option, open_lab
-from xenlab.errors import XenlabError
-from xenlab.progress import Steps, console
+from xenlab.cli.common import emit_module_change, emit_module_table, lab_option, module_arguments, open_lab
+from xenlab.progress import Steps
 
 
 @click.group()
@@ -39,11 +36,7 @@ def kernel_dir_cmd(ctx, lab, source):
 
 @dom0.command("module")
 @lab_option
-@click.argument("action", type=click.Choice(("ls", "load", "unload", "reload", "restore")))
-@click.argument("target", required=False, default="")
-@click.argument("params", nargs=-1)
-@click.option("--timeout", type=float, default=60, show_default=True, help="seconds each device gets to close down and to connect again")
-@json_option
+@module_arguments
 @click.pass_context
 def module_cmd(ctx, lab, action, target, params, timeout, as_json):
     """dom0's backend modules: ls; load FILE.ko [PARAMS]; unload NAME; reload
@@ -56,27 +49,8 @@ def module_cmd(ctx, lab, action, target, params, timeout, as_json):
     with open_lab(ctx, lab).guests() as guests:
         result = module_command(guests, action, target, " ".join(params), echo=None if as_json else click.echo, timeout=timeout)
     if action == "ls":
-        def table(r):
-            t = Table(title=f"dom0's backend modules (Linux {r['release']})")
-            for col in ("module", "origin", "size", "devices", "file"):
-                t.add_column(col)
-            for m in r["modules"]:
-                t.add_row(m["name"], m["origin"], str(m["size"] or ""), ", ".join(m["devices"]), escape(m["file"]))
-            console.print(t)
-            if r["unplugged"]:
-                console.print(f"devices waiting to be given back: {', '.join(r['unplugged'])}")
-        emit(result, as_json, table)
+        emit_module_table(result, as_json, f"dom0's backend modules (Linux {result['release']})",
+                          {"unplugged": "devices waiting to be given back"})
         return
-
-    def text(r):
-        for line in r["kernel_log"]:
-            click.echo(f"  {line}")
-        for line in r["verdicts"]:
-            click.echo(line)
-        moved = ", ".join(f"{p['guest']}:{p['kind']}/{p['devid']}" for p in r["plugged"]) or "no devices"
-        verb = {"load": "loaded", "unload": "unloaded", "reload": "reloaded", "restore": "back to stock"}[action]
-        console.print(f"[green]{r['module']} {verb} in dom0[/]" + ("" if action == "unload" else f"; {moved} served by it"))
-
-    emit(result, as_json, text)
-    if result["violation"]:
-        raise XenlabError(f"the XenBus handshake broke the protocol: {result['violation']}", "the timeline above shows the offending transition")
+    moved = ", ".join(f"{p['guest']}:{p['kind']}/{p['devid']}" for p in result["plugged"]) or "no devices"
+    emit_module_change(result, action, as_json, "dom0", f"{moved} served by it")

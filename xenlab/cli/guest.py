@@ -13,7 +13,7 @@ from rich.table import Table
 
 from xenlab.build import kernel as kbuild
 from xenlab.build.guest import build_all
-from xenlab.cli.common import emit, json_option, lab_option, load_config, open_lab
+from xenlab.cli.common import emit, emit_module_change, emit_module_table, json_option, lab_option, load_config, module_arguments, open_lab
 from xenlab.config import parse_mib
 from xenlab.errors import XenlabError
 from xenlab.guest.spec import ROOTS, DiskSpec, GuestSpec
@@ -277,11 +277,7 @@ def attach(ctx, lab, name, size, backend, faults, readonly, vdev, own_frontend, 
 @guest.command("module")
 @lab_option
 @click.argument("name")
-@click.argument("action", type=click.Choice(("ls", "load", "unload", "reload", "restore")))
-@click.argument("target", required=False, default="")
-@click.argument("params", nargs=-1)
-@click.option("--timeout", type=float, default=60, show_default=True, help="seconds each device gets to close down and to connect again")
-@json_option
+@module_arguments
 @click.pass_context
 def module_cmd(ctx, lab, name, action, target, params, timeout, as_json):
     """A running guest's kernel modules: ls; load FILE.ko [PARAMS]; unload
@@ -294,32 +290,11 @@ def module_cmd(ctx, lab, name, action, target, params, timeout, as_json):
     with open_lab(ctx, lab).guests() as guests:
         result = module_command(guests, name, action, target, " ".join(params), echo=None if as_json else click.echo, timeout=timeout)
     if action == "ls":
-        def table(r):
-            t = Table(title=f"modules of {name} (Linux {r['release']})")
-            for col in ("module", "origin", "size", "devices", "file"):
-                t.add_column(col)
-            for m in r["modules"]:
-                t.add_row(m["name"] + ("" if m["loaded"] else " (not loaded)"), m["origin"], str(m["size"] or ""),
-                          ", ".join(m["devices"]), escape(m["file"]))
-            console.print(t)
-            for key, what in (("unbound", "devices no driver drives"), ("unplugged", "devices waiting to be given back")):
-                if r[key]:
-                    console.print(f"{what}: {', '.join(r[key])}")
-        emit(result, as_json, table)
+        emit_module_table(result, as_json, f"modules of {name} (Linux {result['release']})",
+                          {"unbound": "devices no driver drives", "unplugged": "devices waiting to be given back"})
         return
-
-    def text(r):
-        for line in r["kernel_log"]:
-            click.echo(f"  {line}")
-        for line in r["verdicts"]:
-            click.echo(line)
-        moved = ", ".join(f"{p['kind']}/{p['devid']}" for p in r.get("plugged", [])) or "no devices"
-        verb = {"load": "loaded", "unload": "unloaded", "reload": "reloaded", "restore": "back to stock"}[action]
-        console.print(f"[green]{r['module']} {verb} in {name}[/]" + ("" if action == "unload" else f"; {moved} connected to it"))
-
-    emit(result, as_json, text)
-    if result["violation"]:
-        raise XenlabError(f"the XenBus handshake broke the protocol: {result['violation']}", "the timeline above shows the offending transition")
+    moved = ", ".join(f"{p['kind']}/{p['devid']}" for p in result.get("plugged", [])) or "no devices"
+    emit_module_change(result, action, as_json, name, f"{moved} connected to it")
 
 
 @guest.command()

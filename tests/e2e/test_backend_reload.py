@@ -19,7 +19,7 @@ from xenlab.agent.backendswap import SWAP_LOCK
 from xenlab.agent.facts import DOM0_BRIDGE_IP
 from xenlab.guest.spec import DiskSpec, GuestSpec
 
-from .conftest import LAB, build_module, fresh_guest, xenlab
+from .conftest import LAB, XENLAB, build_module, fresh_guest, xenlab
 
 REPO = Path(__file__).resolve().parents[2]
 BLOCK = "backend-reload-keeps-data\n" * 157  # 4082 bytes, one block once padded
@@ -125,7 +125,7 @@ def test_a_backend_that_does_not_load_leaves_the_old_one_in(lab, dom0_dirs, patc
             assert guests.exec(name, "swapoff /dev/xvda").ok
 
         # Another swap under way (its lock held): refused, nothing touched.
-        held = subprocess.Popen(["xenlab", "ssh", "--name", LAB, "--", f"flock {SWAP_LOCK} sleep 20"],
+        held = subprocess.Popen([*XENLAB, "ssh", "--name", LAB, "--", f"flock {SWAP_LOCK} sleep 20"],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
             busy = None

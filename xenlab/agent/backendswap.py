@@ -161,7 +161,9 @@ def _swap_locked(module: str, kinds: list[str], file: str, mode: str, params: st
             result["unplugged"] += [{**r, "guest": name} for r in replug.unplug(name, ",".join(wanted), timeout)["unplugged"]]
     except AgentError as e:
         _give_back(give_back, kinds, timeout, result)  # the old module keeps them
-        raise SwapError(f"{module} kept: {e.message}", e.hint) from None
+        left = "; not given back: " + "; ".join(f"{x['guest']}: {x['error']}" for x in result["left"]) if result.get("left") else ""
+        raise SwapError(f"{module} kept: {e.message}{left}",
+                        "the guest's frontend did not let its device go (I/O in flight?); dom0 keeps its module") from None
     old_file, _ = _records().get(module, ("-", "stock"))
     if loaded:
         proc = _sh("rmmod", module)
@@ -177,8 +179,8 @@ def _swap_locked(module: str, kinds: list[str], file: str, mode: str, params: st
         if ok:
             _note(module, new_file, "stock" if mode == "stock" else "reloaded")
             result["outcome"].append("loaded")
-            if old_file.startswith(LOADED_DIR + "/") and old_file != new_file:
-                os.unlink(old_file) if os.path.exists(old_file) else None
+            if old_file.startswith(LOADED_DIR + "/") and old_file != new_file and os.path.exists(old_file):
+                os.unlink(old_file)  # an earlier reload's file
         else:
             result["outcome"].append("insmod-failed")
             result["error"] = error
@@ -195,8 +197,13 @@ def _swap_locked(module: str, kinds: list[str], file: str, mode: str, params: st
 
 
 def _give_back(names: list[str], kinds: list[str], timeout: float, result: dict) -> None:
+    """Every guest's devices back; one that does not come back is recorded in
+    result["left"] (the others still go), never raised over what happened before."""
     for name in names:
-        result["plugged"] += [{**r, "guest": name} for r in replug.plug(name, ",".join(kinds), timeout)["plugged"]]
+        try:
+            result["plugged"] += [{**r, "guest": name} for r in replug.plug(name, ",".join(kinds), timeout)["plugged"]]
+        except AgentError as e:
+            result.setdefault("left", []).append({"guest": name, "error": e.message})
 
 
 COMMANDS = {"swap": swap, "state": state}

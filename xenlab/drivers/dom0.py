@@ -13,6 +13,7 @@ so a dropped SSH connection cannot leave it half done."""
 
 from __future__ import annotations
 
+import gzip
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -149,18 +150,19 @@ def change(guests: Guests, action: str, path: str = "", module: str = "", params
     mod = read_module(path) if action in ("load", "reload") else None
     module = mod.name if mod else module.removesuffix(".ko").replace("-", "_")
     kinds = _kinds_of(module, mod)
-    release = guests.ssh().check("uname -r", timeout=30).strip()
+    now = guests.agent("backendswap", "state")
+    release = now["release"]
     if mod and mod.release != release:
         raise ConfigError(f"module {mod.path} was built for kernel {mod.release}, but dom0 runs {release}",
                           "rebuild it against dom0's kernel: make -C \"$(xenlab dom0 kernel-dir)\" M=$PWD modules")
     if action in ("unload", "reload", "restore"):
-        _check_unmounted(guests, guests.agent("backendswap", "state")["devices"])
+        _check_unmounted(guests, [d for d in now["devices"] if d["kind"] in kinds])
     mode = {"load": "load", "reload": "ship", "unload": "unload", "restore": "stock"}[action]
     remote = ""
     if mod:
+        # Gzipped through one command: a module with its debug info packs to a third.
         remote = f"{LOADED_DIR}/{module}-{secrets.token_hex(3)}.ko"
-        guests.ssh().check(f"mkdir -p {LOADED_DIR}", timeout=30)
-        guests.ssh().put(mod.data, remote, 0o644)
+        guests.ssh().check(f"mkdir -p {LOADED_DIR} && zcat > {remote}", input=gzip.compress(mod.data, compresslevel=6), timeout=120)
     args = ["swap", module, "--kinds", ",".join(kinds), "--mode", mode, "--timeout", str(timeout)]
     args += ["--file", remote] if remote else []
     args += ["--params", params] if params else []
@@ -174,6 +176,11 @@ def change(guests: Guests, action: str, path: str = "", module: str = "", params
               "outcome": swap["outcome"], "kernel_log": swap.get("kernel_log", []),
               "unplugged": swap["unplugged"], "plugged": swap["plugged"],
               "devices": [r.to_dict() for r in reports], "verdicts": format_reports(reports), "violation": violation_summary(reports)}
+    if swap.get("left"):
+        log = "\n".join(swap.get("kernel_log", [])[-12:])
+        raise GuestError(f"{module} is in dom0 ({', '.join(swap['outcome'])}), but devices did not come back: "
+                         + "; ".join(f"{x['guest']}: {x['error']}" for x in swap["left"]),
+                         ("dom0's kernel log:\n" + log) if log else "see `xenlab dom0 module ls` and `xenlab console`")
     if "insmod-failed" in swap["outcome"]:
         now = (f"dom0 has its old {module} back, its devices given back to it" if "old-back" in swap["outcome"] else
                f"dom0 has no {module} now (its devices wait: `xenlab dom0 module load FILE` or `restore {module}` gives them back)")

@@ -38,7 +38,7 @@ from .facts import AGENT_PACKAGE, AGENT_RUNNING_DIR, AGENT_SERVER_PORT
 
 # Imported once by the server: what the host's commands run (a module left out still works, imported per request).
 PRELOADED = ("domctl", "blkattach", "blkback", "iocheck", "evtchn", "devchan", "catalogue", "evstatus", "grant", "ring",
-             "hostile", "xsprobe", "replug")
+             "hostile", "xsprobe", "replug", "backendswap")
 HEADER_LIMIT = 1 << 16
 
 

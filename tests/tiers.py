@@ -42,6 +42,7 @@ FULL_SLICES = {
     "test_lab.py": 2,
     "test_kernel_tree.py": 2,
     "test_own_boot.py": 2,
+    "test_backend_reload.py": 2,
     # slice 3, with the QEMU 7.2 PV verify
     "test_interrupts.py::test_build_killed_leaves_no_entry_and_the_next_build_sweeps_its_scratch": 3,
     "test_evtchn.py": 3,
@@ -52,7 +53,6 @@ FULL_SLICES = {
     "test_xenbus_trace.py": 3,
     "test_connect_system.py": 3,
     "test_plugin.py": 3,
-    "test_backend_reload.py": 3,
 }
 
 # The steps after pytest (ci/test.sh), each in one slice: the ordinary user's

@@ -258,3 +258,24 @@ def test_a_roots_older_builds_are_pruned_but_not_another_images(tmp_path):
         (cache / name).write_bytes(b"x")
     rootfs._prune(cache, Dom0Image(images / "dom0-bookworm-0fea8eae67de"), cache / names["current"], "domu-python-debian-")
     assert sorted(p.name for p in cache.iterdir()) == sorted([names["current"], names["other_image"], names["other_root"]])
+
+
+def test_a_guest_write_that_did_not_land_is_written_again_to_say_where(tmp_path):
+    """The block check's logic with a stand-in guest: its data never reaches the
+    backing file (the real check runs in tests/e2e/test_guest.py)."""
+    backing = tmp_path / "xvda.img"
+    backing.write_bytes(b"\0" * (1 << 20))
+    check = iocheck.Check("g1")
+    scripts = []
+
+    def guest(script, timeout=300):
+        scripts.append(script)
+        if "sha256sum /tmp/blk" in script:  # "wrote" random data: says hashes of data that never landed
+            return 0, "\n".join(f"{'ab' * 32}  /tmp/blk" for _ in iocheck.chunks(1 << 20)) + "\n", ""
+        return 0, "", ""
+
+    check.guest = guest
+    check.block({"vdev": "xvda", "path": str(backing), "size_mib": 1})
+    written = check.results[0]
+    assert not written["ok"] and "offset 0: got b'\\x00" in written["detail"] and "3 of 3 places differ" in written["detail"]
+    assert "awk" in scripts[1] and "seek=0" in scripts[1]  # the first bad place, written again as records naming their offsets

@@ -20,7 +20,7 @@ import sys
 from . import replug
 from .domains import guest_dir
 from .errors import AgentError
-from .facts import LOCK_DIR
+from .facts import GUESTS_DIR, LOCK_DIR
 from .xs import XenStore
 
 BACKENDS_IN_USE = f"{LOCK_DIR}/backend-modules"  # name file origin, per module loaded by xenlab
@@ -92,15 +92,13 @@ def state() -> dict:
     """dom0's release, its loaded modules, what xenlab loaded, and the backend devices of vbd and vif."""
     return {"release": os.uname().release, "loaded": _loaded(),
             "records": {m: {"file": f, "origin": o} for m, (f, o) in _records().items()},
-            "devices": served(["vbd", "vif"]), "pending": {name: replug.pending(name) for name in _pending_guests()}}
+            "devices": served(list(replug.KINDS)), "pending": {name: replug.pending(name) for name in _pending_guests()}}
 
 
 def _pending_guests() -> list[str]:
-    from .facts import GUESTS_DIR
-
+    """The guests with devices taken away and not yet given back (replug's records)."""
     names = sorted(os.listdir(GUESTS_DIR)) if os.path.isdir(GUESTS_DIR) else []
-    return [n for n in names if os.path.isdir(os.path.join(GUESTS_DIR, n, replug.UNPLUGGED_DIR))
-            and any(f.endswith(".json") for f in os.listdir(os.path.join(GUESTS_DIR, n, replug.UNPLUGGED_DIR)))]
+    return [n for n in names if replug.pending(n)]
 
 
 def _dmesg() -> list[str]:

@@ -111,7 +111,8 @@ class Check:
             with open(path, "rb") as f:
                 landed = [hashlib.sha256(os.pread(f.fileno(), n, off)).hexdigest() for off, n in places]
             wrong = [(off, n) for (off, n), want, got in zip(places, sent + [""] * len(places), landed, strict=False) if want != got]
-            bad = [self._where_writes_differ(dev, path, off, n) for off, n in wrong[:1]] + [f"{len(wrong)} of {len(places)} places differ"] if wrong else []
+            if wrong:
+                bad = [self._where_writes_differ(dev, path, *wrong[0]), f"{len(wrong)} of {len(places)} places differ"]
         where = ", ".join(f"{n >> 10} KiB at {off}" for off, n in places)
         self.record(
             f"block {disk.get('label', disk['vdev'])}: guest writes, dom0 backing file matches", rc == 0 and not bad,

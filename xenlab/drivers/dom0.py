@@ -26,8 +26,8 @@ from xenlab.build import headers
 from xenlab.build import kernel as kernel_mod
 from xenlab.build.boot import modules_dir
 from xenlab.build.extras import read_kernel
-from xenlab.drivers.guest import NET_UP
-from xenlab.drivers.modules import ModuleFile, read_module
+from xenlab.drivers.guest import MOUNTED_DISKS, NET_UP, disks_in_use
+from xenlab.drivers.modules import ModuleFile, check_params, read_module
 from xenlab.errors import ConfigError, GuestError
 from xenlab.guest.manager import Guests
 from xenlab.lab.core import Lab
@@ -72,7 +72,10 @@ def kernel_dir(lab: Lab) -> Path:
     """The directory to build modules for dom0's kernel against: Debian's
     headers of exactly its release (fetched and extracted once), or for a
     dom0 kernel of the user's its modules tree's `build` link."""
-    kernel = dom0_kernel(lab)
+    return _build_dir(dom0_kernel(lab))
+
+
+def _build_dir(kernel: Dom0Kernel) -> Path:
     if kernel.user_modules:
         return headers.user_kernel_dir(modules_dir(kernel.user_modules, kernel.release))
     return headers.debian_kernel_dir(kernel.release, kernel.suite, cache_dir() / "dom0-headers")
@@ -83,8 +86,9 @@ def source_dir(lab: Lab) -> Path:
     the host's linux-source tree (xenlab's copy, the minimal guest kernel's)
     when it is the same version; for a kernel of the user's, its build
     directory's `source` link (or the build directory: an in-tree build)."""
-    build = kernel_dir(lab)
-    if dom0_kernel(lab).user_modules:
+    kernel = dom0_kernel(lab)
+    build = _build_dir(kernel)
+    if kernel.user_modules:
         return (build / "source").resolve() if (build / "source").is_dir() else build
     want = headers.makefile_version(build)
     tree = kernel_mod.minimal_source(cache_dir() / "guest")
@@ -129,11 +133,9 @@ def listing(guests: Guests) -> dict:
 def _check_unmounted(guests: Guests, served: list[dict]) -> None:
     """A guest's mounted disk cannot be taken away cleanly (xl would force it): refuse first."""
     for name in sorted({d["guest"] for d in served if d["kind"] == "vbd" and d["xenlab"]}):
-        mounted = guests.exec(name, "grep -o '^/dev/xvd[a-z]*' /proc/mounts /proc/swaps 2>/dev/null | sed 's/.*://' | sort -u",
-                              timeout=60).stdout.split()
+        mounted = sorted(set(guests.exec(name, MOUNTED_DISKS, timeout=60).stdout.split()))
         if mounted:
-            raise GuestError(f"guest {name!r} has {', '.join(mounted)} mounted (or as swap): its disks cannot be taken from it",
-                             f"unmount them first (`xenlab guest exec {name} -- umount /dev/xvdX`); dom0's module is unchanged")
+            raise disks_in_use(name, mounted, "; dom0's module is unchanged")
 
 
 def change(guests: Guests, action: str, path: str = "", module: str = "", params: str = "",
@@ -145,8 +147,7 @@ def change(guests: Guests, action: str, path: str = "", module: str = "", params
     dom0 has now)."""
     if action not in ACTIONS[1:]:
         raise ConfigError(f"unknown module action {action!r}", ", ".join(ACTIONS))
-    if params and any(c in params for c in "\"'\\\n;&|$`<>"):
-        raise ConfigError(f"module parameters {params!r}: write them as name=value words", "e.g. 'max_ring_page_order=0'")
+    check_params(params, "max_ring_page_order=0")
     mod = read_module(path) if action in ("load", "reload") else None
     module = mod.name if mod else module.removesuffix(".ko").replace("-", "_")
     kinds = _kinds_of(module, mod)

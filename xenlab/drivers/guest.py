@@ -18,8 +18,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from xenlab.agent.facts import KERNEL_OOPS
+from xenlab.agent.replug import KINDS as REPLUGGED_KINDS
 from xenlab.build.rootfs import MODULES_IN_USE, STOCK_MODULE_DIR
-from xenlab.drivers.modules import ModuleFile, read_module
+from xenlab.drivers.modules import ModuleFile, check_params, read_module
 from xenlab.errors import ConfigError, GuestError
 from xenlab.guest.manager import Guests
 from xenlab.xenstore.client import XenStore
@@ -29,7 +30,8 @@ from xenlab.xenstore.tracer import check, format_reports, violation_summary
 LOADED_DIR = MODULES_IN_USE + ".d"  # in the guest: the module files loaded by `load`/`reload`
 CHANGE_LOCK = MODULES_IN_USE + ".lock"  # in the guest: a directory while a load/unload/reload runs (its start time inside)
 STALE_LOCK_S = 600  # a lock older than this was left by a command that died
-REPLUGGED = ("vbd", "vif")  # the device kinds xenlab can take away and give back (replug.py)
+# A guest's disks in use (mounted or swapped on), one /dev/xvdX a line.
+MOUNTED_DISKS = "grep -o '^/dev/xvd[a-z]*' /proc/mounts /proc/swaps 2>/dev/null | sed 's/.*://'"
 
 
 @dataclass
@@ -53,7 +55,7 @@ _STATE_SCRIPT = (
     "for dev in /sys/bus/xen/devices/*; do [ -e \"$dev\" ] || continue; d=${dev##*/}; "
     "m=''; drv=''; if [ -e \"$dev/driver\" ]; then drv=$(readlink \"$dev/driver\"); drv=${drv##*/}; "
     "m=$(readlink \"$dev/driver/module\" 2>/dev/null); m=${m##*/}; fi; echo \"$d ${drv:--} ${m:--}\"; done; echo @@; "
-    "grep -o '^/dev/xvd[a-z]*' /proc/mounts /proc/swaps 2>/dev/null | sed 's/.*://'; echo @@; "
+    f"{MOUNTED_DISKS}; echo @@; "
     f"ls {STOCK_MODULE_DIR} 2>/dev/null"
 )
 
@@ -121,7 +123,7 @@ def _check_fits(mod: ModuleFile, now: GuestModules, name: str) -> None:
 
 def _devices_to_unplug(now: GuestModules, module: str, name: str) -> list[dict]:
     bound = now.bound_to(module)
-    other = [d for d in bound if d["kind"] not in REPLUGGED]
+    other = [d for d in bound if d["kind"] not in REPLUGGED_KINDS]
     if other:
         raise GuestError(f"{module} drives {', '.join(d['kind'] + '/' + str(d['devid']) for d in other)} in guest {name!r}, "
                          "which xenlab cannot take away and give back (only vbd and vif)",
@@ -130,10 +132,14 @@ def _devices_to_unplug(now: GuestModules, module: str, name: str) -> list[dict]:
 
 
 def _check_unmounted(now: GuestModules, devices: list[dict], name: str) -> None:
-    if not now.mounted or not any(d["kind"] == "vbd" for d in devices):
-        return
-    raise GuestError(f"guest {name!r} has {', '.join(now.mounted)} mounted (or as swap): its disks cannot be taken away",
-                     f"unmount them first (`xenlab guest exec {name} -- umount /dev/xvdX`)")
+    if now.mounted and any(d["kind"] == "vbd" for d in devices):
+        raise disks_in_use(name, now.mounted)
+
+
+def disks_in_use(name: str, mounted: list[str], unchanged: str = "") -> GuestError:
+    """The refusal for a guest whose disks would be taken away while mounted (xl would force them)."""
+    return GuestError(f"guest {name!r} has {', '.join(mounted)} mounted (or as swap): its disks cannot be taken away",
+                      f"unmount them first (`xenlab guest exec {name} -- umount /dev/xvdX`){unchanged}")
 
 
 def _swap_script(module: str, new: str, params: str, mode: str) -> str:
@@ -199,8 +205,7 @@ def change(guests: Guests, name: str, action: str, path: str = "", module: str =
     new module did not load (saying which module the guest has now)."""
     if action not in ("load", "unload", "reload", "restore"):
         raise ConfigError(f"unknown module action {action!r}", "ls, load, unload, reload or restore")
-    if params and any(c in params for c in "\"'\\\n;&|$`<>"):
-        raise ConfigError(f"module parameters {params!r}: write them as name=value words", "e.g. 'feature_persistent=0'")
+    check_params(params, "feature_persistent=0")
     mod = read_module(path) if action in ("load", "reload") else None
     module = mod.name if mod else module.removesuffix(".ko").replace("-", "_")
     now = state(guests, name, lock=True)
@@ -299,6 +304,6 @@ def module_command(guests: Guests, name: str, action: str, target: str = "", par
     if action in ("load", "reload", "unload", "restore") and not target:
         raise ConfigError(f"`module {action}` needs " + ("the module's name" if by_name else "the .ko file"),
                           f"e.g. xenlab guest module {name} {action} " + ("xen-blkfront" if by_name else "./xen-blkfront.ko"))
-    if action in ("unload", "restore"):
+    if by_name:
         return change(guests, name, action, module=target, echo=echo, timeout=timeout)
     return change(guests, name, action, path=target, params=params, echo=echo, timeout=timeout)

@@ -39,3 +39,9 @@ def read_module(path: str | Path) -> ModuleFile:
     kinds = tuple(sorted({a[4:] for a in aliases if a.startswith("xen:")}))
     backend_kinds = tuple(sorted({a[12:] for a in aliases if a.startswith("xen-backend:")}))
     return ModuleFile(p, name, vermagic.split()[0], kinds, backend_kinds, data)
+
+
+def check_params(params: str, example: str) -> None:
+    """Module parameters go into a shell command line in the guest or dom0: name=value words only."""
+    if params and any(c in params for c in "\"'\\\n;&|$`<>"):
+        raise ConfigError(f"module parameters {params!r}: write them as name=value words", f"e.g. {example!r}")
